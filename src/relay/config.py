@@ -1,0 +1,386 @@
+"""The only reader of configuration files: TOML -> frozen, validated Settings.
+
+Every error names the file, the key and the reason. Unknown keys are errors too, because
+a misspelt limit silently falling back to its default is how gateways become open relays.
+Relative paths are taken from the working directory the relay is started in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from relay.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/relay.toml")
+
+T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or (with default_port) a bare host."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (expected host:port)")
+        return host, default_port
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    listen: tuple[str, int] = ("127.0.0.1", 2525)
+    hostname: str = "relay.localhost"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    data_timeout: float = 600.0  # whole DATA phase, so slow-drip senders are cut off
+    max_connections: int = 500
+    max_line_length: int = 998  # RFC 5322 2.1.1, without CRLF
+    workers: int = 1  # processes sharing the listening socket (SO_REUSEPORT)
+    drain_timeout: float = 30.0  # on SIGTERM, how long in-flight sessions may finish
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    domains: tuple[str, ...] = ("localhost",)
+    networks: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    mode: Literal["maildir", "smtp"] = "maildir"
+    maildir: Path = Path("var/maildir")
+    downstream: tuple[str, int] = ("127.0.0.1", 10025)
+    starttls: bool = False
+    timeout: float = 60.0
+    pool_size: int = 16  # idle downstream connections kept for reuse
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system's resolv.conf
+    timeout: float = 3.0
+    cache_size: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    enabled: bool = True
+    authserv_id: str = ""  # empty: smtp.hostname
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    enabled: bool = True
+    path: Path = Path("models/spam.skops")
+    workers: int = 1  # classifier worker processes
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    path: Path | None = Path("config/policy.toml")  # None: accept everything (no-op)
+    shadow: tuple[Path, ...] = ()  # extra regimes evaluated in shadow next to the policy
+    shadow_log: Path | None = None  # JSON lines of shadow verdicts for `relay lab`
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool = True
+    listen: tuple[str, int] = ("127.0.0.1", 9325)
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    path: Path = Path("var/state.sqlite3")
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineSettings:
+    path: Path = Path("var/quarantine")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: str = "<defaults>"
+
+    @property
+    def authserv_id(self) -> str:
+        return self.auth.authserv_id or self.smtp.hostname
+
+
+class _Reader:
+    """Reads one TOML table into a settings dataclass, naming file and key on error."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def table(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table")
+        return value
+
+    def check_keys(self, section: str, table: Mapping[str, Any], cls: type[Any]) -> None:
+        known = {f.name for f in fields(cls)}
+        for key in table:
+            if key not in known:
+                raise self.fail(f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+
+    def get(self, table: Mapping[str, Any], section: str, key: str, kind: type[T], default: T) -> T:
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"{section}.{key}", f"must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def positive(self, table: Mapping[str, Any], section: str, key: str, default: float) -> float:
+        value = self.get(table, section, key, float, float(default))
+        if value <= 0:
+            raise self.fail(f"{section}.{key}", "must be greater than 0")
+        return value
+
+    def count(self, table: Mapping[str, Any], section: str, key: str, default: int) -> int:
+        value = self.get(table, section, key, int, default)
+        if value < 1:
+            raise self.fail(f"{section}.{key}", "must be at least 1")
+        return value
+
+    def strings(
+        self, table: Mapping[str, Any], section: str, key: str, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        value = table.get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(f"{section}.{key}", "must be a list of strings")
+        return tuple(value)
+
+    def hostport(
+        self, table: Mapping[str, Any], section: str, key: str, default: tuple[str, int]
+    ) -> tuple[str, int]:
+        if key not in table:
+            return default
+        text = self.get(table, section, key, str, "")
+        try:
+            return parse_hostport(text)
+        except ValueError as exc:
+            raise self.fail(f"{section}.{key}", str(exc)) from None
+
+    def choice(
+        self, table: Mapping[str, Any], section: str, key: str, options: tuple[str, ...], default: str
+    ) -> str:
+        value = self.get(table, section, key, str, default)
+        if value not in options:
+            raise self.fail(f"{section}.{key}", f"must be one of {', '.join(options)}; got {value!r}")
+        return value
+
+
+def _domain(reader: _Reader, key: str, text: str) -> str:
+    domain = text.strip().rstrip(".").lower()
+    try:
+        domain.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise reader.fail(key, f"invalid domain {text!r}") from None
+    if not domain or " " in domain or "@" in domain or domain.startswith("["):
+        raise reader.fail(key, f"invalid domain {text!r}")
+    return domain
+
+
+def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> Settings:
+    """Validate an already-parsed TOML document (tests build settings this way)."""
+    r = _Reader(path)
+    sections = {f.name: f.type for f in fields(Settings) if f.name != "source"}
+    for key in data:
+        if key not in sections:
+            raise r.fail(key, f"unknown section (known: {', '.join(sorted(sections))})")
+
+    t = r.table(data, "smtp")
+    r.check_keys("smtp", t, SmtpSettings)
+    d = SmtpSettings()
+    smtp = SmtpSettings(
+        listen=r.hostport(t, "smtp", "listen", d.listen),
+        hostname=r.get(t, "smtp", "hostname", str, d.hostname),
+        max_message_size=r.count(t, "smtp", "max_message_size", d.max_message_size),
+        max_recipients=r.count(t, "smtp", "max_recipients", d.max_recipients),
+        command_timeout=r.positive(t, "smtp", "command_timeout", d.command_timeout),
+        data_timeout=r.positive(t, "smtp", "data_timeout", d.data_timeout),
+        max_connections=r.count(t, "smtp", "max_connections", d.max_connections),
+        max_line_length=r.count(t, "smtp", "max_line_length", d.max_line_length),
+        workers=r.count(t, "smtp", "workers", d.workers),
+        drain_timeout=r.positive(t, "smtp", "drain_timeout", d.drain_timeout),
+    )
+    if smtp.max_line_length < 78:
+        raise r.fail("smtp.max_line_length", "must be at least 78")
+
+    t = r.table(data, "relay")
+    r.check_keys("relay", t, RelaySettings)
+    domains = tuple(
+        _domain(r, "relay.domains", v)
+        for v in r.strings(t, "relay", "domains", RelaySettings().domains)
+    )
+    networks: list[IPNetwork] = []
+    for text in r.strings(t, "relay", "networks", ()):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as exc:
+            raise r.fail("relay.networks", str(exc)) from None
+    relay = RelaySettings(domains=domains, networks=tuple(networks))
+
+    t = r.table(data, "delivery")
+    r.check_keys("delivery", t, DeliverySettings)
+    dd = DeliverySettings()
+    delivery = DeliverySettings(
+        mode=cast(
+            Literal["maildir", "smtp"],
+            r.choice(t, "delivery", "mode", ("maildir", "smtp"), dd.mode),
+        ),
+        maildir=Path(r.get(t, "delivery", "maildir", str, str(dd.maildir))),
+        downstream=r.hostport(t, "delivery", "downstream", dd.downstream),
+        starttls=r.get(t, "delivery", "starttls", bool, dd.starttls),
+        timeout=r.positive(t, "delivery", "timeout", dd.timeout),
+        pool_size=r.get(t, "delivery", "pool_size", int, dd.pool_size),
+    )
+
+    t = r.table(data, "dns")
+    r.check_keys("dns", t, DnsSettings)
+    ns: list[tuple[str, int]] = []
+    for text in r.strings(t, "dns", "nameservers", ()):
+        try:
+            ns.append(parse_hostport(text, default_port=53))
+        except ValueError as exc:
+            raise r.fail("dns.nameservers", str(exc)) from None
+    dns = DnsSettings(
+        nameservers=tuple(ns),
+        timeout=r.positive(t, "dns", "timeout", DnsSettings().timeout),
+        cache_size=r.get(t, "dns", "cache_size", int, DnsSettings().cache_size),
+    )
+
+    t = r.table(data, "auth")
+    r.check_keys("auth", t, AuthSettings)
+    auth = AuthSettings(
+        enabled=r.get(t, "auth", "enabled", bool, True),
+        authserv_id=r.get(t, "auth", "authserv_id", str, ""),
+    )
+
+    t = r.table(data, "model")
+    r.check_keys("model", t, ModelSettings)
+    model = ModelSettings(
+        enabled=r.get(t, "model", "enabled", bool, True),
+        path=Path(r.get(t, "model", "path", str, str(ModelSettings().path))),
+        workers=r.count(t, "model", "workers", ModelSettings().workers),
+    )
+
+    t = r.table(data, "policy")
+    r.check_keys("policy", t, PolicySettings)
+    policy_path = r.get(t, "policy", "path", str, str(PolicySettings().path))
+    shadow_log = r.get(t, "policy", "shadow_log", str, "")
+    policy = PolicySettings(
+        path=Path(policy_path) if policy_path else None,
+        shadow=tuple(Path(p) for p in r.strings(t, "policy", "shadow", ())),
+        shadow_log=Path(shadow_log) if shadow_log else None,
+    )
+
+    t = r.table(data, "metrics")
+    r.check_keys("metrics", t, MetricsSettings)
+    metrics = MetricsSettings(
+        enabled=r.get(t, "metrics", "enabled", bool, True),
+        listen=r.hostport(t, "metrics", "listen", MetricsSettings().listen),
+    )
+
+    t = r.table(data, "state")
+    r.check_keys("state", t, StateSettings)
+    state = StateSettings(
+        backend=cast(
+            Literal["sqlite", "redis"],
+            r.choice(t, "state", "backend", ("sqlite", "redis"), "sqlite"),
+        ),
+        path=Path(r.get(t, "state", "path", str, str(StateSettings().path))),
+        url=r.get(t, "state", "url", str, StateSettings().url),
+    )
+
+    t = r.table(data, "quarantine")
+    r.check_keys("quarantine", t, QuarantineSettings)
+    quarantine = QuarantineSettings(
+        path=Path(r.get(t, "quarantine", "path", str, str(QuarantineSettings().path)))
+    )
+
+    t = r.table(data, "log")
+    r.check_keys("log", t, LogSettings)
+    log = LogSettings(
+        level=cast(
+            Literal["debug", "info", "warning", "error"],
+            r.choice(t, "log", "level", ("debug", "info", "warning", "error"), "info"),
+        )
+    )
+
+    return Settings(
+        smtp=smtp,
+        relay=relay,
+        delivery=delivery,
+        dns=dns,
+        auth=auth,
+        model=model,
+        policy=policy,
+        metrics=metrics,
+        state=state,
+        quarantine=quarantine,
+        log=log,
+        source=path,
+    )
+
+
+def load_settings(path: Path = DEFAULT_CONFIG) -> Settings:
+    """Read and validate a configuration file; raises ConfigError naming file and key."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"invalid TOML: {exc}") from None
+    return settings_from_mapping(data, str(path))

@@ -1,0 +1,364 @@
+"""Transports: where accepted mail goes.
+
+A transport opens a Transaction per SMTP transaction. Recipients are added one by one and
+the downstream's answer to each is mirrored to our client at RCPT time (the same model as
+Postfix's before-queue proxy filter), so a 250 after DATA never covers a recipient the
+downstream refused. ``send`` answers only after the downstream answered (or the Maildir
+file is fsynced and renamed into new/):
+
+- downstream 2xx            -> our 250
+- downstream 5xx            -> our 5xx (its code and enhanced status)
+- downstream 4xx, refused
+  connection, drop, timeout -> our 451 4.4.x, so the sender retries and nothing is lost
+
+Implementations: SmtpTransport (aiosmtplib, pooled connections), MaildirTransport (the
+embedded default) and MemoryTransport (unit tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from relay.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from relay.message import Message
+from relay.reply import Reply
+
+MAX_IDLE_SECONDS = 30.0  # reuse a pooled connection only if it idled less than this
+
+
+class Transaction(Protocol):
+    async def add_recipient(self, address: str) -> Reply: ...
+
+    async def send(self, message: Message) -> Reply: ...
+
+    async def abort(self) -> None: ...
+
+
+class Transport(Protocol):
+    name: str
+
+    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction: ...
+
+    async def probe(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def _status_of(text: str, code: int) -> tuple[str, str]:
+    """Split an enhanced status code off a reply text, or make one from the basic code."""
+    head, _, rest = text.strip().partition(" ")
+    parts = head.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(code // 100):
+        return head, rest
+    return f"{code // 100}.0.0", text.strip()
+
+
+def downstream_failure(code: int, text: str) -> DeliveryError:
+    """Map a downstream non-2xx answer to the error we answer our client with."""
+    status, rest = _status_of(text, code)
+    if 500 <= code < 600:
+        return PermanentDeliveryError(code, status, f"Downstream refused: {rest}"[:400])
+    return TemporaryDeliveryError(451, "4.4.0", "Downstream deferred, try again later")
+
+
+# --- Maildir ---------------------------------------------------------------------------
+
+
+class MaildirTransport:
+    """Delivers into one local Maildir (tmp/ -> fsync -> rename into new/ -> fsync dir)."""
+
+    name = "maildir"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("tmp", "new", "cur"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self._seq = 0
+
+    def _unique(self) -> str:
+        self._seq += 1
+        now = time.time()
+        return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{self._seq}.{self._host}"
+
+    def write(self, data: bytes) -> str:
+        """Blocking write; run off the event loop."""
+        name = self._unique()
+        tmp = self.root / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.root / "new" / name)
+        dir_fd = os.open(self.root / "new", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return name
+
+    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction:
+        return _MaildirTransaction(self, mail_from)
+
+    async def probe(self) -> bool:
+        return os.access(self.root / "new", os.W_OK)
+
+    async def close(self) -> None:
+        return None
+
+
+class _MaildirTransaction:
+    def __init__(self, transport: MaildirTransport, mail_from: str) -> None:
+        self._transport = transport
+        self._mail_from = mail_from
+
+    async def add_recipient(self, address: str) -> Reply:
+        return Reply(250, "2.1.5", "Ok")
+
+    async def send(self, message: Message) -> Reply:
+        data = message.with_prepended([("Return-Path", f"<{self._mail_from}>")]).raw
+        try:
+            await asyncio.to_thread(self._transport.write, data)
+        except OSError as exc:
+            raise TemporaryDeliveryError(451, "4.3.0", "Local mailbox unavailable") from exc
+        return Reply(250, "2.0.0", f"Ok: queued as {message.queue_id}")
+
+    async def abort(self) -> None:
+        return None
+
+
+# --- in memory (unit tests) ------------------------------------------------------------
+
+
+@dataclass
+class MemoryTransport:
+    """Keeps delivered messages in a list; refuses recipients listed in ``refuse``."""
+
+    name: str = "memory"
+    refuse: frozenset[str] = frozenset()
+    delivered: list[tuple[str, tuple[str, ...], bytes]] = field(default_factory=list)
+
+    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction:
+        return _MemoryTransaction(self, mail_from)
+
+    async def probe(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+class _MemoryTransaction:
+    def __init__(self, transport: MemoryTransport, mail_from: str) -> None:
+        self._t = transport
+        self._mail_from = mail_from
+        self._rcpts: list[str] = []
+
+    async def add_recipient(self, address: str) -> Reply:
+        if address in self._t.refuse:
+            return Reply(550, "5.1.1", "No such user")
+        self._rcpts.append(address)
+        return Reply(250, "2.1.5", "Ok")
+
+    async def send(self, message: Message) -> Reply:
+        self._t.delivered.append((self._mail_from, tuple(self._rcpts), message.raw))
+        return Reply(250, "2.0.0", f"Ok: queued as {message.queue_id}")
+
+    async def abort(self) -> None:
+        self._rcpts.clear()
+
+
+# --- SMTP downstream -------------------------------------------------------------------
+
+
+class SmtpTransport:
+    """Relays to a downstream SMTP server over pooled aiosmtplib connections."""
+
+    name = "smtp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        hostname: str,
+        timeout: float,
+        starttls: bool = False,
+        pool_size: int = 16,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.hostname = hostname
+        self.timeout = timeout
+        self.starttls = starttls
+        self.pool_size = pool_size
+        self._idle: list[tuple[float, aiosmtplib.SMTP]] = []
+        self._closed = False
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            local_hostname=self.hostname,
+            timeout=self.timeout,
+            start_tls=self.starttls,
+            use_tls=False,
+        )
+        try:
+            await client.connect()
+            await client.ehlo()
+        except aiosmtplib.SMTPTimeoutError as exc:
+            client.close()
+            raise TemporaryDeliveryError(451, "4.4.2", "Downstream timed out") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            raise TemporaryDeliveryError(451, "4.4.1", "Downstream unavailable") from exc
+        return client
+
+    def _checkout(self) -> aiosmtplib.SMTP | None:
+        now = time.monotonic()
+        while self._idle:
+            since, client = self._idle.pop()
+            if now - since < MAX_IDLE_SECONDS and client.is_connected:
+                return client
+            client.close()
+        return None
+
+    def checkin(self, client: aiosmtplib.SMTP) -> None:
+        if self._closed or len(self._idle) >= self.pool_size or not client.is_connected:
+            client.close()
+            return
+        self._idle.append((time.monotonic(), client))
+
+    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction:
+        return _SmtpTransaction(self, mail_from, tuple(options))
+
+    async def open_mail(self, mail_from: str, options: Sequence[str]) -> aiosmtplib.SMTP:
+        """A connection with MAIL FROM accepted; a stale pooled one is replaced once."""
+        client = self._checkout()
+        reused = client is not None
+        for _ in range(2):
+            if client is None:
+                client = await self._connect()
+            try:
+                await client.mail(mail_from, options=list(options))
+                return client
+            except aiosmtplib.SMTPSenderRefused as exc:
+                self.checkin_after_reset(client)
+                raise downstream_failure(exc.code, exc.message) from exc
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+                client.close()
+                client = None
+                if not reused:
+                    raise TemporaryDeliveryError(451, "4.4.2", "Downstream connection lost") from exc
+                reused = False
+        raise TemporaryDeliveryError(451, "4.4.1", "Downstream unavailable")
+
+    def checkin_after_reset(self, client: aiosmtplib.SMTP) -> None:
+        """Reset in the background and pool the connection; close it if RSET fails."""
+
+        async def reset() -> None:
+            try:
+                await client.rset()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+                return
+            self.checkin(client)
+
+        task = asyncio.get_running_loop().create_task(reset())
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    async def probe(self) -> bool:
+        try:
+            client = await asyncio.wait_for(self._connect(), timeout=min(self.timeout, 5.0))
+        except (DeliveryError, TimeoutError):
+            return False
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await client.quit()
+        client.close()
+        return True
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for _, client in idle:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await asyncio.wait_for(client.quit(), timeout=1.0)
+            client.close()
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # keeps fire-and-forget RSETs referenced
+
+
+class _SmtpTransaction:
+    def __init__(self, transport: SmtpTransport, mail_from: str, options: tuple[str, ...]) -> None:
+        self._t = transport
+        self._mail_from = mail_from
+        self._options = options
+        self._client: aiosmtplib.SMTP | None = None
+        self._accepted = 0
+
+    async def add_recipient(self, address: str) -> Reply:
+        try:
+            if self._client is None:
+                self._client = await self._t.open_mail(self._mail_from, self._options)
+            await self._client.rcpt(address)
+        except DeliveryError as exc:
+            return Reply(exc.code, exc.status, exc.text)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            err = downstream_failure(exc.code, exc.message)
+            if isinstance(err, TemporaryDeliveryError):
+                return Reply(450, "4.2.0", "Recipient deferred by downstream, try again later")
+            return Reply(err.code, err.status, err.text)
+        except aiosmtplib.SMTPTimeoutError:
+            self._drop()
+            return Reply(451, "4.4.2", "Downstream timed out")
+        except (aiosmtplib.SMTPException, OSError):
+            self._drop()
+            return Reply(451, "4.4.2", "Downstream connection lost")
+        self._accepted += 1
+        return Reply(250, "2.1.5", "Ok")
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def send(self, message: Message) -> Reply:
+        if self._client is None or not self._accepted:
+            raise TemporaryDeliveryError(451, "4.4.2", "Downstream connection lost")
+        client, self._client = self._client, None
+        try:
+            response = await client.data(message.raw)
+        except aiosmtplib.SMTPDataError as exc:
+            self._t.checkin_after_reset(client)
+            raise downstream_failure(exc.code, exc.message) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            client.close()
+            raise TemporaryDeliveryError(451, "4.4.2", "Downstream timed out") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            raise TemporaryDeliveryError(451, "4.4.2", "Downstream connection lost") from exc
+        self._t.checkin(client)
+        _, text = _status_of(response.message, response.code)
+        return Reply(250, "2.0.0", f"Ok: queued as {message.queue_id} ({text[:120]})")
+
+    async def abort(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self._t.checkin_after_reset(client)

@@ -1,0 +1,26 @@
+"""Fact families. Adding a family: one module exporting FACTS, one line below."""
+
+from __future__ import annotations
+
+from relay.facts import connection, envelope
+from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
+
+FAMILIES = (
+    connection.FACTS,
+    envelope.FACTS,
+)
+
+
+def default_registry() -> FactRegistry:
+    return FactRegistry(spec for family in FAMILIES for spec in family)
+
+
+__all__ = [
+    "FactContext",
+    "FactRegistry",
+    "FactSpec",
+    "FactType",
+    "Facts",
+    "Services",
+    "default_registry",
+]

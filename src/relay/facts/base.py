@@ -1,0 +1,234 @@
+"""Fact registry and the lazy, once-per-message fact evaluator.
+
+A fact is a named, typed value about one message with a privacy tier and declared
+dependencies, computed by one async function. Facts never decide; policies read them.
+A family module (``facts/auth.py``, ``facts/headers.py`` ...) exports ``FACTS``, a tuple of
+FactSpec, and is listed once in ``facts/__init__.py``.
+
+Rules of the registry, checked when it is built:
+- names are unique; dependencies exist; there is no cycle;
+- a fact's tier is at least the tier of each dependency, so a cheap-looking fact can
+  never hide that it read the body.
+
+Services (DNS resolver, classifier client, state store, lists ...) reach compute functions
+through ``Services``, keyed by type, so families do not import each other and app.py stays
+the only place that builds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
+
+from relay.errors import FactError
+from relay.message import Message
+from relay.verdict import FactRead, Tier
+
+T = TypeVar("T")
+
+
+class FactType(StrEnum):
+    """Types a fact can have; policies are type-checked against these at load."""
+
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    STR = "str"  # may be None when absent (e.g. list_id)
+    STR_LIST = "list[str]"
+    OBJECT = "object"  # structured, JSON-able mapping (e.g. per-signature DKIM results)
+
+
+class FactContext(Protocol):
+    """What a compute function sees: the message, services and its declared dependencies."""
+
+    @property
+    def message(self) -> Message: ...
+
+    @property
+    def services(self) -> Services: ...
+
+    async def get(self, name: str) -> Any: ...
+
+
+Compute = Callable[[FactContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class FactSpec:
+    name: str
+    type: FactType
+    tier: Tier
+    compute: Compute
+    depends: tuple[str, ...] = ()
+    doc: str = ""
+    version: int = 1  # bump when the computation changes (keys the lab's fact cache)
+    lab_only: bool = False  # oracle facts (consent, opt-out) a live receiver cannot know
+
+
+class Services:
+    """Immutable bag of service objects, looked up by type."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, *items: object) -> None:
+        self._items: tuple[object, ...] = tuple(items)
+
+    def get(self, kind: type[T]) -> T:
+        for item in self._items:
+            if isinstance(item, kind):
+                return item
+        raise FactError(f"service {kind.__name__} is not configured")
+
+    def find(self, kind: type[T]) -> T | None:
+        for item in self._items:
+            if isinstance(item, kind):
+                return item
+        return None
+
+    def with_items(self, *items: object) -> Services:
+        return Services(*items, *self._items)
+
+
+class FactRegistry:
+    """Validated set of FactSpecs."""
+
+    def __init__(self, specs: Iterable[FactSpec]) -> None:
+        by_name: dict[str, FactSpec] = {}
+        for spec in specs:
+            if spec.name in by_name:
+                raise ValueError(f"fact {spec.name!r} is registered twice")
+            by_name[spec.name] = spec
+        for spec in by_name.values():
+            for dep in spec.depends:
+                if dep not in by_name:
+                    raise ValueError(f"fact {spec.name!r} depends on unknown fact {dep!r}")
+                if by_name[dep].tier > spec.tier:
+                    raise ValueError(
+                        f"fact {spec.name!r} ({spec.tier.label}) depends on {dep!r} "
+                        f"({by_name[dep].tier.label}): a fact's tier must cover its inputs"
+                    )
+        self._specs: Mapping[str, FactSpec] = by_name
+        for name in by_name:
+            self._check_cycle(name, ())
+
+    def _check_cycle(self, name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise ValueError("fact dependency cycle: " + " -> ".join((*path, name)))
+        for dep in self._specs[name].depends:
+            self._check_cycle(dep, (*path, name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __getitem__(self, name: str) -> FactSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._specs.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+class Facts:
+    """Per-message lazy fact store: each fact computed at most once, on first request.
+
+    A failed computation is remembered too: ``get`` raises FactError with the reason every
+    time it is asked, so a policy can treat the fact as missing and say why.
+    """
+
+    def __init__(
+        self,
+        registry: FactRegistry,
+        message: Message,
+        services: Services,
+        preset: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.message = message
+        self.services = services
+        self._tasks: dict[str, asyncio.Future[Any]] = {}
+        self._reads: dict[str, FactRead] = {}
+        # Values known in advance (the lab's cache, tests): recorded as read, at no cost.
+        for name, value in (preset or {}).items():
+            spec = registry[name]
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_result(value)
+            self._tasks[name] = fut
+            self._reads[name] = FactRead(name, spec.tier, _jsonable(value), 0.0, None)
+
+    async def get(self, name: str) -> Any:
+        if name not in self.registry:
+            raise FactError(f"unknown fact {name!r}")
+        task = self._tasks.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._compute(self.registry[name]))
+            self._tasks[name] = task
+        return await asyncio.shield(task)
+
+    async def _compute(self, spec: FactSpec) -> Any:
+        start = time.perf_counter()
+        try:
+            value = await spec.compute(_Scoped(self, spec))
+        except FactError as exc:
+            self._reads[spec.name] = FactRead(
+                spec.name, spec.tier, None, time.perf_counter() - start, str(exc)
+            )
+            raise
+        except Exception as exc:  # a fact's bug or outage must never crash the session
+            reason = f"{type(exc).__name__}: {exc}"
+            self._reads[spec.name] = FactRead(
+                spec.name, spec.tier, None, time.perf_counter() - start, reason
+            )
+            raise FactError(f"{spec.name}: {reason}") from exc
+        self._reads[spec.name] = FactRead(
+            spec.name, spec.tier, _jsonable(value), time.perf_counter() - start, None
+        )
+        return value
+
+    def computed(self, name: str) -> bool:
+        return name in self._reads
+
+    def reads(self) -> tuple[FactRead, ...]:
+        return tuple(self._reads.values())
+
+    def highest_tier(self) -> Tier | None:
+        tiers = [r.tier for r in self._reads.values()]
+        return max(tiers) if tiers else None
+
+
+class _Scoped:
+    """The view of Facts a compute function gets: only its declared dependencies."""
+
+    __slots__ = ("_facts", "_spec")
+
+    def __init__(self, facts: Facts, spec: FactSpec) -> None:
+        self._facts = facts
+        self._spec = spec
+
+    @property
+    def message(self) -> Message:
+        return self._facts.message
+
+    @property
+    def services(self) -> Services:
+        return self._facts.services
+
+    async def get(self, name: str) -> Any:
+        if name not in self._spec.depends:
+            raise FactError(f"fact {self._spec.name!r} read undeclared dependency {name!r}")
+        return await self._facts.get(name)

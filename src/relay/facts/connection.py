@@ -1,0 +1,30 @@
+"""T0 facts about the SMTP connection: who connected, what it said at HELO, TLS."""
+
+from __future__ import annotations
+
+from relay.facts.base import FactContext, FactSpec, FactType
+from relay.verdict import Tier
+
+
+async def _client_ip(ctx: FactContext) -> str:
+    return ctx.message.peer.ip
+
+
+async def _helo(ctx: FactContext) -> str:
+    return ctx.message.peer.helo or ""
+
+
+async def _tls_used(ctx: FactContext) -> bool:
+    return ctx.message.peer.tls_version is not None
+
+
+async def _tls_version(ctx: FactContext) -> str:
+    return ctx.message.peer.tls_version or ""
+
+
+FACTS = (
+    FactSpec("client_ip", FactType.STR, Tier.CONNECTION, _client_ip, doc="SMTP client address"),
+    FactSpec("helo", FactType.STR, Tier.CONNECTION, _helo, doc="HELO/EHLO name given"),
+    FactSpec("tls_used", FactType.BOOL, Tier.CONNECTION, _tls_used, doc="STARTTLS in use"),
+    FactSpec("tls_version", FactType.STR, Tier.CONNECTION, _tls_version, doc="TLS version or ''"),
+)

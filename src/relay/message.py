@@ -1,0 +1,186 @@
+"""Message: the one object that flows through the pipeline.
+
+Built once per DATA (or once per file in `relay scan` and the lab). It keeps the exact
+raw bytes, because DKIM verification needs them and because headers we add are prepended
+to the raw bytes instead of re-serialising the message (which would break downstream
+DKIM). The parsed form is computed lazily, once, on first use.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from functools import cached_property
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+
+
+def new_queue_id() -> str:
+    """A short id, sortable by time, unique enough to correlate one message's log lines."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The SMTP client as seen at T0: address, HELO and TLS."""
+
+    ip: str
+    port: int = 0
+    helo: str | None = None
+    tls_version: str | None = None
+    esmtp: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope; ``mail_from`` is "" for the null sender."""
+
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+    mail_options: tuple[str, ...] = ()
+    smtputf8: bool = False
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Normalise every line ending (LF, CR, CRLF) to CRLF, as SMTP carries it."""
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def strip_mbox_from(data: bytes) -> bytes:
+    """Drop a leading mbox envelope line (``From addr date``), which is not a header."""
+    if data.startswith(b"From "):
+        end = data.find(b"\n")
+        return b"" if end < 0 else data[end + 1 :]
+    return data
+
+
+def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
+    """Split raw bytes into (header block including its final line end, rest)."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = raw.find(sep)
+        if idx >= 0:
+            cut = idx + len(sep) // 2
+            return raw[:cut], raw[cut:]
+    return raw, b""
+
+
+def _unfold_fields(header_block: bytes) -> list[bytes]:
+    """Header fields of a block, each with its continuation lines and line ends."""
+    fields: list[bytes] = []
+    for line in header_block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def format_header(name: str, value: str) -> bytes:
+    """One header field as CRLF-terminated bytes; refuses anything that could inject lines.
+
+    ``value`` may already be folded with CRLF followed by a space or tab.
+    """
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"invalid header name {name!r}")
+    lines = value.split("\r\n")
+    for i, line in enumerate(lines):
+        if "\r" in line or "\n" in line or (i and not line[:1] in (" ", "\t")):
+            raise ValueError(f"header {name} value would inject a line")
+    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class Message:
+    """Raw bytes plus envelope and peer; ``parsed`` is built lazily, once."""
+
+    raw: bytes
+    envelope: Envelope
+    peer: Peer
+    queue_id: str = field(default_factory=new_queue_id)
+    received_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_file_bytes(
+        cls,
+        data: bytes,
+        *,
+        mail_from: str = "",
+        rcpt_to: Iterable[str] = (),
+        peer: Peer | None = None,
+        queue_id: str | None = None,
+    ) -> Message:
+        """A Message from a stored file (``.eml``, corpus, quarantine): mbox line dropped,
+        line ends made CRLF as they would be on the wire."""
+        return cls(
+            raw=to_crlf(strip_mbox_from(data)),
+            envelope=Envelope(mail_from=mail_from, rcpt_to=tuple(rcpt_to)),
+            peer=peer or Peer(ip="127.0.0.1"),
+            queue_id=queue_id or new_queue_id(),
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @cached_property
+    def parsed(self) -> EmailMessage:
+        """The parsed message (stdlib ``email`` with the modern policy); never raises."""
+        msg = BytesParser(policy=email_policy.default).parsebytes(self.raw)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+    @cached_property
+    def header_block(self) -> bytes:
+        return split_header_block(self.raw)[0]
+
+    @cached_property
+    def body(self) -> bytes:
+        return split_header_block(self.raw)[1]
+
+    def header(self, name: str) -> str | None:
+        """First value of header ``name`` as a string, or None; never raises."""
+        values = self.headers(name)
+        return values[0] if values else None
+
+    def headers(self, name: str) -> list[str]:
+        """Every value of header ``name`` (decoded where possible); never raises."""
+        out: list[str] = []
+        for value in self.parsed.get_all(name) or []:
+            try:
+                out.append(str(value))
+            except Exception:  # noqa: BLE001 - broken encoded-words must not stop mail
+                out.append(repr(value))
+        return out
+
+    def with_prepended(self, headers: Iterable[tuple[str, str]]) -> Message:
+        """A new Message with ``headers`` prepended to the raw bytes (in the given order)."""
+        prefix = b"".join(format_header(name, value) for name, value in headers)
+        if not prefix:
+            return self
+        return replace(self, raw=prefix + self.raw)
+
+    def without_headers(self, drop: Callable[[str, bytes], bool]) -> Message:
+        """A new Message without the header fields for which ``drop(name, field)`` is true.
+
+        ``name`` is lower-cased; ``field`` is the whole raw field with continuation lines.
+        Only the header block is touched; the body bytes stay exactly as they were.
+        """
+        head, rest = split_header_block(self.raw)
+        kept: list[bytes] = []
+        changed = False
+        for fld in _unfold_fields(head):
+            name = fld.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            if b":" in fld and drop(name, fld):
+                changed = True
+                continue
+            kept.append(fld)
+        if not changed:
+            return self
+        return replace(self, raw=b"".join(kept) + rest)

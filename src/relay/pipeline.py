@@ -1,0 +1,228 @@
+"""One pass over one message: facts -> verdict -> stamps -> action -> delivery -> reply.
+
+smtp.py calls ``Pipeline.process`` once per DATA and knows nothing of policies, facts or
+headers; ``relay scan``, the lab and quarantine release reuse the same pieces. The seams:
+
+- Decider: ``decide(message, facts) -> Verdict`` (the policy engine; NOOP accepts all).
+- Stamp:   rewrites the message's header block after the decision (Authentication-Results,
+           spam score headers); prepends to the raw bytes, never re-serialises.
+- Observer: metrics and logs watch SMTP events and finished messages.
+- Quarantine: stores the exact raw message with its Verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay import actions
+from relay.delivery import Transaction
+from relay.errors import DeliveryError, PermanentDeliveryError
+from relay.facts.base import FactRegistry, Facts, Services
+from relay.message import Message
+from relay.reply import INTERNAL_ERROR, Reply
+from relay.verdict import ACCEPT_ALL, Action, Verdict
+
+log = logging.getLogger("relay.message")
+
+
+class Decider(Protocol):
+    """A compiled policy. ``name`` labels verdicts; decide must not raise for bad facts."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def decide(self, message: Message, facts: Facts) -> Verdict: ...
+
+
+class Stamp(Protocol):
+    """Adds or removes header fields after the decision (e.g. Authentication-Results)."""
+
+    async def __call__(self, message: Message, facts: Facts, verdict: Verdict) -> Message: ...
+
+
+class QuarantineStore(Protocol):
+    async def put(self, message: Message, verdict: Verdict) -> str: ...
+
+
+class Observer(Protocol):
+    """Watches the relay; must never block or raise."""
+
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self) -> None: ...
+
+    def connection_refused(self) -> None: ...
+
+    def smtp_reply(self, code: int) -> None: ...
+
+    def message_done(self, report: MessageReport) -> None: ...
+
+    def shadow_verdict(self, verdict: Verdict) -> None: ...
+
+    def policy_reload(self, ok: bool) -> None: ...
+
+
+class NullObserver:
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self) -> None: ...
+
+    def connection_refused(self) -> None: ...
+
+    def smtp_reply(self, code: int) -> None: ...
+
+    def message_done(self, report: MessageReport) -> None: ...
+
+    def shadow_verdict(self, verdict: Verdict) -> None: ...
+
+    def policy_reload(self, ok: bool) -> None: ...
+
+
+class _Noop:
+    name = "noop"
+
+    async def decide(self, message: Message, facts: Facts) -> Verdict:
+        return ACCEPT_ALL
+
+
+NOOP: Decider = _Noop()
+
+
+class DeciderHolder:
+    """The current policy; swapped atomically on reload. Sessions capture ``current`` when
+    their transaction starts, so mail in flight finishes under the policy it started with."""
+
+    def __init__(self, decider: Decider = NOOP) -> None:
+        self.current: Decider = decider
+        self.generation = 0
+
+    def swap(self, decider: Decider) -> None:
+        self.current = decider
+        self.generation += 1
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReport:
+    """Everything logged and measured about one finished message (never the body)."""
+
+    queue_id: str
+    size: int
+    recipients: int
+    verdict: Verdict
+    reply: Reply
+    outcome: str  # delivered | quarantined | rejected | tempfailed | failed
+    timings: tuple[tuple[str, float], ...] = ()
+    delivery: str = ""  # ok | temporary | permanent | none
+    shadow: tuple[Verdict, ...] = field(default=())
+
+    @property
+    def total_seconds(self) -> float:
+        return dict(self.timings).get("total", 0.0)
+
+
+@dataclass
+class Pipeline:
+    registry: FactRegistry
+    services: Services
+    policy: DeciderHolder
+    stamps: Sequence[Stamp] = ()
+    quarantine: QuarantineStore | None = None
+    observer: Observer = field(default_factory=NullObserver)
+    shadow: Sequence[Decider] = ()
+
+    async def process(
+        self, message: Message, transaction: Transaction, decider: Decider | None = None
+    ) -> Reply:
+        """Decide, act and deliver; returns the reply for the client. Never raises."""
+        start = time.perf_counter()
+        timings: list[tuple[str, float]] = []
+        decider = decider or self.policy.current
+        facts = Facts(self.registry, message, self.services)
+        verdict = ACCEPT_ALL
+        shadow: tuple[Verdict, ...] = ()
+        delivery = "none"
+        try:
+            verdict = await decider.decide(message, facts)
+            timings.append(("decide", time.perf_counter() - start))
+            shadow = await self._shadow(message, facts)
+            t = time.perf_counter()
+            for stamp in self.stamps:
+                message = await stamp(message, facts, verdict)
+            message = actions.stamp(message, verdict)
+            timings.append(("stamp", time.perf_counter() - t))
+            t = time.perf_counter()
+            reply, outcome, delivery = await self._act(message, transaction, verdict)
+            timings.append(("act", time.perf_counter() - t))
+        except Exception:  # a bug must cost a retry, never a lost or half-delivered message
+            log.exception("queue_id=%s pipeline failure", message.queue_id)
+            await transaction.abort()
+            reply, outcome = INTERNAL_ERROR, "failed"
+        timings.append(("total", time.perf_counter() - start))
+        report = MessageReport(
+            queue_id=message.queue_id,
+            size=message.size,
+            recipients=len(message.envelope.rcpt_to),
+            verdict=verdict,
+            reply=reply,
+            outcome=outcome,
+            timings=tuple(timings),
+            delivery=delivery,
+            shadow=shadow,
+        )
+        _log_report(report)
+        self.observer.message_done(report)
+        return reply
+
+    async def _shadow(self, message: Message, facts: Facts) -> tuple[Verdict, ...]:
+        if not self.shadow:
+            return ()
+        verdicts = await asyncio.gather(*(d.decide(message, facts) for d in self.shadow))
+        for v in verdicts:
+            self.observer.shadow_verdict(v)
+        return tuple(verdicts)
+
+    async def _act(
+        self, message: Message, transaction: Transaction, verdict: Verdict
+    ) -> tuple[Reply, str, str]:
+        if verdict.delivers:
+            try:
+                return await transaction.send(message), "delivered", "ok"
+            except DeliveryError as exc:
+                kind = "permanent" if isinstance(exc, PermanentDeliveryError) else "temporary"
+                return Reply(exc.code, exc.status, exc.text), "failed", kind
+        await transaction.abort()
+        if verdict.action is Action.QUARANTINE:
+            if self.quarantine is None:
+                raise RuntimeError("quarantine action without a quarantine store")
+            qid = await self.quarantine.put(message, verdict)
+            return Reply(250, "2.0.0", f"Ok: queued as {qid}"), "quarantined", "none"
+        reply = actions.refusal(verdict)
+        outcome = "rejected" if verdict.action is Action.REJECT else "tempfailed"
+        return reply, outcome, "none"
+
+
+def _log_report(report: MessageReport) -> None:
+    """One structured line per message: ids, sizes, outcome, timings; never body or secrets."""
+    v = report.verdict
+    timing = " ".join(f"{k}_ms={s * 1000:.2f}" for k, s in report.timings)
+    log.info(
+        "queue_id=%s size=%d rcpts=%d outcome=%s reply=%d policy=%s mode=%s action=%s "
+        "score=%.2f tier=%s rules=%s %s",
+        report.queue_id,
+        report.size,
+        report.recipients,
+        report.outcome,
+        report.reply.code,
+        v.policy,
+        v.mode.value,
+        v.action.value,
+        v.score,
+        "-" if v.highest_tier is None else v.highest_tier.label,
+        ",".join(h.rule for h in v.hits) or "-",
+        timing,
+    )
