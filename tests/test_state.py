@@ -1,0 +1,182 @@
+"""The shared-state interface: one suite run against SQLite and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import StateSettings
+from relay.errors import StateError
+from relay.state import RedisState, SqliteState, StateStore, hashed, open_state
+
+Opener = Callable[[], Awaitable[StateStore]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server binary not found (install it with `make system-deps`)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens a new client of one shared store (same file, or same redis database)."""
+    if request.param == "sqlite":
+        settings = StateSettings(backend="sqlite", path=tmp_path / "var" / "state.sqlite3")
+    else:
+        url: str = request.getfixturevalue("redis_url")
+        # A database per test keeps tests independent on one server.
+        db = abs(hash(request.node.nodeid)) % 16
+        settings = StateSettings(backend="redis", url=url.rsplit("/", 1)[0] + f"/{db}")
+
+    async def open_one() -> StateStore:
+        return await open_state(settings)
+
+    return open_one
+
+
+@pytest.fixture
+async def store(opener: Opener) -> AsyncIterator[StateStore]:
+    one = await opener()
+    if isinstance(one, RedisState):
+        await one._redis.flushdb()
+    yield one
+    await one.close()
+
+
+async def test_window_counts_distinct_members(store: StateStore) -> None:
+    assert await store.incr_window("k", "alice", 60, now=1000.0) == 1
+    assert await store.incr_window("k", "bob", 60, now=1001.0) == 2
+    assert await store.incr_window("k", "alice", 60, now=1002.0) == 2  # seen again: same
+    assert await store.incr_window("other", "alice", 60, now=1002.0) == 1
+
+
+async def test_window_forgets_old_members(store: StateStore) -> None:
+    await store.incr_window("k", "alice", 60, now=1000.0)
+    await store.incr_window("k", "bob", 60, now=1030.0)
+    # alice at 1000 is outside (1060 - 60, 1060]; bob is inside.
+    assert await store.incr_window("k", "carol", 60, now=1060.0) == 2
+    # alice seen again refreshes her time (she counts until 1125).
+    assert await store.incr_window("k", "alice", 60, now=1065.0) == 3
+    assert (
+        await store.incr_window("k", "dave", 60, now=1095.0) == 3
+    )  # bob (1030) gone; carol, alice in
+
+
+async def test_anonymous_events_each_count(store: StateStore) -> None:
+    counts = [await store.incr_window("conn", None, 60, now=500.0 + i) for i in range(5)]
+    assert counts == [1, 2, 3, 4, 5]
+    assert await store.incr_window("conn", None, 60, now=561.0) == 4  # 500, 501 aged out
+
+
+async def test_flags_with_and_without_ttl(store: StateStore) -> None:
+    assert not await store.seen("pair", now=10.0)
+    await store.add("pair", now=10.0)
+    assert await store.seen("pair", now=10.0)
+    assert await store.seen("pair", now=1e12)
+    await store.add("short", ttl=30, now=100.0)
+    assert await store.seen("short", now=129.0)
+    assert not await store.seen("short", now=130.0)
+    await store.add("short", ttl=30, now=200.0)  # set again: lives again
+    assert await store.seen("short", now=220.0)
+
+
+async def test_two_relays_share_counts(opener: Opener, store: StateStore) -> None:
+    other = await opener()
+    try:
+        assert await store.incr_window("bulk", "r1", 3600, now=1.0) == 1
+        assert await other.incr_window("bulk", "r2", 3600, now=2.0) == 2
+        assert await store.incr_window("bulk", "r3", 3600, now=3.0) == 3
+        await other.add("seen-by-other", now=3.0)
+        assert await store.seen("seen-by-other", now=4.0)
+    finally:
+        await other.close()
+
+
+async def test_concurrent_writers_lose_nothing(opener: Opener, store: StateStore) -> None:
+    other = await opener()
+    try:
+        now = time.time()
+        writes = [
+            client.incr_window("race", f"m{i}-{n}", 3600, now=now)
+            for n, client in enumerate((store, other))
+            for i in range(100)
+        ]
+        counts = await asyncio.gather(*writes)
+        assert max(counts) == 200
+        assert await store.incr_window("race", "m0-0", 3600, now=now) == 200
+    finally:
+        await other.close()
+
+
+async def test_default_clock_is_wall_time(store: StateStore) -> None:
+    await store.add("ttl", ttl=3600)
+    assert await store.seen("ttl")
+    assert not await store.seen("ttl", now=time.time() + 7200)
+    assert await store.incr_window("live", "x", 60) == 1
+
+
+def test_hashed_hides_addresses() -> None:
+    key = hashed("alice@example.org", "bob@example.net")
+    assert "alice" not in key and "example" not in key
+    assert key == hashed("alice@example.org", "bob@example.net")
+    assert key != hashed("alice@example.orgbob@example.net", "")
+
+
+async def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
+    store = await SqliteState(tmp_path / "s.db").open()
+    await store.close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_unreachable_redis_is_a_state_error() -> None:
+    settings = StateSettings(backend="redis", url=f"redis://127.0.0.1:{_free_port()}/0")
+    with pytest.raises(StateError):
+        await open_state(settings)
+
+
+async def test_closed_sqlite_store_raises_state_error(tmp_path: Path) -> None:
+    store = SqliteState(tmp_path / "s.db")  # never opened
+    with pytest.raises(StateError):
+        await store.seen("x")
+    await store.close()
