@@ -21,8 +21,10 @@ OUR_HEADERS = frozenset(h.lower() for h in (SCORE_HEADER, STATUS_HEADER, RULES_H
 
 
 def _rules_value(verdict: Verdict) -> str:
-    parts = [f"{h.rule}={h.score:+g}" if h.action is None else f"{h.rule}={h.action.value}"
-             for h in verdict.hits]
+    parts = [
+        f"{h.rule}={h.score:+g}" if h.action is None else f"{h.rule}={h.action.value}"
+        for h in verdict.hits
+    ]
     return ",\r\n\t".join(parts) if parts else "none"
 
 

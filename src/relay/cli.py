@@ -24,7 +24,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     def run(args: argparse.Namespace) -> int:
         from relay.app import serve
 
-        return serve(args.config)
+        return int(serve(args.config))
 
     p.set_defaults(handler=run)
 

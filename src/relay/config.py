@@ -163,7 +163,9 @@ class _Reader:
         known = {f.name for f in fields(cls)}
         for key in table:
             if key not in known:
-                raise self.fail(f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+                raise self.fail(
+                    f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})"
+                )
 
     def get(self, table: Mapping[str, Any], section: str, key: str, kind: type[T], default: T) -> T:
         if key not in table:
@@ -172,7 +174,9 @@ class _Reader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(f"{section}.{key}", f"must be {kind.__name__}, got {type(value).__name__}")
+            raise self.fail(
+                f"{section}.{key}", f"must be {kind.__name__}, got {type(value).__name__}"
+            )
         return value
 
     def positive(self, table: Mapping[str, Any], section: str, key: str, default: float) -> float:
@@ -207,11 +211,18 @@ class _Reader:
             raise self.fail(f"{section}.{key}", str(exc)) from None
 
     def choice(
-        self, table: Mapping[str, Any], section: str, key: str, options: tuple[str, ...], default: str
+        self,
+        table: Mapping[str, Any],
+        section: str,
+        key: str,
+        options: tuple[str, ...],
+        default: str,
     ) -> str:
         value = self.get(table, section, key, str, default)
         if value not in options:
-            raise self.fail(f"{section}.{key}", f"must be one of {', '.join(options)}; got {value!r}")
+            raise self.fail(
+                f"{section}.{key}", f"must be one of {', '.join(options)}; got {value!r}"
+            )
         return value
 
 

@@ -103,7 +103,7 @@ class MaildirTransport:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, self.root / "new" / name)
+        tmp.rename(self.root / "new" / name)
         dir_fd = os.open(self.root / "new", os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -264,7 +264,9 @@ class SmtpTransport:
                 client.close()
                 client = None
                 if not reused:
-                    raise TemporaryDeliveryError(451, "4.4.2", "Downstream connection lost") from exc
+                    raise TemporaryDeliveryError(
+                        451, "4.4.2", "Downstream connection lost"
+                    ) from exc
                 reused = False
         raise TemporaryDeliveryError(451, "4.4.1", "Downstream unavailable")
 

@@ -91,7 +91,7 @@ def format_header(name: str, value: str) -> bytes:
         raise ValueError(f"invalid header name {name!r}")
     lines = value.split("\r\n")
     for i, line in enumerate(lines):
-        if "\r" in line or "\n" in line or (i and not line[:1] in (" ", "\t")):
+        if "\r" in line or "\n" in line or (i and line[:1] not in (" ", "\t")):
             raise ValueError(f"header {name} value would inject a line")
     return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
@@ -155,7 +155,7 @@ class Message:
         for value in self.parsed.get_all(name) or []:
             try:
                 out.append(str(value))
-            except Exception:  # noqa: BLE001 - broken encoded-words must not stop mail
+            except Exception:
                 out.append(repr(value))
         return out
 

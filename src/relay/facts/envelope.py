@@ -33,14 +33,39 @@ async def _message_size(ctx: FactContext) -> int:
 
 
 FACTS = (
-    FactSpec("recipient_count", FactType.INT, Tier.ENVELOPE, _recipient_count,
-             doc="number of envelope recipients"),
-    FactSpec("mail_from", FactType.STR, Tier.ENVELOPE, _mail_from,
-             doc="envelope sender ('' for the null sender)"),
-    FactSpec("mail_from_domain", FactType.STR, Tier.ENVELOPE, _mail_from_domain,
-             doc="domain of the envelope sender"),
-    FactSpec("null_sender", FactType.BOOL, Tier.ENVELOPE, _null_sender,
-             doc="bounce or auto-reply (MAIL FROM:<>)"),
-    FactSpec("message_size", FactType.INT, Tier.ENVELOPE, _message_size,
-             doc="size of the message in bytes"),
+    FactSpec(
+        "recipient_count",
+        FactType.INT,
+        Tier.ENVELOPE,
+        _recipient_count,
+        doc="number of envelope recipients",
+    ),
+    FactSpec(
+        "mail_from",
+        FactType.STR,
+        Tier.ENVELOPE,
+        _mail_from,
+        doc="envelope sender ('' for the null sender)",
+    ),
+    FactSpec(
+        "mail_from_domain",
+        FactType.STR,
+        Tier.ENVELOPE,
+        _mail_from_domain,
+        doc="domain of the envelope sender",
+    ),
+    FactSpec(
+        "null_sender",
+        FactType.BOOL,
+        Tier.ENVELOPE,
+        _null_sender,
+        doc="bounce or auto-reply (MAIL FROM:<>)",
+    ),
+    FactSpec(
+        "message_size",
+        FactType.INT,
+        Tier.ENVELOPE,
+        _message_size,
+        doc="size of the message in bytes",
+    ),
 )

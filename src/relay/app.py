@@ -1,0 +1,200 @@
+"""Composition root and lifespan: the only place that builds and tears down resources.
+
+`lifespan(settings)` reads nothing itself: it gets validated Settings, opens services
+(DNS resolver, classifier, state store ...), the transport, the policy, the observer and
+the SMTP server, yields a Runtime, and on exit stops accepting, drains in-flight sessions
+(bounded by smtp.drain_timeout) and closes everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.config import Settings, load_settings
+from relay.delivery import MaildirTransport, SmtpTransport, Transport
+from relay.errors import ConfigError, PolicyError, RelayError
+from relay.facts import FactRegistry, Services, default_registry
+from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline
+from relay.relaycontrol import RelayControl
+from relay.smtp import Sessions, SmtpDeps, listening_socket, start_server
+
+log = logging.getLogger("relay")
+
+PID_FILE = Path("var/relay.pid")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) -> list[object]:
+    """Long-lived services handed to fact functions; each closes on the stack."""
+    services: list[object] = []
+    return services
+
+
+def build_transport(settings: Settings) -> Transport:
+    d = settings.delivery
+    if d.mode == "smtp":
+        host, port = d.downstream
+        return SmtpTransport(
+            host,
+            port,
+            hostname=settings.smtp.hostname,
+            timeout=d.timeout,
+            starttls=d.starttls,
+            pool_size=d.pool_size,
+        )
+    return MaildirTransport(d.maildir)
+
+
+def load_decider(settings: Settings, registry: FactRegistry) -> Decider:
+    """The configured policy, or the no-op decision when no policy file is set."""
+    if settings.policy.path is None:
+        return NOOP
+    return NOOP
+
+
+@dataclass
+class Runtime:
+    """What a running relay exposes to its owner (serve(), tests)."""
+
+    settings: Settings
+    registry: FactRegistry
+    services: Services
+    pipeline: Pipeline
+    transport: Transport
+    sessions: Sessions
+    server: asyncio.Server
+    observer: Observer
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def reload_policy(self) -> bool:
+        """Swap in the policy file's current content; on error keep the old one running."""
+        try:
+            decider = load_decider(self.settings, self.registry)
+        except PolicyError as exc:
+            for problem in exc.problems:
+                log.error("policy reload failed: %s", problem)
+            self.observer.policy_reload(False)
+            return False
+        except RelayError as exc:
+            log.error("policy reload failed: %s", exc)
+            self.observer.policy_reload(False)
+            return False
+        self.pipeline.policy.swap(decider)
+        self.observer.policy_reload(True)
+        log.info(
+            "policy reloaded: %s (generation %d)", decider.name, self.pipeline.policy.generation
+        )
+        return True
+
+
+@contextlib.asynccontextmanager
+async def lifespan(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    observer: Observer | None = None,
+) -> AsyncIterator[Runtime]:
+    async with contextlib.AsyncExitStack() as stack:
+        registry = default_registry()
+        services = Services(*await open_services(settings, stack))
+        observer = observer or NullObserver()
+        transport = build_transport(settings)
+        stack.push_async_callback(transport.close)
+        holder = DeciderHolder(load_decider(settings, registry))
+        pipeline = Pipeline(
+            registry=registry,
+            services=services,
+            policy=holder,
+            observer=observer,
+        )
+        sessions = Sessions(limit=settings.smtp.max_connections)
+        deps = SmtpDeps(
+            settings=settings,
+            pipeline=pipeline,
+            transport=transport,
+            control=RelayControl(settings.relay.domains, settings.relay.networks),
+            sessions=sessions,
+            observer=observer,
+        )
+        if sock is None:
+            host, port = settings.smtp.listen
+            try:
+                sock = listening_socket(host, port, reuse_port=settings.smtp.workers > 1)
+            except OSError as exc:
+                raise ConfigError(
+                    settings.source,
+                    "smtp.listen",
+                    f"cannot listen on {host}:{port}: {exc.strerror}",
+                ) from None
+        server = await start_server(deps, sock)
+        runtime = Runtime(
+            settings=settings,
+            registry=registry,
+            services=services,
+            pipeline=pipeline,
+            transport=transport,
+            sessions=sessions,
+            server=server,
+            observer=observer,
+        )
+        try:
+            yield runtime
+        finally:
+            server.close()  # stop accepting first
+            await sessions.drain(settings.smtp.drain_timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with lifespan(settings) as runtime:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, runtime.reload_policy)
+        host, _ = settings.smtp.listen
+        log.info("relay listening on %s:%d (pid %d)", host, runtime.port, os.getpid())
+        await stop.wait()
+        log.info("shutting down: draining sessions (up to %.0fs)", settings.smtp.drain_timeout)
+    log.info("stopped")
+
+
+def serve(config_path: Path) -> int:
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log.level)
+    PID_FILE.parent.mkdir(parents=True, exist_ok=True)
+    PID_FILE.write_text(f"{os.getpid()}\n")
+    try:
+        asyncio.run(run(settings))
+    except RelayError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            PID_FILE.unlink()
+    return 0

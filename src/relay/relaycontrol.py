@@ -1,0 +1,154 @@
+"""No open relay: decides whether a RCPT path may be accepted, from the raw SMTP argument.
+
+Checks run on the raw path, before any library normalises it, so that relay tricks are
+refused instead of being "repaired" into a delivery:
+- source routes            <@hop1,@hop2:user@dest>
+- percent hack             <user%dest@ours>
+- bang paths               <dest!user@ours>
+- several @                <user@dest@ours>, and a quoted local part hiding @, % or !
+- IP literals              <user@[192.0.2.1]>
+- trailing-dot or otherwise malformed domains
+A well-formed recipient outside ``domains`` is refused unless the client is in ``networks``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from relay.config import IPNetwork
+from relay.reply import BAD_ADDRESS, RELAY_DENIED, Reply
+
+_ATOM = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
+_QUOTED = re.compile(r'^"(?:[^"\\\r\n]|\\[ -~])*"$')
+_TRICK_CHARS = ("@", "%", "!")
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    local: str
+    domain: str  # lower case, "" only for <postmaster>
+
+    @property
+    def address(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+
+def extract_path(arg: str) -> str | None:
+    """The text between the angle brackets of a ``TO:<path> [params]`` argument."""
+    head, sep, rest = arg.partition(":")
+    if not sep or head.strip().upper() != "TO":
+        return None
+    rest = rest.lstrip()
+    if not rest.startswith("<"):
+        return None
+    quoted = escaped = False
+    for i, ch in enumerate(rest[1:], start=1):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return rest[1:i]
+    return None
+
+
+def _split_unquoted(path: str) -> list[str]:
+    """Split at every '@' outside a quoted string."""
+    parts: list[str] = []
+    cur: list[str] = []
+    quoted = escaped = False
+    for ch in path:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "@" and not quoted:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_recipient(path: str) -> Recipient | Reply:
+    """A Recipient, or the refusal for a relay trick (550) or bad syntax (553)."""
+    if path.startswith("@") or _looks_routed(path):
+        return RELAY_DENIED
+    parts = _split_unquoted(path)
+    if len(parts) == 1:
+        # RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
+        return Recipient("postmaster", "") if path.lower() == "postmaster" else BAD_ADDRESS
+    if len(parts) != 2:
+        return RELAY_DENIED
+    local, domain = parts
+    if local.startswith('"'):
+        if not _QUOTED.match(local):
+            return BAD_ADDRESS
+        if any(c in local for c in _TRICK_CHARS):
+            return RELAY_DENIED
+    elif any(c in local for c in _TRICK_CHARS):
+        return RELAY_DENIED
+    elif not _DOT_ATOM.match(local):
+        return BAD_ADDRESS
+    if domain.startswith("["):
+        return RELAY_DENIED
+    if len(local) > 64 or len(domain) > 255 or not _HOSTNAME.match(domain):
+        return BAD_ADDRESS
+    return Recipient(local, domain.lower())
+
+
+def _looks_routed(path: str) -> bool:
+    """A ':' outside a quoted local part means an (obsolete) source route."""
+    quoted = escaped = False
+    for ch in path:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ":" and not quoted:
+            return True
+    return False
+
+
+class RelayControl:
+    """Recipient domains accepted from anyone; client networks allowed to send anywhere."""
+
+    def __init__(self, domains: tuple[str, ...], networks: tuple[IPNetwork, ...]) -> None:
+        self._exact = frozenset(d for d in domains if not d.startswith("."))
+        self._suffixes = tuple(d for d in domains if d.startswith("."))
+        self._networks = networks
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self._exact or any(domain.endswith(s) for s in self._suffixes)
+
+    def client_may_relay(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._networks)
+
+    def check(self, arg: str, client_ip: str) -> Recipient | Reply:
+        path = extract_path(arg)
+        if path is None:
+            return BAD_ADDRESS
+        rcpt = parse_recipient(path)
+        if isinstance(rcpt, Reply):
+            return rcpt
+        if not rcpt.domain or self.is_local_domain(rcpt.domain):
+            return rcpt
+        return rcpt if self.client_may_relay(client_ip) else RELAY_DENIED

@@ -1,0 +1,361 @@
+"""The SMTP layer: aiosmtpd protocol with limits, relay control and the DATA hand-off.
+
+Thin on purpose: it speaks SMTP, enforces protocol limits, refuses relay tricks at RCPT,
+mirrors the downstream's RCPT answers, and hands each DATA to ``Pipeline.process``. It
+never blocks the loop and never decides about content.
+
+Per-connection state lives on our own protocol subclass (``RelaySMTP``), never as extra
+attributes on aiosmtpd's Session or Envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.config import Settings
+from relay.delivery import Transaction, Transport
+from relay.message import Envelope as MsgEnvelope
+from relay.message import Message, Peer, to_crlf
+from relay.pipeline import Decider, Observer, Pipeline
+from relay.relaycontrol import RelayControl
+from relay.reply import (
+    DATA_TIMEOUT,
+    IDLE_TIMEOUT,
+    INTERNAL_ERROR,
+    SHUTTING_DOWN,
+    SMUGGLING,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_RCPTS,
+    Reply,
+)
+
+log = logging.getLogger("relay.smtp")
+
+# A lone dot delimited by anything but CRLF on both sides: the SMTP smuggling shapes
+# (<LF>.<LF>, <LF>.<CR><LF>, <CR><LF>.<LF>, <CR>.<CR>, <CR><LF>.<CR>, <CR>.<CR><LF>,
+# <LF>.<CR> ...). aiosmtpd >= 1.4.6 only ends DATA on <CR><LF>.<CR><LF>, but a downstream
+# that is laxer could split the message there, so such input is refused outright.
+# Checked on the raw lines as read (before dot-unstuffing hides a leading dot); each line
+# read during DATA ends in CRLF, so a line that starts with "." + CR/LF is <CRLF>.<CR|LF>.
+_SMUGGLE = re.compile(rb"(?:^|\r|\n)\.(?:\r|\n)")
+_END_OF_DATA = b".\r\n"
+
+
+def smuggling_suspect(raw_line: bytes) -> bool:
+    """Whether one raw DATA line (as read, CRLF-terminated) carries a smuggling shape."""
+    return raw_line != _END_OF_DATA and _SMUGGLE.search(raw_line) is not None
+
+
+@dataclass
+class Sessions:
+    """Open connections of this process: the connection limit and the drain on shutdown."""
+
+    limit: int
+    open: set[RelaySMTP] = field(default_factory=set)
+    draining: bool = False
+
+    async def drain(self, grace: float) -> None:
+        """Close idle sessions now; give sessions inside a transaction ``grace`` seconds."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.open and loop.time() < deadline:
+            for sess in list(self.open):
+                if not sess.busy:
+                    sess.close_with(SHUTTING_DOWN)
+            await asyncio.sleep(0.05)
+        for sess in list(self.open):
+            sess.close_with(SHUTTING_DOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpDeps:
+    """What every connection needs; built once by app.py."""
+
+    settings: Settings
+    pipeline: Pipeline
+    transport: Transport
+    control: RelayControl
+    sessions: Sessions
+    observer: Observer
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd protocol with our limits and per-connection transaction state."""
+
+    def __init__(self, deps: SmtpDeps) -> None:
+        s = deps.settings.smtp
+        self.line_length_limit = s.max_line_length + 2  # + CRLF; longer lines get 500
+        super().__init__(
+            _Handler(),
+            data_size_limit=s.max_message_size,
+            enable_SMTPUTF8=False,
+            decode_data=False,
+            hostname=s.hostname,
+            ident="relay ESMTP",
+            timeout=s.command_timeout,
+        )
+        self.deps = deps
+        self.transaction: Transaction | None = None
+        self.decider: Decider | None = None
+        self.refused_rcpts = 0
+        self.attempted_rcpts = 0
+        self.busy = False  # inside MAIL..end of DATA
+        self._admitted = False
+        self._data_timer: asyncio.TimerHandle | None = None
+        self.smuggling_seen = False
+        self._watching = False
+
+    # --- connection lifecycle -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sessions = self.deps.sessions
+        if sessions.draining or len(sessions.open) >= sessions.limit:
+            reply = SHUTTING_DOWN if sessions.draining else TOO_MANY_CONNECTIONS
+            self.deps.observer.connection_refused()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(reply.line.encode() + b"\r\n")
+            transport.close()
+            return
+        self._admitted = True
+        sessions.open.add(self)
+        self.deps.observer.connection_opened()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self.deps.sessions.open.discard(self)
+        self.deps.observer.connection_closed()
+        self._cancel_data_timer()
+        self._abort_transaction()
+        super().connection_lost(exc)
+
+    def close_with(self, reply: Reply) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(reply.line.encode() + b"\r\n")
+            self.deps.observer.smtp_reply(reply.code)
+            self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        with contextlib.suppress(ValueError):
+            self.deps.observer.smtp_reply(int(status[:3]))
+        await super().push(status)
+
+    # --- transaction state ----------------------------------------------------------------
+
+    def _abort_transaction(self) -> None:
+        txn, self.transaction = self.transaction, None
+        self.busy = False
+        self.decider = None
+        if txn is not None:
+            task = asyncio.get_running_loop().create_task(txn.abort())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+    def _cancel_data_timer(self) -> None:
+        if self._data_timer is not None:
+            self._data_timer.cancel()
+            self._data_timer = None
+
+    def _data_timed_out(self) -> None:
+        log.info("data phase timed out peer=%s", self.session.peer if self.session else "-")
+        self.close_with(DATA_TIMEOUT)
+
+    # --- commands -----------------------------------------------------------------------
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        # Relay tricks are judged on the raw argument, before aiosmtpd parses it.
+        if self.envelope is not None and self.envelope.mail_from and arg:
+            self.attempted_rcpts += 1
+            verdict = self.deps.control.check(arg, self._client_ip())
+            if isinstance(verdict, Reply):
+                self.refused_rcpts += 1
+                await self.push(verdict.line)
+                return
+        await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.envelope is not None and self.envelope.rcpt_tos and not arg:
+            loop = asyncio.get_running_loop()
+            self._data_timer = loop.call_later(
+                self.deps.settings.smtp.data_timeout, self._data_timed_out
+            )
+        self.smuggling_seen = False
+        self._watch_data_lines()
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._cancel_data_timer()
+
+    def _watch_data_lines(self) -> None:
+        """Inspect each raw line aiosmtpd reads, before its dot-unstuffing changes it.
+
+        aiosmtpd's DATA loop is not a public hook, so the connection's own reader is wrapped
+        once; the wrapper only looks at lines and returns them unchanged.
+        """
+        if self._watching:
+            return
+        self._watching = True
+        reader = self._reader
+        read_line = reader.readuntil
+
+        async def readuntil(separator: bytes = b"\n") -> bytes:
+            line = await read_line(separator)
+            if separator == b"\r\n" and smuggling_suspect(line):
+                self.smuggling_seen = True
+            return line
+
+        reader.readuntil = readuntil  # type: ignore[method-assign,assignment]
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: say 421 before closing an idle connection (aiosmtpd just closes).
+        self.close_with(IDLE_TIMEOUT)
+
+    def _client_ip(self) -> str:
+        peer: Any = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return ""
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _mail_options(options: Sequence[str]) -> list[str]:
+    """ESMTP MAIL parameters passed on to the downstream (SIZE and BODY are safe)."""
+    return [o for o in options if o.upper().split("=", 1)[0] in ("SIZE", "BODY")]
+
+
+class _Handler:
+    """aiosmtpd hooks; all state is on the RelaySMTP instance passed as ``server``."""
+
+    async def handle_MAIL(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        server._abort_transaction()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        # The policy in force now is the one this transaction finishes under.
+        server.decider = server.deps.pipeline.policy.current
+        server.busy = True
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= server.deps.settings.smtp.max_recipients:
+            server.refused_rcpts += 1
+            return TOO_MANY_RCPTS.line
+        if server.transaction is None:
+            server.transaction = await server.deps.transport.begin(
+                reverse_path(envelope), _mail_options(envelope.mail_options)
+            )
+        reply = await server.transaction.add_recipient(address)
+        if not reply.ok:
+            server.refused_rcpts += 1
+            return reply.line
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        server._abort_transaction()
+        return "250 2.0.0 Ok"
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        server._cancel_data_timer()  # reading is over; delivery has its own timeout
+        txn, server.transaction = server.transaction, None
+        decider, server.decider = server.decider, None
+        try:
+            raw = envelope.original_content or b""
+            if server.smuggling_seen:
+                if txn is not None:
+                    await txn.abort()
+                return SMUGGLING.line
+            if txn is None:
+                return INTERNAL_ERROR.line
+            message = _build_message(server, session, envelope, raw)
+            reply = await server.deps.pipeline.process(message, txn, decider)
+            return reply.line
+        finally:
+            server.busy = False
+            if server.deps.sessions.draining:
+                loop = asyncio.get_running_loop()
+                loop.call_soon(server.close_with, SHUTTING_DOWN)
+
+
+def reverse_path(envelope: Envelope) -> str:
+    """The envelope sender, "" for the null sender (aiosmtpd reports it as "<>")."""
+    sender = envelope.mail_from or ""
+    return "" if sender == "<>" else sender
+
+
+def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw: bytes) -> Message:
+    peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
+    tls = None
+    if session.ssl is not None:
+        ssl_object = session.ssl.get("ssl_object")
+        tls = str(ssl_object.version()) if ssl_object is not None else "TLS"
+    return Message(
+        raw=to_crlf(raw),
+        envelope=MsgEnvelope(
+            mail_from=reverse_path(envelope),
+            rcpt_to=tuple(envelope.rcpt_tos),
+            mail_options=tuple(envelope.mail_options),
+        ),
+        peer=Peer(
+            ip=str(peer[0]),
+            port=int(peer[1]) if len(peer) > 1 else 0,
+            helo=session.host_name or None,
+            tls_version=tls,
+            esmtp=bool(session.extended_smtp),
+        ),
+    )
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A bound, listening TCP socket; SO_REUSEPORT lets worker processes share the port."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_server(deps: SmtpDeps, sock: socket.socket) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Any:
+        return RelaySMTP(deps)
+
+    return await loop.create_server(factory, sock=sock)

@@ -1,0 +1,20 @@
+"""Shared fixtures. Real parts live in tests/support/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """The project's sibling ``shared/`` folder (CI puts it there), or $RELAY_SHARED."""
+    return Path(os.environ.get("RELAY_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return shared_dir()
