@@ -1,0 +1,240 @@
+"""The operations endpoint: /metrics, /healthz and /readyz over a minimal HTTP/1.1 server.
+
+Only what Prometheus and health checkers send is understood: ``GET`` or ``HEAD``, a path,
+headers, no body. Every response closes the connection. Rendering the exposition walks
+every metric (and, with several workers, reads their files), so it runs in a thread: a
+scrape during a mail storm never stalls the event loop that carries SMTP sessions.
+
+    server = await start_metrics_server(settings.metrics, registry, readiness)
+    ...
+    await server.close()
+
+``readiness`` returns (or awaits to) a mapping ``check -> bool``; /readyz answers 200
+when every check is true and 503 otherwise, with the checks as a JSON body either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from relay.config import MetricsSettings
+from relay.errors import ConfigError
+from relay.metrics import scrape_registry
+
+log = logging.getLogger("relay.metrics")
+
+Readiness = Callable[[], Mapping[str, bool] | Awaitable[Mapping[str, bool]]]
+
+MAX_LINE = 8192  # request line or one header line
+MAX_HEADERS = 64
+REQUEST_TIMEOUT = 10.0  # seconds to send the whole request head
+READINESS_TIMEOUT = 5.0  # a readiness callback slower than this counts as not ready
+MAX_CONCURRENT_RENDERS = 2  # scrapes beyond this wait instead of taking more threads
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    headers: Mapping[str, str]  # lower-case names
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _text(status: int, text: str, *extra: tuple[str, str]) -> Response:
+    return Response(status, (text + "\n").encode(), headers=extra)
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request:
+    """Parses the request head strictly; raises BadRequest for anything unexpected."""
+    line = await _line(reader)
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest("malformed request line")
+    method, target, _version = parts
+    if not target.startswith("/"):
+        raise BadRequest("request target must be a path")
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS + 1):
+        line = await _line(reader)
+        if not line:
+            break
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or " " in name:
+            raise BadRequest("malformed header")
+        key = name.lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    else:
+        raise BadRequest("too many headers")
+    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+        raise BadRequest("request bodies are not accepted")
+    return Request(method, target.split("?", 1)[0], headers)
+
+
+async def _line(reader: asyncio.StreamReader) -> str:
+    try:
+        raw = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise BadRequest("line too long") from None
+    except asyncio.IncompleteReadError:
+        raise BadRequest("connection closed mid-request") from None
+    if not raw.endswith(b"\r\n"):
+        raise BadRequest("lines must end with CRLF")
+    try:
+        return raw[:-2].decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("non-ASCII request head") from None
+
+
+def render_metrics(registry: CollectorRegistry, accept: str) -> Response:
+    """Prometheus text, or OpenMetrics when the Accept header asks for it (runs in a thread)."""
+    encoder, content_type = choose_encoder(accept)
+    return Response(200, encoder(scrape_registry(registry)), content_type)
+
+
+class MetricsServer:
+    """The running endpoint; ``close()`` stops it."""
+
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness | None = None) -> None:
+        self._registry = registry
+        self._readiness = readiness
+        self._renders = asyncio.Semaphore(MAX_CONCURRENT_RENDERS)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = False
+        try:
+            try:
+                request = await asyncio.wait_for(read_request(reader), REQUEST_TIMEOUT)
+                head = request.method == "HEAD"
+                response = await self._respond(request)
+            except BadRequest as exc:
+                response = _text(400, str(exc))
+            except TimeoutError:
+                return
+            await _write(writer, response, head)
+        except (ConnectionError, OSError):
+            pass  # the client went away; nothing to answer
+        except Exception:
+            log.exception("metrics endpoint failure")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _respond(self, request: Request) -> Response:
+        if request.path not in ("/metrics", "/healthz", "/readyz"):
+            return _text(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            return _text(405, "method not allowed", ("Allow", "GET, HEAD"))
+        if request.path == "/healthz":
+            return _text(200, "ok")
+        if request.path == "/readyz":
+            return await self._ready()
+        async with self._renders:
+            return await asyncio.to_thread(
+                render_metrics, self._registry, request.headers.get("accept", "")
+            )
+
+    async def _ready(self) -> Response:
+        checks: dict[str, bool]
+        if self._readiness is None:
+            checks = {"alive": True}
+        else:
+            try:
+                result = self._readiness()
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(result, READINESS_TIMEOUT)
+                checks = {str(k): bool(v) for k, v in result.items()}
+            except TimeoutError:
+                checks = {"readiness_check_timed_out": False}
+            except Exception:
+                log.exception("readiness check failed")
+                checks = {"readiness_check_failed": False}
+        ready = bool(checks) and all(checks.values())
+        body = json.dumps({"ready": ready, "checks": checks}, sort_keys=True).encode() + b"\n"
+        return Response(200 if ready else 503, body, "application/json")
+
+
+async def _write(writer: asyncio.StreamWriter, response: Response, head: bool) -> None:
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in response.headers),
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+    if not head:
+        writer.write(response.body)
+    await writer.drain()
+
+
+async def start_metrics_server(
+    settings: MetricsSettings,
+    registry: CollectorRegistry,
+    readiness: Readiness | None = None,
+    *,
+    source: str = "config",
+) -> MetricsServer:
+    """Starts the endpoint on ``settings.listen``; a port in use is a ConfigError naming it.
+
+    ``source`` names the configuration file in that error (``settings.source``).
+    """
+    host, port = settings.listen
+    server = MetricsServer(registry, readiness)
+    try:
+        await server.start(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            reason = f"port {port} on {host} is already in use (another relay or exporter?)"
+        else:
+            reason = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+        raise ConfigError(source, "metrics.listen", reason) from None
+    return server
