@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -111,3 +112,85 @@ def test_bad_config_fails_at_start_naming_file_and_key(tmp_path: Path) -> None:
     assert proc.returncode == 2
     err = proc.stderr.decode()
     assert str(cfg) in err and "smtp.max_recipients" in err and "must be int" in err
+
+
+def worker_pids(supervisor_pid: int) -> set[int]:
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
+    pids = set()
+    for pid in children.split():
+        # Skip multiprocessing's resource tracker: workers are the spawn_main children.
+        with contextlib.suppress(FileNotFoundError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(int(pid))
+    return pids
+
+
+async def wait_for(predicate: object, timeout: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if callable(predicate) and predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+async def test_workers_share_the_port_restart_and_drain(tmp_path: Path) -> None:
+    from tests.support.relay import send
+
+    port = free_port()
+    cfg = write_config(tmp_path, port)
+    cfg.write_text(cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2"))
+    log_path = tmp_path / "relay.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            cwd=tmp_path,
+            stderr=log_file,
+        )
+    try:
+        await wait_for(lambda: log_path.read_text().count("ready (pid") == 2)
+        pids = worker_pids(proc.pid)
+        assert len(pids) == 2
+        for i in range(20):
+            await send(port, ["bob@example.org"], simple_message(f"w{i}"))
+        # A worker that dies is replaced and mail keeps flowing.
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(lambda: log_path.read_text().count("ready (pid") == 3)
+        for i in range(5):
+            await send(port, ["bob@example.org"], simple_message(f"after{i}"))
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(list((tmp_path / "maildir" / "new").iterdir())) == 25
+    log = log_path.read_text()
+    # Both first workers took connections (the kernel spreads them over SO_REUSEPORT sockets).
+    served_by = {int(line.split()[2]) for line in log.splitlines() if "queue_id=" in line}
+    assert pids <= served_by
+    assert "restarting" in log
+
+
+def test_worker_start_failure_stops_the_supervisor(tmp_path: Path) -> None:
+    import socket
+
+    port = free_port()
+    cfg = write_config(tmp_path, port)
+    cfg.write_text(cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2"))
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))  # no SO_REUSEPORT: workers cannot bind
+    blocker.listen(1)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+        )
+    finally:
+        blocker.close()
+    assert proc.returncode == 2
+    assert f"127.0.0.1:{port}" in proc.stderr.decode()

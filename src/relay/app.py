@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from relay.facts import FactRegistry, Services, default_registry
 from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline
 from relay.relaycontrol import RelayControl
 from relay.smtp import Sessions, SmtpDeps, listening_socket, start_server
+from relay.workers import Supervisor
 
 log = logging.getLogger("relay")
 
@@ -35,9 +36,12 @@ PID_FILE = Path("var/relay.pid")
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # aiosmtpd logs every command with addresses at INFO and DATA lines (bodies) at DEBUG:
+    # our one line per message replaces it, and bodies must never reach a log.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) -> list[object]:
@@ -165,7 +169,7 @@ async def lifespan(
                 await asyncio.wait_for(server.wait_closed(), timeout=2.0)
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -175,6 +179,8 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(signal.SIGHUP, runtime.reload_policy)
         host, _ = settings.smtp.listen
         log.info("relay listening on %s:%d (pid %d)", host, runtime.port, os.getpid())
+        if on_ready is not None:
+            on_ready()
         await stop.wait()
         log.info("shutting down: draining sessions (up to %.0fs)", settings.smtp.drain_timeout)
     log.info("stopped")
@@ -190,6 +196,8 @@ def serve(config_path: Path) -> int:
     PID_FILE.parent.mkdir(parents=True, exist_ok=True)
     PID_FILE.write_text(f"{os.getpid()}\n")
     try:
+        if settings.smtp.workers > 1:
+            return asyncio.run(Supervisor(config_path, settings).run())
         asyncio.run(run(settings))
     except RelayError as exc:
         print(f"relay: {exc}", file=sys.stderr)
