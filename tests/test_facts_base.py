@@ -1,0 +1,123 @@
+"""Fact registry rules and the lazy, once-per-message evaluator."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.errors import FactError
+from relay.facts import Facts, FactSpec, FactType, Services, default_registry
+from relay.facts.base import FactContext, FactRegistry
+from relay.message import Envelope, Message, Peer
+from relay.verdict import Tier
+
+
+def message() -> Message:
+    return Message(
+        b"Subject: x\r\n\r\nbody\r\n",
+        Envelope("a@sender.test", ("b@example.org", "c@example.org")),
+        Peer("192.0.2.7", helo="mx.sender.test"),
+    )
+
+
+def test_default_registry_has_foundation_facts() -> None:
+    reg = default_registry()
+    for name in ("client_ip", "helo", "tls_used", "recipient_count", "mail_from_domain"):
+        assert name in reg
+    assert reg["client_ip"].tier is Tier.CONNECTION
+    assert reg["recipient_count"].tier is Tier.ENVELOPE
+
+
+async def test_foundation_fact_values() -> None:
+    facts = Facts(default_registry(), message(), Services())
+    assert await facts.get("client_ip") == "192.0.2.7"
+    assert await facts.get("recipient_count") == 2
+    assert await facts.get("mail_from_domain") == "sender.test"
+    assert await facts.get("tls_used") is False
+
+
+async def test_computed_once_even_when_asked_concurrently() -> None:
+    calls = 0
+
+    async def slow(ctx: FactContext) -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return 7
+
+    reg = FactRegistry([FactSpec("n", FactType.INT, Tier.ENVELOPE, slow)])
+    facts = Facts(reg, message(), Services())
+    assert await asyncio.gather(facts.get("n"), facts.get("n"), facts.get("n")) == [7, 7, 7]
+    assert calls == 1
+    (read,) = facts.reads()
+    assert read.name == "n" and read.value == 7 and read.error is None and read.seconds > 0
+
+
+async def test_failure_is_recorded_and_repeated_never_crashes() -> None:
+    async def broken(ctx: FactContext) -> int:
+        raise RuntimeError("model exploded")
+
+    reg = FactRegistry([FactSpec("p", FactType.FLOAT, Tier.CONTENT, broken)])
+    facts = Facts(reg, message(), Services())
+    for _ in range(2):
+        with pytest.raises(FactError, match="model exploded"):
+            await facts.get("p")
+    assert facts.reads()[0].error == "RuntimeError: model exploded"
+    assert facts.highest_tier() is Tier.CONTENT
+
+
+async def test_undeclared_dependency_is_refused() -> None:
+    async def a(ctx: FactContext) -> int:
+        return 1
+
+    async def sneaky(ctx: FactContext) -> int:
+        return int(await ctx.get("a")) + 1
+
+    reg = FactRegistry(
+        [
+            FactSpec("a", FactType.INT, Tier.ENVELOPE, a),
+            FactSpec("b", FactType.INT, Tier.ENVELOPE, sneaky),
+        ]
+    )
+    with pytest.raises(FactError, match="undeclared dependency"):
+        await Facts(reg, message(), Services()).get("b")
+
+
+async def test_preset_values_are_used_without_computing() -> None:
+    async def never(ctx: FactContext) -> int:
+        raise AssertionError("computed")
+
+    reg = FactRegistry([FactSpec("n", FactType.INT, Tier.FINGERPRINT, never)])
+    facts = Facts(reg, message(), Services(), preset={"n": 3})
+    assert await facts.get("n") == 3
+
+
+@pytest.mark.parametrize(
+    ("specs", "error"),
+    [
+        ([("a", Tier.ENVELOPE, ()), ("a", Tier.ENVELOPE, ())], "registered twice"),
+        ([("a", Tier.ENVELOPE, ("zz",))], "unknown fact"),
+        ([("a", Tier.ENVELOPE, ("b",)), ("b", Tier.ENVELOPE, ("a",))], "cycle"),
+        ([("cheap", Tier.ENVELOPE, ("body",)), ("body", Tier.CONTENT, ())], "tier must cover"),
+    ],
+)
+def test_registry_rules(specs: list[tuple[str, Tier, tuple[str, ...]]], error: str) -> None:
+    async def compute(ctx: FactContext) -> int:
+        return 0
+
+    with pytest.raises(ValueError, match=error):
+        FactRegistry(FactSpec(n, FactType.INT, t, compute, depends=d) for n, t, d in specs)
+
+
+def test_services_lookup_by_type() -> None:
+    class Resolver:
+        pass
+
+    r = Resolver()
+    services = Services(r, "text")
+    assert services.get(Resolver) is r
+    assert services.get(str) == "text"
+    assert services.find(int) is None
+    with pytest.raises(FactError, match="int is not configured"):
+        services.get(int)
