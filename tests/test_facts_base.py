@@ -48,7 +48,7 @@ async def test_computed_once_even_when_asked_concurrently() -> None:
 
     reg = FactRegistry([FactSpec("n", FactType.INT, Tier.ENVELOPE, slow)])
     facts = Facts(reg, message(), Services())
-    assert await asyncio.gather(facts.get("n"), facts.get("n"), facts.get("n")) == [7, 7, 7]
+    assert list(await asyncio.gather(facts.get("n"), facts.get("n"), facts.get("n"))) == [7] * 3
     assert calls == 1
     (read,) = facts.reads()
     assert read.name == "n" and read.value == 7 and read.error is None and read.seconds > 0

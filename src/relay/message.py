@@ -62,7 +62,7 @@ def strip_mbox_from(data: bytes) -> bytes:
 
 
 def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
-    """Split raw bytes into (header block including its final line end, rest)."""
+    """Split raw bytes into (header fields with their line ends, blank line + body)."""
     for sep in (b"\r\n\r\n", b"\n\n"):
         idx = raw.find(sep)
         if idx >= 0:
@@ -142,7 +142,12 @@ class Message:
 
     @cached_property
     def body(self) -> bytes:
-        return split_header_block(self.raw)[1]
+        """Bytes after the blank line that ends the header block."""
+        rest = split_header_block(self.raw)[1]
+        for blank in (b"\r\n", b"\n"):
+            if rest.startswith(blank):
+                return rest[len(blank) :]
+        return rest
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` as a string, or None; never raises."""
