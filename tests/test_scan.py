@@ -1,0 +1,75 @@
+"""`relay scan` prints facts and the verdict for one file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.relay import simple_message
+
+
+def test_scan_prints_facts_and_verdict_as_json(tmp_path: Path) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From someone  Mon Jan  1 00:00:00 2002\n" + simple_message())
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[model]\nenabled = false\n[policy]\npath = ""\n[auth]\nenabled = false\n')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "scan",
+            str(eml),
+            "--config",
+            str(cfg),
+            "--mail-from",
+            "alice@sender.test",
+            "--rcpt",
+            "bob@example.org",
+            "--rcpt",
+            "carol@example.org",
+            "--client-ip",
+            "192.0.2.9",
+            "--facts",
+            "client_ip,recipient_count,mail_from_domain",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd=tmp_path,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["facts"] == {
+        "client_ip": "192.0.2.9",
+        "recipient_count": 2,
+        "mail_from_domain": "sender.test",
+    }
+    assert doc["verdict"]["action"] == "accept"
+    assert doc["envelope"]["mail_from"] == "alice@sender.test"
+
+
+def test_scan_unknown_fact_is_a_clear_error(tmp_path: Path) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(simple_message())
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[model]\nenabled = false\n[policy]\npath = ""\n')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "scan",
+            str(eml),
+            "--config",
+            str(cfg),
+            "--facts",
+            "no_such_fact",
+        ],
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "unknown fact 'no_such_fact'" in out.stderr.decode()
