@@ -66,12 +66,87 @@ def _add_scan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("policy", help="check policy files; reload the running relay's policy")
+    cmds = p.add_subparsers(dest="policy_command", required=True)
+    check = cmds.add_parser("check", help="validate policy files; print every problem")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    reload = cmds.add_parser("reload", help="check the configured policy, then SIGHUP the relay")
+    reload.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
+    reload.add_argument("--pidfile", type=Path, default=None, help="default: var/relay.pid")
+
+    def run_check(args: argparse.Namespace) -> int:
+        from relay.facts import default_registry
+        from relay.policy import check_files
+
+        problems = check_files(args.files, default_registry())
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print(f"{len(problems)} problem(s) in {len(args.files)} file(s)", file=sys.stderr)
+            return 1
+        print(f"ok: {len(args.files)} policy file(s) valid")
+        return 0
+
+    def run_reload(args: argparse.Namespace) -> int:
+        from relay.app import PID_FILE
+        from relay.config import load_settings
+        from relay.facts import default_registry
+        from relay.policy import check_files, signal_reload
+
+        settings = load_settings(args.config)
+        paths = [p for p in (settings.policy.path, *settings.policy.shadow) if p is not None]
+        problems = check_files(paths, default_registry())
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print("not reloading: the running relay would keep its old policy", file=sys.stderr)
+            return 1
+        pid = signal_reload(args.pidfile or PID_FILE)
+        print(f"sent SIGHUP to relay (pid {pid})")
+        return 0
+
+    check.set_defaults(handler=run_check)
+    reload.set_defaults(handler=run_reload)
+
+
+def _add_quarantine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("quarantine", help="list, show, release or delete quarantined mail")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
+    cmds = p.add_subparsers(dest="quarantine_command", required=True)
+    ls = cmds.add_parser("list", help="one line per quarantined message")
+    ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = cmds.add_parser("show", help="metadata and verdict of one message")
+    show.add_argument("id")
+    show.add_argument("--raw", action="store_true", help="print the raw message instead")
+    release = cmds.add_parser("release", help="deliver through the configured transport")
+    release.add_argument("id")
+    delete = cmds.add_parser("delete", help="remove a message for good")
+    delete.add_argument("id")
+
+    def run(args: argparse.Namespace) -> int:
+        from relay.config import load_settings
+        from relay.quarantine import run_command
+
+        settings = load_settings(args.config)
+        return run_command(
+            settings,
+            args.quarantine_command,
+            getattr(args, "id", ""),
+            as_json=getattr(args, "json", False),
+            raw=getattr(args, "raw", False),
+        )
+
+    p.set_defaults(handler=run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_scan(sub)
+    _add_policy(sub)
+    _add_quarantine(sub)
     return parser
 
 

@@ -1,0 +1,330 @@
+"""The compiled policy and its decision: facts pulled tier by tier, early stop.
+
+Rules run grouped by the highest tier of the facts they read (T0, then T1, T2, T3; file
+order within a tier). Before each rule the engine asks whether any remaining rule could
+still change the action; if none can, it stops, so facts of later tiers are never
+computed. A remaining rule can change the action when
+
+- no forced action has fired and it forces an action different from the current one, or
+  the scores still to come (the sum of the remaining positive scores, and of the negative
+  ones) could move the total across a threshold of any recipient domain's regime;
+- a forced action has fired and it forces a more severe one (forced actions rank
+  reject > tempfail > quarantine > tag > accept, and override the score).
+
+A fact whose computation fails is missing: the rules reading it do not fire and the
+Verdict lists them as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cel
+
+from relay.errors import FactError
+from relay.facts.base import Facts
+from relay.message import Message
+from relay.policy.model import (
+    SEVERITY,
+    Override,
+    RuleSpec,
+    ScoreMap,
+    Thresholds,
+    most_severe,
+)
+from relay.verdict import Action, FactRead, Mode, RuleHit, RuleSkip, Tier, Verdict
+
+THRESHOLD_REASONS = {
+    Action.REJECT: "Message rejected: spam score too high",
+    Action.TEMPFAIL: "Message deferred by policy, try again later",
+}
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """A value CEL can take: JSON-like types; anything else becomes its string."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Regime:
+    scores: ScoreMap
+    mode: Mode
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    tier: Tier
+    start: int  # index of its first rule in evaluation order
+    facts: tuple[str, ...]
+
+
+class Policy:
+    """A validated, compiled policy file; implements the pipeline's Decider protocol.
+
+    Immutable after construction, so one instance can serve every session and a reload
+    replaces it whole.
+    """
+
+    __slots__ = (
+        "_domain_regime",
+        "_float_facts",
+        "_forced_rest",
+        "_groups",
+        "_max_forced_rest",
+        "_neg_rest",
+        "_order",
+        "_pos_rest",
+        "_regimes",
+        "_wildcards",
+        "fact_names",
+        "max_tier",
+        "mode",
+        "name",
+        "overrides",
+        "rules",
+        "source",
+        "thresholds",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        mode: Mode,
+        rules: Sequence[RuleSpec],
+        programs: Mapping[str, Any],
+        thresholds: Thresholds,
+        overrides: Sequence[Override] = (),
+        float_facts: frozenset[str] = frozenset(),
+        source: str = "<policy>",
+    ) -> None:
+        self.name = name
+        self.mode = mode
+        self.source = source
+        self.rules: tuple[RuleSpec, ...] = tuple(rules)
+        self.thresholds = thresholds
+        self.overrides: tuple[Override, ...] = tuple(overrides)
+        self.fact_names: frozenset[str] = frozenset(n for r in self.rules for n in r.reads)
+        self.max_tier: Tier | None = max((r.tier for r in self.rules), default=None)
+        self._float_facts = float_facts & self.fact_names
+
+        order = sorted(range(len(self.rules)), key=lambda i: (self.rules[i].tier, i))
+        self._order: tuple[tuple[RuleSpec, Any], ...] = tuple(
+            (self.rules[i], programs[self.rules[i].name]) for i in order
+        )
+        groups: list[_Group] = []
+        for index, (rule, _) in enumerate(self._order):
+            if not groups or groups[-1].tier != rule.tier:
+                groups.append(_Group(rule.tier, index, ()))
+            last = groups[-1]
+            merged = tuple(dict.fromkeys((*last.facts, *rule.reads)))
+            groups[-1] = _Group(last.tier, last.start, merged)
+        self._groups = tuple(groups)
+
+        # What the rules from position i on can still do (suffix sums and sets).
+        n = len(self._order)
+        pos, neg = [0.0] * (n + 1), [0.0] * (n + 1)
+        forced: list[frozenset[Action]] = [frozenset()] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            rule = self._order[i][0]
+            pos[i] = pos[i + 1] + (rule.score if rule.action is None and rule.score > 0 else 0.0)
+            neg[i] = neg[i + 1] + (rule.score if rule.action is None and rule.score < 0 else 0.0)
+            forced[i] = forced[i + 1] | ({rule.action} if rule.action is not None else set())
+        self._pos_rest = tuple(pos)
+        self._neg_rest = tuple(neg)
+        self._forced_rest = tuple(forced)
+        self._max_forced_rest = tuple(max((SEVERITY[a] for a in f), default=-1) for f in forced)
+
+        self._regimes: tuple[_Regime, ...] = (
+            _Regime(ScoreMap.of(thresholds), mode),
+            *(_Regime(ScoreMap.of(o.thresholds), o.mode) for o in self.overrides),
+        )
+        exact: dict[str, int] = {}
+        wild: list[tuple[str, int]] = []
+        for number, override in enumerate(self.overrides, start=1):
+            for domain in override.domains:
+                if domain.startswith("*."):
+                    wild.append((domain[1:], number))
+                else:
+                    exact.setdefault(domain, number)
+        self._domain_regime = exact
+        self._wildcards = tuple(wild)
+
+    def __repr__(self) -> str:
+        return f"Policy(name={self.name!r}, mode={self.mode.value}, rules={len(self.rules)})"
+
+    # --- regimes -------------------------------------------------------------------------
+
+    def _regime_index(self, recipient: str) -> int:
+        domain = recipient.rpartition("@")[2].strip().rstrip(".").lower()
+        found = self._domain_regime.get(domain)
+        if found is not None:
+            return found
+        for suffix, number in self._wildcards:
+            if domain.endswith(suffix):
+                return number
+        return 0
+
+    def regimes_for(self, recipients: Sequence[str]) -> tuple[_Regime, ...]:
+        """The distinct (thresholds, mode) regimes of a message's recipient domains."""
+        if not self.overrides or not recipients:
+            return self._regimes[:1]
+        indexes = sorted({self._regime_index(r) for r in recipients})
+        return tuple(self._regimes[i] for i in indexes)
+
+    # --- early stop ----------------------------------------------------------------------
+
+    def _settled(
+        self, i: int, score: float, forced: Action | None, regimes: tuple[_Regime, ...]
+    ) -> bool:
+        """True when no rule from position i on can change the outcome."""
+        if forced is not None:
+            return self._max_forced_rest[i] <= SEVERITY[forced]
+        low = score + self._neg_rest[i]
+        high = score + self._pos_rest[i]
+        rest_forced = self._forced_rest[i]
+        for regime in regimes:
+            now = regime.scores.action(score)
+            # Thresholds split the score line into one interval per action, so equal
+            # actions at both ends mean the same action everywhere in between.
+            if regime.scores.action(low) is not now or regime.scores.action(high) is not now:
+                return False
+            if rest_forced and rest_forced != {now}:
+                return False
+        return True
+
+    # --- decision ------------------------------------------------------------------------
+
+    async def _pull(
+        self,
+        facts: Facts,
+        names: tuple[str, ...],
+        values: dict[str, Any],
+        missing: dict[str, str],
+        requested: list[str],
+    ) -> None:
+        todo = [n for n in names if n not in values and n not in missing]
+        if not todo:
+            return
+        requested.extend(todo)
+        pending = [n for n in todo if not facts.computed(n)]
+        if len(pending) > 1:  # independent facts of one tier (DNS lookups) run concurrently
+            await asyncio.gather(*(facts.get(n) for n in pending), return_exceptions=True)
+        for name in todo:
+            try:
+                value = await facts.get(name)
+            except FactError as exc:
+                missing[name] = str(exc) or type(exc).__name__
+                continue
+            if name in self._float_facts and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            values[name] = value if isinstance(value, _PLAIN) else _plain(value)
+
+    async def decide(self, message: Message, facts: Facts) -> Verdict:
+        start = time.perf_counter()
+        regimes = self.regimes_for(message.envelope.rcpt_to)
+        values: dict[str, Any] = {}
+        missing: dict[str, str] = {}
+        requested: list[str] = []
+        hits: list[RuleHit] = []
+        skipped: list[RuleSkip] = []
+        score = 0.0
+        forced: Action | None = None
+        forced_rule: RuleSpec | None = None
+        evaluated = 0
+        order = self._order
+        groups = self._groups
+        for g, group in enumerate(groups):
+            end = groups[g + 1].start if g + 1 < len(groups) else len(order)
+            if self._settled(group.start, score, forced, regimes):
+                break
+            await self._pull(facts, group.facts, values, missing, requested)
+            context = _context(values)
+            stop = False
+            for i in range(group.start, end):
+                if i > group.start and self._settled(i, score, forced, regimes):
+                    stop = True
+                    break
+                rule, program = order[i]
+                evaluated += 1
+                result = _evaluate(rule, program, context, values, missing)
+                if isinstance(result, RuleSkip):
+                    skipped.append(result)
+                    continue
+                if not result:
+                    continue
+                if rule.action is None:
+                    score += rule.score
+                    hits.append(RuleHit(rule.name, rule.score, rule.reason))
+                else:
+                    hits.append(RuleHit(rule.name, 0.0, rule.reason, rule.action))
+                    if forced is None or SEVERITY[rule.action] > SEVERITY[forced]:
+                        forced, forced_rule = rule.action, rule
+            if stop:
+                break
+
+        if forced is not None and forced_rule is not None:
+            action = forced
+            reason = forced_rule.reason or THRESHOLD_REASONS.get(forced, "")
+        else:
+            action = most_severe([r.scores.action(score) for r in regimes])
+            reason = THRESHOLD_REASONS.get(action, "")
+        mode = Mode.ENFORCE if any(r.mode is Mode.ENFORCE for r in regimes) else Mode.SHADOW
+        reads: dict[str, FactRead] = {r.name: r for r in facts.reads()}
+        facts_read = tuple(reads[n] for n in requested if n in reads)
+        return Verdict(
+            action=action,
+            score=score,
+            policy=self.name,
+            mode=mode,
+            hits=tuple(hits),
+            skipped=tuple(skipped),
+            facts=facts_read,
+            highest_tier=max((f.tier for f in facts_read), default=None),
+            reason=reason,
+            forced_by=forced_rule.name if forced_rule is not None else None,
+            seconds=time.perf_counter() - start,
+            extra=(("rules_evaluated", f"{evaluated}/{len(order)}"),),
+        )
+
+
+def _context(values: dict[str, Any]) -> Any:
+    """One CEL context per tier group: converting the values once is what makes rules cheap."""
+    try:
+        return cel.Context(variables=values)
+    except Exception:  # a value CEL cannot take: rules fall back to their own facts
+        return None
+
+
+def _evaluate(
+    rule: RuleSpec,
+    program: Any,
+    context: Any,
+    values: dict[str, Any],
+    missing: dict[str, str],
+) -> bool | RuleSkip:
+    for name in rule.reads:
+        if name in missing:
+            return RuleSkip(rule.name, f"fact {name} unavailable: {missing[name]}")
+    try:
+        if context is None:
+            result = program.execute({n: values[n] for n in rule.reads})
+        else:
+            result = program.execute(context)
+    except Exception as exc:  # a surprising fact value must not crash the session
+        text = (str(exc).strip().splitlines() or [""])[0][:160]
+        return RuleSkip(rule.name, f"condition failed: {type(exc).__name__}: {text}")
+    if result is True or result is False:
+        return result
+    return RuleSkip(rule.name, f"condition gave {type(result).__name__}, not a bool")

@@ -1,0 +1,67 @@
+"""Hot reload: swap in a new policy between messages, keep the old one on any error.
+
+The relay (app.py) calls ``reload_policy`` on SIGHUP; ``relay policy reload`` sends that
+SIGHUP to the pid in the relay's pid file. Sessions in flight hold the Decider they
+captured when their transaction started, so they finish under the old policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+from relay.errors import PolicyError
+from relay.facts.base import FactRegistry
+from relay.pipeline import DeciderHolder, Observer
+from relay.policy.loader import load_policy
+
+log = logging.getLogger("relay.policy")
+
+
+def reload_policy(
+    holder: DeciderHolder, path: Path, registry: FactRegistry, observer: Observer
+) -> bool:
+    """Load ``path`` and swap it into ``holder``; on PolicyError log every problem, count
+    the failure and keep the running policy. Returns whether the swap happened."""
+    try:
+        policy = load_policy(path, registry)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("policy reload failed, keeping %s: %s", holder.current.name, problem)
+        observer.policy_reload(False)
+        return False
+    holder.swap(policy)
+    observer.policy_reload(True)
+    log.info(
+        "policy reloaded: name=%s mode=%s rules=%d generation=%d",
+        policy.name,
+        policy.mode.value,
+        len(policy.rules),
+        holder.generation,
+    )
+    return True
+
+
+def read_pid(pidfile: Path) -> int:
+    """The pid written by the running relay; PolicyError if absent or malformed."""
+    try:
+        text = pidfile.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise PolicyError([f"{pidfile}: cannot read pid file: {exc.strerror}"]) from None
+    if not text.isdigit() or int(text) <= 1:
+        raise PolicyError([f"{pidfile}: not a pid: {text[:20]!r}"])
+    return int(text)
+
+
+def signal_reload(pidfile: Path) -> int:
+    """Send SIGHUP to the relay named by ``pidfile``; returns its pid."""
+    pid = read_pid(pidfile)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise PolicyError([f"{pidfile}: no process {pid} (stale pid file?)"]) from None
+    except PermissionError:
+        raise PolicyError([f"{pidfile}: not allowed to signal process {pid}"]) from None
+    return pid

@@ -1,0 +1,343 @@
+"""Quarantine: the exact raw message plus its Verdict and envelope, kept on disk.
+
+Layout under ``[quarantine] path`` (default var/quarantine), one directory per entry:
+
+    <id>/message.eml   the raw bytes exactly as the pipeline handed them over
+    <id>/meta.json     envelope, peer, sha256 of the bytes and the Verdict (to_dict())
+
+An entry is written into ``.tmp/<id>/``, each file fsynced, then renamed into place and
+the directory fsynced, so a crash leaves either a whole entry or none. File I/O runs in a
+thread, never on the event loop. Release re-sends through the normal transport; the entry
+is removed once every recipient has it (recipients the downstream refused stay queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.config import Settings
+from relay.delivery import Transport
+from relay.errors import DeliveryError, QuarantineError
+from relay.message import Envelope, Message, Peer, new_queue_id
+from relay.reply import Reply
+from relay.verdict import Verdict
+
+FORMAT_VERSION = 1
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MESSAGE = "message.eml"
+_META = "meta.json"
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """One quarantined message's metadata (the bytes are read separately)."""
+
+    id: str
+    queue_id: str
+    stored_at: float
+    size: int
+    sha256: str
+    mail_from: str
+    rcpt_to: tuple[str, ...]
+    mail_options: tuple[str, ...]
+    peer_ip: str
+    peer_helo: str | None
+    verdict: dict[str, Any]
+
+    @property
+    def action(self) -> str:
+        return str(self.verdict.get("action", ""))
+
+    @property
+    def score(self) -> float:
+        return float(self.verdict.get("score", 0.0))
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        return tuple(str(r.get("rule", "")) for r in self.verdict.get("rules", []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "queue_id": self.queue_id,
+            "stored_at": self.stored_at,
+            "size": self.size,
+            "sha256": self.sha256,
+            "envelope": {
+                "mail_from": self.mail_from,
+                "rcpt_to": list(self.rcpt_to),
+                "mail_options": list(self.mail_options),
+            },
+            "peer": {"ip": self.peer_ip, "helo": self.peer_helo},
+            "verdict": self.verdict,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResult:
+    id: str
+    recipients: tuple[tuple[str, Reply], ...]  # each recipient and the downstream's answer
+    reply: Reply | None  # the answer to the message data; None when no recipient was taken
+    removed: bool  # the entry is gone (every recipient has the message)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _entry_from(meta: dict[str, Any]) -> QuarantineEntry:
+    env = meta["envelope"]
+    peer = meta.get("peer", {})
+    return QuarantineEntry(
+        id=str(meta["id"]),
+        queue_id=str(meta.get("queue_id", "")),
+        stored_at=float(meta["stored_at"]),
+        size=int(meta["size"]),
+        sha256=str(meta["sha256"]),
+        mail_from=str(env["mail_from"]),
+        rcpt_to=tuple(str(r) for r in env["rcpt_to"]),
+        mail_options=tuple(str(o) for o in env.get("mail_options", [])),
+        peer_ip=str(peer.get("ip", "")),
+        peer_helo=peer.get("helo"),
+        verdict=dict(meta.get("verdict", {})),
+    )
+
+
+class QuarantineStore:
+    """Implements pipeline.QuarantineStore plus list/show/release/delete."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # --- blocking parts (run in a thread) ------------------------------------------------
+
+    def _ensure_root(self) -> None:
+        (self.root / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _entry_dir(self, qid: str) -> Path:
+        if not _ID.match(qid):
+            raise QuarantineError(f"invalid quarantine id {qid!r}")
+        return self.root / qid
+
+    def _put_sync(self, message: Message, verdict: Verdict) -> str:
+        self._ensure_root()
+        qid = new_queue_id()
+        meta = {
+            "version": FORMAT_VERSION,
+            "id": qid,
+            "queue_id": message.queue_id,
+            "stored_at": time.time(),
+            "received_at": message.received_at,
+            "size": message.size,
+            "sha256": hashlib.sha256(message.raw).hexdigest(),
+            "envelope": {
+                "mail_from": message.envelope.mail_from,
+                "rcpt_to": list(message.envelope.rcpt_to),
+                "mail_options": list(message.envelope.mail_options),
+                "smtputf8": message.envelope.smtputf8,
+            },
+            "peer": {
+                "ip": message.peer.ip,
+                "port": message.peer.port,
+                "helo": message.peer.helo,
+                "tls_version": message.peer.tls_version,
+            },
+            "verdict": verdict.to_dict(),
+        }
+        tmp = self.root / ".tmp" / qid
+        tmp.mkdir(mode=0o700)
+        try:
+            _write_file(tmp / _MESSAGE, message.raw)
+            _write_file(tmp / _META, json.dumps(meta, indent=1).encode())
+            _fsync_dir(tmp)
+            tmp.rename(self.root / qid)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        return qid
+
+    def _read_meta(self, qid: str) -> dict[str, Any]:
+        path = self._entry_dir(qid) / _META
+        try:
+            meta = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise QuarantineError(f"no quarantined message {qid!r}") from None
+        except (OSError, ValueError) as exc:
+            raise QuarantineError(f"quarantine entry {qid!r} is unreadable: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("id") != qid:
+            raise QuarantineError(f"quarantine entry {qid!r} has invalid metadata")
+        return meta
+
+    def _show_sync(self, qid: str) -> tuple[QuarantineEntry, bytes]:
+        meta = self._read_meta(qid)
+        try:
+            entry = _entry_from(meta)
+            raw = (self._entry_dir(qid) / _MESSAGE).read_bytes()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QuarantineError(f"quarantine entry {qid!r} has invalid metadata: {exc}") from None
+        except OSError as exc:
+            raise QuarantineError(f"quarantine entry {qid!r} is unreadable: {exc}") from None
+        if hashlib.sha256(raw).hexdigest() != entry.sha256:
+            raise QuarantineError(f"quarantine entry {qid!r} was modified (sha256 mismatch)")
+        return entry, raw
+
+    def _list_sync(self) -> list[QuarantineEntry]:
+        if not self.root.is_dir():
+            return []
+        entries: list[QuarantineEntry] = []
+        for child in self.root.iterdir():
+            if child.name.startswith(".") or not _ID.match(child.name):
+                continue
+            try:
+                entries.append(_entry_from(self._read_meta(child.name)))
+            except (QuarantineError, KeyError, TypeError, ValueError):
+                continue  # a damaged entry must not hide the others; `show` names its problem
+        return sorted(entries, key=lambda e: (e.stored_at, e.id))
+
+    def _delete_sync(self, qid: str) -> None:
+        path = self._entry_dir(qid)
+        if not (path / _META).exists():
+            raise QuarantineError(f"no quarantined message {qid!r}")
+        # Rename first so a half-deleted entry never looks like a whole one.
+        trash = self.root / ".tmp" / f"del-{qid}"
+        self._ensure_root()
+        path.rename(trash)
+        shutil.rmtree(trash)
+        _fsync_dir(self.root)
+
+    def _keep_only_sync(self, qid: str, recipients: tuple[str, ...]) -> None:
+        """Rewrite an entry's recipients (after a partial release) atomically."""
+        meta = self._read_meta(qid)
+        meta["envelope"]["rcpt_to"] = list(recipients)
+        path = self._entry_dir(qid)
+        tmp = path / f"{_META}.tmp"
+        tmp.unlink(missing_ok=True)
+        _write_file(tmp, json.dumps(meta, indent=1).encode())
+        tmp.replace(path / _META)
+        _fsync_dir(path)
+
+    # --- async API -----------------------------------------------------------------------
+
+    async def put(self, message: Message, verdict: Verdict) -> str:
+        try:
+            return await asyncio.to_thread(self._put_sync, message, verdict)
+        except OSError as exc:
+            raise QuarantineError(f"cannot store in quarantine: {exc.strerror}") from exc
+
+    async def list(self) -> list[QuarantineEntry]:
+        return await asyncio.to_thread(self._list_sync)
+
+    async def show(self, qid: str) -> tuple[QuarantineEntry, bytes]:
+        return await asyncio.to_thread(self._show_sync, qid)
+
+    async def delete(self, qid: str) -> None:
+        await asyncio.to_thread(self._delete_sync, qid)
+
+    async def release(self, qid: str, transport: Transport) -> ReleaseResult:
+        """Deliver an entry through ``transport``; remove it once every recipient has it."""
+        entry, raw = await self.show(qid)
+        message = Message(
+            raw=raw,
+            envelope=Envelope(entry.mail_from, entry.rcpt_to, entry.mail_options),
+            peer=Peer(ip=entry.peer_ip, helo=entry.peer_helo),
+            queue_id=entry.queue_id or qid,
+        )
+        options = [o for o in entry.mail_options if o.upper().split("=", 1)[0] in ("SIZE", "BODY")]
+        transaction = await transport.begin(entry.mail_from, options)
+        answers: list[tuple[str, Reply]] = []
+        for rcpt in entry.rcpt_to:
+            answers.append((rcpt, await transaction.add_recipient(rcpt)))
+        refused = tuple(r for r, reply in answers if not reply.ok)
+        if len(refused) == len(answers):
+            await transaction.abort()
+            return ReleaseResult(qid, tuple(answers), None, False)
+        try:
+            reply = await transaction.send(message)
+        except DeliveryError as exc:
+            return ReleaseResult(qid, tuple(answers), Reply(exc.code, exc.status, exc.text), False)
+        if refused:
+            await asyncio.to_thread(self._keep_only_sync, qid, refused)
+            return ReleaseResult(qid, tuple(answers), reply, False)
+        await self.delete(qid)
+        return ReleaseResult(qid, tuple(answers), reply, True)
+
+
+# --- `relay quarantine` ----------------------------------------------------------------
+
+
+async def _command(settings: Settings, command: str, qid: str, as_json: bool, raw: bool) -> int:
+    store = QuarantineStore(settings.quarantine.path)
+    out = sys.stdout
+    if command == "list":
+        entries = await store.list()
+        for e in entries:
+            if as_json:
+                out.write(json.dumps(e.to_dict()) + "\n")
+            else:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.stored_at))
+                rules = ",".join(e.rules) or "-"
+                out.write(
+                    f"{e.id}  {stamp}  {e.action:<10} {e.score:6.2f}  {e.size:>8}B  "
+                    f"from=<{e.mail_from}> rcpts={len(e.rcpt_to)} rules={rules}\n"
+                )
+        if not as_json:
+            out.write(f"{len(entries)} message(s) in {settings.quarantine.path}\n")
+        return 0
+    if command == "show":
+        entry, data = await store.show(qid)
+        if raw:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            out.write(json.dumps(entry.to_dict(), indent=2) + "\n")
+        return 0
+    if command == "delete":
+        await store.delete(qid)
+        out.write(f"deleted {qid}\n")
+        return 0
+    if command == "release":
+        from relay.app import build_transport
+
+        transport = build_transport(settings)
+        try:
+            result = await store.release(qid, transport)
+        finally:
+            await transport.close()
+        for rcpt, reply in result.recipients:
+            out.write(f"{rcpt}: {reply.line}\n")
+        if result.reply is not None:
+            out.write(f"data: {result.reply.line}\n")
+        out.write("released and removed\n" if result.removed else "kept in quarantine\n")
+        return 0 if result.reply is not None and result.reply.ok else 1
+    raise QuarantineError(f"unknown quarantine command {command!r}")
+
+
+def run_command(settings: Settings, command: str, qid: str, *, as_json: bool, raw: bool) -> int:
+    """Entry point of `relay quarantine list|show|release|delete`."""
+    return asyncio.run(_command(settings, command, qid, as_json, raw))
