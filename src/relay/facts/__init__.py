@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from relay.facts import connection, envelope
+from relay.facts import auth, connection, envelope
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 
 FAMILIES = (
     connection.FACTS,
     envelope.FACTS,
+    auth.FACTS,
 )
 
 

@@ -1,0 +1,111 @@
+"""Authenticator: DKIM, SPF, DMARC and ARC for one message, without blocking the loop.
+
+Order of work, all DNS through the one shared resolver:
+1. scan the header block (in a thread): key names to fetch, the From domain;
+2. at once: fetch every DKIM/ARC key, run SPF (pyspf in a thread, DNS bridged back to the
+   loop), discover the DMARC record;
+3. verify signatures in the crypto executor (threads by default, or a process pool) with
+   only the prefetched keys;
+4. evaluate DMARC alignment from the results.
+A DNS failure turns into temperror for the check that needed it; nothing here raises for
+bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+from relay.auth import dmarc
+from relay.auth.domains import OrgDomains
+from relay.auth.results import AuthResults
+from relay.auth.scan import HeaderScan, scan_headers
+from relay.auth.spf import check_spf
+from relay.auth.verify import TEMPERROR, verify_message
+from relay.dns import DnsTemporaryError, Resolver
+from relay.message import Message
+
+MAX_SIGNATURES = 10  # DKIM-Signature fields verified per message; the rest are listed
+
+
+class Authenticator:
+    """Long-lived service (one per relay process); register ``close`` on the lifespan."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        executor: Executor | None = None,
+        io_threads: int = 16,
+        max_signatures: int = MAX_SIGNATURES,
+    ) -> None:
+        self.resolver = resolver
+        self.max_signatures = max_signatures
+        self.orgs = OrgDomains()
+        # SPF waits on DNS in its thread; header scans are short: both in the I/O pool.
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="relay-auth-io")
+        self._owns_crypto = executor is None
+        self._crypto: Executor = executor or ThreadPoolExecutor(
+            2, thread_name_prefix="relay-auth-crypto"
+        )
+
+    async def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+        if self._owns_crypto:
+            self._crypto.shutdown(wait=False, cancel_futures=True)
+
+    async def check(self, message: Message) -> AuthResults:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        scan = await loop.run_in_executor(
+            self._io, scan_headers, message.header_block, self.max_signatures
+        )
+        keys, (spf_result, helo_result), found = await asyncio.gather(
+            self._fetch_keys(scan),
+            check_spf(
+                self.resolver,
+                self._io,
+                message.peer.ip,
+                message.envelope.mail_from,
+                message.peer.helo or "",
+            ),
+            dmarc.discover(self.resolver, self.orgs, scan.from_domain, scan.from_error),
+        )
+        dkim_results, arc_result = await loop.run_in_executor(
+            self._crypto,
+            verify_message,
+            message.raw,
+            keys,
+            self.max_signatures,
+            scan.arc_present,
+        )
+        dmarc_result = dmarc.evaluate(
+            found, self.orgs, dkim_results, spf_result, message.raw[:65536]
+        )
+        return AuthResults(
+            dkim=dkim_results,
+            spf=spf_result,
+            spf_helo=helo_result,
+            dmarc=dmarc_result,
+            arc=arc_result,
+            from_domain=scan.from_domain,
+            client_ip=message.peer.ip,
+            seconds=time.perf_counter() - start,
+        )
+
+    async def _fetch_keys(self, scan: HeaderScan) -> dict[bytes, bytes | None]:
+        names = list(dict.fromkeys(scan.dkim_keys + scan.arc_keys))
+        records = await asyncio.gather(*(self._key(n) for n in names))
+        return dict(zip(names, records, strict=True))
+
+    async def _key(self, name: bytes) -> bytes | None:
+        try:
+            records = await self.resolver.txt(name.decode("ascii"))
+        except DnsTemporaryError:
+            return TEMPERROR
+        # RFC 6376 3.6.2.2: several records at one name: take the first that is a key.
+        for record in records:
+            if b"p=" in record:
+                return record
+        return records[0] if records else None

@@ -1,0 +1,126 @@
+"""A cheap pass over the header block: what must be looked up before any crypto runs.
+
+It finds the DKIM, ARC-Seal and ARC-Message-Signature key names to prefetch and the
+RFC5322.From domain (for DMARC). Nothing here raises on bad input: a header that cannot
+be read simply yields no key name, and the verifier reports the permerror later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email import policy as email_policy
+from email.headerregistry import AddressHeader
+
+from dkim.util import parse_tag_value
+
+from relay.auth.domains import normalise_domain
+
+MAX_SIGNATURE_FIELD = 16 * 1024  # a DKIM-Signature larger than this is refused unread
+MAX_ARC_INSTANCES = 50  # RFC 8617 5.1.1.1: i= is at most 50
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderScan:
+    dkim_keys: tuple[bytes, ...]  # key names (as dkimpy builds them) of the verified sigs
+    arc_keys: tuple[bytes, ...]
+    dkim_total: int
+    arc_present: bool
+    from_domain: str
+    from_error: str  # why DMARC cannot use the From header ("" when it can)
+
+
+def unfold_fields(header_block: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-cased name, value with folding) for each header field of the block."""
+    fields: list[list[bytes]] = []
+    for line in header_block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue  # not a header field (the blank separator line, or garbage)
+        fields.append([name.strip().lower(), value])
+    return [(name, value) for name, value in fields]
+
+
+def key_name(tags: dict[bytes, bytes]) -> bytes | None:
+    """``s._domainkey.d.`` exactly as dkimpy asks for it, or None when unusable."""
+    selector, domain = tags.get(b"s"), tags.get(b"d")
+    if not selector or not domain:
+        return None
+    try:
+        selector.decode("ascii")
+        domain.decode("ascii")
+    except UnicodeDecodeError:
+        return None  # non-ASCII d=/s=: reported as permerror by the verifier
+    return selector + b"._domainkey." + domain + b"."
+
+
+def _tags(value: bytes) -> dict[bytes, bytes] | None:
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(b" ".join(value.split()))
+    except Exception:  # any malformed tag list: no key to fetch
+        return None
+    return tags
+
+
+def from_domain(values: list[bytes]) -> tuple[str, str]:
+    """(domain, error) of the RFC5322.From field per RFC 7489 6.6.1."""
+    if not values:
+        return "", "no From header field"
+    if len(values) > 1:
+        return "", "more than one From header field"
+    text = values[0].decode("utf-8", "surrogateescape")
+    try:
+        header = email_policy.default.header_factory("from", text.strip())
+        assert isinstance(header, AddressHeader)
+        raw_domains = [a.domain for a in header.addresses]
+    except Exception:  # the stdlib parser's errors vary by input
+        return "", "From header field cannot be parsed"
+    try:
+        domains = {normalise_domain(d) for d in raw_domains}
+    except ValueError:
+        return "", "From domain is not a valid domain name"
+    domains.discard("")
+    if not domains:
+        return "", "From header field has no domain"
+    if len(domains) > 1:
+        return "", "From header field names more than one domain"
+    return domains.pop(), ""
+
+
+def scan_headers(header_block: bytes, max_signatures: int) -> HeaderScan:
+    fields = unfold_fields(header_block)
+    dkim_keys: list[bytes] = []
+    arc_keys: list[bytes] = []
+    dkim_total = 0
+    arc_sets = 0
+    from_values: list[bytes] = []
+    for name, value in fields:
+        if name == b"dkim-signature":
+            dkim_total += 1
+            if dkim_total > max_signatures or len(value) > MAX_SIGNATURE_FIELD:
+                continue
+            tags = _tags(value)
+            key = key_name(tags) if tags else None
+            if key and key not in dkim_keys:
+                dkim_keys.append(key)
+        elif name in (b"arc-seal", b"arc-message-signature"):
+            arc_sets += 1
+            if arc_sets > 2 * MAX_ARC_INSTANCES or len(value) > MAX_SIGNATURE_FIELD:
+                continue
+            tags = _tags(value)
+            key = key_name(tags) if tags else None
+            if key and key not in arc_keys:
+                arc_keys.append(key)
+        elif name == b"from":
+            from_values.append(value)
+    domain, error = from_domain(from_values)
+    return HeaderScan(
+        dkim_keys=tuple(dkim_keys),
+        arc_keys=tuple(arc_keys),
+        dkim_total=dkim_total,
+        arc_present=arc_sets > 0,
+        from_domain=domain,
+        from_error=error,
+    )

@@ -1,0 +1,284 @@
+"""DKIM and ARC verification with dkimpy: synchronous, CPU-bound, never touches the network.
+
+``verify_message`` runs in a worker thread or process. Its key records were fetched by the
+async resolver beforehand; the ``dnsfunc`` handed to dkimpy only reads that mapping, so a
+signature whose key was not prefetched simply has no key.
+
+What dkimpy does not give and is wrapped here:
+- ``dkim.verify()`` answers only True/False for the first signature. We call its
+  per-step methods (``verify_headerprep``, ``evaluate_pk``, ``verify_sig_process``) per
+  signature so each gets a result word (pass/fail/temperror/permerror) and a reason.
+- revoked keys (empty p=), key-type vs a= mismatch and the key's h= hash list are
+  checked here before the signature maths.
+- rsa-sha1 verifies (RFC 8301 calls it historic): reported as ``weak``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import re
+from collections.abc import Mapping
+
+import dkim
+from dkim.util import parse_tag_value
+
+from relay.auth.results import ArcResult, DkimResults, DkimSignatureResult
+from relay.auth.scan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD
+
+MIN_KEY_BITS = 1024  # RFC 8301 3.2: smaller RSA keys MUST NOT be considered valid
+
+# A key record looked up ahead: the TXT value, None (no record) or TEMPERROR.
+TEMPERROR = b"\x00temperror"
+KeyRecords = Mapping[bytes, bytes | None]
+
+_HAS_SIGNATURE = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+_quiet = logging.getLogger("relay.auth.dkimpy")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False  # dkimpy logs every failure at error level, with header text
+
+
+def _text(value: bytes | None) -> str:
+    return "" if value is None else value.decode("ascii", "replace")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    # dkimpy quotes the offending value (b= blobs, whole keys): keep operators' logs short.
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _int_tag(tags: Mapping[bytes, bytes], name: bytes) -> int | None:
+    value = tags.get(name)
+    return int(value) if value is not None and value.isdigit() and len(value) < 20 else None
+
+
+def _describe(index: int, tags: Mapping[bytes, bytes]) -> dict[str, object]:
+    """The fields of a result that come from the signature's tags alone."""
+    b_value = re.sub(rb"\s+", b"", tags.get(b"b", b""))
+    return {
+        "index": index,
+        "domain": _text(tags.get(b"d")).lower(),
+        "selector": _text(tags.get(b"s")),
+        "algorithm": _text(tags.get(b"a")).lower(),
+        "canonicalization": _text(tags.get(b"c", b"simple/simple")).lower(),
+        "identity": _text(tags.get(b"i")),
+        "headers": tuple(h.strip().lower() for h in _text(tags.get(b"h")).split(":") if h.strip()),
+        "body_length": _int_tag(tags, b"l"),
+        "signed_at": _int_tag(tags, b"t"),
+        "expires": _int_tag(tags, b"x"),
+        "b_prefix": _text(b_value[:12]),
+    }
+
+
+def _result(
+    info: dict[str, object], result: str, reason: str, **extra: object
+) -> DkimSignatureResult:
+    return DkimSignatureResult(result=result, reason=reason, **{**info, **extra})  # type: ignore[arg-type]
+
+
+def _classify_validation(exc: dkim.ValidationError) -> tuple[str, str]:
+    text = str(exc)
+    if text.startswith("x= value is past"):
+        return "fail", "signature expired (x= is past)"
+    if text.startswith("t= value is in the future"):
+        return "fail", "signature timestamp in the future (t=)"
+    if text.startswith("body hash mismatch"):
+        return "fail", "body hash mismatch"
+    return "permerror", _reason(exc)
+
+
+def _check_key(record: bytes, algorithm: bytes) -> str:
+    """Problems dkimpy does not check in a key record; "" when fine."""
+    try:
+        key = parse_tag_value(record)
+    except Exception:  # malformed key record
+        return "malformed key record"
+    if key.get(b"p", None) == b"":
+        return "key revoked (empty p=)"
+    ktype = key.get(b"k", b"rsa")
+    if not algorithm.startswith(ktype + b"-"):
+        return f"key type {_text(ktype)} does not match a={_text(algorithm)}"
+    hashes = key.get(b"h")
+    if hashes is not None:
+        allowed = {h.strip() for h in hashes.split(b":")}
+        if algorithm.split(b"-", 1)[-1] not in allowed:
+            return f"key does not allow {_text(algorithm)} (h={_text(hashes)})"
+    return ""
+
+
+def _verify_one(
+    verifier: dkim.DKIM, index: int, field: bytes, keys: KeyRecords
+) -> DkimSignatureResult:
+    info: dict[str, object] = {"index": index}
+    if len(field) > MAX_SIGNATURE_FIELD:
+        return _result(
+            info, "permerror", f"signature field larger than {MAX_SIGNATURE_FIELD} bytes"
+        )
+    try:
+        tags = parse_tag_value(field)
+    except dkim.util.DuplicateTag as exc:
+        return _result(
+            info, "permerror", f"duplicate tag {_text(exc.args[0] if exc.args else b'')}"
+        )
+    except dkim.util.InvalidTagValueList as exc:
+        return _result(info, "permerror", f"malformed tag list: {_reason(exc)}")
+    info = _describe(index, tags)
+    try:
+        prep = verifier.verify_headerprep(index)
+    except dkim.ValidationError as exc:
+        result, reason = _classify_validation(exc)
+        return _result(info, result, reason)
+    except dkim.DKIMException as exc:
+        return _result(info, "permerror", _reason(exc))
+    if not prep:
+        return _result(info, "permerror", "signature not found")
+    sig, include_headers, sigheaders = prep
+    name = _key_name(sig)
+    if name is None:
+        return _result(info, "permerror", "d= or s= is not an ASCII domain name")
+    record = keys.get(name)
+    if record == TEMPERROR:
+        return _result(info, "temperror", "key lookup timed out or failed")
+    if not record:
+        return _result(info, "permerror", "no key for signature")
+    problem = _check_key(record, sig[b"a"])
+    if problem:
+        return _result(info, "permerror", problem)
+    try:
+        pk, bits, ktype, tlsrpt = dkim.evaluate_pk(name, record)
+    except (dkim.DKIMException, binascii.Error, ValueError) as exc:
+        return _result(info, "permerror", f"bad key record: {_reason(exc)}")
+    if pk is None:
+        return _result(info, "permerror", "key not for email (s= service type)")
+    verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = pk, bits, ktype, tlsrpt
+    try:
+        ok = verifier.verify_sig_process(sig, include_headers, sigheaders[index], None)
+    except dkim.ValidationError as exc:
+        result, reason = _classify_validation(exc)
+        return _result(info, result, reason, key_bits=bits)
+    except dkim.KeyFormatError as exc:
+        if str(exc).startswith("public key too small"):
+            return _result(info, "permerror", f"key too short ({bits} bits)", key_bits=bits)
+        return _result(info, "permerror", _reason(exc), key_bits=bits)
+    except dkim.DKIMException as exc:
+        return _result(info, "permerror", _reason(exc), key_bits=bits)
+    if not ok:
+        return _result(info, "fail", "signature did not verify", key_bits=bits)
+    weak = sig[b"a"] == b"rsa-sha1"
+    return _result(
+        info,
+        "pass",
+        "rsa-sha1 is historic (RFC 8301)" if weak else "",
+        key_bits=bits,
+        weak=weak,
+    )
+
+
+def _key_name(tags: Mapping[bytes, bytes]) -> bytes | None:
+    selector, domain = tags.get(b"s", b""), tags.get(b"d", b"")
+    try:
+        selector.decode("ascii")
+        domain.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return selector + b"._domainkey." + domain + b"."
+
+
+def verify_dkim(raw: bytes, keys: KeyRecords, limit: int) -> DkimResults:
+    """Verify the first ``limit`` DKIM-Signature fields; list the rest as not verified."""
+    try:
+        verifier = dkim.DKIM(raw, logger=_quiet, minkey=MIN_KEY_BITS)
+    except dkim.DKIMException:
+        if not _HAS_SIGNATURE.search(raw.split(b"\r\n\r\n", 1)[0]):
+            return DkimResults(limit=limit)
+        # dkimpy's error quotes the offending header line: keep addresses out of the result.
+        unparsable = DkimSignatureResult(0, "permerror", "message header block unparsable")
+        return DkimResults(signatures=(unparsable,), total=1, limit=limit)
+    fields = [(n, v) for n, v in verifier.headers if n.lower() == b"dkim-signature"]
+    results: list[DkimSignatureResult] = []
+    for index, (_name, value) in enumerate(fields):
+        if index >= limit:
+            results.append(
+                DkimSignatureResult(
+                    index, "permerror", f"not verified: more than {limit} signatures"
+                )
+            )
+            continue
+        try:
+            results.append(_verify_one(verifier, index, value, keys))
+        except Exception as exc:  # dkimpy on hostile input must not stop mail
+            results.append(
+                DkimSignatureResult(index, "permerror", f"unverifiable: {type(exc).__name__}")
+            )
+    note = ""
+    if len(fields) > limit:
+        note = f"only the first {limit} of {len(fields)} signatures were verified"
+    return DkimResults(signatures=tuple(results), total=len(fields), limit=limit, note=note)
+
+
+_AMS_NO_SPACE = re.compile(rb"^(arc-message-signature:)(?=[^ \t])", re.IGNORECASE | re.MULTILINE)
+
+
+def _arc_ready(raw: bytes) -> bytes:
+    """dkimpy finds an AMS by looking for " i=N;" and fails (IndexError) on the valid
+    ``ARC-Message-Signature:i=1;``. ARC signs header fields with relaxed canonicalization,
+    which drops the space after the colon, so adding it changes no hash."""
+    end = raw.find(b"\r\n\r\n")
+    head, rest = (raw, b"") if end < 0 else (raw[: end + 2], raw[end + 2 :])
+    return _AMS_NO_SPACE.sub(rb"\1 ", head) + rest
+
+
+def verify_arc(raw: bytes, keys: KeyRecords) -> ArcResult:
+    """Validate the ARC chain with dkimpy's ``ARC.verify`` and report cv= and oldest-pass."""
+    asked_temp: list[bytes] = []
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        record = keys.get(name)
+        if record == TEMPERROR:
+            asked_temp.append(name)
+            raise dkim.DnsTimeoutError(f"lookup of {_text(name)} failed")
+        return record or b""
+
+    try:
+        arc = dkim.ARC(_arc_ready(raw), logger=_quiet, minkey=MIN_KEY_BITS)
+        instances, _headers = arc.sorted_arc_headers()
+        if instances == 0:
+            return ArcResult("none", reason="message is not ARC signed")
+        if instances > MAX_ARC_INSTANCES:
+            return ArcResult("fail", instances, reason=f"more than {MAX_ARC_INSTANCES} ARC sets")
+        cv, data, reason = arc.verify(dnsfunc=dnsfunc)
+    except dkim.DKIMException as exc:
+        return ArcResult("fail", reason=_reason(exc))
+    except Exception as exc:  # hostile ARC headers must not stop mail
+        return ArcResult("fail", reason=f"unverifiable: {type(exc).__name__}")
+    result = {dkim.CV_Pass: "pass", dkim.CV_None: "none"}.get(cv, "fail")
+    if result != "pass" and asked_temp:
+        result, reason = "temperror", "ARC key lookup timed out or failed"
+    # oldest-pass: the oldest instance of an unbroken run of validating AMSs from the
+    # newest down; 0 when every AMS validates (RFC 8617 5.2).
+    oldest: int | None = None
+    for item in data:  # newest first
+        if not item.get("ams-valid"):
+            break
+        oldest = int(item["instance"])
+    if oldest == 1:
+        oldest = 0
+    domains = tuple(_text(item.get("as-domain")).lower() for item in data)
+    return ArcResult(
+        result=result,
+        instances=instances,
+        oldest_pass=oldest if result == "pass" else None,
+        domains=domains,
+        reason=_reason(Exception(reason)) if reason != "success" else "",
+    )
+
+
+def verify_message(
+    raw: bytes, keys: KeyRecords, limit: int, arc: bool
+) -> tuple[DkimResults, ArcResult]:
+    """DKIM then (when ARC headers are present) ARC; picklable for a process pool."""
+    dkim_results = verify_dkim(raw, keys, limit)
+    arc_result = verify_arc(raw, keys) if arc else ArcResult("none")
+    return dkim_results, arc_result

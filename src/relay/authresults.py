@@ -1,0 +1,214 @@
+"""The Authentication-Results header (RFC 8601): one per message, under our authserv-id.
+
+``AuthResultsStamp`` is a pipeline Stamp. It drops every incoming Authentication-Results
+field that claims our authserv-id (RFC 8601 5: senders must not be able to forge our
+verdicts), then prepends one field built from the ``auth_results`` fact. The raw bytes
+are never re-serialised, so downstream DKIM still verifies.
+
+    Authentication-Results: mx.example.org;
+        dkim=pass header.d=example.com header.s=sel header.a=rsa-sha256 header.b="AbCdEfGh";
+        spf=pass smtp.mailfrom=alice@example.com;
+        dmarc=pass (p=reject sp=reject pct=100) header.from=example.com;
+        arc=none
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from relay.errors import FactError
+from relay.facts.base import Facts
+from relay.message import Message
+from relay.verdict import Verdict
+
+log = logging.getLogger("relay.auth")
+
+HEADER = "Authentication-Results"
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+$")  # RFC 2045 token
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*$")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def _quoted(text: str) -> str:
+    text = _UNSAFE.sub("?", text)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def value(text: str) -> str:
+    """A pvalue: a token as is, anything else as a quoted-string; printable ASCII only."""
+    return text if _TOKEN.match(text) else _quoted(text)
+
+
+def address(text: str) -> str:
+    """``local@domain`` unquoted when it is a plain dot-atom address (RFC 8601 2.2 pvalue)."""
+    local, at, domain = text.rpartition("@")
+    if at and (not local or _DOT_ATOM.match(local)) and _TOKEN.match(domain):
+        return text
+    return value(text)
+
+
+def _comment(text: str) -> str:
+    text = _UNSAFE.sub("?", text)
+    return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
+
+
+def _resinfo(method: str, result: str, reason: str = "", *props: tuple[str, str]) -> str:
+    parts = [f"{method}={result}"]
+    if reason:
+        parts.append(f"reason={_quoted(reason)}")
+    parts += [f"{name}={val}" for name, val in props if val]
+    return " ".join(parts)
+
+
+def _dkim(dkim: Mapping[str, Any]) -> list[str]:
+    sigs: Sequence[Mapping[str, Any]] = dkim.get("signatures", [])
+    if not sigs:
+        return ["dkim=none"]
+    out: list[str] = []
+    for sig in sigs[: int(dkim.get("limit", 10))]:
+        bits = sig.get("key_bits")
+        note = f" {_comment(f'{bits}-bit key')}" if sig.get("result") == "pass" and bits else ""
+        out.append(
+            _resinfo(
+                "dkim",
+                str(sig.get("result", "permerror")) + note,
+                str(sig.get("reason", "")),
+                ("header.d", value(sig["domain"]) if sig.get("domain") else ""),
+                ("header.i", address(sig["identity"]) if sig.get("identity") else ""),
+                ("header.s", value(sig["selector"]) if sig.get("selector") else ""),
+                ("header.a", value(sig["algorithm"]) if sig.get("algorithm") else ""),
+                ("header.b", value(sig["b_prefix"][:8]) if sig.get("b_prefix") else ""),
+            )
+        )
+    if dkim.get("note"):
+        out.append(_resinfo("dkim", "permerror", str(dkim["note"])))
+    return out
+
+
+def _spf(spf: Mapping[str, Any], helo: Mapping[str, Any]) -> list[str]:
+    out = [
+        _resinfo(
+            "spf",
+            str(spf.get("result", "none")),
+            str(spf.get("reason", "")),
+            ("smtp.mailfrom", address(spf["sender"]) if spf.get("sender") else ""),
+        )
+    ]
+    if helo.get("domain"):
+        out.append(
+            _resinfo(
+                "spf",
+                str(helo.get("result", "none")),
+                str(helo.get("reason", "")),
+                ("smtp.helo", value(helo["domain"])),
+            )
+        )
+    return out
+
+
+def _dmarc(dmarc: Mapping[str, Any]) -> str:
+    result = str(dmarc.get("result", "none"))
+    if dmarc.get("record_domain"):
+        # The published policy only: what is done about it is the relay policy's business.
+        result += " " + _comment(
+            f"p={dmarc.get('p', '')} sp={dmarc.get('sp', '')} pct={dmarc.get('pct', 100)}"
+        )
+    reason = "" if dmarc.get("result") in ("pass", "fail") else str(dmarc.get("reason", ""))
+    domain = str(dmarc.get("from_domain", ""))
+    return _resinfo("dmarc", result, reason, ("header.from", value(domain) if domain else ""))
+
+
+def _arc(arc: Mapping[str, Any], client_ip: str) -> str:
+    oldest = arc.get("oldest_pass")
+    return _resinfo(
+        "arc",
+        str(arc.get("result", "none")),
+        "" if arc.get("result") in ("pass", "none") else str(arc.get("reason", "")),
+        ("header.oldest-pass", str(oldest) if oldest is not None else ""),
+        ("smtp.remote-ip", value(client_ip) if arc.get("instances") and client_ip else ""),
+    )
+
+
+def format_value(authserv_id: str, results: Mapping[str, Any]) -> str:
+    """The header value (folded with CRLF + TAB) from the ``auth_results`` mapping."""
+    parts = [
+        *_dkim(results.get("dkim", {})),
+        *_spf(results.get("spf", {}), results.get("spf_helo", {})),
+        _dmarc(results.get("dmarc", {})),
+        _arc(results.get("arc", {}), str(results.get("client_ip", ""))),
+    ]
+    return value(authserv_id) + ";\r\n\t" + ";\r\n\t".join(parts)
+
+
+def failure_value(authserv_id: str, reason: str) -> str:
+    """When the checks themselves failed: say so rather than claim ``none``."""
+    info = _quoted(reason[:120])
+    return (
+        value(authserv_id)
+        + ";\r\n\t"
+        + ";\r\n\t".join(f"{m}=temperror reason={info}" for m in ("dkim", "spf", "dmarc"))
+    )
+
+
+def _skip_cfws(text: str, i: int) -> int:
+    while i < len(text):
+        if text[i] in " \t\r\n":
+            i += 1
+        elif text[i] == "(":
+            depth = 0
+            while i < len(text):
+                if text[i] == "\\":
+                    i += 2
+                    continue
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+                if depth == 0:
+                    break
+        else:
+            break
+    return i
+
+
+def authserv_id_of(field: bytes) -> str:
+    """The authserv-id an Authentication-Results field claims (lower-cased), or ""."""
+    text = field.decode("utf-8", "replace")
+    _name, _, rest = text.partition(":")
+    i = _skip_cfws(rest, 0)
+    if i < len(rest) and rest[i] == '"':
+        out: list[str] = []
+        i += 1
+        while i < len(rest) and rest[i] != '"':
+            if rest[i] == "\\" and i + 1 < len(rest):
+                i += 1
+            out.append(rest[i])
+            i += 1
+        return "".join(out).strip().lower()
+    match = re.match(r"[^\s;()\"]+", rest[i:])
+    return match.group(0).lower() if match else ""
+
+
+class AuthResultsStamp:
+    """Pipeline stamp: strip forged Authentication-Results, prepend ours."""
+
+    def __init__(self, authserv_id: str) -> None:
+        if not authserv_id:
+            raise ValueError("authserv_id must not be empty")
+        self.authserv_id = authserv_id
+
+    def forged(self, name: str, field: bytes) -> bool:
+        return name == "authentication-results" and (
+            authserv_id_of(field) == self.authserv_id.lower()
+        )
+
+    async def __call__(self, message: Message, facts: Facts, verdict: Verdict) -> Message:
+        cleaned = message.without_headers(self.forged)
+        try:
+            results = await facts.get("auth_results")
+            header = format_value(self.authserv_id, results)
+        except FactError as exc:
+            log.warning("queue_id=%s authentication failed: %s", message.queue_id, exc)
+            header = failure_value(self.authserv_id, "authentication checks failed")
+        return cleaned.with_prepended([(HEADER, header)])

@@ -1,0 +1,41 @@
+"""An Authenticator wired to a LocalDns server, for authentication tests and benches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+
+from relay.auth.checker import Authenticator
+from relay.config import DnsSettings
+from relay.dns import Resolver
+from relay.message import Envelope, Message, Peer
+from tests.support.dnsserver import LocalDns
+
+
+@contextlib.asynccontextmanager
+async def authenticator(
+    dns: LocalDns, *, timeout: float = 0.5, executor: Executor | None = None
+) -> AsyncIterator[Authenticator]:
+    resolver = Resolver(DnsSettings(nameservers=(("127.0.0.1", dns.port),), timeout=timeout))
+    auth = Authenticator(resolver, executor=executor)
+    try:
+        yield auth
+    finally:
+        await auth.close()
+        await resolver.close()
+
+
+def incoming(
+    raw: bytes,
+    *,
+    mail_from: str = "alice@example.com",
+    ip: str = "192.0.2.10",
+    helo: str = "mail.example.com",
+) -> Message:
+    """A message as the SMTP layer would build it."""
+    return Message(
+        raw=raw,
+        envelope=Envelope(mail_from=mail_from, rcpt_to=("bob@example.org",)),
+        peer=Peer(ip=ip, helo=helo),
+    )
