@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write measured figures to bench/results/ (never timed tests)."""

@@ -1,0 +1,230 @@
+"""Results -> ratios, the pass/fail checks, and bench/results/throughput.md."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bench.scenarios import Comparison
+
+Row = Mapping[str, Any]
+
+
+def _rate(row: Row | None, phase: str) -> float | None:
+    if row is None or "skipped" in row or phase not in row:
+        return None
+    value = row[phase].get("msgs_per_s")
+    return float(value) if value else None
+
+
+def ratios(rows: Sequence[Row], wanted: Sequence[Comparison]) -> list[dict[str, Any]]:
+    by_key = {row["key"]: row for row in rows}
+    out = []
+    for c in wanted:
+        num, den = by_key.get(c.numerator), by_key.get(c.denominator)
+        item: dict[str, Any] = {
+            "title": c.title,
+            "numerator": c.numerator,
+            "denominator": c.denominator,
+            "target": c.target,
+            "asked_by": c.source,
+        }
+        missing = [
+            f"{key}: {row['skipped'] if row and 'skipped' in row else 'not run'}"
+            for key, row in ((c.numerator, num), (c.denominator, den))
+            if _rate(row, "source") is None
+        ]
+        if missing:
+            item["skipped"] = "; ".join(missing)
+            out.append(item)
+            continue
+        for phase in ("source", "client"):
+            a, b = _rate(num, phase), _rate(den, phase)
+            item[f"ratio_{phase}"] = round(a / b, 3) if a is not None and b else None
+        if c.target is not None:
+            item["pass"] = item["ratio_source"] >= c.target
+        out.append(item)
+    return out
+
+
+def session_checks(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Every server held the high-concurrency run: all sessions open, no error, no loss."""
+    out = []
+    for row in rows:
+        high = row.get("client_high")
+        if high is None:
+            continue
+        errors = sum(high["errors"].values())
+        out.append(
+            {
+                "key": row["key"],
+                "sessions": high["sessions"],
+                "peak_open_sessions": high["peak_open_sessions"],
+                "errors": errors,
+                "pass": errors == 0 and high["peak_open_sessions"] == high["sessions"],
+            }
+        )
+    return out
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _verdict(item: Mapping[str, Any]) -> str:
+    if "pass" not in item:
+        return ""
+    return "**pass**" if item["pass"] else "**FAIL**"
+
+
+def summary(results: Mapping[str, Any]) -> str:
+    """The block the README quotes: a few lines with the headline figures and ratios."""
+    meta = results["meta"]
+    rows = {row["key"]: row for row in results["scenarios"]}
+    opts = meta["options"]
+    lines = [
+        f"Throughput on {meta['cores']} cores ({meta['started_utc']}, commit {meta['commit']}): "
+        f"{meta['message_bytes']}-byte DKIM-signed messages, {opts['sessions']} concurrent "
+        f"sessions, smtp-source, median of {opts['rounds']} interleaved rounds.",
+        "",
+        "| path | msgs/s | vs pass-through |",
+        "|---|---:|---:|",
+    ]
+    base = _rate(rows.get("passthrough-pooled"), "source")
+    for row in rows.values():
+        rate = _rate(row, "source")
+        if rate is None:
+            continue
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        lines.append(f"| {row['title']} | {rate:,.0f} | {ratio} |")
+    lines.append("")
+    for item in results["comparisons"]:
+        if item.get("target") is None:
+            continue
+        if "skipped" in item:
+            lines.append(f"- {item['title']}: not measured yet ({item['skipped']})")
+        else:
+            lines.append(
+                f"- {item['title']}: {item['ratio_source']:.2f}x "
+                f"(target >= {item['target']}) {_verdict(item)}"
+            )
+    checks = results.get("checks", [])
+    if checks:
+        held = [c for c in checks if c["key"].startswith("relay")]
+        failed = [c["key"] for c in held if not c["pass"]]
+        sessions = held[0]["sessions"] if held else 0
+        lines.append(
+            f"- {sessions} concurrent sessions held by every relay variant without errors: "
+            + ("**pass**" if held and not failed else f"**FAIL** ({', '.join(failed)})")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    meta = results["meta"]
+    out = [
+        "# Relay throughput",
+        "",
+        "Written by `make bench` (`python -m bench.run`); method in docs/benchmarks.md. "
+        "Compare ratios from one run, not absolute figures across runs.",
+        "",
+        "<!-- summary for README: start -->",
+        summary(results).rstrip(),
+        "<!-- summary for README: end -->",
+        "",
+        "## Throughput (smtp-source, a new connection per message)",
+        "",
+        "| scenario | workers | msgs/s (median) | rounds | server CPU ms/msg | "
+        "server CPU cores | peak RSS MB | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in results["scenarios"]:
+        if "source" not in row:
+            continue
+        s = row["source"]
+        rounds = ", ".join(_fmt(r["msgs_per_s"]) for r in s["rounds"])
+        cores = max(r["server_cpu_cores"] for r in s["rounds"])
+        out.append(
+            f"| {row['key']} | {row.get('smtp_processes', row['workers'])} | "
+            f"{_fmt(float(s['msgs_per_s']))} | {rounds} | {_fmt(s['server_cpu_ms_per_msg'], 2)} "
+            f"| {_fmt(cores, 2)} | {_fmt(s['server_peak_rss_mb'], 1)} | {s['errors']} |"
+        )
+    out += [
+        "",
+        "## Ratios (same run)",
+        "",
+        "| comparison | smtp-source ratio | client ratio | target | result |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for item in results["comparisons"]:
+        target = _fmt(item.get("target"))
+        if "skipped" in item:
+            out.append(f"| {item['title']} | - | - | {target} | skipped: {item['skipped']} |")
+            continue
+        out.append(
+            f"| {item['title']} | {_fmt(item['ratio_source'], 3)} | "
+            f"{_fmt(item['ratio_client'], 3)} | {target} | {_verdict(item)} |"
+        )
+    for label, title in (
+        ("client", "Latency, asyncio client, a new connection per message (connect .. 250)"),
+        ("client_high", "High concurrency, every session open at once (MAIL .. 250)"),
+    ):
+        out += [
+            "",
+            f"## {title}",
+            "",
+            "| scenario | sessions | peak open | msgs/s | p50 ms | p99 ms | max ms | "
+            "server CPU ms/msg | peak RSS MB | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in results["scenarios"]:
+            c = row.get(label)
+            if c is None:
+                continue
+            errors = ", ".join(f"{k}: {v}" for k, v in c["errors"].items()) or "0"
+            out.append(
+                f"| {row['key']} | {c['sessions']} | {c['peak_open_sessions']} | "
+                f"{_fmt(c['msgs_per_s'])} | {_fmt(c['p50_ms'], 1)} | {_fmt(c['p99_ms'], 1)} | "
+                f"{_fmt(c['max_ms'], 1)} | {_fmt(c['server_cpu_ms_per_msg'], 2)} | "
+                f"{_fmt(c['server_peak_rss_mb'], 1)} | {errors} |"
+            )
+    lag = [
+        (row["key"], row["server_stats"])
+        for row in results["scenarios"]
+        if "loop_lag_max_ms" in row.get("server_stats", {})
+    ]
+    if lag:
+        out += ["", "## Event-loop lag (pass-through's own 10 ms ticker, whole run)", ""]
+        out += [
+            f"- {key}: max {s['loop_lag_max_ms']:.1f} ms, p99 {s['loop_lag_p99_ms']:.1f} ms"
+            for key, s in lag
+        ]
+        out.append(
+            "- the relay's own loop lag is not measured here (needs a monitor inside the relay)"
+        )
+    skipped = [row for row in results["scenarios"] if "skipped" in row]
+    if skipped:
+        out += ["", "## Skipped variants", ""]
+        out += [f"- {row['key']}: {row['skipped']}" for row in skipped]
+    out += ["", "## Run", ""]
+    opts = meta["options"]
+    out.append(
+        f"- {meta['started_utc']}, commit {meta['commit']}, {meta['cores']} cores, "
+        f"Python {meta['python']}, took {meta['duration_s']} s"
+    )
+    out.append(
+        f"- load average before {meta['load_average_before'][0]:.2f}, after "
+        f"{meta['load_average_after'][0]:.2f} (other work on the machine adds noise)"
+    )
+    out.append(
+        f"- {opts['messages']} messages per phase (fewer for slow variants, capped at "
+        f"~{opts['max_phase_seconds']:.0f} s per phase), {opts['sessions']} sessions, "
+        f"high run {opts['high_sessions']} sessions, {opts['rounds']} rounds, "
+        f"{opts['warmup']} warm-up messages"
+    )
+    out += [f"- {note}" for note in meta["notes"]]
+    return "\n".join(out) + "\n"

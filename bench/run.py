@@ -1,0 +1,451 @@
+"""Throughput bench: the relay side by side with a bare pass-through and the SMTP ceiling.
+
+    python -m bench.run              # full run, writes bench/results/throughput.{json,md}
+    python -m bench.run --quick      # smoke run (a few hundred messages)
+
+All servers run at once, each on its own loopback port, delivering into one smtp-sink.
+Throughput comes from Postfix's smtp-source (C, a new connection per message), repeated
+over rounds that visit the servers in turn, so background load hits every server alike;
+the median round counts. Latency comes from our asyncio client (bench/client.py) at the
+normal concurrency and at the high one (every session open at once). Server CPU and RSS
+are read from /proc, summed over the server's process tree. Ratios, not absolute figures,
+are what carry between runs and machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import mail, report
+from bench.client import LoadResult, drive
+from bench.postfix import SmtpSink, SourceRun, find_tool, smtp_source
+from bench.probe import Probe, probe_relay
+from bench.procstats import MachineCpu, cpu_seconds, descendants, load_average, rss_bytes
+from bench.scenarios import Scenario, build, comparisons
+from bench.servers import ServerProcess, start_passthrough, start_relay
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    messages: int
+    sessions: int
+    high_sessions: int
+    rounds: int
+    warmup: int
+    workers: tuple[int, ...]
+    max_phase_seconds: float
+    only: tuple[str, ...]
+    out: Path
+    stem: str
+    quick: bool
+
+
+@dataclass
+class Target:
+    """Where load is sent and whose processes are measured."""
+
+    scenario: Scenario
+    port: int
+    root_pid: int
+    server: ServerProcess | None = None
+    messages: int = 0  # per phase; lowered for slow variants so a phase stays bounded
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        return descendants(self.root_pid)
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    ok: int
+    delivered: int
+    elapsed: float
+    cpu_seconds: float
+    peak_rss: int
+    machine_busy: float
+    errors: dict[str, int]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "delivered": self.delivered,
+            "elapsed_s": round(self.elapsed, 3),
+            "msgs_per_s": round(self.ok / self.elapsed, 1) if self.elapsed else 0.0,
+            "server_cpu_ms_per_msg": round(1000 * self.cpu_seconds / self.ok, 3)
+            if self.ok
+            else None,
+            "server_cpu_cores": round(self.cpu_seconds / self.elapsed, 2) if self.elapsed else 0,
+            "server_peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "machine_busy": round(self.machine_busy, 2),
+            "errors": self.errors,
+        }
+
+
+async def _sample_rss(target: Target, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_bytes(target.pids()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
+async def measure(
+    target: Target,
+    sink: SmtpSink,
+    load: Callable[[], Awaitable[tuple[int, float, dict[str, int]]]],
+    *,
+    sink_counts_ok: bool,
+) -> Phase:
+    """Run one load against target, measuring its process tree and the machine."""
+    pids = target.pids()
+    cpu0, machine0, sunk0 = cpu_seconds(pids), MachineCpu.read(), sink.delivered()
+    peak, stop = [rss_bytes(pids)], asyncio.Event()
+    sampler = asyncio.create_task(_sample_rss(target, peak, stop))
+    try:
+        ok, elapsed, errors = await load()
+    finally:
+        stop.set()
+        await sampler
+    cpu = cpu_seconds(target.pids()) - cpu0
+    busy = MachineCpu.read().utilisation_since(machine0)
+    expected = sunk0 + (0 if sink_counts_ok else ok)
+    delivered = await sink.wait_delivered(expected) - sunk0
+    if sink_counts_ok:
+        ok = delivered  # smtp-source does not count; what arrived at the sink did
+    elif delivered != ok:
+        errors = dict(errors, **{"accepted but not at sink": ok - delivered})
+    return Phase(ok, delivered, elapsed, cpu, peak[0], busy, errors)
+
+
+def source_load(
+    target: Target, message_file: Path, messages: int, sessions: int
+) -> Callable[[], Awaitable[tuple[int, float, dict[str, int]]]]:
+    async def run() -> tuple[int, float, dict[str, int]]:
+        result: SourceRun = await smtp_source(
+            target.port, message_file, messages=messages, sessions=sessions
+        )
+        errors = {f"smtp-source exit {result.returncode}": 1} if result.returncode else {}
+        if result.stderr:
+            errors[result.stderr.splitlines()[-1][:160]] = 1
+        return messages, result.elapsed, errors
+
+    return run
+
+
+def client_load(
+    target: Target,
+    message: bytes,
+    messages: int,
+    sessions: int,
+    reuse: bool,
+    into: list[LoadResult],
+) -> Callable[[], Awaitable[tuple[int, float, dict[str, int]]]]:
+    async def run() -> tuple[int, float, dict[str, int]]:
+        result = await drive(
+            target.port, message, messages=messages, sessions=sessions, reuse=reuse
+        )
+        into.append(result)
+        return result.ok, result.elapsed, result.errors
+
+    return run
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def client_summary(phase: Phase, result: LoadResult) -> dict[str, Any]:
+    lat = [v * 1000 for v in result.latencies]
+    out = phase.summary()
+    out.update(
+        sessions=result.sessions,
+        reuse_connections=result.reuse,
+        messages=result.messages,
+        peak_open_sessions=result.peak_open,
+        p50_ms=round(_percentile(lat, 0.50), 2),
+        p99_ms=round(_percentile(lat, 0.99), 2),
+        max_ms=round(max(lat), 2) if lat else 0.0,
+    )
+    return out
+
+
+def feature_gaps(scenario: Scenario, probe: Probe, repo: Path) -> list[str]:
+    """Why this variant would not measure what it claims (empty: it does)."""
+    if not probe.delivered:
+        return [f"the relay did not deliver with this config: {probe.error}"]
+    gaps = []
+    if "metrics" in scenario.features and not probe.metrics_served:
+        gaps.append("metrics enabled but no /metrics endpoint answered")
+    if "auth" in scenario.features and "authentication-results" not in probe.added_headers:
+        gaps.append("auth enabled but no Authentication-Results field was added")
+    if "policy" in scenario.features and probe.log_fields.get("policy", "noop") == "noop":
+        gaps.append("policy file set but the relay still decided with the no-op policy")
+    if "model" in scenario.features and not (repo / "models" / "spam.skops").exists():
+        gaps.append("models/spam.skops is not there yet")
+    return gaps
+
+
+async def start_targets(
+    chosen: list[Scenario], sink: SmtpSink, work: Path, notes: list[str]
+) -> list[Target]:
+    targets: list[Target] = []
+    for sc in chosen:
+        if sc.kind == "direct":
+            targets.append(Target(sc, sink.port, sink.pid))
+            continue
+        folder = work / sc.key
+        if sc.kind == "passthrough":
+            server = start_passthrough(sc.key, folder, sink.port, sc.pool)
+        else:
+            server = start_relay(
+                sc.key, folder, sink.port, workers=sc.workers, overrides=sc.overrides
+            )
+        targets.append(Target(sc, server.port, server.pid, server))
+    ready: list[Target] = []
+    for t in targets:
+        if t.server is None:
+            ready.append(t)
+            continue
+        try:
+            await t.server.ready()
+        except (TimeoutError, RuntimeError) as exc:
+            t.result["skipped"] = f"did not start: {exc}: {t.server.log_tail(6)}"
+            t.server.stop()
+            continue
+        if t.scenario.kind == "relay":
+            seen = t.server.smtp_processes()
+            t.result["smtp_processes"] = seen
+            if seen != t.scenario.workers:
+                notes.append(
+                    f"{t.scenario.key}: asked for {t.scenario.workers} workers, "
+                    f"{seen} process(es) listen on the port"
+                )
+        ready.append(t)
+    return ready
+
+
+async def run_bench(opts: Options) -> dict[str, Any]:
+    for tool in ("smtp-sink", "smtp-source"):
+        if find_tool(tool) is None:
+            raise SystemExit(f"{tool} not found: install Postfix (make system-deps)")
+    from tests.support.dnsserver import LocalDns  # the auth helper's loopback DNS server
+
+    work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    notes: list[str] = []
+    started = time.time()
+    load_before = load_average()
+    bench_mail = mail.build(work)
+    message_file = bench_mail.write_for_smtp_source(work / "message.eml")
+    if not bench_mail.signed:
+        notes.append("openssl missing: the test message is not DKIM-signed")
+    sink = SmtpSink(work)
+    dns = LocalDns({name: list(records) for name, records in bench_mail.zone.items()}).start()
+    try:
+        await sink.ready()
+        scenarios = build(REPO, dns.address, opts.workers)
+        chosen = [s for s in scenarios if not opts.only or s.key in opts.only]
+        skipped: dict[str, str] = {}
+        probes: dict[str, Probe] = {}
+        for sc in chosen:
+            if sc.kind != "relay":
+                continue
+            probe = await probe_relay(
+                work / f"probe-{sc.key}",
+                bench_mail.message,
+                workers=sc.workers,
+                overrides=sc.overrides,
+            )
+            probes[sc.key] = probe
+            gaps = feature_gaps(sc, probe, REPO)
+            if gaps:
+                skipped[sc.key] = "; ".join(gaps)
+        runnable = [s for s in chosen if s.key not in skipped]
+        targets = await start_targets(runnable, sink, work, notes)
+        try:
+            await run_phases(targets, sink, bench_mail.message, message_file, opts)
+        finally:
+            for t in targets:
+                if t.server is not None:
+                    stats = t.server.stop()
+                    if stats:
+                        t.result["server_stats"] = stats
+    finally:
+        sink.stop()
+        dns.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows = []
+    by_key = {t.scenario.key: t for t in targets}
+    for sc in chosen:
+        row: dict[str, Any] = {"key": sc.key, "title": sc.title, "kind": sc.kind}
+        row["workers"] = sc.workers if sc.kind == "relay" else 1
+        if sc.key in probes:
+            row["probe"] = asdict(probes[sc.key])
+        if sc.key in skipped:
+            row["skipped"] = skipped[sc.key]
+        elif sc.key in by_key:
+            row.update(by_key[sc.key].result)
+        rows.append(row)
+    return {
+        "meta": {
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "duration_s": round(time.time() - started, 1),
+            "cores": _cores(),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+            "python": platform.python_version(),
+            "commit": _commit(),
+            "message_bytes": len(bench_mail.message),
+            "message_dkim_signed": bench_mail.signed,
+            "options": {k: v for k, v in asdict(opts).items() if k not in ("out", "stem")},
+            "notes": notes,
+        },
+        "scenarios": rows,
+        "comparisons": report.ratios(rows, comparisons(opts.workers)),
+        "checks": report.session_checks(rows),
+    }
+
+
+async def run_phases(
+    targets: list[Target], sink: SmtpSink, message: bytes, message_file: Path, opts: Options
+) -> None:
+    live = [t for t in targets if "skipped" not in t.result]
+    # Warm-up: imports, pools, DNS cache; its rate caps the phase size of slow variants.
+    for t in live:
+        phase = await measure(
+            t, sink, source_load(t, message_file, opts.warmup, opts.sessions), sink_counts_ok=True
+        )
+        rate = phase.ok / phase.elapsed if phase.elapsed else 0.0
+        t.messages = max(
+            min(opts.messages, int(rate * opts.max_phase_seconds)), min(opts.messages, 200)
+        )
+        t.result["warmup"] = phase.summary()
+    rounds: dict[str, list[dict[str, Any]]] = {t.scenario.key: [] for t in live}
+    for r in range(opts.rounds):
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
+        for t in order:
+            phase = await measure(
+                t,
+                sink,
+                source_load(t, message_file, t.messages, opts.sessions),
+                sink_counts_ok=True,
+            )
+            summary = phase.summary()
+            summary["messages"] = t.messages
+            rounds[t.scenario.key].append(summary)
+            print(f"  round {r + 1} {t.scenario.key}: {summary['msgs_per_s']} msgs/s", flush=True)
+    for t in live:
+        runs = rounds[t.scenario.key]
+        median = statistics.median(run["msgs_per_s"] for run in runs)
+        pick = min(runs, key=lambda run: abs(run["msgs_per_s"] - median))
+        t.result["source"] = {
+            "sessions": opts.sessions,
+            "messages": t.messages,
+            "rounds": runs,
+            "msgs_per_s": median,
+            "server_cpu_ms_per_msg": pick["server_cpu_ms_per_msg"],
+            "server_peak_rss_mb": max(run["server_peak_rss_mb"] for run in runs),
+            "errors": sum(t.messages - run["ok"] for run in runs),
+        }
+    for t in live:
+        for label, sessions, reuse in (
+            ("client", opts.sessions, False),
+            ("client_high", opts.high_sessions, True),
+        ):
+            got: list[LoadResult] = []
+            phase = await measure(
+                t,
+                sink,
+                client_load(t, message, t.messages, sessions, reuse, got),
+                sink_counts_ok=False,
+            )
+            t.result[label] = client_summary(phase, got[0])
+            print(
+                f"  {label} {t.scenario.key}: {t.result[label]['msgs_per_s']} msgs/s "
+                f"p99 {t.result[label]['p99_ms']} ms errors {t.result[label]['errors']}",
+                flush=True,
+            )
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _commit() -> str:
+    git = shutil.which("git")
+    if git is None:
+        return ""
+    done = subprocess.run(
+        [git, "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    return done.stdout.strip()
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--messages", type=int, help="messages per phase (default 5000; quick 300)")
+    p.add_argument("--sessions", type=int, default=20, help="concurrent sessions (default 20)")
+    p.add_argument("--high-sessions", type=int, help="the high-concurrency run (default 200)")
+    p.add_argument("--rounds", type=int, help="smtp-source rounds per server (default 3)")
+    p.add_argument("--workers", default="1,2", help="relay worker counts, e.g. 1,2")
+    p.add_argument(
+        "--max-phase-seconds",
+        type=float,
+        default=20.0,
+        help="slow variants send fewer messages so one phase takes about this long",
+    )
+    p.add_argument("--scenarios", default="", help="comma-separated keys (default: all)")
+    p.add_argument("--quick", action="store_true", help="smoke run: few messages, one round")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    a = p.parse_args(argv)
+    quick = bool(a.quick)
+    messages = a.messages or (300 if quick else 5000)
+    return Options(
+        messages=messages,
+        sessions=a.sessions,
+        high_sessions=a.high_sessions or (100 if quick else 200),
+        rounds=a.rounds or (1 if quick else 3),
+        warmup=min(messages, 50 if quick else 300),
+        workers=tuple(sorted({int(w) for w in a.workers.split(",") if w.strip()})),
+        max_phase_seconds=a.max_phase_seconds,
+        only=tuple(k.strip() for k in a.scenarios.split(",") if k.strip()),
+        out=a.out,
+        stem="throughput-quick" if quick else "throughput",
+        quick=quick,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    results = asyncio.run(run_bench(opts))
+    opts.out.mkdir(parents=True, exist_ok=True)
+    json_path = opts.out / f"{opts.stem}.json"
+    md_path = opts.out / f"{opts.stem}.md"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(report.markdown(results))
+    print(report.summary(results))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""What the throughput bench compares: one row per server configuration.
+
+Every relay variant differs from the base (no-op decision, no auth, no classifier, no
+metrics) only in the config sections it overrides, so each ratio isolates one feature.
+A variant whose feature is not wired in yet is skipped with the reason in the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bench.servers import TomlValue
+
+Kind = Literal["direct", "passthrough", "relay"]
+Feature = Literal["metrics", "auth", "policy", "model"]
+Overrides = Mapping[str, Mapping[str, TomlValue]]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    title: str
+    kind: Kind
+    workers: int = 1
+    pool: int = 16  # pass-through: idle downstream connections kept (0: one per message)
+    overrides: Overrides = field(default_factory=dict)
+    features: tuple[Feature, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """numerator / denominator msgs/s; target is the lowest acceptable ratio (or None)."""
+
+    title: str
+    numerator: str
+    denominator: str
+    target: float | None = None
+    source: str = ""  # the issue that asks for it
+
+
+def _metrics() -> dict[str, dict[str, TomlValue]]:
+    return {"metrics": {"enabled": True}}
+
+
+def _auth(dns: str) -> dict[str, dict[str, TomlValue]]:
+    return {"auth": {"enabled": True}, "dns": {"nameservers": [dns], "timeout": 2}}
+
+
+def _policy(repo: Path, dns: str) -> dict[str, dict[str, TomlValue]]:
+    overrides = _auth(dns)
+    overrides["policy"] = {"path": str(repo / "config" / "policy.toml")}
+    overrides["model"] = {"enabled": True, "path": str(repo / "models" / "spam.skops")}
+    return overrides
+
+
+def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
+    top = max(workers)
+    out = [
+        Scenario("direct", "smtp-source -> smtp-sink (the machine's ceiling)", "direct"),
+        Scenario(
+            "passthrough-pooled",
+            "aiosmtpd + aiosmtplib pass-through, pooled downstream connections, 1 process",
+            "passthrough",
+            pool=16,
+        ),
+        Scenario(
+            "passthrough-connect",
+            "aiosmtpd + aiosmtplib pass-through, new downstream connection per message",
+            "passthrough",
+            pool=0,
+        ),
+    ]
+    for w in workers:
+        out.append(
+            Scenario(f"relay-noop-w{w}", f"relay, no-op decision, {w} worker(s)", "relay", w)
+        )
+    for w in workers:
+        out.append(
+            Scenario(
+                f"relay-metrics-w{w}",
+                f"relay, no-op decision, metrics on, {w} worker(s)",
+                "relay",
+                w,
+                overrides=_metrics(),
+                features=("metrics",),
+            )
+        )
+    out.append(
+        Scenario(
+            "relay-auth-w1",
+            "relay, no-op decision, authentication on (SPF/DKIM/DMARC, warm DNS cache), 1 worker",
+            "relay",
+            1,
+            overrides=_auth(dns),
+            features=("auth",),
+        )
+    )
+    out.append(
+        Scenario(
+            "relay-policy-w1",
+            "relay, default policy + classifier + authentication, 1 worker",
+            "relay",
+            1,
+            overrides=_policy(repo, dns),
+            features=("auth", "policy", "model"),
+        )
+    )
+    full = dict(_policy(repo, dns))
+    full.update(_metrics())
+    out.append(
+        Scenario(
+            f"relay-full-w{top}",
+            f"relay, everything on (auth, classifier, default policy, metrics), {top} worker(s)",
+            "relay",
+            top,
+            overrides=full,
+            features=("auth", "policy", "model", "metrics"),
+        )
+    )
+    return out
+
+
+def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
+    top, low = max(workers), min(workers)
+    out = [
+        Comparison(
+            f"relay no-op ({top} workers) / pass-through (pooled)",
+            f"relay-noop-w{top}",
+            "passthrough-pooled",
+            0.8,
+            "issue 3 item 8",
+        ),
+        Comparison(
+            f"relay no-op ({low} worker) / pass-through (pooled)",
+            f"relay-noop-w{low}",
+            "passthrough-pooled",
+        ),
+        Comparison(
+            f"relay no-op ({top} workers) / pass-through (connect per message)",
+            f"relay-noop-w{top}",
+            "passthrough-connect",
+        ),
+        Comparison("pass-through (pooled) / direct", "passthrough-pooled", "direct"),
+    ]
+    if top != low:
+        out.append(
+            Comparison(
+                f"relay no-op: {top} workers / {low} worker",
+                f"relay-noop-w{top}",
+                f"relay-noop-w{low}",
+            )
+        )
+    for w in workers:
+        out.append(
+            Comparison(
+                f"metrics on / off ({w} worker(s))",
+                f"relay-metrics-w{w}",
+                f"relay-noop-w{w}",
+                0.95,
+                "issue 8 item 6",
+            )
+        )
+    out += [
+        Comparison(
+            "authentication on / off (1 worker)", "relay-auth-w1", "relay-noop-w1", 0.7, "issue 4"
+        ),
+        Comparison(
+            "default policy + classifier + auth / no-op (1 worker)",
+            "relay-policy-w1",
+            "relay-noop-w1",
+            None,
+            "issue 6 item 10",
+        ),
+        Comparison(
+            "default policy + classifier + auth / auth only (1 worker)",
+            "relay-policy-w1",
+            "relay-auth-w1",
+        ),
+        Comparison(
+            f"everything on ({top} workers) / pass-through (pooled)",
+            f"relay-full-w{top}",
+            "passthrough-pooled",
+        ),
+    ]
+    return out

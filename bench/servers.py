@@ -1,0 +1,162 @@
+"""The servers under test, each a separate process on its own loopback port.
+
+- the relay: ``python -m relay.cli serve --config FILE`` in a scratch directory, with a
+  config written from the scenario (workers, metrics, auth, policy, classifier);
+- the pass-through: ``python -m bench.passthrough``;
+- the direct case has no server: smtp-source talks to smtp-sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.net import free_port, wait_for_greeting
+from bench.procstats import descendants, listening_pids
+
+TomlValue = str | int | float | bool | list[str]
+
+
+def toml_text(config: Mapping[str, Mapping[str, TomlValue]]) -> str:
+    """A flat two-level TOML document (sections of scalars and string lists)."""
+    out: list[str] = []
+    for section, values in config.items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            out.append(f"{key} = {json.dumps(value)}")  # JSON scalars/lists are valid TOML
+        out.append("")
+    return "\n".join(out)
+
+
+@dataclass
+class ServerProcess:
+    """One server under test: its process, port and scratch directory."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log: Path
+    metrics_port: int | None = None
+    stats_file: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tree(self) -> list[int]:
+        return descendants(self.proc.pid)
+
+    def smtp_processes(self) -> int:
+        """Processes holding a socket that listens on the SMTP port (the workers)."""
+        return len(listening_pids(self.tree(), self.port))
+
+    async def ready(self, within: float = 120) -> None:
+        await wait_for_greeting(self.port, self.proc, within)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM, wait for the drain; returns the pass-through's stats (if any)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.stats_file is not None and self.stats_file.exists():
+            with contextlib.suppress(ValueError):
+                stats: dict[str, Any] = json.loads(self.stats_file.read_text())
+                return stats
+        return {}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, port: int) -> ServerProcess:
+    log = workdir / "server.log"
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return ServerProcess(name=name, port=port, proc=proc, workdir=workdir, log=log)
+
+
+def start_passthrough(name: str, workdir: Path, downstream: int, pool: int) -> ServerProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    stats = workdir / "stats.json"
+    argv = [sys.executable, "-m", "bench.passthrough", "--listen", f"127.0.0.1:{port}"]
+    argv += ["--downstream", f"127.0.0.1:{downstream}", "--pool", str(pool), "--stats", str(stats)]
+    server = _spawn(name, argv, workdir, port)
+    server.stats_file = stats
+    return server
+
+
+def relay_config(
+    workdir: Path,
+    port: int,
+    downstream: int,
+    *,
+    workers: int,
+    metrics_port: int,
+    overrides: Mapping[str, Mapping[str, TomlValue]],
+) -> dict[str, dict[str, TomlValue]]:
+    """The base case: no-op decision, no auth, no classifier, no metrics; then overrides."""
+    config: dict[str, dict[str, TomlValue]] = {
+        "smtp": {
+            "listen": f"127.0.0.1:{port}",
+            "hostname": "relay.bench.test",
+            "workers": workers,
+            "max_connections": 2000,
+            "drain_timeout": 5,
+        },
+        "relay": {"domains": ["example.org"], "networks": []},
+        "delivery": {"mode": "smtp", "downstream": f"127.0.0.1:{downstream}", "timeout": 30},
+        "auth": {"enabled": False},
+        "model": {"enabled": False},
+        "policy": {"path": ""},
+        "metrics": {"enabled": False, "listen": f"127.0.0.1:{metrics_port}"},
+        "state": {"path": str(workdir / "state.sqlite3")},
+        "quarantine": {"path": str(workdir / "quarantine")},
+        "log": {"level": "info"},
+    }
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def start_relay(
+    name: str,
+    workdir: Path,
+    downstream: int,
+    *,
+    workers: int,
+    overrides: Mapping[str, Mapping[str, TomlValue]],
+) -> ServerProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, metrics_port = free_port(), free_port()
+    config = relay_config(
+        workdir, port, downstream, workers=workers, metrics_port=metrics_port, overrides=overrides
+    )
+    config_file = workdir / "relay.toml"
+    config_file.write_text(toml_text(config))
+    argv = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config_file)]
+    server = _spawn(name, argv, workdir, port)
+    server.metrics_port = metrics_port
+    return server
