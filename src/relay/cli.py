@@ -140,10 +140,65 @@ def _add_quarantine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=run)
 
 
+def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("lab", help="replay a labelled corpus through regimes; report the costs")
+    p.add_argument("--corpus", type=Path, help="directory the labels file's paths are under")
+    p.add_argument("--labels", type=Path, help="TSV: relative_path, ham|spam, optional set")
+    p.add_argument("--set", dest="subset", help="only rows of this set (e.g. test)")
+    p.add_argument(
+        "--ham",
+        type=Path,
+        action="append",
+        default=[],
+        help="Maildir, mbox or directory of legitimate mail (repeatable)",
+    )
+    p.add_argument(
+        "--spam",
+        type=Path,
+        action="append",
+        default=[],
+        help="Maildir, mbox or directory of spam (repeatable)",
+    )
+    p.add_argument("--policy", type=Path, nargs="+", default=[], help="regime files (TOML)")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("var/lab-cache"),
+        help="fact cache directory (default var/lab-cache)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="compute everything, keep nothing")
+    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: all cores)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="relay.toml: [dns] nameservers (else DNS stays offline), [model], [auth]",
+    )
+    p.add_argument(
+        "--trust-authserv-id",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="believe Authentication-Results from this authserv-id (repeatable)",
+    )
+    p.add_argument(
+        "--shadow-log", type=Path, help="report on a shadow-mode JSON-lines log instead of a corpus"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from relay.lab.command import run as run_lab
+
+        return run_lab(args)
+
+    p.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_lab(sub)
     _add_scan(sub)
     _add_policy(sub)
     _add_quarantine(sub)

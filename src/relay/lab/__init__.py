@@ -1,0 +1,19 @@
+"""Regulation lab: replay a labelled corpus through several regimes and report the costs.
+
+corpus.py        read a split file / Maildir / mbox / directory; time order; unreadables
+offline_auth.py  authentication facts from trusted Authentication-Results (DNS offline)
+env.py           registry and services, rebuilt identically in every process
+cache.py         SQLite fact cache keyed by digest, fact name + version and context
+compute.py       pass 1: stateless facts in a process pool; pass 2: stateful, in order
+evaluate.py      every policy over the cached facts with the relay's own engine
+stats.py         the report's numbers (Wilson intervals) as one JSON mapping
+render.py, plots.py  Markdown, HTML and PNGs drawn from that JSON
+run.py           one study from options to files
+command.py       `relay lab` arguments -> LabOptions (and the shadow-log report)
+"""
+
+from __future__ import annotations
+
+from relay.lab.run import LabOptions, run_lab
+
+__all__ = ["LabOptions", "run_lab"]

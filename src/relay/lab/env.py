@@ -1,0 +1,114 @@
+"""The lab's environment: which registry and services facts run with, in any process.
+
+A LabEnv is a small picklable description (settings, DNS mode, trusted authserv-ids);
+each process rebuilds the same registry and services from it with ``lab_services``, which
+goes through the relay's own composition root (``relay.app.open_services``), so facts run
+with the services they have live. Offline, the DNS resolver is left out and the
+authentication facts read trusted Authentication-Results fields instead (offline_auth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.config import ModelSettings, Settings, StateSettings
+from relay.facts import FactRegistry, Services, default_registry
+from relay.lab.offline_auth import HeaderAuth, offline_registry
+
+
+# Bump when the lab changes how it rebuilds a message (envelope, peer, time) or a fact
+# override, so cached values from the old reconstruction are not reused.
+LAB_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LabEnv:
+    settings: Settings
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+    @property
+    def offline(self) -> bool:
+        return not self.settings.dns.nameservers
+
+    def dns_description(self) -> dict[str, Any]:
+        if self.offline:
+            return {
+                "mode": "offline",
+                "trusted_authserv_ids": list(self.trusted_authserv_ids),
+                "note": "authentication facts read from Authentication-Results fields of "
+                "the trusted authserv-ids; 'none' where none was recorded",
+            }
+        return {
+            "mode": "resolver",
+            "nameservers": [f"{h}:{p}" for h, p in self.settings.dns.nameservers],
+        }
+
+    def registry(self) -> FactRegistry:
+        base = default_registry()
+        return offline_registry(base) if self.offline else base
+
+    def key(self) -> str:
+        """Digest of everything besides the message that fact values depend on."""
+        model = self.settings.model
+        parts = {
+            "lab": LAB_FORMAT,
+            "dns": self.dns_description(),
+            "model": _file_digest(model.path) if model.enabled else "disabled",
+            "authserv": sorted(self.trusted_authserv_ids),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "missing"
+
+
+def lab_settings(env: LabEnv, state_dir: Path) -> Settings:
+    """The relay's settings with a private state file and one in-process classifier."""
+    s = env.settings
+    return dataclasses.replace(
+        s,
+        state=StateSettings(backend="sqlite", path=state_dir / "state.sqlite3"),
+        model=ModelSettings(enabled=s.model.enabled, path=s.model.path, workers=1),
+    )
+
+
+def _is_state(item: object) -> bool:
+    from relay.state import StateStore
+
+    return isinstance(item, StateStore)
+
+
+def _is_resolver(item: object) -> bool:
+    from relay.dns import Resolver
+
+    return isinstance(item, Resolver)
+
+
+@contextlib.asynccontextmanager
+async def lab_services(env: LabEnv, state_dir: Path, *, stateful: bool) -> AsyncIterator[Services]:
+    """Services as ``relay serve`` builds them, minus what the lab must not use.
+
+    ``stateful=False`` (the parallel pass) leaves the state store out, so a fact that
+    remembers across messages fails there and is computed later, in corpus time order.
+    """
+    from relay.app import open_services
+
+    async with contextlib.AsyncExitStack() as stack:
+        items: Iterable[object] = await open_services(lab_settings(env, state_dir), stack)
+        kept = [
+            item
+            for item in items
+            if not (env.offline and _is_resolver(item)) and (stateful or not _is_state(item))
+        ]
+        yield Services(HeaderAuth(frozenset(i.lower() for i in env.trusted_authserv_ids)), *kept)

@@ -1,0 +1,190 @@
+"""Evaluating policies over cached facts with the relay's own engine.
+
+Each (message, policy) pair gets a fresh Facts over a registry whose facts answer from the
+cache: a policy pulls facts lazily in its own tier order and stops early exactly as it
+would live, and only the facts it asked for are recorded, so the tier a regime needed in
+the lab is the tier it would need on the wire. A fact that failed when it was computed
+fails again here with the same reason, and the policy treats it as missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from relay.errors import FactError, PolicyError, RelayError
+from relay.facts import FactContext, FactRegistry, Facts, FactSpec, Services
+from relay.lab.cache import Cached
+from relay.lab.corpus import CorpusMessage
+from relay.message import Message
+from relay.verdict import Verdict
+
+
+class LabPolicy(Protocol):
+    """What the lab needs of a compiled policy (relay.policy.Policy provides it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fact_names(self) -> Iterable[str]: ...
+
+    async def decide(self, message: Message, facts: Facts) -> Verdict: ...
+
+
+PolicyLoader = Callable[[Path, FactRegistry], LabPolicy]
+
+
+@dataclass(frozen=True, slots=True)
+class Regime:
+    name: str
+    path: Path
+    policy: LabPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class RegimeError:
+    path: Path
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One policy's verdict on one message, as much as the report needs."""
+
+    action: str
+    score: float
+    tier: str | None
+    rules: tuple[str, ...]
+    forced_by: str | None
+    reason: str
+    facts: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> Decision:
+        return cls(
+            action=verdict.action.value,
+            score=round(verdict.score, 4),
+            tier=None if verdict.highest_tier is None else verdict.highest_tier.label,
+            rules=tuple(h.rule for h in verdict.hits),
+            forced_by=verdict.forced_by,
+            reason=verdict.reason,
+            facts=tuple(f.name for f in verdict.facts),
+            skipped=tuple(f"{s.rule}: {s.reason}" for s in verdict.skipped),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "score": self.score,
+            "tier": self.tier,
+            "rules": list(self.rules),
+            "forced_by": self.forced_by,
+            "reason": self.reason,
+            "facts": list(self.facts),
+            "skipped": list(self.skipped),
+        }
+
+
+def default_loader(path: Path, registry: FactRegistry) -> LabPolicy:
+    from relay.policy import load_policy
+
+    policy: LabPolicy = load_policy(path, registry)
+    return policy
+
+
+def load_regimes(
+    paths: Sequence[Path], registry: FactRegistry, loader: PolicyLoader = default_loader
+) -> tuple[list[Regime], list[RegimeError]]:
+    """Every policy file that validates; the others with their problems (file, line, rule)."""
+    regimes: list[Regime] = []
+    errors: list[RegimeError] = []
+    for path in paths:
+        try:
+            policy = loader(path, registry)
+        except PolicyError as exc:
+            errors.append(RegimeError(path, tuple(exc.problems)))
+            continue
+        except (RelayError, OSError) as exc:
+            errors.append(RegimeError(path, (f"{path}: {exc}",)))
+            continue
+        name = policy.name
+        if any(r.name == name for r in regimes):
+            name = f"{name} ({path.name})"
+        regimes.append(Regime(name, path, policy))
+    return regimes, errors
+
+
+def needed_facts(regimes: Iterable[Regime], registry: FactRegistry) -> list[str]:
+    """Every fact any regime can read, with the facts those depend on."""
+    seen: set[str] = set()
+    stack = [n for r in regimes for n in r.policy.fact_names]
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in registry:
+            continue
+        seen.add(name)
+        stack.extend(registry[name].depends)
+    return sorted(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedFacts:
+    """Service of the evaluation registry: one message's cached fact outcomes."""
+
+    outcomes: Mapping[str, Cached]
+
+
+def _from_cache(spec: FactSpec) -> FactSpec:
+    async def compute(ctx: FactContext) -> Any:
+        cached = ctx.services.get(CachedFacts).outcomes.get(spec.name)
+        if cached is None:
+            raise FactError(f"{spec.name}: not computed by the lab")
+        if cached.error is not None:
+            raise FactError(cached.error)
+        return cached.value
+
+    # No dependencies: asking for a fact records it alone, and its tier already covers them.
+    return dataclasses.replace(spec, compute=compute, depends=())
+
+
+def cached_registry(registry: FactRegistry) -> FactRegistry:
+    return FactRegistry(_from_cache(s) for s in registry)
+
+
+def _light_message(m: CorpusMessage) -> Message:
+    # Every fact comes from the cache, so nothing parses the message again; the envelope
+    # is there for per-recipient-domain overrides.
+    return Message(
+        raw=m.raw,
+        envelope=m.envelope,
+        peer=m.peer,
+        queue_id=m.digest[:16],
+        received_at=m.time,
+    )
+
+
+async def evaluate(
+    regimes: Sequence[Regime],
+    messages: Sequence[CorpusMessage],
+    outcomes: Mapping[str, Mapping[str, Cached]],
+    registry: FactRegistry,
+    progress: Callable[[int], None],
+) -> dict[str, dict[str, Decision]]:
+    """{message id: {regime name: Decision}} for every message and regime."""
+    evaluation = cached_registry(registry)
+    out: dict[str, dict[str, Decision]] = {}
+    for m in messages:
+        services = Services(CachedFacts(outcomes.get(m.digest, {})))
+        message = _light_message(m)
+        decisions: dict[str, Decision] = {}
+        for regime in regimes:
+            facts = Facts(evaluation, message, services)
+            decisions[regime.name] = Decision.of(await regime.policy.decide(message, facts))
+        out[m.id] = decisions
+        progress(1)
+    return out

@@ -1,0 +1,221 @@
+"""`relay lab`: read the corpus, compute facts once (cached), evaluate every regime, report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from relay.facts import FactRegistry
+from relay.lab import plots, render
+from relay.lab.cache import Cached, FactCache
+from relay.lab.compute import DEFERRED, Item, Outcomes, parallel_pass, sequential_pass
+from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
+from relay.lab.env import LabEnv
+from relay.lab.evaluate import (
+    Decision,
+    PolicyLoader,
+    default_loader,
+    evaluate,
+    load_regimes,
+    needed_facts,
+)
+from relay.lab.stats import build_report
+
+
+@dataclass(frozen=True, slots=True)
+class LabOptions:
+    sources: tuple[Source, ...]
+    description: str
+    policies: tuple[Path, ...]
+    out: Path
+    env: LabEnv
+    cache_dir: Path | None = Path("var/lab-cache")  # None: compute everything, keep nothing
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    progress: bool = False
+
+
+@contextmanager
+def _bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    bar = tqdm(total=total, desc=desc, unit="msg", disable=not enabled or total == 0)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+class _NoCache:
+    def load(self, *args: object) -> dict[str, dict[str, Cached]]:
+        return {}
+
+    def store(self, *args: object) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def compute_facts(
+    corpus: Corpus,
+    names: Sequence[str],
+    registry: FactRegistry,
+    options: LabOptions,
+) -> tuple[dict[str, Outcomes], dict[str, Any]]:
+    """Every needed fact for every readable message: from the cache, else computed."""
+    env = options.env
+    versions = {n: registry[n].version for n in names}
+    env_key = env.key()
+    order_key = f"{env_key}/order:{corpus.order_digest()}"
+    cache = FactCache(options.cache_dir) if options.cache_dir else _NoCache()
+    try:
+        digests = [m.digest for m in corpus.messages]
+        stateless = cache.load(digests, versions, [env_key])
+        ordered_cache = cache.load(digests, versions, [order_key])
+        stateful = {n for per in ordered_cache.values() for n in per}
+        outcomes: dict[str, Outcomes] = {
+            d: {**stateless.get(d, {}), **ordered_cache.get(d, {})} for d in digests
+        }
+        wanted = set(names)
+        items: list[Item] = []
+        for m in corpus.messages:
+            missing = tuple(sorted(wanted - outcomes[m.digest].keys()))
+            if missing:
+                items.append((m, missing))
+        start = time.perf_counter()
+        with _bar(options.progress, len(items), "facts") as progress:
+            computed = parallel_pass(env, items, options.jobs, progress)
+        parallel_seconds = time.perf_counter() - start
+        for digest, got in computed.items():
+            fresh = {n: c for n, c in got.items() if n in versions}
+            deferred = {n for n, c in fresh.items() if c.error is not None and DEFERRED in c.error}
+            stateful |= deferred
+            keep = {n: c for n, c in fresh.items() if n not in deferred}
+            outcomes[digest].update(keep)
+            cache.store(digest, keep, versions, env_key)
+        cache.commit()
+        rerun = sorted(n for n in stateful if any(n not in o for o in outcomes.values()))
+        start = time.perf_counter()
+        if rerun:
+            # Stateful facts are only true for the whole sequence: recompute them all, in order.
+            names_seq = sorted(stateful)
+            with _bar(options.progress, len(corpus.messages), "stateful facts") as progress:
+                ordered = asyncio.run(
+                    sequential_pass(env, corpus.messages, outcomes, names_seq, progress)
+                )
+            for digest, got in ordered.items():
+                outcomes[digest].update(got)
+                cache.store(digest, got, versions, order_key)
+            cache.commit()
+        info = {
+            "computed": list(names),
+            "stateful": sorted(stateful),
+            "messages_computed": len(items),
+            "messages_from_cache": len(corpus.messages) - len(items),
+            "cache": None if options.cache_dir is None else str(options.cache_dir),
+            "jobs": options.jobs,
+            "parallel_seconds": round(parallel_seconds, 3),
+            "sequential_seconds": round(time.perf_counter() - start, 3),
+            "errors": _error_counts(outcomes),
+        }
+        return outcomes, info
+    finally:
+        cache.close()
+
+
+def _error_counts(outcomes: Mapping[str, Outcomes]) -> dict[str, int]:
+    """How many messages each fact failed on (the report shows why regimes skipped rules)."""
+    counts: dict[str, int] = {}
+    for per in outcomes.values():
+        for name, c in per.items():
+            if c.error is not None:
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _message_page(
+    m: CorpusMessage, outcomes: Outcomes, decisions: Mapping[str, Decision], registry: FactRegistry
+) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "label": m.label,
+        "digest": m.digest,
+        "facts": {
+            name: {
+                "tier": registry[name].tier.label if name in registry else "?",
+                "value": c.value,
+                "error": c.error,
+            }
+            for name, c in sorted(outcomes.items())
+        },
+        "verdicts": {name: d.to_dict() for name, d in decisions.items()},
+    }
+
+
+def write_report(
+    report: Mapping[str, Any],
+    out: Path,
+    pages: Mapping[str, Mapping[str, Any]],
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+    # Renderings read the JSON back: the numbers people see are the ones machines check.
+    data = json.loads((out / "report.json").read_text())
+    plots.draw(data, out / "plots")
+    (out / "report.md").write_text(render.markdown(data))
+    (out / "report.html").write_text(render.html(data))
+    messages = out / "messages"
+    messages.mkdir(exist_ok=True)
+    for slug, page in pages.items():
+        (messages / f"{slug}.json").write_text(json.dumps(page, indent=1) + "\n")
+        (messages / f"{slug}.html").write_text(render.message_html(page))
+
+
+def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[str, Any]:
+    """Run one study and write its report under ``options.out``; returns the report data."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    registry = options.env.registry()
+    regimes, regime_errors = load_regimes(options.policies, registry, loader)
+    corpus = load_corpus(options.sources, options.description)
+    timings["read_corpus"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    names = needed_facts(regimes, registry)
+    outcomes, facts_info = compute_facts(corpus, names, registry, options)
+    timings["facts"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with _bar(options.progress, len(corpus.messages), "regimes") as progress:
+        decisions = asyncio.run(evaluate(regimes, corpus.messages, outcomes, registry, progress))
+    timings["evaluate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report = build_report(
+        corpus_description=corpus.description,
+        messages=corpus.messages,
+        unreadable=corpus.unreadable,
+        regimes=regimes,
+        regime_errors=regime_errors,
+        decisions=decisions,
+        dns=options.env.dns_description(),
+        facts_info=facts_info,
+        timings=timings,
+    )
+    listed = {d["id"] for d in report["disagreements"]}
+    listed |= {b["id"] for r in report["regimes"] for b in r["ham_blocks"]}
+    pages = {
+        m.digest[:16]: _message_page(m, outcomes[m.digest], decisions[m.id], registry)
+        for m in corpus.messages
+        if m.id in listed
+    }
+    write_report(report, options.out, pages)
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    (options.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report

@@ -1,0 +1,194 @@
+"""The report's numbers, as one JSON-able mapping; every rendering reads only this.
+
+Definitions (per regime, over the messages that could be read):
+- spam stopped, hard: spam refused at SMTP time (reject, or tempfail).
+- spam stopped, soft: spam delivered tagged or held in quarantine.
+- legitimate mail blocked: ham not delivered to the inbox (reject, tempfail, quarantine);
+  ham that was only tagged is reported separately.
+- content read: messages whose verdict needed a T3 fact (the text was read).
+Rates carry 95% Wilson score intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from relay.lab.corpus import CorpusMessage, Unreadable
+from relay.lab.evaluate import Decision, Regime, RegimeError
+
+Z95 = 1.959963984540054
+TIERS = ("none", "T0", "T1", "T2", "T3")
+HARD = frozenset({"reject", "tempfail"})
+SOFT = frozenset({"tag", "quarantine"})
+BLOCKED = frozenset({"reject", "tempfail", "quarantine"})
+ACTIONS = ("accept", "tag", "quarantine", "tempfail", "reject")
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n; (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(k: int, n: int) -> dict[str, Any]:
+    low, high = wilson(k, n)
+    return {
+        "k": k,
+        "n": n,
+        "rate": None if n == 0 else round(k / n, 6),
+        "low": round(low, 6),
+        "high": round(high, 6),
+    }
+
+
+def outcome_class(action: str) -> str:
+    if action in HARD:
+        return "hard"
+    if action in SOFT:
+        return "soft"
+    return "pass"
+
+
+def message_link(m: CorpusMessage) -> str:
+    return f"messages/{m.digest[:16]}.html"
+
+
+def _regime(
+    regime: Regime,
+    messages: Sequence[CorpusMessage],
+    decisions: Mapping[str, Mapping[str, Decision]],
+) -> dict[str, Any]:
+    counts: dict[str, Counter[str]] = {"ham": Counter(), "spam": Counter()}
+    tiers: Counter[str] = Counter()
+    tiers_by_label: dict[str, Counter[str]] = {"ham": Counter(), "spam": Counter()}
+    rule_hits: dict[str, Counter[str]] = {}
+    skipped: Counter[str] = Counter()
+    ham_blocks: list[dict[str, Any]] = []
+    for m in messages:
+        d = decisions[m.id][regime.name]
+        counts[m.label][d.action] += 1
+        tier = d.tier or "none"
+        tiers[tier] += 1
+        tiers_by_label[m.label][tier] += 1
+        for rule in d.rules:
+            rule_hits.setdefault(rule, Counter())[m.label] += 1
+        for s in d.skipped:
+            skipped[s] += 1
+        if m.label == "ham" and d.action in BLOCKED:
+            ham_blocks.append(
+                {
+                    "id": m.id,
+                    "action": d.action,
+                    "rules": list(d.rules),
+                    "forced_by": d.forced_by,
+                    "reason": d.reason,
+                    "tier": d.tier,
+                    "facts": message_link(m),
+                }
+            )
+    n_spam = sum(counts["spam"].values())
+    n_ham = sum(counts["ham"].values())
+    n = n_spam + n_ham
+    spam_hard = sum(counts["spam"][a] for a in HARD)
+    spam_soft = sum(counts["spam"][a] for a in SOFT)
+    read = [t for t in TIERS if tiers[t]]
+    block_rules: Counter[str] = Counter()
+    for b in ham_blocks:
+        block_rules[b["forced_by"] or "score: " + " + ".join(b["rules"])] += 1
+    return {
+        "name": regime.name,
+        "file": str(regime.path),
+        "messages": n,
+        "actions": {label: {a: counts[label][a] for a in ACTIONS} for label in ("spam", "ham")},
+        "spam_stopped_hard": proportion(spam_hard, n_spam),
+        "spam_stopped_soft": proportion(spam_soft, n_spam),
+        "spam_stopped": proportion(spam_hard + spam_soft, n_spam),
+        "ham_blocked": proportion(sum(counts["ham"][a] for a in BLOCKED), n_ham),
+        "ham_tagged": proportion(counts["ham"]["tag"], n_ham),
+        "content_read": proportion(tiers["T3"], n),
+        "highest_tier": read[-1] if read else "none",
+        "tiers": {t: proportion(tiers[t], n) for t in TIERS},
+        "tiers_by_label": {
+            label: {t: tiers_by_label[label][t] for t in TIERS} for label in ("spam", "ham")
+        },
+        "rule_hits": {
+            rule: {"spam": c["spam"], "ham": c["ham"]}
+            for rule, c in sorted(rule_hits.items(), key=lambda kv: -sum(kv[1].values()))
+        },
+        "ham_block_causes": dict(block_rules.most_common()),
+        "ham_blocks": ham_blocks,
+        "skipped": dict(skipped.most_common(20)),
+    }
+
+
+def disagreements(
+    regimes: Sequence[Regime],
+    messages: Sequence[CorpusMessage],
+    decisions: Mapping[str, Mapping[str, Decision]],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """Messages whose outcome (pass / soft / hard) differs between regimes, and pair counts."""
+    names = [r.name for r in regimes]
+    pairs = {a: dict.fromkeys(names, 0) for a in names}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        ds = decisions[m.id]
+        classes = {n: outcome_class(ds[n].action) for n in names}
+        if len(set(classes.values())) <= 1:
+            continue
+        for a in names:
+            for b in names:
+                if classes[a] != classes[b]:
+                    pairs[a][b] += 1
+        out.append(
+            {
+                "id": m.id,
+                "label": m.label,
+                "actions": {n: ds[n].action for n in names},
+                "facts": message_link(m),
+            }
+        )
+    return out, pairs
+
+
+def build_report(
+    *,
+    corpus_description: str,
+    messages: Sequence[CorpusMessage],
+    unreadable: Sequence[Unreadable],
+    regimes: Sequence[Regime],
+    regime_errors: Sequence[RegimeError],
+    decisions: Mapping[str, Mapping[str, Decision]],
+    dns: Mapping[str, Any],
+    facts_info: Mapping[str, Any],
+    timings: Mapping[str, float],
+) -> dict[str, Any]:
+    labels = Counter(m.label for m in messages)
+    disagree, pairs = disagreements(regimes, messages, decisions)
+    return {
+        "format": "relay-lab-report/1",
+        "corpus": {
+            "source": corpus_description,
+            "messages": len(messages) + len(unreadable),
+            "readable": len(messages),
+            "ham": labels["ham"],
+            "spam": labels["spam"],
+            "unreadable": [{"id": u.id, "label": u.label, "reason": u.reason} for u in unreadable],
+        },
+        "dns": dict(dns),
+        "facts": dict(facts_info),
+        "regimes": [_regime(r, messages, decisions) for r in regimes],
+        "regime_errors": [
+            {"file": str(e.path), "problems": list(e.problems)} for e in regime_errors
+        ],
+        "disagreements": disagree,
+        "disagreement_pairs": pairs,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }

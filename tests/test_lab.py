@@ -1,0 +1,254 @@
+"""The regulation lab on a small hand-written corpus: numbers checked against hand counts.
+
+Fixture corpus (tests/fixtures/lab): set "test" holds 3 ham, 3 spam and 3 unreadable
+entries (an empty file, a file without header fields, a missing file). Two test regimes:
+- auth_only: reject on DMARC fail, +1 (tag) when neither SPF nor DKIM passes (all T1);
+- size_only: reject peer 198.51.100.99 (T0, stops early), quarantine above 700 bytes.
+Authentication comes offline from Authentication-Results of the trusted mx.lab.example.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.cli import main
+from relay.config import settings_from_mapping
+from relay.lab.corpus import load_corpus, sources_from_box, sources_from_labels
+from relay.lab.env import LabEnv
+from relay.lab.offline_auth import HeaderAuth
+from relay.lab.run import LabOptions, run_lab
+from relay.lab.stats import wilson
+from relay.message import Message
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lab"
+CORPUS = FIXTURES / "corpus"
+LABELS = FIXTURES / "labels.tsv"
+POLICIES = FIXTURES / "policies"
+TRUSTED = "mx.lab.example"
+
+
+def _env() -> LabEnv:
+    settings = settings_from_mapping({"model": {"enabled": False}})
+    return LabEnv(settings=settings, trusted_authserv_ids=(TRUSTED,))
+
+
+def _options(tmp_path: Path, *, jobs: int = 1, cache: bool = True) -> LabOptions:
+    return LabOptions(
+        sources=tuple(sources_from_labels(CORPUS, LABELS, "test")),
+        description="fixture",
+        policies=(
+            POLICIES / "auth_only.toml",
+            POLICIES / "size_only.toml",
+            POLICIES / "broken.toml",
+        ),
+        out=tmp_path / "out",
+        env=_env(),
+        cache_dir=tmp_path / "cache" if cache else None,
+        jobs=jobs,
+    )
+
+
+def _regime(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [r for r in report["regimes"] if r["name"] == name]
+    assert found, f"regime {name} missing"
+    return found[0]
+
+
+def _kn(p: dict[str, Any]) -> tuple[int, int]:
+    return p["k"], p["n"]
+
+
+def test_wilson_matches_textbook_values() -> None:
+    # Hand-computed 95% Wilson intervals (z = 1.96): 1/3, 0/3, 3/3, 0/0.
+    assert wilson(1, 3) == pytest.approx((0.0615, 0.7923), abs=1e-4)
+    assert wilson(0, 3) == pytest.approx((0.0, 0.5615), abs=1e-4)
+    assert wilson(3, 3) == pytest.approx((0.4385, 1.0), abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_fixture_study_matches_hand_counts(tmp_path: Path) -> None:
+    report = run_lab(_options(tmp_path))
+    corpus = report["corpus"]
+    assert (corpus["messages"], corpus["readable"], corpus["ham"], corpus["spam"]) == (9, 6, 3, 3)
+    reasons = {u["id"]: u["reason"] for u in corpus["unreadable"]}
+    assert reasons["spam/empty.eml"] == "empty file"
+    assert reasons["spam/garbage.eml"] == "no header fields"
+    assert reasons["spam/missing.eml"].startswith("cannot read")
+
+    auth = _regime(report, "auth_only")
+    assert _kn(auth["spam_stopped_hard"]) == (1, 3)  # spoof.eml: DMARC fail -> reject
+    assert _kn(auth["spam_stopped_soft"]) == (2, 3)  # no-date, mortgage: tagged
+    assert _kn(auth["spam_stopped"]) == (3, 3)
+    assert _kn(auth["ham_blocked"]) == (0, 3)
+    assert _kn(auth["ham_tagged"]) == (2, 3)  # personal, list-post: unauthenticated
+    assert auth["spam_stopped_hard"]["low"] == pytest.approx(0.0615, abs=1e-4)
+    assert auth["spam_stopped_hard"]["high"] == pytest.approx(0.7923, abs=1e-4)
+    assert auth["ham_blocked"]["high"] == pytest.approx(0.5615, abs=1e-4)
+    assert _kn(auth["tiers"]["T1"]) == (6, 6)
+    assert _kn(auth["content_read"]) == (0, 6)
+    assert auth["highest_tier"] == "T1"
+    assert auth["rule_hits"] == {
+        "unauthenticated": {"spam": 2, "ham": 2},
+        "dmarc_fail": {"spam": 1, "ham": 0},
+    }
+
+    size = _regime(report, "size_only")
+    assert _kn(size["spam_stopped_hard"]) == (1, 3)  # spoof.eml: bad peer, at T0
+    assert _kn(size["spam_stopped_soft"]) == (1, 3)  # no-date.eml: 1204 bytes
+    assert _kn(size["ham_blocked"]) == (1, 3)  # list-post.eml: 761 bytes
+    assert [(b["id"], b["action"], b["forced_by"]) for b in size["ham_blocks"]] == [
+        ("ham/list-post.eml", "quarantine", "big")
+    ]
+    assert size["ham_block_causes"] == {"big": 1}
+    # Early stop: the forced reject at T0 never reads message_size (T1).
+    assert _kn(size["tiers"]["T0"]) == (1, 6)
+    assert _kn(size["tiers"]["T1"]) == (5, 6)
+
+    assert sorted(d["id"] for d in report["disagreements"]) == [
+        "ham/personal.eml",
+        "spam/mortgage.eml",
+    ]
+    assert report["disagreement_pairs"]["auth_only"]["size_only"] == 2
+
+    [error] = report["regime_errors"]
+    assert error["file"].endswith("broken.toml")
+    assert "broken.toml:8: rule 'typo': unknown fact 'dmark'" in error["problems"][0]
+    assert report["dns"]["mode"] == "offline"
+    assert report["dns"]["trusted_authserv_ids"] == [TRUSTED]
+
+
+def test_report_files_render_the_json(tmp_path: Path) -> None:
+    run_lab(_options(tmp_path))
+    out = tmp_path / "out"
+    data = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "| auth_only | 100.0% [43.9, 100.0] | 33.3% [6.1, 79.2] |" in md
+    assert "33.3% [6.1, 79.2] (1/3)" in html
+    for plot in ("tradeoff.png", "tiers.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for item in data["disagreements"]:
+        page = json.loads((out / item["facts"]).with_suffix(".json").read_text())
+        assert page["id"] == item["id"]
+        assert set(page["verdicts"]) == {"auth_only", "size_only"}
+        assert "auth_results" in page["facts"]
+        assert (out / item["facts"]).exists()
+        assert item["facts"] in html
+    assert "spam/garbage.eml" in html and "no header fields" in md
+
+
+def test_warm_cache_computes_nothing_and_agrees(tmp_path: Path) -> None:
+    cold = run_lab(_options(tmp_path))
+    warm = run_lab(_options(tmp_path))
+    assert cold["facts"]["messages_computed"] == 6
+    assert warm["facts"]["messages_computed"] == 0
+    assert warm["facts"]["messages_from_cache"] == 6
+    assert cold["regimes"] == warm["regimes"]
+    # A different trust setting is a different environment: nothing stale is reused.
+    changed = LabOptions(**{**_fields(_options(tmp_path)), "env": LabEnv(_env().settings)})
+    other = run_lab(changed)
+    assert other["facts"]["messages_computed"] == 6
+    assert _kn(_regime(other, "auth_only")["spam_stopped_hard"]) == (0, 3)
+
+
+def _fields(options: LabOptions) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in LabOptions.__dataclass_fields__}
+
+
+def test_process_pool_gives_the_same_report(tmp_path: Path) -> None:
+    serial = run_lab(_options(tmp_path / "a", jobs=1, cache=False))
+    pooled = run_lab(_options(tmp_path / "b", jobs=2, cache=False))
+    assert serial["regimes"] == pooled["regimes"]
+    assert pooled["facts"]["jobs"] == 2
+
+
+def test_corpus_time_order_date_then_file_order() -> None:
+    corpus = load_corpus(sources_from_labels(CORPUS, LABELS, "test"), "fixture")
+    order = [m.id for m in corpus.messages]
+    # mortgage.eml is dated 31 July; no-date.eml keeps the time of spoof.eml before it.
+    assert order == [
+        "spam/mortgage.eml",
+        "ham/personal.eml",
+        "ham/list-post.eml",
+        "ham/authenticated.eml",
+        "spam/spoof.eml",
+        "spam/no-date.eml",
+    ]
+    by_id = {m.id: m for m in corpus.messages}
+    assert by_id["spam/no-date.eml"].time == by_id["spam/spoof.eml"].time
+    spoof = by_id["spam/spoof.eml"]
+    assert spoof.envelope.mail_from == "billing@bank.example"
+    assert spoof.envelope.rcpt_to == ("bob@example.net",)
+    assert (spoof.peer.ip, spoof.peer.helo, spoof.peer.tls_version) == (
+        "198.51.100.99",
+        "unknown",
+        None,
+    )
+    assert by_id["ham/authenticated.eml"].peer.tls_version == "TLS"  # "with ESMTPS"
+    personal = by_id["ham/personal.eml"].to_message()
+    assert not personal.raw.startswith(b"From ")  # the mbox line is not a header
+    assert personal.envelope.mail_from == "alice@example.org"
+
+
+def test_only_trusted_authentication_results_count() -> None:
+    forged = Message.from_file_bytes((CORPUS / "ham" / "forged-upstream.eml").read_bytes())
+    spoof = Message.from_file_bytes((CORPUS / "spam" / "spoof.eml").read_bytes())
+    trusting = HeaderAuth(frozenset({TRUSTED}))
+    assert trusting.results(forged).spf.result == "none"  # attacker.example is not trusted
+    assert trusting.results(forged).dmarc.result == "none"
+    assert HeaderAuth(frozenset({"attacker.example"})).results(forged).spf.result == "pass"
+    found = trusting.results(spoof)
+    assert (found.spf.result, found.dmarc.result, found.dmarc.policy) == ("fail", "fail", "reject")
+    assert found.from_domain == "bank.example"
+
+
+def test_maildir_and_mbox_sources(tmp_path: Path) -> None:
+    box = mailbox.Maildir(tmp_path / "ham", create=True)
+    for name in ("personal.eml", "list-post.eml"):
+        box.add((CORPUS / "ham" / name).read_bytes())
+    mbox = mailbox.mbox(tmp_path / "spam.mbox", create=True)
+    for name in ("spoof.eml", "mortgage.eml"):
+        mbox.add((CORPUS / "spam" / name).read_bytes())
+    mbox.close()
+    sources = sources_from_box(tmp_path / "ham", "ham") + sources_from_box(
+        tmp_path / "spam.mbox", "spam"
+    )
+    corpus = load_corpus(sources, "boxes")
+    assert sorted(m.label for m in corpus.messages) == ["ham", "ham", "spam", "spam"]
+    assert not corpus.unreadable
+    subjects = {m.to_message().header("Subject") for m in corpus.messages}
+    assert "Your account is suspended" in subjects and "lunch on friday?" in subjects
+
+
+def test_cli_runs_a_study_and_reports_bad_regimes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[model]\nenabled = false\n[auth]\nauthserv_id = "mx.lab.example"\n')
+    args = [
+        "lab", "--corpus", str(CORPUS), "--labels", str(LABELS), "--set", "test",
+        "--config", str(config), "--cache", str(tmp_path / "cache"), "--jobs", "1",
+        "--out", str(tmp_path / "out"), "--policy",
+    ]  # fmt: skip
+    assert main([*args, str(POLICIES / "auth_only.toml")]) == 0
+    assert "6 messages (3 spam, 3 ham, 3 unreadable)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert _kn(_regime(report, "auth_only")["spam_stopped_hard"]) == (1, 3)
+    assert main([*args, str(POLICIES / "broken.toml"), str(POLICIES / "size_only.toml")]) == 1
+    assert "broken.toml:8: rule 'typo'" in capsys.readouterr().err
+
+
+def test_ham_and_spam_directories(tmp_path: Path) -> None:
+    ham, spam = tmp_path / "ham", tmp_path / "spam"
+    shutil.copytree(CORPUS / "ham", ham)
+    shutil.copytree(CORPUS / "spam", spam)
+    sources = sources_from_box(ham, "ham") + sources_from_box(spam, "spam")
+    corpus = load_corpus(sources, "dirs")
+    assert len(corpus.messages) == 7
+    assert sorted(u.reason for u in corpus.unreadable) == ["empty file", "no header fields"]
