@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from relay.facts import auth, connection, envelope
+from relay.facts import auth, connection, content, envelope, headers, text
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 
 FAMILIES = (
     connection.FACTS,
     envelope.FACTS,
     auth.FACTS,
+    headers.FACTS,
+    text.FACTS,
+    content.FACTS,
 )
 
 

@@ -1,0 +1,278 @@
+"""T3 facts that read the text: commercial purpose, postal address, labels, opt-out links.
+
+These are transparent heuristics, not classifiers: every cue is a documented pattern
+(docs/facts.md lists them and their limits), results are deterministic, and each fact reads
+only the decoded body (``body_text``) and the Subject. They exist so that content-based
+regimes (CAN-SPAM, EU opt-in, the 2.13 draft) can be run and their privacy cost measured;
+they are English-first with a few German/French/Spanish cues, and easy to fool on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from relay.facts.base import FactContext, FactSpec, FactType
+from relay.facts.envelope import address_domain
+from relay.facts.headers import addresses, org_domain
+from relay.facts.text import BodyText
+from relay.verdict import Tier
+
+
+@dataclass(frozen=True, slots=True)
+class Cue:
+    """A weighted pattern: contributes ``weight * log1p(min(matches, cap))`` to the score."""
+
+    name: str
+    pattern: re.Pattern[str]
+    weight: float
+    cap: int = 5
+
+
+def _re(text: str) -> re.Pattern[str]:
+    return re.compile(text, re.IGNORECASE)
+
+
+def _lower(text: str) -> re.Pattern[str]:
+    """For patterns matched against lower-cased text."""
+    return re.compile(text)
+
+
+# Weights were set by hand and checked on the SpamAssassin corpus (docs/facts.md): they
+# order messages, the logistic only squashes the sum into 0..1.
+COMMERCIAL_BIAS = -3.0
+COMMERCIAL_CUES = (
+    Cue("price", _lower(r"[$€£¥]\s?\d|\b\d+(?:[.,]\d\d)?\s?(?:usd|eur|gbp|dollars?|euros?)"
+                        r"\b"), 1.2),
+    Cue("discount", _lower(r"\b\d{1,2}\s?%\s?off\b|\bdiscount|\bsale\b|\bcoupon|\bpromo(?:tion"
+                        r"|code)?\b|\bspecial offer|\blimited[- ]time|\bclearance|\bfree "
+                        r"(?:shipping|delivery|trial|gift)|\bbest price|\blowest price"), 1.4),
+    Cue("call_to_action", _lower(r"\b(?:buy|order|shop|subscribe|sign up|register|call|apply|act"
+                              r"|book|download|join)\s+(?:now|today)\b|\bclick here\b|\bget "
+                              r"(?:yours|started)\b|\bdon'?t miss\b|\bhurry\b"), 1.3),
+    Cue("unsubscribe", _lower(r"\bunsubscribe|\bopt[- ]?out\b|\bremoved? from (?:our|this|the)"
+                           r"[\w ]{0,20}list|\bto be removed\b|\bno longer wish\b|"
+                           r"\bmanage (?:your )?(?:preferences|subscription)"), 1.5, cap=2),
+    Cue("marketing", _lower(r"\b(?:offers?|exclusive|bonus|guaranteed?|winner|prize|risk[- ]free"
+                         r"|earn|income|investment|mortgage|loans?|credit|pharmacy|casino|"
+                         r"newsletter|products?|brand|new arrivals|catalog(?:ue)?|customers?"
+                         r"|members?hip|savings?|save|cheap|order|free|cash|money|wholesale|"
+                         r"prices?|opportunity|deals?|business|profits?|sales|gifts?)\b"), 0.8,
+        cap=10),
+    Cue("ad_statement", _lower(r"\b(?:advertisement|advertising|promotional|sponsored)\b"), 1.0,
+        cap=2),
+    # Transactional and personal mail: receipts, security codes, thread replies.
+    Cue("transactional", _lower(r"\b(?:receipt|invoice|tracking number|has shipped|order "
+                             r"(?:number|#|confirmation)|password reset|verification code|"
+                             r"security alert|your account statement)\b"), -1.5, cap=3),
+    Cue("personal", _lower(r"\b(?:i think|let me know|see you|talk soon|thanks for your|as we "
+                        r"discussed|attached is|i'll|i've)\b"), -0.7, cap=5),
+)  # fmt: skip
+MANY_LINKS = (3, 0.5)  # at least 3 links adds 0.5 per log1p(links)
+
+# (anchor, full pattern): the cheap anchor is searched first, the full pattern only if found.
+_POSTAL = (
+    (_re(r"\bbox\s+\d"), _re(r"\bp\.?\s?o\.?\s?box\s+\d+")),
+    # US: "12 High Street, Springfield, IL 62704"
+    (
+        re.compile(r"\b[A-Z]{2}\s+\d{5}\b"),
+        re.compile(
+            r"\b\d{1,6}\s+(?:[A-Za-z0-9.'-]+\s+){0,5}(?:street|st|avenue|ave|road|rd|boulevard"
+            r"|blvd|lane|ln|drive|dr|suite|ste|way|court|ct|place|pl|square|sq|highway|hwy|"
+            r"parkway|pkwy)\b.{0,80}?\b[A-Z]{2}\s+\d{5}(?:-\d{4})?\b",
+            re.IGNORECASE | re.DOTALL,
+        ),
+    ),
+    # UK postcode after a numbered street line
+    (
+        re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b"),
+        re.compile(r"\b\d{1,5}\s+\w+.{0,80}?\b[A-Z]{1,2}\d[A-Z\d]?\s+\d[A-Z]{2}\b", re.DOTALL),
+    ),
+    # Canada
+    (
+        re.compile(r"\b[A-Z]\d[A-Z]\s?\d[A-Z]\d\b"),
+        re.compile(r"\b\d{1,6}\s+\w+.{0,80}?\b[A-Z]\d[A-Z]\s?\d[A-Z]\d\b", re.DOTALL),
+    ),
+    # Continental Europe: "Hauptstraße 5, 10115 Berlin", "12 rue de la Paix, 75002 Paris"
+    (
+        re.compile(r"\b\d{4,5}\s+[A-ZÄÖÜÉ]"),
+        re.compile(
+            r"(?:\b\w*(?:stra(?:ss|ß)e|str\.|weg|gasse|platz|laan|plein|straat)\s+\d{1,4}"
+            r"|\b\d{1,4},?\s+(?:rue|avenue|boulevard|place|via|calle|avenida|plaza)\b).{0,60}?"
+            r"\b\d{4,5}\s+[A-ZÄÖÜÉ][\w-]+",
+            re.IGNORECASE | re.DOTALL,
+        ),
+    ),
+)
+_AD_LABEL = _re(
+    r"\bthis (?:e-?mail|message) is an? (?:advertisement|commercial (?:message|communication)"
+    r"|promotion(?:al (?:message|e-?mail))?)\b|^\s*(?:adv|advertisement|anzeige|werbung|"
+    r"publicit[ée])\b|\b(?:this is an|is an) advertisement\b|\bsponsored (?:content|message)\b"
+    r"|\bpromotional (?:e-?mail|message)\b|\bwerbung\b|\bpublicit[ée]\b"
+)
+_UNSUBSCRIBE = _re(
+    r"unsubscribe|opt[- _]?out|remove me|removal|manage (?:your )?(?:preferences|subscription"
+    r"|e-?mail settings)|abmelden|abbestellen|d[ée]sabonner|d[ée]sinscri|darse de baja|"
+    r"cancelar suscripci|afmelden|list-manage"
+)
+_COMPANY = re.compile(
+    r"\b(?:Ltd|Limited|Inc|LLC|L\.L\.C|GmbH|AG|plc|S\.A|SARL|SAS|B\.V|N\.V|S\.L|Pty|Corp"
+    r"|Corporation|Co\.)\b\.?|©|\(c\)\s*\d{4}|copyright",
+)
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+_VOWELS = frozenset("aeiouyàáâäèéêëìíîïòóôöùúûü")
+_STOPWORDS = frozenset(
+    ("the", "and", "for", "you", "your", "with", "this", "that", "from", "are", "was", "our",
+     "have", "has", "not", "but", "all", "can", "will", "about", "what", "when", "how", "who",
+     "new", "get", "now", "out", "its", "it's", "fwd", "re", "aw")
+)  # fmt: skip
+MEANINGFUL_MIN_WORDS = 5
+MEANINGFUL_MIN_WORDLIKE = 0.4
+MEANINGFUL_MIN_VARIETY = 0.1  # distinct / total words, checked from 20 words on
+
+
+def _subject(ctx: FactContext) -> str:
+    return ctx.message.header("subject") or ""
+
+
+async def _body(ctx: FactContext) -> BodyText:
+    body = await ctx.get("body_text")
+    if not isinstance(body, BodyText):  # a cached summary cannot be re-read
+        raise TypeError("body_text is not available for re-reading")
+    return body
+
+
+def commercial_score(subject: str, body: BodyText) -> tuple[float, dict[str, int]]:
+    """Probability-like score and the matches per cue (for explanations and tests)."""
+    # Cue patterns are lower-case: lowering once is cheaper than IGNORECASE in every scan.
+    text = (subject + "\n" + body.text).lower()
+    counts = {cue.name: len(cue.pattern.findall(text)) for cue in COMMERCIAL_CUES}
+    z = COMMERCIAL_BIAS
+    for cue in COMMERCIAL_CUES:
+        z += cue.weight * math.log1p(min(counts[cue.name], cue.cap))
+    links = len(body.links)
+    if links >= MANY_LINKS[0]:
+        z += MANY_LINKS[1] * math.log1p(links)
+    counts["links"] = links
+    return 1.0 / (1.0 + math.exp(-z)), counts
+
+
+async def _commercial_probability(ctx: FactContext) -> float:
+    score, _ = commercial_score(_subject(ctx), await _body(ctx))
+    return round(score, 4)
+
+
+def has_postal(text: str) -> bool:
+    """Whether ``text`` holds a postal address pattern (see _POSTAL)."""
+    return any(anchor.search(text) and full.search(text) for anchor, full in _POSTAL)
+
+
+async def _has_postal_address(ctx: FactContext) -> bool:
+    text = (await _body(ctx)).text
+    return has_postal(text)
+
+
+async def _has_ad_label(ctx: FactContext) -> bool:
+    return _AD_LABEL.search((await _body(ctx)).text) is not None
+
+
+async def _has_body_unsubscribe_link(ctx: FactContext) -> bool:
+    for link in (await _body(ctx)).links:
+        href = link.href.lower()
+        if not href.startswith(("http://", "https://", "mailto:")):
+            continue
+        if _UNSUBSCRIBE.search(link.label) or _UNSUBSCRIBE.search(href):
+            return True
+    return False
+
+
+async def _body_sender_identified(ctx: FactContext) -> bool:
+    text = (await _body(ctx)).text
+    lowered = text.lower()
+    found = addresses(ctx.message, "from")
+    if found:
+        display, address = found[0]
+        display = display.strip().strip('"').lower()
+        if len(display) >= 3 and "@" not in display and display in lowered:
+            return True
+        domain = address_domain(address)
+        if domain:
+            org = org_domain(ctx.services.get(PublicSuffixList), domain)
+            name = org.split(".")[0]
+            if org in lowered or (len(name) >= 3 and re.search(rf"\b{re.escape(name)}\b", lowered)):
+                return True
+    return _COMPANY.search(text) is not None
+
+
+def _wordlike(word: str) -> bool:
+    if not word.isascii():
+        return True  # other scripts: no vowel test
+    w = word.lower()
+    return 2 <= len(w) <= 20 and any(ch in _VOWELS for ch in w)
+
+
+def is_meaningless(text: str) -> bool:
+    """Too few words, mostly non-words, or one word repeated (see docs/facts.md)."""
+    tokens = text.split()
+    words = [w for w in _WORD.findall(text) if _wordlike(w)]
+    if len(words) < MEANINGFUL_MIN_WORDS:
+        return True
+    if len(words) / max(len(tokens), 1) < MEANINGFUL_MIN_WORDLIKE:
+        return True
+    variety = len({w.lower() for w in words}) / len(words)
+    return len(words) >= 20 and variety < MEANINGFUL_MIN_VARIETY
+
+
+async def _meaningless_text(ctx: FactContext) -> bool:
+    return is_meaningless((await _body(ctx)).text)
+
+
+def _stems(text: str) -> set[str]:
+    return {
+        w[:5]
+        for w in (t.lower() for t in _WORD.findall(text))
+        if len(w) >= 3 and w not in _STOPWORDS
+    }
+
+
+def mismatch(subject: str, text: str) -> float:
+    """Share of the subject's content words (5-letter stems) absent from the body."""
+    wanted = _stems(subject)
+    if not wanted:
+        return 0.0
+    return round(1.0 - len(wanted & _stems(text)) / len(wanted), 4)
+
+
+async def _subject_body_mismatch(ctx: FactContext) -> float:
+    return mismatch(_subject(ctx), (await _body(ctx)).text)
+
+
+def _spec(name: str, kind: FactType, fn: Callable[[FactContext], Any], doc: str) -> FactSpec:
+    return FactSpec(name, kind, Tier.CONTENT, fn, depends=("body_text",), doc=doc)
+
+
+FACTS = (
+    _spec(
+        "commercial_probability",
+        FactType.FLOAT,
+        _commercial_probability,
+        "heuristic 0..1: weighted commercial cues (prices, offers, calls to action ...)",
+    ),
+    _spec("has_postal_address", FactType.BOOL, _has_postal_address,
+          "a postal address pattern (PO box; US, UK, CA, continental street + postcode)"),
+    _spec("has_ad_label", FactType.BOOL, _has_ad_label,
+          "the body says it is an advertisement / promotional message"),
+    _spec("has_body_unsubscribe_link", FactType.BOOL, _has_body_unsubscribe_link,
+          "a link whose text or target is an unsubscribe / opt-out"),
+    _spec("body_sender_identified", FactType.BOOL, _body_sender_identified,
+          "the body names the sender (From name or domain) or a company"),
+    _spec("meaningless_text", FactType.BOOL, _meaningless_text,
+          "little meaningful text: < 5 words, mostly non-words, or one word repeated"),
+    _spec("subject_body_mismatch", FactType.FLOAT, _subject_body_mismatch,
+          "share of subject content words absent from the body (0 = all present)"),
+)  # fmt: skip
