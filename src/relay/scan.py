@@ -58,10 +58,8 @@ async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
         for name in names:
             if name not in registry:
                 raise FactError(f"unknown fact {name!r}")
-            try:
+            with contextlib.suppress(FactError):  # a failure is recorded with its reason
                 await facts.get(name)
-            except FactError:
-                pass  # recorded with its error below
         reads = {r.name: r for r in facts.reads()}
         for name in names:
             r = reads[name]
