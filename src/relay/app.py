@@ -19,11 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.auth.checker import Authenticator
+from relay.authresults import AuthResultsStamp
 from relay.config import Settings, load_settings
 from relay.delivery import MaildirTransport, SmtpTransport, Transport
+from relay.dns import Resolver
 from relay.errors import ConfigError, PolicyError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
-from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline
+from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline, Stamp
 from relay.relaycontrol import RelayControl
 from relay.smtp import Sessions, SmtpDeps, listening_socket, start_server
 from relay.workers import Supervisor
@@ -47,7 +50,22 @@ def configure_logging(level: str) -> None:
 async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) -> list[object]:
     """Long-lived services handed to fact functions; each closes on the stack."""
     services: list[object] = []
+    resolver = Resolver(settings.dns)  # the one DNS cache every check shares
+    stack.push_async_callback(resolver.close)
+    services.append(resolver)
+    if settings.auth.enabled:
+        authenticator = Authenticator(resolver)
+        stack.push_async_callback(authenticator.close)
+        services.append(authenticator)
     return services
+
+
+def build_stamps(settings: Settings) -> list[Stamp]:
+    """Header stamps applied after the decision, in order."""
+    stamps: list[Stamp] = []
+    if settings.auth.enabled:
+        stamps.append(AuthResultsStamp(settings.authserv_id))
+    return stamps
 
 
 def build_transport(settings: Settings) -> Transport:
@@ -129,6 +147,7 @@ async def lifespan(
             services=services,
             policy=holder,
             observer=observer,
+            stamps=build_stamps(settings),
         )
         sessions = Sessions(limit=settings.smtp.max_connections)
         deps = SmtpDeps(

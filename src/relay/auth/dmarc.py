@@ -137,7 +137,8 @@ def evaluate(
     if aligned:
         result, reason = "pass", ""
     else:
-        temp = spf.result == "temperror" or any(
+        spf_temp = spf.result == "temperror" and orgs.aligned(spf.domain, from_domain, record.aspf)
+        temp = spf_temp or any(
             s.result == "temperror" and orgs.aligned(s.domain, from_domain, record.adkim)
             for s in dkim.signatures
         )

@@ -1,0 +1,230 @@
+"""The Authentication-Results stamp: format (checked with the authres parser), forged-header
+removal, byte-exact prepending, and the auth facts it reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import authres
+import dkim
+import pytest
+
+from relay.auth.checker import Authenticator
+from relay.authresults import AuthResultsStamp, authserv_id_of, format_value
+from relay.facts import Facts, Services, default_registry
+from relay.facts.auth import FACTS
+from relay.verdict import ACCEPT_ALL, Tier
+from tests.support.authenv import authenticator, incoming
+from tests.support.dkimkeys import SigningKey, make_message, rsa_key, sign
+from tests.support.dnsserver import LocalDns
+from tests.support.relay import make_settings, running_relay, send, sink_server
+
+ID = "relay.test"
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return rsa_key("example.com", "k1", 2048)
+
+
+@pytest.fixture(scope="module")
+def dns(key: SigningKey) -> Iterator[LocalDns]:
+    zone: dict[str, list[tuple[Any, ...]]] = {
+        key.name: [("TXT", key.txt)],
+        "example.com.": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+        "_dmarc.example.com.": [("TXT", "v=DMARC1; p=reject")],
+    }
+    with LocalDns(zone) as server:
+        yield server
+
+
+@pytest.fixture
+async def auth(dns: LocalDns) -> AsyncIterator[Authenticator]:
+    async with authenticator(dns) as a:
+        yield a
+
+
+def props(result: Any) -> dict[str, str]:
+    """Every ptype.property=value of one parsed resinfo."""
+    return {f"{p.type}.{p.name}": p.value for p in result.properties}
+
+
+def _header_value(raw: bytes) -> str:
+    first = raw.split(b"\r\n\r\n", 1)[0].decode()
+    assert first.startswith("Authentication-Results: ")
+    lines = first.split("\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        if line[:1] not in (" ", "\t"):
+            break
+        out.append(line)
+    return "\r\n".join(out)
+
+
+async def stamped(auth: Authenticator, raw: bytes, **kw: Any) -> tuple[bytes, Facts]:
+    message = incoming(raw, **kw)
+    facts = Facts(default_registry(), message, Services(auth))
+    out = await AuthResultsStamp(ID)(message, facts, ACCEPT_ALL)
+    return out.raw, facts
+
+
+async def test_header_parses_as_rfc8601(auth: Authenticator, key: SigningKey) -> None:
+    signed = sign(make_message(), key)
+    raw, _ = await stamped(auth, signed)
+    header = authres.AuthenticationResultsHeader.parse(_header_value(raw))
+    assert header.authserv_id == ID
+    found = [(r.method, r.result, props(r)) for r in header.results]
+    assert found[0][:2] == ("dkim", "pass")
+    assert found[0][2]["header.d"] == "example.com"
+    assert found[0][2]["header.a"] == "rsa-sha256" and found[0][2]["header.s"] == "k1"
+    assert found[1] == ("spf", "pass", {"smtp.mailfrom": "alice@example.com"})
+    assert found[2] == ("spf", "none", {"smtp.helo": "mail.example.com"})  # no HELO record
+    assert found[3] == ("dmarc", "pass", {"header.from": "example.com"})
+    assert found[4][:2] == ("arc", "none")
+
+
+async def test_exactly_one_header_prepended_byte_exact(
+    auth: Authenticator, key: SigningKey, dns: LocalDns
+) -> None:
+    signed = sign(make_message(), key)
+    raw, _ = await stamped(auth, signed)
+    assert raw.endswith(signed)  # the rest of the message is untouched
+    assert raw.count(b"Authentication-Results:") == 1
+    # downstream DKIM still verifies the delivered bytes
+    record = key.txt.encode()
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: record)
+
+
+async def test_forged_headers_with_our_id_are_removed(auth: Authenticator) -> None:
+    forged = (
+        b"Authentication-Results: relay.test; dkim=pass header.d=bank.example\r\n"
+        b"Authentication-Results: (comment) RELAY.TEST;\r\n\tspf=pass\r\n"
+        b'Authentication-Results: "relay.test" 1; dmarc=pass\r\n'
+        b"Authentication-Results: mx.other.example; spf=fail\r\n"
+    )
+    raw, _ = await stamped(auth, forged + make_message())
+    assert raw.count(b"Authentication-Results:") == 2
+    assert b"mx.other.example; spf=fail" in raw  # someone else's results are kept
+    assert b"bank.example" not in raw and b'"relay.test" 1' not in raw
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        (b"Authentication-Results: relay.test; none", "relay.test"),
+        (b"Authentication-Results:relay.test;none", "relay.test"),
+        (b"Authentication-Results: (c (nested)) Relay.Test 1;", "relay.test"),
+        (b'Authentication-Results: "relay.test"; x', "relay.test"),
+        (b"Authentication-Results: \r\n\trelay.test;", "relay.test"),
+        (b"Authentication-Results: relay.test.evil; x", "relay.test.evil"),
+        (b"Authentication-Results: ;", ""),
+    ],
+)
+def test_authserv_id_of(field: bytes, expected: str) -> None:
+    assert authserv_id_of(field) == expected
+
+
+def test_values_are_quoted_and_ascii() -> None:
+    value = format_value(
+        "relay.test",
+        {
+            "dkim": {
+                "limit": 10,
+                "note": "",
+                "signatures": [
+                    {
+                        "result": "permerror",
+                        "reason": 'bad "tag" \\ here',
+                        "domain": "exämple.com",
+                        "selector": "s;1",
+                        "algorithm": "rsa-sha256",
+                        "b_prefix": "ab/+",
+                    },
+                ],
+            },
+            "spf": {"result": "none", "sender": "we;ird@example.com"},
+            "spf_helo": {},
+            "dmarc": {"result": "none"},
+            "arc": {"result": "none"},
+        },
+    )
+    value.encode("ascii")
+    assert 'reason="bad \\"tag\\" \\\\ here"' in value
+    assert 'header.d="ex?mple.com"' in value and 'header.s="s;1"' in value
+    assert 'header.b="ab/+"' in value
+    assert 'smtp.mailfrom="we;ird@example.com"' in value
+    # (authres 1.2 drops quoted values that are not last, so only the structure is parsed)
+    header = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value)
+    assert [(r.method, r.result) for r in header.results] == [
+        ("dkim", "permerror"),
+        ("spf", "none"),
+        ("dmarc", "none"),
+        ("arc", "none"),
+    ]
+    assert all(line.startswith("\t") for line in value.split("\r\n")[1:])
+
+
+async def test_facts_are_json_and_tier_one(auth: Authenticator, key: SigningKey) -> None:
+    signed = sign(make_message(), key)
+    _, facts = await stamped(auth, signed)
+    names = [spec.name for spec in FACTS]
+    for name in names:
+        await facts.get(name)
+    reads = {r.name: r for r in facts.reads()}
+    assert {r.tier for r in reads.values() if r.name in names} == {Tier.ENVELOPE}
+    json.dumps({name: reads[name].value for name in names})
+    values = {name: reads[name].value for name in names}
+    assert values["dkim_result"] == "pass"
+    assert values["dkim_domains_pass"] == ["example.com"]
+    assert values["dkim_key_bits"] == 2048
+    assert values["dkim_weak"] is False
+    assert values["spf"] == "pass" and values["spf_domain"] == "example.com"
+    assert values["dmarc"] == "pass" and values["dmarc_policy"] == "reject"
+    assert values["dmarc_aligned"] is True
+    assert values["arc"] == "none"
+    assert values["from_domain"] == "example.com"
+    assert values["dkim"]["signatures"][0]["headers"][0] == "from"
+    assert reads["auth_results"].error is None
+
+
+async def test_missing_service_still_stamps_temperror() -> None:
+    message = incoming(make_message())
+    facts = Facts(default_registry(), message, Services())
+    out = await AuthResultsStamp(ID)(message, facts, ACCEPT_ALL)
+    header = authres.AuthenticationResultsHeader.parse(_header_value(out.raw))
+    assert {r.method: r.result for r in header.results} == {
+        "dkim": "temperror",
+        "spf": "temperror",
+        "dmarc": "temperror",
+    }
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_relay_strips_forgeries_and_stamps_over_smtp(
+    tmp_path: Path, dns: LocalDns, enabled: bool
+) -> None:
+    forged = b"Authentication-Results: relay.test; dkim=pass header.d=bank.example\r\n"
+    async with sink_server() as sink:
+        settings = make_settings(
+            tmp_path,
+            {
+                "auth": {"enabled": enabled, "authserv_id": "relay.test"},
+                "dns": {"nameservers": [dns.address], "timeout": 1},
+                "delivery": {"mode": "smtp", "downstream": sink.address},
+            },
+        )
+        async with running_relay(settings) as relay:
+            await send(
+                relay.port, ["bob@example.org"], forged + make_message(), sender="alice@example.com"
+            )
+    (received,) = sink.messages
+    if not enabled:  # auth off: the relay adds and removes nothing
+        assert received.data.startswith(forged)
+        return
+    assert received.data.count(b"Authentication-Results: relay.test") == 1
+    assert b"bank.example" not in received.data
+    header = authres.AuthenticationResultsHeader.parse(_header_value(received.data))
+    assert [(r.method, r.result) for r in header.results][:2] == [("dkim", "none"), ("spf", "fail")]
