@@ -1,0 +1,187 @@
+"""Regulation lab on the full SpamAssassin corpus: every shipped regime, cold and warm cache.
+
+    .venv/bin/python -m bench.bench_lab             # writes bench/results/lab.{json,md}
+    .venv/bin/python -m bench.bench_lab --jobs 2 --keep /tmp/lab-bench
+
+Extracts the five tarballs of ../shared/corpora/spamassassin (or $RELAY_SHARED) into a
+scratch directory, then runs `relay lab` as a separate process over all 6046 messages and
+all config/regimes/*.toml twice: cold (empty fact cache) and warm (the cache of the cold
+run). The bench process is pinned to --jobs cores, and its children inherit that. Wall
+time and peak memory are measured over the lab's whole process tree (main process and
+fact workers), sampled from /proc.
+Targets (issue 7): cold < 3 min, warm < 20 s, memory < 1 GB, on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.procstats import cpu_seconds, descendants, rss_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"cold_seconds": 180.0, "warm_seconds": 20.0, "peak_rss_bytes": 1024**3}
+TARBALLS = (
+    "20030228_easy_ham.tar.bz2",
+    "20030228_easy_ham_2.tar.bz2",
+    "20030228_hard_ham.tar.bz2",
+    "20030228_spam.tar.bz2",
+    "20050311_spam_2.tar.bz2",
+)
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("RELAY_SHARED", REPO.parent / "shared"))
+
+
+def extract(corpus: Path, into: Path) -> None:
+    target = into / "sa"
+    target.mkdir(parents=True)
+    for name in TARBALLS:
+        with tarfile.open(corpus / name) as tar:
+            tar.extractall(target, filter="data")
+
+
+def run(cmd: list[str], sample: float = 0.1) -> dict[str, Any]:
+    """Run the command; wall time, peak RSS and CPU of its process tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak, cpu = 0, 0.0
+    while proc.poll() is None:
+        pids = descendants(proc.pid)
+        peak = max(peak, rss_bytes(pids))
+        cpu = max(cpu, cpu_seconds(pids))
+        time.sleep(sample)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode not in (0, 1):  # 1: a regime file had errors (reported, not fatal)
+        sys.stderr.write(err.decode(errors="replace"))
+        raise SystemExit(f"relay lab failed with exit code {proc.returncode}")
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_bytes": peak,
+        "cpu_seconds_sampled": round(cpu, 1),
+        "stdout": out.decode(errors="replace").strip(),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cold, warm = result["cold"], result["warm"]
+    ok = result["meets_targets"]
+    lines = [
+        "# Regulation lab benchmark",
+        "",
+        f"{result['messages']} messages (SpamAssassin public corpus), "
+        f"{len(result['regimes'])} regimes, {result['jobs']} cores "
+        f"({result['machine']['cpu']}), DNS {result['dns']}.",
+        "",
+        "| run | wall time | target | peak memory (process tree) | target |",
+        "|---|---|---|---|---|",
+        f"| cold cache | {cold['seconds']:.1f} s | < {TARGETS['cold_seconds']:.0f} s "
+        f"| {cold['peak_rss_bytes'] / 2**20:.0f} MiB | < 1024 MiB |",
+        f"| warm cache | {warm['seconds']:.1f} s | < {TARGETS['warm_seconds']:.0f} s "
+        f"| {warm['peak_rss_bytes'] / 2**20:.0f} MiB | < 1024 MiB |",
+        "",
+        f"Targets met: cold {ok['cold']}, warm {ok['warm']}, memory {ok['memory']}.",
+        "",
+        "Lab phases of the cold run (seconds): "
+        + ", ".join(f"{k} {v}" for k, v in result["cold_timings"].items()),
+        "",
+        "Lab phases of the warm run (seconds): "
+        + ", ".join(f"{k} {v}" for k, v in result["warm_timings"].items()),
+        "",
+        "| regime | spam stopped | legitimate mail blocked | content read (T3) |",
+        "|---|---|---|---|",
+    ]
+    for r in result["figures"]:
+        lines.append(
+            f"| {r['name']} | {100 * (r['spam_stopped'] or 0):.1f}% "
+            f"| {100 * (r['ham_blocked'] or 0):.1f}% | {100 * (r['content_read'] or 0):.1f}% |"
+        )
+    lines += ["", "Command: `.venv/bin/python -m bench.bench_lab`", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="scratch directory to use and keep")
+    args = parser.parse_args()
+    corpus = shared_dir() / "corpora" / "spamassassin"
+    if not (corpus / "split.tsv").exists():
+        print(f"SpamAssassin corpus not found under {corpus}; set RELAY_SHARED", file=sys.stderr)
+        return 2
+    cores = sorted(os.sched_getaffinity(0))[: args.jobs]
+    os.sched_setaffinity(0, cores)  # children (the lab and its workers) inherit this
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="relay-bench-lab-"))
+    try:
+        if not (scratch / "sa").exists():
+            extract(corpus, scratch)
+        for stale in ("cache", "out-cold", "out-warm"):
+            shutil.rmtree(scratch / stale, ignore_errors=True)
+        regimes = sorted(str(p) for p in (REPO / "config" / "regimes").glob("*.toml"))
+        base = [
+            sys.executable, "-m", "relay.cli", "lab",
+            "--corpus", str(scratch), "--labels", str(corpus / "split.tsv"),
+            "--config", str(REPO / "config" / "relay.toml"),
+            "--cache", str(scratch / "cache"), "--jobs", str(args.jobs), "--no-progress",
+            "--policy", *regimes,
+        ]  # fmt: skip
+        cold = run([*base, "--out", str(scratch / "out-cold")])
+        warm = run([*base, "--out", str(scratch / "out-warm")])
+        report = json.loads((scratch / "out-warm" / "report.json").read_text())
+        cold_report = json.loads((scratch / "out-cold" / "report.json").read_text())
+    finally:
+        if args.keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    result: dict[str, Any] = {
+        "messages": report["corpus"]["messages"],
+        "readable": report["corpus"]["readable"],
+        "unreadable": len(report["corpus"]["unreadable"]),
+        "regimes": [r["name"] for r in report["regimes"]],
+        "regime_errors": report["regime_errors"],
+        "jobs": args.jobs,
+        "dns": report["dns"]["mode"],
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores_used": cores},
+        "cold": cold,
+        "warm": warm,
+        "cold_timings": cold_report["timings"],
+        "warm_timings": report["timings"],
+        "facts": {k: v for k, v in cold_report["facts"].items() if k != "errors"},
+        "figures": [
+            {
+                "name": r["name"],
+                "spam_stopped": r["spam_stopped"]["rate"],
+                "ham_blocked": r["ham_blocked"]["rate"],
+                "content_read": r["content_read"]["rate"],
+            }
+            for r in report["regimes"]
+        ],
+        "targets": TARGETS,
+        "meets_targets": {
+            "cold": cold["seconds"] < TARGETS["cold_seconds"],
+            "warm": warm["seconds"] < TARGETS["warm_seconds"],
+            "memory": max(cold["peak_rss_bytes"], warm["peak_rss_bytes"])
+            < TARGETS["peak_rss_bytes"],
+        },
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lab.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "lab.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
