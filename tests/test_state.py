@@ -100,6 +100,13 @@ async def test_window_forgets_old_members(store: StateStore) -> None:
     )  # bob (1030) gone; carol, alice in
 
 
+async def test_many_members_in_one_call(store: StateStore) -> None:
+    assert await store.incr_window_many("k", ["a", "b", "c"], 60, now=10.0) == 3
+    assert await store.incr_window_many("k", ["c", "d"], 60, now=20.0) == 4
+    assert await store.incr_window_many("k", [], 60, now=75.0) == 2  # a, b (10) aged out
+    assert await store.incr_window("k", "e", 60, now=76.0) == 3
+
+
 async def test_anonymous_events_each_count(store: StateStore) -> None:
     counts = [await store.incr_window("conn", None, 60, now=500.0 + i) for i in range(5)]
     assert counts == [1, 2, 3, 4, 5]

@@ -25,8 +25,7 @@ import math
 import secrets
 import sqlite3
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,26 +52,36 @@ def hashed(*parts: str) -> str:
     return digest.hexdigest()
 
 
-class StateStore(ABC):
-    """Interface of the shared-state backends."""
+class StateStore:
+    """Interface of the shared-state backends (a plain base class, so ``Services.get``
+    can look it up by type)."""
 
-    @abstractmethod
     async def incr_window(
         self, key: str, member: str | None, window: float, now: float | None = None
     ) -> int:
         """Record ``member`` (or one anonymous event) and count distinct members in window."""
+        raise NotImplementedError
 
-    @abstractmethod
+    async def incr_window_many(
+        self, key: str, members: Sequence[str], window: float, now: float | None = None
+    ) -> int:
+        """Record several members at once (one round trip) and count as incr_window does."""
+        count = 0
+        for member in members:
+            count = await self.incr_window(key, member, window, now)
+        return count
+
     async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
         """Set flag ``key``, forever or for ``ttl`` seconds from ``now``."""
+        raise NotImplementedError
 
-    @abstractmethod
     async def seen(self, key: str, now: float | None = None) -> bool:
         """Whether flag ``key`` is set at ``now``."""
+        raise NotImplementedError
 
-    @abstractmethod
     async def close(self) -> None:
         """Release connections and threads; the store is unusable afterwards."""
+        raise NotImplementedError
 
 
 def _event_member(member: str | None) -> str:
@@ -129,17 +138,17 @@ class SqliteState(StateStore):
             raise StateError("sqlite state is not open")
         return self._db
 
-    def _incr(self, key: str, member: str, window: float, now: float) -> int:
+    def _incr(self, key: str, members: Sequence[str], window: float, now: float) -> int:
         db = self._conn()
         since = now - window
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("DELETE FROM window_members WHERE key = ? AND ts <= ?", (key, since))
-            db.execute(
+            db.executemany(
                 "INSERT INTO window_members (key, member, ts, expires) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (key, member) DO UPDATE SET "
                 "ts = max(ts, excluded.ts), expires = max(expires, excluded.expires)",
-                (key, member, now, now + window),
+                [(key, member, now, now + window) for member in members],
             )
             (count,) = db.execute(
                 "SELECT COUNT(*) FROM window_members WHERE key = ? AND ts > ?", (key, since)
@@ -174,7 +183,13 @@ class SqliteState(StateStore):
         self, key: str, member: str | None, window: float, now: float | None = None
     ) -> int:
         at = time.time() if now is None else now
-        return await self._run(self._incr, key, _event_member(member), window, at)
+        return await self._run(self._incr, key, (_event_member(member),), window, at)
+
+    async def incr_window_many(
+        self, key: str, members: Sequence[str], window: float, now: float | None = None
+    ) -> int:
+        at = time.time() if now is None else now
+        return await self._run(self._incr, key, tuple(members), window, at)
 
     async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
         at = time.time() if now is None else now
@@ -204,13 +219,21 @@ class RedisState(StateStore):
     async def incr_window(
         self, key: str, member: str | None, window: float, now: float | None = None
     ) -> int:
+        return await self.incr_window_many(key, (_event_member(member),), window, now)
+
+    async def incr_window_many(
+        self, key: str, members: Sequence[str], window: float, now: float | None = None
+    ) -> int:
         at = time.time() if now is None else now
         name = _PREFIX + "w:" + key
         since = at - window
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zremrangebyscore(name, "-inf", since)
-                pipe.zadd(name, {_event_member(member): at}, gt=True)
+                if members:
+                    pipe.zadd(name, dict.fromkeys(members, at), gt=True)
+                else:
+                    pipe.zcard(name)  # keeps result positions fixed
                 pipe.zcount(name, f"({since!r}", "+inf")
                 pipe.expire(name, math.ceil(window) + _REDIS_GRACE)
                 results = await pipe.execute()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.facts import auth, connection, content, envelope, headers, text
+from relay.facts import auth, bulk, connection, content, envelope, headers, text
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 
 FAMILIES = (
@@ -12,6 +12,7 @@ FAMILIES = (
     headers.FACTS,
     text.FACTS,
     content.FACTS,
+    bulk.FACTS,
 )
 
 

@@ -1,0 +1,184 @@
+"""Cross-message facts over a real SQLite state store: bulk fingerprint, volume, correspondents."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import string
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from publicsuffixlist import PublicSuffixList
+
+from relay.facts import bulk, text
+from relay.facts.base import FactRegistry, Facts, Services
+from relay.facts.bulk import CorrespondentRecorder, fingerprint, normalise
+from relay.message import Message, Peer
+from relay.state import SqliteState, StateStore
+from relay.verdict import Action, Tier, Verdict
+from tests.support.golden_facts import Case, check_case, covered, family_cases
+
+REGISTRY = FactRegistry((*bulk.FACTS, *text.FACTS))
+DAY = 24 * 3600.0
+T0 = 1_773_133_200.0
+
+
+@pytest.fixture(scope="module")
+def psl() -> PublicSuffixList:
+    return PublicSuffixList()
+
+
+@pytest.fixture
+async def state(tmp_path: Path) -> AsyncIterator[StateStore]:
+    store = await SqliteState(tmp_path / "state.sqlite3").open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def services(state: StateStore, psl: PublicSuffixList) -> Services:
+    return Services(state, psl)
+
+
+@pytest.mark.parametrize("case", family_cases(bulk.FACTS), ids=lambda c: c.file)
+async def test_golden(case: Case, services: Services) -> None:
+    await check_case(case, bulk.FACTS, REGISTRY, services)
+
+
+def test_every_bulk_fact_has_a_golden_case() -> None:
+    assert covered(bulk.FACTS) == set()
+
+
+def _words(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice(string.ascii_lowercase) for _ in range(6)) for _ in range(2000)]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+BODY = _words(1, 200)
+
+
+def test_normalise_flattens_case_digits_and_query_strings() -> None:
+    assert normalise("Win $1,000 NOW at https://x.example/a?id=77&u=bob") == [
+        "win", "0", "0", "now", "at", "https", "x", "example", "a",
+    ]  # fmt: skip
+
+
+def test_fingerprint_matches_near_duplicates_only() -> None:
+    keys = set(fingerprint(BODY))
+    assert len(keys) == bulk.BANDS
+    personalised = "Dear Mary,\n" + BODY.upper() + "\nOrder 12345: https://t.example/?u=mary"
+    assert keys & set(fingerprint(personalised))
+    one_word = BODY.replace(BODY.split()[100], "changed", 1)
+    assert keys & set(fingerprint(one_word))
+    assert not keys & set(fingerprint(_words(2, 200)))
+
+
+def _message(
+    body: str,
+    rcpt: list[str],
+    when: float,
+    sender: str = "news@mail.shop.example.co.uk",
+    msgid: str = "",
+    ip: str = "192.0.2.10",
+) -> Message:
+    head = f"From: {sender}\nTo: {', '.join(rcpt)}\nSubject: s\n"
+    if msgid:
+        head += f"Message-ID: <{msgid}>\n"
+    msg = Message.from_file_bytes(
+        (head + "\n" + body).encode(), mail_from=sender, rcpt_to=rcpt, peer=Peer(ip=ip)
+    )
+    return Message(msg.raw, msg.envelope, msg.peer, received_at=when)
+
+
+async def _get(msg: Message, name: str, services: Services) -> object:
+    return await Facts(REGISTRY, msg, services).get(name)
+
+
+async def test_bulk_count_counts_distinct_recipients_of_similar_bodies(
+    services: Services,
+) -> None:
+    counts = []
+    for i, rcpt in enumerate(["a@x.example", "b@x.example", "c@y.example", "a@x.example"]):
+        personalised = f"Hello {rcpt}, " + BODY + f" ref {i}"
+        counts.append(await _get(_message(personalised, [rcpt], T0 + i), "bulk_count", services))
+    assert counts == [1, 2, 3, 3]  # a@x.example got it twice: one recipient
+    many = _message(BODY, [f"r{i}@z.example" for i in range(10)], T0 + 10)
+    assert await _get(many, "bulk_count", services) == 13
+    other = _message(_words(3, 200), ["a@x.example"], T0 + 11)
+    assert await _get(other, "bulk_count", services) == 1
+    later = _message(BODY, ["late@x.example"], T0 + DAY + 20)  # the window has passed
+    assert await _get(later, "bulk_count", services) == 1
+
+
+async def test_bulk_count_is_a_fingerprint_tier_fact(services: Services) -> None:
+    facts = Facts(REGISTRY, _message(BODY, ["a@x.example"], T0), services)
+    await facts.get("bulk_count")
+    assert facts.highest_tier() is Tier.FINGERPRINT
+
+
+async def test_state_holds_no_text_or_addresses(services: Services, tmp_path: Path) -> None:
+    await _get(_message(BODY, ["secret.person@x.example"], T0), "bulk_count", services)
+    await _get(_message(BODY, ["secret.person@x.example"], T0), "sender_volume_24h", services)
+    dump = b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite3*"))
+    assert b"secret.person" not in dump
+    assert BODY.split()[0].encode() not in dump
+
+
+async def test_sender_volume_per_organisational_domain(services: Services) -> None:
+    a = _message("x", ["r1@x.example", "r2@x.example"], T0, msgid="m1@shop")
+    b = _message("y", ["r3@x.example"], T0 + 1, sender="info@shop.example.co.uk", msgid="m2@s")
+    assert await _get(a, "sender_volume_24h", services) == 2
+    assert await _get(b, "sender_volume_24h", services) == 3  # same organisation
+    assert await _get(a, "sender_volume_24h", services) == 3  # a retry counts once
+    other = _message("z", ["r1@x.example"], T0 + 2, sender="me@elsewhere.example", msgid="m3")
+    assert await _get(other, "sender_volume_24h", services) == 1
+
+
+async def test_bulk_sender_status_is_sticky(services: Services, state: StateStore) -> None:
+    members = [f"earlier-{i}" for i in range(bulk.BULK_SENDER_VOLUME - 1)]
+    await state.incr_window_many("volume:example.co.uk", members, DAY, T0 - 60)
+    small = _message("x", ["r@x.example"], T0, sender="a@example.co.uk", msgid="b1")
+    assert await _get(small, "bulk_sender", services) is True
+    next_week = _message("x", ["r@x.example"], T0 + 7 * DAY, sender="a@example.co.uk", msgid="b2")
+    facts = Facts(REGISTRY, next_week, services)
+    assert await facts.get("sender_volume_24h") == 1
+    assert await facts.get("bulk_sender") is True
+    newcomer = _message("x", ["r@x.example"], T0, sender="a@new.example", msgid="b3")
+    assert await _get(newcomer, "bulk_sender", services) is False
+
+
+async def test_known_correspondent_learned_from_outbound_mail(
+    services: Services, state: StateStore
+) -> None:
+    recorder = CorrespondentRecorder(state, [ipaddress.ip_network("10.0.0.0/8")])
+    outbound = _message("hi", ["bob@ext.example"], T0, sender="alice@ours.example", ip="10.1.2.3")
+    assert await recorder(outbound, Facts(REGISTRY, outbound, services), Verdict(Action.ACCEPT))
+    reply = _message("re", ["alice@ours.example"], T0 + 60, sender="Bob@Ext.example")
+    assert await _get(reply, "known_correspondent", services) is True
+    stranger = _message("hi", ["alice@ours.example"], T0 + 60, sender="eve@ext.example")
+    assert await _get(stranger, "known_correspondent", services) is False
+    # Both recipients must have written to the sender.
+    both = _message("re", ["alice@ours.example", "carol@ours.example"], T0 + 60,
+                    sender="bob@ext.example")  # fmt: skip
+    assert await _get(both, "known_correspondent", services) is False
+
+
+async def test_recorder_ignores_inbound_and_undelivered_mail(
+    services: Services, state: StateStore
+) -> None:
+    recorder = CorrespondentRecorder(state, [ipaddress.ip_network("10.0.0.0/8")])
+    inbound = _message("hi", ["bob@ext.example"], T0, sender="alice@ours.example")
+    assert await recorder.record(inbound) == 0
+    rejected = _message("hi", ["bob@ext.example"], T0, sender="alice@ours.example", ip="10.0.0.9")
+    await recorder(rejected, Facts(REGISTRY, rejected, services), Verdict(Action.REJECT))
+    reply = _message("re", ["alice@ours.example"], T0 + 60, sender="bob@ext.example")
+    assert await _get(reply, "known_correspondent", services) is False
+
+
+async def test_missing_state_service_is_a_missing_fact(psl: PublicSuffixList) -> None:
+    from relay.errors import FactError
+
+    with pytest.raises(FactError, match="StateStore"):
+        await Facts(REGISTRY, _message(BODY, ["a@x.example"], T0), Services(psl)).get("bulk_count")
