@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from relay.auth.checker import Authenticator
 from relay.authresults import AuthResultsStamp
 from relay.config import Settings, load_settings
@@ -26,7 +28,10 @@ from relay.delivery import MaildirTransport, SmtpTransport, Transport
 from relay.dns import Resolver
 from relay.errors import ConfigError, PolicyError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
+from relay.metrics import Metrics, multiprocess_dir, prepare_multiprocess_dir, worker_exited
+from relay.metrics_http import MetricsServer, start_metrics_server
 from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline, Stamp
+from relay.readiness import RelayReadiness, SupervisorReadiness, describe_model
 from relay.relaycontrol import RelayControl
 from relay.smtp import Sessions, SmtpDeps, listening_socket, start_server
 from relay.workers import Supervisor
@@ -34,6 +39,7 @@ from relay.workers import Supervisor
 log = logging.getLogger("relay")
 
 PID_FILE = Path("var/relay.pid")
+METRICS_DIR = Path("var/metrics")  # per-worker metric files when [smtp] workers > 1
 
 
 def configure_logging(level: str) -> None:
@@ -102,6 +108,7 @@ class Runtime:
     sessions: Sessions
     server: asyncio.Server
     observer: Observer
+    metrics: MetricsServer | None = None  # the /metrics endpoint this process serves
 
     @property
     def port(self) -> int:
@@ -137,11 +144,26 @@ async def lifespan(
 ) -> AsyncIterator[Runtime]:
     async with contextlib.AsyncExitStack() as stack:
         registry = default_registry()
-        services = Services(*await open_services(settings, stack))
-        observer = observer or NullObserver()
+        items = await open_services(settings, stack)
+        services = Services(*items)
         transport = build_transport(settings)
         stack.push_async_callback(transport.close)
         holder = DeciderHolder(load_decider(settings, registry))
+        readiness = RelayReadiness(settings, holder, services=tuple(items))
+        metrics: Metrics | None = None
+        endpoint: MetricsServer | None = None
+        if observer is None and settings.metrics.enabled:
+            metrics_registry = CollectorRegistry()
+            metrics = Metrics(metrics_registry)
+            model = describe_model(items)
+            if model is not None:
+                metrics.set_model_info(model)
+            if multiprocess_dir() is None:  # with several workers the supervisor serves it
+                endpoint = await start_metrics_server(
+                    settings.metrics, metrics_registry, readiness, source=settings.source
+                )
+                stack.push_async_callback(endpoint.close)
+        observer = observer or metrics or NullObserver()
         pipeline = Pipeline(
             registry=registry,
             services=services,
@@ -169,6 +191,7 @@ async def lifespan(
                     f"cannot listen on {host}:{port}: {exc.strerror}",
                 ) from None
         server = await start_server(deps, sock)
+        readiness.server = server
         runtime = Runtime(
             settings=settings,
             registry=registry,
@@ -178,6 +201,7 @@ async def lifespan(
             sessions=sessions,
             server=server,
             observer=observer,
+            metrics=endpoint,
         )
         try:
             yield runtime
@@ -205,6 +229,31 @@ async def run(settings: Settings, on_ready: Callable[[], None] | None = None) ->
     log.info("stopped")
 
 
+async def supervise(config_path: Path, settings: Settings) -> int:
+    """Several workers: each writes its metrics to files under var/metrics (the variable is
+    set before any worker is spawned, see relay.metrics) and the supervisor serves the one
+    endpoint that adds them up."""
+    supervisor = Supervisor(config_path, settings, on_worker_exit=worker_exited)
+    if not settings.metrics.enabled:
+        return await supervisor.run()
+    prepare_multiprocess_dir(METRICS_DIR)
+
+    def workers_ready() -> bool:
+        workers = supervisor.workers.values()
+        return len(workers) == settings.smtp.workers and all(w.was_ready for w in workers)
+
+    endpoint = await start_metrics_server(
+        settings.metrics,
+        CollectorRegistry(),
+        SupervisorReadiness(settings, workers_ready),
+        source=settings.source,
+    )
+    try:
+        return await supervisor.run()
+    finally:
+        await endpoint.close()
+
+
 def serve(config_path: Path) -> int:
     try:
         settings = load_settings(config_path)
@@ -216,7 +265,7 @@ def serve(config_path: Path) -> int:
     PID_FILE.write_text(f"{os.getpid()}\n")
     try:
         if settings.smtp.workers > 1:
-            return asyncio.run(Supervisor(config_path, settings).run())
+            return asyncio.run(supervise(config_path, settings))
         asyncio.run(run(settings))
     except RelayError as exc:
         print(f"relay: {exc}", file=sys.stderr)

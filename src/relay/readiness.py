@@ -1,0 +1,89 @@
+"""Readiness checks behind /readyz: is this relay able to take mail right now?
+
+A worker is ready when it listens, runs the configured policy, has its model loaded (if
+enabled) and reaches its downstream within a bound. The supervisor of several workers is
+ready when every worker reported ready and the downstream answers. Each check is a name
+and a bool, so the 503 body tells the operator which one failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from relay.config import DeliverySettings, Settings
+from relay.pipeline import NOOP, DeciderHolder
+
+DOWNSTREAM_TIMEOUT = 2.0  # seconds for the downstream's 220 greeting
+
+
+def describe_model(services: Iterable[object]) -> dict[str, str] | None:
+    """The loaded classifier's version and training date, from the service that has them
+    (``Classifier.info``); looked up by shape so this module never imports the model code."""
+    for item in services:
+        info = getattr(item, "info", None)
+        version = getattr(info, "version", None)
+        trained_at = getattr(info, "trained_at", None)
+        if isinstance(version, str) and isinstance(trained_at, str):
+            return {"version": version, "trained_at": trained_at}
+    return None
+
+
+async def downstream_reachable(settings: DeliverySettings) -> bool:
+    """SMTP: the downstream greets with 220 within DOWNSTREAM_TIMEOUT (then QUIT). Maildir: the
+    directory (or its parent, before first delivery) is writable."""
+    if settings.mode == "maildir":
+        path = settings.maildir if settings.maildir.exists() else settings.maildir.parent
+        return os.access(path, os.W_OK)
+    host, port = settings.downstream
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(DOWNSTREAM_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            greeting = await reader.readline()
+            writer.write(b"QUIT\r\n")
+            await writer.drain()
+        return greeting.startswith(b"220")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+@dataclass
+class RelayReadiness:
+    """Readiness of one relay process; ``server`` and ``services`` are set as they come up."""
+
+    settings: Settings
+    policy: DeciderHolder
+    server: asyncio.Server | None = None
+    services: tuple[object, ...] = ()
+
+    async def __call__(self) -> dict[str, bool]:
+        s = self.settings
+        return {
+            "listening": self.server is not None and self.server.is_serving(),
+            "policy_loaded": s.policy.path is None or self.policy.current is not NOOP,
+            "model_loaded": not s.model.enabled or describe_model(self.services) is not None,
+            "downstream_reachable": await downstream_reachable(s.delivery),
+        }
+
+
+@dataclass
+class SupervisorReadiness:
+    """Readiness of the supervisor of several workers."""
+
+    settings: Settings
+    workers_ready: Callable[[], bool]
+
+    async def __call__(self) -> dict[str, bool]:
+        return {
+            "workers_ready": self.workers_ready(),
+            "downstream_reachable": await downstream_reachable(self.settings.delivery),
+        }
