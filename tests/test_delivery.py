@@ -36,7 +36,9 @@ async def test_relays_exact_bytes_downstream(tmp_path: Path) -> None:
     got = sink.messages[0]
     assert got.mail_from == "alice@sender.test"
     assert got.rcpt_tos == ("bob@example.org",)
-    assert got.data == simple_message("exact")
+    # Our Received trace field on top, then the client's bytes exactly as sent.
+    assert got.data.startswith(b"Received: from ")
+    assert got.data.endswith(simple_message("exact"))
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from relay.metrics_http import MetricsServer, start_metrics_server
 from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline, Stamp
 from relay.readiness import RelayReadiness, SupervisorReadiness, describe_model
 from relay.relaycontrol import RelayControl
-from relay.smtp import Sessions, SmtpDeps, listening_socket, start_server
+from relay.smtp import Sessions, SmtpDeps, listening_socket, server_tls_context, start_server
 from relay.workers import Supervisor
 
 log = logging.getLogger("relay")
@@ -94,6 +95,16 @@ def load_decider(settings: Settings, registry: FactRegistry) -> Decider:
     if settings.policy.path is None:
         return NOOP
     return NOOP
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    cert, key = settings.smtp.tls_cert, settings.smtp.tls_key
+    if cert is None or key is None:
+        return None
+    try:
+        return server_tls_context(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(settings.source, "smtp.tls_cert", f"cannot load {cert}: {exc}") from None
 
 
 @dataclass
@@ -170,6 +181,7 @@ async def lifespan(
             policy=holder,
             observer=observer,
             stamps=build_stamps(settings),
+            hostname=settings.smtp.hostname,
         )
         sessions = Sessions(limit=settings.smtp.max_connections)
         deps = SmtpDeps(
@@ -179,6 +191,7 @@ async def lifespan(
             control=RelayControl(settings.relay.domains, settings.relay.networks),
             sessions=sessions,
             observer=observer,
+            tls_context=_tls_context(settings),
         )
         if sock is None:
             host, port = settings.smtp.listen

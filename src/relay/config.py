@@ -56,6 +56,8 @@ class SmtpSettings:
     max_line_length: int = 998  # RFC 5322 2.1.1, without CRLF
     workers: int = 1  # processes sharing the listening socket (SO_REUSEPORT)
     drain_timeout: float = 30.0  # on SIGTERM, how long in-flight sessions may finish
+    tls_cert: Path | None = None  # PEM chain; with tls_key, STARTTLS is offered
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,10 @@ class _Reader:
         return value
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 def _domain(reader: _Reader, key: str, text: str) -> str:
     domain = text.strip().rstrip(".").lower()
     try:
@@ -262,7 +268,11 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         max_line_length=r.count(t, "smtp", "max_line_length", d.max_line_length),
         workers=r.count(t, "smtp", "workers", d.workers),
         drain_timeout=r.positive(t, "smtp", "drain_timeout", d.drain_timeout),
+        tls_cert=_optional_path(r.get(t, "smtp", "tls_cert", str, "")),
+        tls_key=_optional_path(r.get(t, "smtp", "tls_key", str, "")),
     )
+    if (smtp.tls_cert is None) != (smtp.tls_key is None):
+        raise r.fail("smtp.tls_key", "tls_cert and tls_key go together")
     if smtp.max_line_length < 78:
         raise r.fail("smtp.max_line_length", "must be at least 78")
 

@@ -13,7 +13,9 @@ headers; ``relay scan``, the lab and quarantine release reuse the same pieces. T
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -134,6 +136,7 @@ class Pipeline:
     quarantine: QuarantineStore | None = None
     observer: Observer = field(default_factory=NullObserver)
     shadow: Sequence[Decider] = ()
+    hostname: str = "relay.localhost"
 
     async def process(
         self, message: Message, transaction: Transaction, decider: Decider | None = None
@@ -154,6 +157,7 @@ class Pipeline:
             for stamp in self.stamps:
                 message = await stamp(message, facts, verdict)
             message = actions.stamp(message, verdict)
+            message = message.with_prepended([("Received", received(message, self.hostname))])
             timings.append(("stamp", time.perf_counter() - t))
             t = time.perf_counter()
             reply, outcome, delivery = await self._act(message, transaction, verdict)
@@ -204,6 +208,25 @@ class Pipeline:
         reply = actions.refusal(verdict)
         outcome = "rejected" if verdict.action is Action.REJECT else "tempfailed"
         return reply, outcome, "none"
+
+
+_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
+
+
+def received(message: Message, hostname: str) -> str:
+    """RFC 5321 4.4 trace field for this hop (ESMTPS when TLS was used)."""
+    peer = message.peer
+    helo = _UNSAFE_HELO.sub("?", peer.helo or "unknown")[:255]  # client-chosen text
+    literal = f"IPv6:{peer.ip}" if ":" in peer.ip else peer.ip
+    proto = ("ESMTP" if peer.esmtp else "SMTP") + ("S" if peer.tls_version else "")
+    tls = f" ({peer.tls_version})" if peer.tls_version else ""
+    rcpts = message.envelope.rcpt_to
+    for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+    stamp = email.utils.formatdate(message.received_at, localtime=False)
+    return (
+        f"from {helo} ([{literal}])\r\n\tby {hostname} (relay) with {proto}{tls}"
+        f" id {message.queue_id}{for_clause};\r\n\t{stamp}"
+    )
 
 
 def _log_report(report: MessageReport) -> None:

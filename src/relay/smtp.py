@@ -15,8 +15,10 @@ import contextlib
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -87,6 +89,7 @@ class SmtpDeps:
     control: RelayControl
     sessions: Sessions
     observer: Observer
+    tls_context: ssl.SSLContext | None = None
 
 
 class RelaySMTP(SMTP):
@@ -103,6 +106,8 @@ class RelaySMTP(SMTP):
             hostname=s.hostname,
             ident="relay ESMTP",
             timeout=s.command_timeout,
+            tls_context=deps.tls_context,
+            require_starttls=False,
         )
         self.deps = deps
         self.transaction: Transaction | None = None
@@ -332,6 +337,14 @@ def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw:
             esmtp=bool(session.extended_smtp),
         ),
     )
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """STARTTLS context: TLS 1.2+ with the library's default (modern) ciphers."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

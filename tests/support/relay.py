@@ -52,8 +52,11 @@ async def running_relay(
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     sock.setblocking(False)
-    async with lifespan(settings, sock=sock, observer=observer) as runtime:
-        yield runtime
+    try:
+        async with lifespan(settings, sock=sock, observer=observer) as runtime:
+            yield runtime
+    finally:
+        sock.close()  # only matters when start-up failed before the server took it
 
 
 @dataclass(frozen=True)
