@@ -83,7 +83,7 @@ async def probe_relay(
             await relay.ready()
         except (TimeoutError, RuntimeError) as exc:
             return Probe(delivered=False, error=f"{exc}: {relay.log_tail(8)}")
-        processes = relay.smtp_processes()
+        processes = await relay.wait_workers(workers)
         result = await drive(relay.port, message, messages=1, sessions=1, reuse=False)
         metrics = (
             await _metrics_served(relay.metrics_port) if relay.metrics_port is not None else False

@@ -230,7 +230,7 @@ async def start_targets(
             t.server.stop()
             continue
         if t.scenario.kind == "relay":
-            seen = t.server.smtp_processes()
+            seen = await t.server.wait_workers(t.scenario.workers)
             t.result["smtp_processes"] = seen
             if seen != t.scenario.workers:
                 notes.append(
@@ -287,6 +287,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
                     if stats:
                         t.result["server_stats"] = stats
     finally:
+        notes.append(f"loopback DNS answered {len(dns.queries)} queries in the whole run")
         sink.stop()
         dns.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,15 @@ class ServerProcess:
 
     async def ready(self, within: float = 120) -> None:
         await wait_for_greeting(self.port, self.proc, within)
+
+    async def wait_workers(self, expected: int, within: float = 30) -> int:
+        """Workers come up one after another: wait until ``expected`` of them listen."""
+        deadline = time.monotonic() + within
+        seen = self.smtp_processes()
+        while seen < expected and time.monotonic() < deadline and self.proc.poll() is None:
+            await asyncio.sleep(0.1)
+            seen = self.smtp_processes()
+        return seen
 
     def log_tail(self, lines: int = 15) -> str:
         try:
