@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.facts import auth, bulk, connection, content, envelope, headers, text
+from relay.facts import auth, bulk, connection, content, envelope, headers, oracle, text
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 
 FAMILIES = (
@@ -13,6 +13,7 @@ FAMILIES = (
     text.FACTS,
     content.FACTS,
     bulk.FACTS,
+    oracle.FACTS,
 )
 
 
