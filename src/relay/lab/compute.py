@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 
 from relay.errors import FactError
-from relay.facts import FactRegistry, Facts, Services
+from relay.facts import FactRegistry, Facts, FactType, Services
 from relay.lab.cache import Cached
 from relay.lab.corpus import CorpusMessage
 from relay.lab.env import LabEnv, lab_services
@@ -32,11 +32,13 @@ Progress = Callable[[int], None]
 
 
 async def collect(facts: Facts, names: Iterable[str]) -> Outcomes:
-    """Ask for each fact; record its JSON value or its error."""
-    for name in names:
+    """Ask for each fact; record its JSON value or its error (only the facts asked for)."""
+    wanted = list(names)
+    for name in wanted:
         with contextlib.suppress(FactError):  # a failure is recorded in facts.reads()
             await facts.get(name)
-    return {r.name: Cached(r.value, r.error) for r in facts.reads()}
+    reads = {r.name: r for r in facts.reads()}
+    return {n: Cached(reads[n].value, reads[n].error) for n in wanted if n in reads}
 
 
 async def _one(registry: FactRegistry, services: Services, item: Item) -> Outcomes:
@@ -116,7 +118,15 @@ async def sequential_pass(
         async with lab_services(env, Path(tmp), stateful=True) as services:
             for m in messages:
                 have = known.get(m.digest, {})
-                preset = {n: c.value for n, c in have.items() if c.error is None and n not in names}
+                # Cached scalars stand in for their computation; structured values are
+                # recomputed if a stateful fact needs them (JSON is not their live form).
+                preset = {
+                    n: c.value
+                    for n, c in have.items()
+                    if c.error is None
+                    and n not in names
+                    and registry[n].type is not FactType.OBJECT
+                }
                 facts = Facts(registry, m.to_message(), services, preset=preset)
                 got = await collect(facts, names)
                 out[m.digest] = {n: got[n] for n in names if n in got}

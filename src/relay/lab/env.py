@@ -22,7 +22,6 @@ from relay.config import ModelSettings, Settings, StateSettings
 from relay.facts import FactRegistry, Services, default_registry
 from relay.lab.offline_auth import HeaderAuth, offline_registry
 
-
 # Bump when the lab changes how it rebuilds a message (envelope, peer, time) or a fact
 # override, so cached values from the old reconstruction are not reused.
 LAB_FORMAT = 1

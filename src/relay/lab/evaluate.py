@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from relay.errors import FactError, PolicyError, RelayError
-from relay.facts import FactContext, FactRegistry, Facts, FactSpec, Services
+from relay.facts import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 from relay.lab.cache import Cached
 from relay.lab.corpus import CorpusMessage
 from relay.message import Message
@@ -120,16 +120,22 @@ def load_regimes(
 
 
 def needed_facts(regimes: Iterable[Regime], registry: FactRegistry) -> list[str]:
-    """Every fact any regime can read, with the facts those depend on."""
+    """Every fact any regime can read, with the facts those depend on.
+
+    Structured intermediate values that no regime reads itself (the decoded body text,
+    the classifier's internals) are computed on the way but left out: they are large,
+    and the body text has no business in a cache or a report.
+    """
+    read = {n for r in regimes for n in r.policy.fact_names if n in registry}
     seen: set[str] = set()
-    stack = [n for r in regimes for n in r.policy.fact_names]
+    stack = list(read)
     while stack:
         name = stack.pop()
-        if name in seen or name not in registry:
+        if name in seen:
             continue
         seen.add(name)
         stack.extend(registry[name].depends)
-    return sorted(seen)
+    return sorted(n for n in seen if n in read or registry[n].type is not FactType.OBJECT)
 
 
 @dataclass(frozen=True, slots=True)
