@@ -74,7 +74,7 @@ def dns(keys: Keys) -> Iterator[LocalDns]:
 
 @pytest.fixture
 async def auth(dns: LocalDns) -> AsyncIterator[Authenticator]:
-    async with authenticator(dns, timeout=0.3) as a:
+    async with authenticator(dns, timeout=1.0) as a:
         yield a
 
 

@@ -2,10 +2,10 @@
 
 Order of work, all DNS through the one shared resolver:
 1. scan the header block (in a thread): key names to fetch, the From domain;
-2. at once: fetch every DKIM/ARC key, run SPF (pyspf in a thread, DNS bridged back to the
-   loop), discover the DMARC record;
-3. verify signatures in the crypto executor (threads by default, or a process pool) with
-   only the prefetched keys;
+2. at once: fetch every DKIM/ARC key, run SPF (pyspf on the loop over answers fetched
+   asynchronously, see auth/spf.py), discover the DMARC record;
+3. verify signatures in the crypto executor (one thread by default, or a process pool)
+   with only the prefetched keys;
 4. evaluate DMARC alignment from the results.
 A DNS failure turns into temperror for the check that needed it; nothing here raises for
 bad input.
@@ -37,17 +37,18 @@ class Authenticator:
         resolver: Resolver,
         *,
         executor: Executor | None = None,
-        io_threads: int = 16,
         max_signatures: int = MAX_SIGNATURES,
     ) -> None:
         self.resolver = resolver
         self.max_signatures = max_signatures
         self.orgs = OrgDomains()
-        # SPF waits on DNS in its thread; header scans are short: both in the I/O pool.
-        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="relay-auth-io")
+        # Header scans are short but unbounded in size: off the loop, in one small thread.
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
+        # One crypto thread: more would only fight the loop for the GIL (dkimpy is pure
+        # Python apart from hashing); use a process pool, or more relay workers, for cores.
         self._owns_crypto = executor is None
         self._crypto: Executor = executor or ThreadPoolExecutor(
-            2, thread_name_prefix="relay-auth-crypto"
+            1, thread_name_prefix="relay-auth-crypto"
         )
 
     async def close(self) -> None:
@@ -65,7 +66,6 @@ class Authenticator:
             self._fetch_keys(scan),
             check_spf(
                 self.resolver,
-                self._io,
                 message.peer.ip,
                 message.envelope.mail_from,
                 message.peer.helo or "",
