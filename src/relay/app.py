@@ -27,13 +27,16 @@ from relay.authresults import AuthResultsStamp
 from relay.config import Settings, load_settings
 from relay.delivery import MaildirTransport, SmtpTransport, Transport
 from relay.dns import Resolver
-from relay.errors import ConfigError, PolicyError, RelayError
+from relay.errors import ConfigError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
 from relay.metrics import Metrics, multiprocess_dir, prepare_multiprocess_dir, worker_exited
 from relay.metrics_http import MetricsServer, start_metrics_server
 from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline, Stamp
+from relay.policy import load_policy, reload_policy
+from relay.quarantine import QuarantineStore
 from relay.readiness import RelayReadiness, SupervisorReadiness, describe_model
 from relay.relaycontrol import RelayControl
+from relay.shadowlog import ShadowLog
 from relay.smtp import Sessions, SmtpDeps, listening_socket, server_tls_context, start_server
 from relay.workers import Supervisor
 
@@ -94,7 +97,12 @@ def load_decider(settings: Settings, registry: FactRegistry) -> Decider:
     """The configured policy, or the no-op decision when no policy file is set."""
     if settings.policy.path is None:
         return NOOP
-    return NOOP
+    return load_policy(settings.policy.path, registry)
+
+
+def load_shadow(settings: Settings, registry: FactRegistry) -> list[Decider]:
+    """Extra regimes evaluated in shadow next to the policy (their verdicts are recorded)."""
+    return [load_policy(path, registry) for path in settings.policy.shadow]
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -127,23 +135,11 @@ class Runtime:
 
     def reload_policy(self) -> bool:
         """Swap in the policy file's current content; on error keep the old one running."""
-        try:
-            decider = load_decider(self.settings, self.registry)
-        except PolicyError as exc:
-            for problem in exc.problems:
-                log.error("policy reload failed: %s", problem)
-            self.observer.policy_reload(False)
+        path = self.settings.policy.path
+        if path is None:
+            log.info("policy reload: no policy file configured")
             return False
-        except RelayError as exc:
-            log.error("policy reload failed: %s", exc)
-            self.observer.policy_reload(False)
-            return False
-        self.pipeline.policy.swap(decider)
-        self.observer.policy_reload(True)
-        log.info(
-            "policy reloaded: %s (generation %d)", decider.name, self.pipeline.policy.generation
-        )
-        return True
+        return reload_policy(self.pipeline.policy, path, self.registry, self.observer)
 
 
 @contextlib.asynccontextmanager
@@ -175,12 +171,18 @@ async def lifespan(
                 )
                 stack.push_async_callback(endpoint.close)
         observer = observer or metrics or NullObserver()
+        if settings.policy.shadow_log is not None:
+            shadow_log = ShadowLog(settings.policy.shadow_log, inner=observer)
+            stack.callback(shadow_log.close)
+            observer = shadow_log
         pipeline = Pipeline(
             registry=registry,
             services=services,
             policy=holder,
             observer=observer,
             stamps=build_stamps(settings),
+            quarantine=QuarantineStore(settings.quarantine.path),
+            shadow=load_shadow(settings, registry),
             hostname=settings.smtp.hostname,
         )
         sessions = Sessions(limit=settings.smtp.max_connections)
