@@ -206,6 +206,10 @@ class Facts:
     def reads(self) -> tuple[FactRead, ...]:
         return tuple(self._reads.values())
 
+    def read(self, name: str) -> FactRead | None:
+        """The record of one computed (or failed) fact; None while not computed."""
+        return self._reads.get(name)
+
     def highest_tier(self) -> Tier | None:
         tiers = [r.tier for r in self._reads.values()]
         return max(tiers) if tiers else None

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cel
 
-from relay.errors import FactError
 from relay.facts.base import Facts
 from relay.message import Message
 from relay.policy.model import (
@@ -36,24 +36,12 @@ from relay.policy.model import (
     Thresholds,
     most_severe,
 )
-from relay.verdict import Action, FactRead, Mode, RuleHit, RuleSkip, Tier, Verdict
+from relay.verdict import Action, Mode, RuleHit, RuleSkip, Tier, Verdict
 
 THRESHOLD_REASONS = {
     Action.REJECT: "Message rejected: spam score too high",
     Action.TEMPFAIL: "Message deferred by policy, try again later",
 }
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _plain(value: Any) -> Any:
-    """A value CEL can take: JSON-like types; anything else becomes its string."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_plain(v) for v in value]
-    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +71,7 @@ class Policy:
         "_groups",
         "_max_forced_rest",
         "_neg_rest",
+        "_only_forced",
         "_order",
         "_pos_rest",
         "_regimes",
@@ -145,6 +134,7 @@ class Policy:
         self._neg_rest = tuple(neg)
         self._forced_rest = tuple(forced)
         self._max_forced_rest = tuple(max((SEVERITY[a] for a in f), default=-1) for f in forced)
+        self._only_forced = tuple(next(iter(f)) if len(f) == 1 else None for f in forced)
 
         self._regimes: tuple[_Regime, ...] = (
             _Regime(ScoreMap.of(thresholds), mode),
@@ -195,12 +185,13 @@ class Policy:
         high = score + self._pos_rest[i]
         rest_forced = self._forced_rest[i]
         for regime in regimes:
-            now = regime.scores.action(score)
-            # Thresholds split the score line into one interval per action, so equal
-            # actions at both ends mean the same action everywhere in between.
-            if regime.scores.action(low) is not now or regime.scores.action(high) is not now:
+            limits = regime.scores.limits
+            band = bisect_right(limits, score)
+            # Thresholds split the score line into one band per action: the action cannot
+            # change while every reachable total stays in the current band.
+            if bisect_right(limits, low) != band or bisect_right(limits, high) != band:
                 return False
-            if rest_forced and rest_forced != {now}:
+            if rest_forced and self._only_forced[i] is not regime.scores.actions[band]:
                 return False
         return True
 
@@ -213,23 +204,30 @@ class Policy:
         values: dict[str, Any],
         missing: dict[str, str],
         requested: list[str],
+        context: Any,
     ) -> None:
+        """Compute the facts a tier group reads; values come from the Facts' records, so a
+        rule sees exactly the (JSON-able) value the Verdict reports."""
         todo = [n for n in names if n not in values and n not in missing]
         if not todo:
             return
         requested.extend(todo)
         pending = [n for n in todo if not facts.computed(n)]
-        if len(pending) > 1:  # independent facts of one tier (DNS lookups) run concurrently
+        if pending:  # independent facts of one tier (DNS lookups) run concurrently
             await asyncio.gather(*(facts.get(n) for n in pending), return_exceptions=True)
         for name in todo:
-            try:
-                value = await facts.get(name)
-            except FactError as exc:
-                missing[name] = str(exc) or type(exc).__name__
-                continue
-            if name in self._float_facts and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            values[name] = value if isinstance(value, _PLAIN) else _plain(value)
+            read = facts.read(name)
+            if read is None:  # not in the Facts' registry
+                missing[name] = f"fact {name!r} is not registered"
+            elif read.error is not None:
+                missing[name] = read.error
+            else:
+                value = read.value
+                if name in self._float_facts and type(value) is int:
+                    value = float(value)
+                values[name] = value
+                if value is None:  # the resolver's None means "unknown": bind null itself
+                    context.add_variable(name, None)
 
     async def decide(self, message: Message, facts: Facts) -> Verdict:
         start = time.perf_counter()
@@ -245,12 +243,15 @@ class Policy:
         evaluated = 0
         order = self._order
         groups = self._groups
+        # One context per message; CEL asks the resolver for each fact a rule touches, so
+        # only the values actually used are converted, and later tiers just add to ``values``.
+        context = cel.Context()
+        context.set_variable_resolver(values.get)
         for g, group in enumerate(groups):
             end = groups[g + 1].start if g + 1 < len(groups) else len(order)
             if self._settled(group.start, score, forced, regimes):
                 break
-            await self._pull(facts, group.facts, values, missing, requested)
-            context = _context(values)
+            await self._pull(facts, group.facts, values, missing, requested, context)
             stop = False
             for i in range(group.start, end):
                 if i > group.start and self._settled(i, score, forced, regimes):
@@ -258,7 +259,7 @@ class Policy:
                     break
                 rule, program = order[i]
                 evaluated += 1
-                result = _evaluate(rule, program, context, values, missing)
+                result = _evaluate(rule, program, context, missing)
                 if isinstance(result, RuleSkip):
                     skipped.append(result)
                     continue
@@ -281,8 +282,7 @@ class Policy:
             action = most_severe([r.scores.action(score) for r in regimes])
             reason = THRESHOLD_REASONS.get(action, "")
         mode = Mode.ENFORCE if any(r.mode is Mode.ENFORCE for r in regimes) else Mode.SHADOW
-        reads: dict[str, FactRead] = {r.name: r for r in facts.reads()}
-        facts_read = tuple(reads[n] for n in requested if n in reads)
+        facts_read = tuple(r for r in map(facts.read, requested) if r is not None)
         return Verdict(
             action=action,
             score=score,
@@ -299,29 +299,15 @@ class Policy:
         )
 
 
-def _context(values: dict[str, Any]) -> Any:
-    """One CEL context per tier group: converting the values once is what makes rules cheap."""
-    try:
-        return cel.Context(variables=values)
-    except Exception:  # a value CEL cannot take: rules fall back to their own facts
-        return None
-
-
 def _evaluate(
-    rule: RuleSpec,
-    program: Any,
-    context: Any,
-    values: dict[str, Any],
-    missing: dict[str, str],
+    rule: RuleSpec, program: Any, context: Any, missing: dict[str, str]
 ) -> bool | RuleSkip:
-    for name in rule.reads:
-        if name in missing:
-            return RuleSkip(rule.name, f"fact {name} unavailable: {missing[name]}")
+    if missing:
+        for name in rule.reads:
+            if name in missing:
+                return RuleSkip(rule.name, f"fact {name} unavailable: {missing[name]}")
     try:
-        if context is None:
-            result = program.execute({n: values[n] for n in rule.reads})
-        else:
-            result = program.execute(context)
+        result = program.execute(context)
     except Exception as exc:  # a surprising fact value must not crash the session
         text = (str(exc).strip().splitlines() or [""])[0][:160]
         return RuleSkip(rule.name, f"condition failed: {type(exc).__name__}: {text}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
 
@@ -80,22 +81,22 @@ class Thresholds:
 
 @dataclass(frozen=True, slots=True)
 class ScoreMap:
-    """Thresholds compiled for the hot path."""
+    """Thresholds compiled for the hot path: ``actions[band(score)]`` is the action, where
+    the band counts the thresholds the score reaches."""
 
-    steps: tuple[tuple[float, Action], ...]
+    limits: tuple[float, ...]
+    actions: tuple[Action, ...]  # one more than limits; actions[0] is accept
 
     @classmethod
     def of(cls, thresholds: Thresholds) -> ScoreMap:
-        return cls(thresholds.steps())
+        steps = thresholds.steps()
+        return cls(tuple(v for v, _ in steps), (Action.ACCEPT, *(a for _, a in steps)))
+
+    def band(self, score: float) -> int:
+        return bisect.bisect_right(self.limits, score)
 
     def action(self, score: float) -> Action:
-        found = Action.ACCEPT
-        for limit, action in self.steps:
-            if score >= limit:
-                found = action
-            else:
-                break
-        return found
+        return self.actions[bisect.bisect_right(self.limits, score)]
 
 
 @dataclass(frozen=True, slots=True)
