@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from relay.config import IPNetwork
@@ -59,10 +60,8 @@ def extract_path(arg: str) -> str | None:
     return None
 
 
-def _split_unquoted(path: str) -> list[str]:
-    """Split at every '@' outside a quoted string."""
-    parts: list[str] = []
-    cur: list[str] = []
+def _unquoted(path: str) -> Iterator[tuple[str, bool]]:
+    """Each character with whether it stands outside a quoted string."""
     quoted = escaped = False
     for ch in path:
         if escaped:
@@ -71,11 +70,19 @@ def _split_unquoted(path: str) -> list[str]:
             escaped = True
         elif ch == '"':
             quoted = not quoted
-        elif ch == "@" and not quoted:
+        yield ch, not quoted and ch != '"'
+
+
+def _split_unquoted(path: str) -> list[str]:
+    """Split at every '@' outside a quoted string."""
+    parts: list[str] = []
+    cur: list[str] = []
+    for ch, outside in _unquoted(path):
+        if ch == "@" and outside:
             parts.append("".join(cur))
             cur = []
-            continue
-        cur.append(ch)
+        else:
+            cur.append(ch)
     parts.append("".join(cur))
     return parts
 
@@ -109,17 +116,7 @@ def parse_recipient(path: str) -> Recipient | Reply:
 
 def _looks_routed(path: str) -> bool:
     """A ':' outside a quoted local part means an (obsolete) source route."""
-    quoted = escaped = False
-    for ch in path:
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ":" and not quoted:
-            return True
-    return False
+    return any(ch == ":" and outside for ch, outside in _unquoted(path))
 
 
 class RelayControl:
