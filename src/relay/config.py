@@ -81,6 +81,7 @@ class DnsSettings:
     nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system's resolv.conf
     timeout: float = 3.0
     cache_size: int = 10000
+    dnsbl_zones: tuple[str, ...] = ()  # DNS blocklists for dnsbl_listed; empty: none asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +318,9 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         nameservers=tuple(ns),
         timeout=r.positive(t, "dns", "timeout", DnsSettings().timeout),
         cache_size=r.get(t, "dns", "cache_size", int, DnsSettings().cache_size),
+        dnsbl_zones=tuple(
+            _domain(r, "dns.dnsbl_zones", v) for v in r.strings(t, "dns", "dnsbl_zones", ())
+        ),
     )
 
     t = r.table(data, "auth")

@@ -36,6 +36,10 @@ class Peer:
     helo: str | None = None
     tls_version: str | None = None
     esmtp: bool = True
+    # RCPT commands of this session so far and how many we refused (filled by smtp.py;
+    # 0 attempted means "not recorded", e.g. stored mail): invalid_rcpt_ratio reads them.
+    rcpt_attempted: int = 0
+    rcpt_refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.facts import auth, bulk, connection, content, envelope, headers, oracle, text
+from relay.facts import auth, bulk, connection, content, envelope, headers, network, oracle, text
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 
 FAMILIES = (
@@ -14,6 +14,7 @@ FAMILIES = (
     content.FACTS,
     bulk.FACTS,
     oracle.FACTS,
+    network.FACTS,
 )
 
 
