@@ -4,6 +4,7 @@ Authentication-Results header. Keys come from the corpus, served by a loopback D
 
 from __future__ import annotations
 
+import json
 import re
 import tarfile
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,7 @@ import pytest
 
 from relay.auth.checker import Authenticator
 from relay.message import Message
+from relay.scan import ScanRequest, scan
 from tests.conftest import shared_dir
 from tests.support.authenv import authenticator, incoming
 from tests.support.dnsserver import LocalDns
@@ -169,3 +171,22 @@ async def test_through_the_relay_over_smtp(
             if got != sample.expected:
                 mismatches.append((sample.name, got, sample.expected))
         assert not mismatches
+
+
+async def test_relay_scan_prints_auth_facts(tmp_path: Path, dns: LocalDns, corpus: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        {"auth": {"enabled": True}, "dns": {"nameservers": [dns.address], "timeout": 1}},
+    )
+    path = corpus / "messages" / "mimekit__rfc8463-example.eml"
+    out = await scan(settings, ScanRequest(path=path, mail_from="joe@football.example.com"))
+    facts = json.loads(json.dumps(out))["facts"]
+    assert facts["dkim_result"] == "pass"
+    assert facts["dkim_domains_pass"] == ["football.example.com"]
+    assert facts["dkim_key_bits"] == 256  # the smallest passing key: Ed25519's
+    assert [s["algorithm"] for s in facts["dkim"]["signatures"]] == [
+        "ed25519-sha256",
+        "rsa-sha256",
+    ]
+    assert facts["from_domain"] == "football.example.com"
+    assert facts["spf"] == "none" and facts["dmarc"] == "none"
