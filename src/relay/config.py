@@ -58,6 +58,7 @@ class SmtpSettings:
     drain_timeout: float = 30.0  # on SIGTERM, how long in-flight sessions may finish
     tls_cert: Path | None = None  # PEM chain; with tls_key, STARTTLS is offered
     tls_key: Path | None = None
+    xforward_hosts: tuple[IPNetwork, ...] = ()  # clients trusted to send XFORWARD (Postfix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +230,16 @@ class _Reader:
         return value
 
 
+def _networks(r: _Reader, t: Mapping[str, Any], section: str, key: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for text in r.strings(t, section, key, ()):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as exc:
+            raise r.fail(f"{section}.{key}", str(exc)) from None
+    return tuple(networks)
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
@@ -271,6 +282,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         drain_timeout=r.positive(t, "smtp", "drain_timeout", d.drain_timeout),
         tls_cert=_optional_path(r.get(t, "smtp", "tls_cert", str, "")),
         tls_key=_optional_path(r.get(t, "smtp", "tls_key", str, "")),
+        xforward_hosts=_networks(r, t, "smtp", "xforward_hosts"),
     )
     if (smtp.tls_cert is None) != (smtp.tls_key is None):
         raise r.fail("smtp.tls_key", "tls_cert and tls_key go together")
@@ -283,13 +295,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         _domain(r, "relay.domains", v)
         for v in r.strings(t, "relay", "domains", RelaySettings().domains)
     )
-    networks: list[IPNetwork] = []
-    for text in r.strings(t, "relay", "networks", ()):
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError as exc:
-            raise r.fail("relay.networks", str(exc)) from None
-    relay = RelaySettings(domains=domains, networks=tuple(networks))
+    relay = RelaySettings(domains=domains, networks=_networks(r, t, "relay", "networks"))
 
     t = r.table(data, "delivery")
     r.check_keys("delivery", t, DeliverySettings)

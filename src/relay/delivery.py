@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,9 @@ from relay.reply import Reply
 MAX_IDLE_SECONDS = 30.0  # reuse a pooled connection only if it idled less than this
 
 
+XForward = Mapping[str, str]  # original client attributes (Postfix XFORWARD), may be empty
+
+
 class Transaction(Protocol):
     async def add_recipient(self, address: str) -> Reply: ...
 
@@ -47,7 +51,9 @@ class Transaction(Protocol):
 class Transport(Protocol):
     name: str
 
-    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction: ...
+    async def begin(
+        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
+    ) -> Transaction: ...
 
     async def probe(self) -> bool: ...
 
@@ -111,7 +117,9 @@ class MaildirTransport:
             os.close(dir_fd)
         return name
 
-    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction:
+    async def begin(
+        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
+    ) -> Transaction:
         return _MaildirTransaction(self, mail_from)
 
     async def probe(self) -> bool:
@@ -152,7 +160,9 @@ class MemoryTransport:
     refuse: frozenset[str] = frozenset()
     delivered: list[tuple[str, tuple[str, ...], bytes]] = field(default_factory=list)
 
-    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction:
+    async def begin(
+        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
+    ) -> Transaction:
         return _MemoryTransaction(self, mail_from)
 
     async def probe(self) -> bool:
@@ -244,17 +254,26 @@ class SmtpTransport:
             return
         self._idle.append((time.monotonic(), client))
 
-    async def begin(self, mail_from: str, options: Sequence[str] = ()) -> Transaction:
-        return _SmtpTransaction(self, mail_from, tuple(options))
+    async def begin(
+        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
+    ) -> Transaction:
+        return _SmtpTransaction(self, mail_from, tuple(options), dict(xforward or {}))
 
-    async def open_mail(self, mail_from: str, options: Sequence[str]) -> aiosmtplib.SMTP:
-        """A connection with MAIL FROM accepted; a stale pooled one is replaced once."""
+    async def open_mail(
+        self, mail_from: str, options: Sequence[str], xforward: XForward | None = None
+    ) -> aiosmtplib.SMTP:
+        """A connection with MAIL FROM accepted; a stale pooled one is replaced once.
+
+        XFORWARD attributes are passed on when the downstream offers XFORWARD (Postfix with
+        smtpd_authorized_xforward_hosts), so its logs and checks see the original client."""
         client = self._checkout()
         reused = client is not None
         for _ in range(2):
             if client is None:
                 client = await self._connect()
             try:
+                if xforward and client.supports_extension("xforward"):
+                    await _send_xforward(client, xforward)
                 await client.mail(mail_from, options=list(options))
                 return client
             except aiosmtplib.SMTPSenderRefused as exc:
@@ -307,18 +326,47 @@ class SmtpTransport:
 _BACKGROUND: set[asyncio.Task[None]] = set()  # keeps fire-and-forget RSETs referenced
 
 
+def _xtext(value: str) -> str:
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
+
+
+async def _send_xforward(client: aiosmtplib.SMTP, xforward: XForward) -> None:
+    offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
+    args = [
+        f"{k}={_xtext(v)}".encode("ascii", "replace")
+        for k, v in sorted(xforward.items())
+        if k in offered  # send only the attributes the downstream named in its EHLO
+    ]
+    if not args:
+        return
+    response = await client.execute_command(b"XFORWARD", *args)
+    if response.code != 250:  # the downstream refused it: deliver anyway, unannotated
+        logging.getLogger("relay.delivery").warning(
+            "downstream refused XFORWARD: %d", response.code
+        )
+
+
 class _SmtpTransaction:
-    def __init__(self, transport: SmtpTransport, mail_from: str, options: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        transport: SmtpTransport,
+        mail_from: str,
+        options: tuple[str, ...],
+        xforward: dict[str, str],
+    ) -> None:
         self._t = transport
         self._mail_from = mail_from
         self._options = options
+        self._xforward = xforward
         self._client: aiosmtplib.SMTP | None = None
         self._accepted = 0
 
     async def add_recipient(self, address: str) -> Reply:
         try:
             if self._client is None:
-                self._client = await self._t.open_mail(self._mail_from, self._options)
+                self._client = await self._t.open_mail(
+                    self._mail_from, self._options, self._xforward
+                )
             await self._client.rcpt(address)
         except DeliveryError as exc:
             return Reply(exc.code, exc.status, exc.text)

@@ -119,6 +119,17 @@ def _looks_routed(path: str) -> bool:
     return any(ch == ":" and outside for ch, outside in _unquoted(path))
 
 
+def ip_in(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether an address (IPv4-mapped IPv6 and zone ids handled) is in any network."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
 class RelayControl:
     """Recipient domains accepted from anyone; client networks allowed to send anywhere."""
 
@@ -131,13 +142,7 @@ class RelayControl:
         return domain in self._exact or any(domain.endswith(s) for s in self._suffixes)
 
     def client_may_relay(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._networks)
+        return ip_in(ip, self._networks)
 
     def check(self, arg: str, client_ip: str) -> Recipient | Reply:
         path = extract_path(arg)

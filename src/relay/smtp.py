@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import socket
@@ -28,7 +29,7 @@ from relay.delivery import Transaction, Transport
 from relay.message import Envelope as MsgEnvelope
 from relay.message import Message, Peer, to_crlf
 from relay.pipeline import Decider, Observer, Pipeline
-from relay.relaycontrol import RelayControl
+from relay.relaycontrol import RelayControl, ip_in
 from relay.reply import (
     DATA_TIMEOUT,
     IDLE_TIMEOUT,
@@ -119,6 +120,7 @@ class RelaySMTP(SMTP):
         self._data_timer: asyncio.TimerHandle | None = None
         self.smuggling_seen = False
         self._watching = False
+        self.xforward: dict[str, str] = {}  # original client as told by a trusted proxy
 
     # --- connection lifecycle -----------------------------------------------------------
 
@@ -228,11 +230,38 @@ class RelaySMTP(SMTP):
         # RFC 5321 4.5.3.2: say 421 before closing an idle connection (aiosmtpd just closes).
         self.close_with(IDLE_TIMEOUT)
 
-    def _client_ip(self) -> str:
+    def _socket_ip(self) -> str:
         peer: Any = self.session.peer if self.session is not None else None
         if isinstance(peer, tuple) and peer:
             return str(peer[0])
         return ""
+
+    def _client_ip(self) -> str:
+        """The client relay control and facts judge: XFORWARD's ADDR when a trusted proxy
+        (Postfix smtpd_proxy_filter) sent it, else the socket peer."""
+        return self.xforward.get("ADDR") or self._socket_ip()
+
+    def may_xforward(self) -> bool:
+        return ip_in(self._socket_ip(), self.deps.settings.smtp.xforward_hosts)
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        """Postfix XFORWARD (XFORWARD_README): original client attributes from a proxy."""
+        if not self.may_xforward():
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: XFORWARD not allowed in a mail transaction")
+            return
+        try:
+            self.xforward.update(parse_xforward(arg))
+        except ValueError as exc:
+            await self.push(f"501 5.5.4 Syntax: {exc}")
+            return
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # No authenticator is configured: outbound relaying is granted by network only.
+        await self.push("502 5.5.1 AUTH not supported")
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
@@ -245,6 +274,22 @@ def _mail_options(options: Sequence[str]) -> list[str]:
 
 class _Handler:
     """aiosmtpd hooks; all state is on the RelaySMTP instance passed as ``server``."""
+
+    async def handle_EHLO(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        server.xforward.clear()
+        # AUTH is not offered (no authenticator); XFORWARD only to trusted proxies.
+        out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        if server.may_xforward():
+            out.insert(len(out) - 1, "250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
+        return out
 
     async def handle_MAIL(
         self,
@@ -275,7 +320,7 @@ class _Handler:
             return TOO_MANY_RCPTS.line
         if server.transaction is None:
             server.transaction = await server.deps.transport.begin(
-                reverse_path(envelope), _mail_options(envelope.mail_options)
+                reverse_path(envelope), _mail_options(envelope.mail_options), server.xforward
             )
         reply = await server.transaction.add_recipient(address)
         if not reply.ok:
@@ -286,6 +331,7 @@ class _Handler:
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         server._abort_transaction()
+        server.xforward.clear()
         return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
@@ -305,9 +351,44 @@ class _Handler:
             return reply.line
         finally:
             server.busy = False
+            server.xforward.clear()  # XFORWARD attributes last one transaction
             if server.deps.sessions.draining:
                 loop = asyncio.get_running_loop()
                 loop.call_soon(server.close_with, SHUTTING_DOWN)
+
+
+XFORWARD_ATTRIBUTES = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE"})
+_UNAVAILABLE = frozenset({"[UNAVAILABLE]", "[TEMPUNAVAIL]"})
+
+
+def _xtext_decode(text: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def parse_xforward(arg: str) -> dict[str, str]:
+    """``NAME=x ADDR=y ...`` -> attributes; unavailable values are dropped."""
+    attrs: dict[str, str] = {}
+    items = arg.split()
+    if not items or len(items) > len(XFORWARD_ATTRIBUTES):
+        raise ValueError("XFORWARD attribute=value ...")
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.upper()
+        if not sep or name not in XFORWARD_ATTRIBUTES:
+            raise ValueError(f"unknown XFORWARD attribute {name[:20]!r}")
+        value = _xtext_decode(value)
+        if value.upper() in _UNAVAILABLE or not value:
+            continue
+        if any(c.isspace() or not c.isprintable() for c in value) or len(value) > 255:
+            raise ValueError(f"bad XFORWARD value for {name}")
+        if name == "ADDR":
+            value = value.removeprefix("IPv6:").removeprefix("ipv6:")
+            try:
+                value = str(ipaddress.ip_address(value))
+            except ValueError:
+                raise ValueError("XFORWARD ADDR is not an IP address") from None
+        attrs[name] = value
+    return attrs
 
 
 def reverse_path(envelope: Envelope) -> str:
@@ -318,6 +399,11 @@ def reverse_path(envelope: Envelope) -> str:
 
 def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw: bytes) -> Message:
     peer = session.peer if isinstance(session.peer, tuple) else ("", 0)
+    xf = server.xforward
+    helo = xf.get("HELO") or session.host_name or None
+    port = (
+        int(xf["PORT"]) if xf.get("PORT", "").isdigit() else (int(peer[1]) if len(peer) > 1 else 0)
+    )
     tls = None
     if session.ssl is not None:
         ssl_object = session.ssl.get("ssl_object")
@@ -330,9 +416,9 @@ def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw:
             mail_options=tuple(envelope.mail_options),
         ),
         peer=Peer(
-            ip=str(peer[0]),
-            port=int(peer[1]) if len(peer) > 1 else 0,
-            helo=session.host_name or None,
+            ip=server._client_ip(),
+            port=port,
+            helo=helo,
             tls_version=tls,
             esmtp=bool(session.extended_smtp),
         ),

@@ -76,6 +76,8 @@ class Sink:
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     port: int = 0
+    xforward: bool = False  # offer XFORWARD like a Postfix re-injection smtpd
+    xforwards: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -115,6 +117,25 @@ class Sink:
         return "250 2.0.0 Ok: stored"
 
 
+class _XforwardSMTP(SMTP):
+    """aiosmtpd that offers XFORWARD and records what it was told."""
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        assert self.session is not None
+        self.session.host_name = hostname
+        self.session.extended_smtp = True
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        await self.push("250-sink.test")
+        await self.push("250-XFORWARD NAME ADDR PROTO HELO")
+        await self.push("250 8BITMIME")
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        handler = self.event_handler
+        assert isinstance(handler, Sink)
+        handler.xforwards.append(arg)
+        await self.push("250 Ok")
+
+
 @contextlib.asynccontextmanager
 async def sink_server(**kwargs: Any) -> AsyncIterator[Sink]:
     sink = Sink(**kwargs)
@@ -122,7 +143,8 @@ async def sink_server(**kwargs: Any) -> AsyncIterator[Sink]:
 
     def factory() -> SMTP:
         sink.connections += 1
-        return SMTP(sink, decode_data=False, hostname="sink.test")
+        cls = _XforwardSMTP if sink.xforward else SMTP
+        return cls(sink, decode_data=False, hostname="sink.test")
 
     server = await loop.create_server(factory, "127.0.0.1", 0)
     sink.port = int(server.sockets[0].getsockname()[1])
