@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
 
 from relay.auth.checker import Authenticator
 from relay.auth.results import DkimResults, DkimSignatureResult
+from relay.config import settings_from_mapping
+from relay.dns import Resolver
+from relay.errors import ConfigError
 from tests.support.authenv import authenticator, incoming
 from tests.support.dkimkeys import (
     SigningKey,
@@ -237,3 +241,25 @@ async def test_unparsable_header_block_is_permerror(auth: Authenticator, keys: K
     assert (sig.result, sig.reason) == ("permerror", "message header block unparsable")
     assert b"bob@" not in sig.reason.encode()
     assert (await verify(auth, b"garbage without any header")).result == "none"
+
+
+async def test_process_pool_workers_verify_too(dns: LocalDns, keys: Keys) -> None:
+    settings = settings_from_mapping(
+        {"auth": {"workers": 2}, "dns": {"nameservers": [dns.address], "timeout": 1}}
+    )
+    resolver = Resolver(settings.dns)
+    auth = Authenticator.from_settings(resolver, settings.auth)
+    try:
+        assert isinstance(auth._crypto, ProcessPoolExecutor)
+        signed = sign(sign(make_message(), keys.rsa2048), keys.ed)
+        results = await verify(auth, signed)
+        assert [s.result for s in results.signatures] == ["pass", "pass"]
+    finally:
+        await auth.close()
+        await resolver.close()
+
+
+@pytest.mark.parametrize("workers", [-1, 65, "2"])
+def test_auth_workers_setting_is_validated(workers: object) -> None:
+    with pytest.raises(ConfigError, match=r"auth\.workers"):
+        settings_from_mapping({"auth": {"workers": workers}})

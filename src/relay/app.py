@@ -64,7 +64,7 @@ async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) ->
     stack.push_async_callback(resolver.close)
     services.append(resolver)
     if settings.auth.enabled:
-        authenticator = Authenticator(resolver)
+        authenticator = Authenticator.from_settings(resolver, settings.auth)
         stack.push_async_callback(authenticator.close)
         services.append(authenticator)
     return services

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
 
 from relay.auth import dmarc
 from relay.auth.domains import OrgDomains
@@ -23,6 +24,7 @@ from relay.auth.results import AuthResults
 from relay.auth.scan import HeaderScan, scan_headers
 from relay.auth.spf import check_spf
 from relay.auth.verify import TEMPERROR, verify_message
+from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
 from relay.message import Message
 
@@ -37,6 +39,7 @@ class Authenticator:
         resolver: Resolver,
         *,
         executor: Executor | None = None,
+        owns_executor: bool = False,
         max_signatures: int = MAX_SIGNATURES,
     ) -> None:
         self.resolver = resolver
@@ -46,15 +49,25 @@ class Authenticator:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
         # One crypto thread: more would only fight the loop for the GIL (dkimpy is pure
         # Python apart from hashing); use a process pool, or more relay workers, for cores.
-        self._owns_crypto = executor is None
+        self._owns_crypto = executor is None or owns_executor
         self._crypto: Executor = executor or ThreadPoolExecutor(
             1, thread_name_prefix="relay-auth-crypto"
         )
 
+    @classmethod
+    def from_settings(cls, resolver: Resolver, settings: AuthSettings) -> Authenticator:
+        """``[auth] workers = N`` > 0 verifies in N processes (spawned: no fork of a
+        process with live threads); 0 keeps one crypto thread in this process."""
+        if settings.workers <= 0:
+            return cls(resolver)
+        pool = ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn"))
+        return cls(resolver, executor=pool, owns_executor=True)
+
     async def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
         if self._owns_crypto:
-            self._crypto.shutdown(wait=False, cancel_futures=True)
+            # wait, in a thread, so a process pool's workers are gone when we return
+            await asyncio.to_thread(self._crypto.shutdown, wait=True, cancel_futures=True)
 
     async def check(self, message: Message) -> AuthResults:
         start = time.perf_counter()
