@@ -113,3 +113,17 @@ async def test_settings_nameserver_hostport(local_dns: LocalDns) -> None:
         assert await r.query("example.test", "A") == ["127.0.0.2"]
     finally:
         await r.close()
+
+
+async def test_peek_reads_the_cache_without_waiting(resolver: Resolver) -> None:
+    assert resolver.peek_txt("example.test") is None  # not asked yet
+    assert resolver.peek_query("missing.example.test", "A") is None
+    await resolver.txt("example.test")
+    await resolver.mx("example.test")
+    await resolver.query("missing.example.test", "A")
+    await resolver.query("alias.example.test", "A")
+    assert b"v=spf1 -all" in (resolver.peek_txt("EXAMPLE.test.") or [])
+    assert resolver.peek_mx("example.test") == [(10, "mx.example.test")]
+    assert resolver.peek_query("missing.example.test", "A") == []  # cached NXDOMAIN
+    assert resolver.peek_query("alias.example.test", "A") == ["127.0.0.2"]  # via CNAME
+    assert resolver.peek_query("example.test", "AAAA") is None

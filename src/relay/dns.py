@@ -20,6 +20,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -90,6 +92,45 @@ class Resolver:
         """A then AAAA addresses; a temporary failure of either raises."""
         v4, v6 = await asyncio.gather(self.query(name, "A"), self.query(name, "AAAA"))
         return [str(ipaddress.ip_address(a)) for a in (*v4, *v6)]
+
+    def peek_txt(self, name: str) -> list[bytes] | None:
+        """Like ``txt`` but from the cache only, without waiting: None when not cached."""
+        rdatas = self._peek(name, "TXT")
+        return None if rdatas is None else [b"".join(r.strings) for r in rdatas]  # type: ignore[attr-defined]
+
+    def peek_query(self, name: str, rdtype: str) -> list[str] | None:
+        """Like ``query`` but from the cache only: None when not cached."""
+        rdatas = self._peek(name, rdtype)
+        return None if rdatas is None else [r.to_text() for r in rdatas]  # type: ignore[attr-defined]
+
+    def peek_mx(self, name: str) -> list[tuple[int, str]] | None:
+        """Like ``mx`` but from the cache only: None when not cached."""
+        rdatas = self._peek(name, "MX")
+        if rdatas is None:
+            return None
+        return [
+            (int(r.preference), r.exchange.to_text(omit_final_dot=True))  # type: ignore[attr-defined]
+            for r in rdatas
+        ]
+
+    def _peek(self, name: str, rdtype: str) -> list[object] | None:
+        # Reads dnspython's cache the way its resolver does: the answer for (name, type),
+        # else a cached NXDOMAIN for the name (stored under type ANY).
+        cache = self._resolver.cache
+        if cache is None:
+            return None
+        try:
+            qname = dns.name.from_text(name.lower().rstrip("."))
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return []
+        want = dns.rdatatype.from_text(rdtype.upper())
+        answer = cache.get((qname, want, dns.rdataclass.IN))
+        if answer is not None:
+            return [] if answer.rrset is None else [r for r in answer.rrset if r.rdtype == want]
+        nx = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if nx is not None and nx.response.rcode() == dns.rcode.NXDOMAIN:
+            return []
+        return None
 
     async def close(self) -> None:
         self._resolver.cache = None

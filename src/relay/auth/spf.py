@@ -3,11 +3,11 @@
 pyspf evaluates the record (mechanisms, macros, the 10-lookup and 2-void-lookup limits,
 temperror vs permerror) but does its own blocking DNS through a module-level function.
 We subclass its ``query`` and replace the one method that talks to DNS, ``dns``, so that
-it only reads answers already fetched for this evaluation. When pyspf asks for a name we
-do not have yet, the evaluation stops (``_NeedAnswer``), the answer is fetched through the
-shared, cached async ``Resolver``, and the evaluation starts again. A warm cache means one
-pass; each pass is a few hundred microseconds of pure Python, so nothing waits in a thread
-and the loop never blocks. Our resolver follows CNAMEs itself, so pyspf's CNAME
+it only reads answers the shared ``Resolver`` already has in its cache. When pyspf asks for
+a name that is not cached, the evaluation stops (``_NeedAnswer``), the answer is fetched
+asynchronously, and the evaluation starts again. A warm cache means one pass of pure
+Python (well under a millisecond), so nothing waits in a thread and the loop never
+blocks. Our resolver follows CNAMEs itself, so pyspf's CNAME
 bookkeeping is not needed.
 """
 
@@ -40,8 +40,15 @@ class _NeedAnswer(BaseException):
 class _Query(spf.query):  # type: ignore[misc]
     """pyspf's query answering DNS questions from ``answers`` only (see module docstring)."""
 
-    def __init__(self, answers: dict[tuple[str, str], Answer], *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        answers: dict[tuple[str, str], Answer],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._resolver = resolver
         self._answers = answers
 
     def dns(
@@ -53,7 +60,10 @@ class _Query(spf.query):  # type: ignore[misc]
             return []
         key = (name, qtype)
         if key not in self._answers:
-            raise _NeedAnswer(name, qtype)
+            cached = _peek(self._resolver, name, qtype)
+            if cached is None:
+                raise _NeedAnswer(name, qtype)
+            self._answers[key] = cached
         answer = self._answers[key]
         if isinstance(answer, DnsTemporaryError):
             raise spf.TempError(f"DNS {answer}")
@@ -62,6 +72,22 @@ class _Query(spf.query):  # type: ignore[misc]
             if self.void_lookups > spf.MAX_VOID_LOOKUPS:
                 raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
         return list(answer)
+
+
+def _peek(resolver: Resolver, name: str, qtype: str) -> list[Any] | None:
+    """A cached answer in pyspf's shapes, without waiting; None when not cached."""
+    if qtype == "TXT":
+        txt = resolver.peek_txt(name)
+        return None if txt is None else [[t] for t in txt]
+    if qtype == "MX":
+        mx = resolver.peek_mx(name)
+        return None if mx is None else list(mx)
+    if qtype == "PTR":
+        ptr = resolver.peek_query(name, "PTR")
+        return None if ptr is None else [n.rstrip(".") for n in ptr]
+    if qtype in ("A", "AAAA"):
+        return resolver.peek_query(name, qtype)
+    return []
 
 
 async def _fetch(resolver: Resolver, name: str, qtype: str) -> Answer:
@@ -87,7 +113,7 @@ async def _evaluate(
     answers: dict[tuple[str, str], Answer] = {}
     while len(answers) <= MAX_ANSWERS:
         try:
-            q = _Query(answers, i=ip, s=sender, h=helo, strict=True)
+            q = _Query(resolver, answers, i=ip, s=sender, h=helo, strict=True)
             result, _code, explanation = q.check()
         except _NeedAnswer as need:
             answers[need.key] = await _fetch(resolver, *need.key)
