@@ -4,6 +4,10 @@ a good and a broken file while mail flows. Real relay, real downstream, loopback
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosmtplib
@@ -15,6 +19,7 @@ from relay.quarantine import QuarantineStore
 from tests.support.relay import (
     RawClient,
     Sink,
+    free_port,
     make_settings,
     running_relay,
     send,
@@ -259,3 +264,92 @@ score = 2
     assert code == 250
     assert len(sink.messages) == 1
     assert b"action=tag" in header_block(sink.messages[0].data)
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(150):
+        assert proc.poll() is None, "relay exited early"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+    raise AssertionError("relay did not start listening")
+
+
+async def test_sighup_from_relay_policy_reload_on_a_real_process(tmp_path: Path) -> None:
+    port = free_port()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(ACCEPT_ALL)
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(
+        f"""
+[smtp]
+listen = "127.0.0.1:{port}"
+hostname = "relay.test"
+[relay]
+domains = ["example.org"]
+[delivery]
+maildir = "{tmp_path / "maildir"}"
+[model]
+enabled = false
+[policy]
+path = "{policy}"
+[metrics]
+enabled = false
+[auth]
+enabled = false
+[state]
+path = "{tmp_path / "state.sqlite3"}"
+[quarantine]
+path = "{tmp_path / "quarantine"}"
+"""
+    )
+    log_path = tmp_path / "relay.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reload_cmd = [sys.executable, "-m", "relay.cli", "policy", "reload", "--config", str(cfg)]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            cwd=tmp_path,
+            stderr=log_file,
+            env=env,
+        )
+    try:
+        await wait_listening(port, proc)
+        assert (await attempt(port, "a@plain.test"))[0] == 250
+
+        policy.write_text(REJECT_PLAIN)
+        done = await asyncio.to_thread(
+            subprocess.run, reload_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"pid {proc.pid}" in done.stdout
+        for _ in range(50):  # the signal is handled between messages, asynchronously
+            if (await attempt(port, "a@plain.test"))[0] == 550:
+                break
+            await asyncio.sleep(0.1)
+        assert await attempt(port, "a@plain.test") == (550, "5.7.1 Closed by the reloaded policy")
+
+        # the command refuses to signal for a broken file; a raw SIGHUP keeps the old policy
+        policy.write_text(REJECT_PLAIN.replace("mail_from_domain", "mail_from_dom"))
+        done = await asyncio.to_thread(
+            subprocess.run, reload_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1 and "unknown fact 'mail_from_dom'" in done.stderr
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert proc.poll() is None
+        assert (await attempt(port, "a@plain.test"))[0] == 550
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert "policy reloaded" in log
+    assert "policy reload failed" in log and "unknown fact 'mail_from_dom'" in log
