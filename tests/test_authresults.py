@@ -228,3 +228,36 @@ async def test_relay_strips_forgeries_and_stamps_over_smtp(
     assert b"bank.example" not in received.data
     header = authres.AuthenticationResultsHeader.parse(_header_value(received.data))
     assert [(r.method, r.result) for r in header.results][:2] == [("dkim", "none"), ("spf", "fail")]
+
+
+async def test_hostile_authentication_headers_still_flow(
+    tmp_path: Path, dns: LocalDns, key: SigningKey
+) -> None:
+    bogus = [
+        "v=1; a=rsa-sha256; d=example.com; s=k1; h=from; bh=AAAA; b=AAAA; garbage",
+        "v=1; a=rsa-sha256; d=example.com; d=x.example; s=k1; h=from; bh=AAAA; b=AAAA",
+        "v=1; a=rsa-sha256; d=exämple.com; s=k1; h=from; bh=AAAA; b=!!",
+    ] * 17  # 51 signatures, every one broken
+    head = b"".join(f"DKIM-Signature: {v}\r\n".encode() for v in bogus)
+    head += b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=x.example; s=s; b=AAAA\r\n"
+    head += b"X-Padding: " + b"\r\n\t".join([b"y" * 900] * 220) + b"\r\n"  # ~200 KB field
+    raw = head + make_message(from_addr="a@bücher.example")
+    async with sink_server() as sink:
+        settings = make_settings(
+            tmp_path,
+            {
+                "auth": {"enabled": True, "authserv_id": "relay.test"},
+                "dns": {"nameservers": [dns.address], "timeout": 1},
+                "delivery": {"mode": "smtp", "downstream": sink.address},
+            },
+        )
+        async with running_relay(settings) as relay:
+            await send(relay.port, ["bob@example.org"], sign(raw, key), sender="a@example.com")
+    (received,) = sink.messages
+    value = _header_value(received.data)
+    assert value.count("dkim=") == 10 + 1  # 10 verified and the limit note, nothing more
+    assert "only the first 10 of 52 signatures were verified" in value
+    assert "arc=fail" in value
+    assert "dkim=pass" in value  # the one good signature still counts
+    assert "header.from=xn--bcher-kva.example" in value
+    assert received.data.endswith(make_message(from_addr="a@bücher.example"))
