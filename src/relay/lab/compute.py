@@ -1,8 +1,11 @@
 """Computing facts for the lab: stateless facts in a process pool, stateful ones in order.
 
-Pass 1 spreads messages over worker processes; each computes every fact the policies can
-read, without the state store. A fact that needs the state store (or depends on one that
-does) fails there with "service StateStore is not configured" and is deferred.
+Pass 1 spreads messages over worker processes, one share per worker (each builds its
+services, the model and suffix lists included, once); each computes every fact the
+policies can read, without the state store. A fact that needs the state store (or depends
+on one that does) fails there with "service StateStore is not configured" and is
+deferred; the worker hands back the structured values it depends on (the decoded body,
+say), so pass 2 does not decode every body again.
 Pass 2 runs the deferred facts in the main process, one message after another in corpus
 time, with a fresh SQLite state store, so counts grow as they would have live.
 """
@@ -12,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import queue
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from relay.errors import FactError
 from relay.facts import FactRegistry, Facts, FactType, Services
@@ -25,10 +31,23 @@ from relay.lab.env import LabEnv, lab_services
 
 DEFERRED = "service StateStore is not configured"
 CONCURRENCY = 16  # messages in flight per worker (DNS-bound facts wait concurrently)
+TICK = 25  # messages between progress reports from a worker
 
 Item = tuple[CorpusMessage, tuple[str, ...]]  # a message and the fact names wanted
 Outcomes = dict[str, Cached]
 Progress = Callable[[int], None]
+
+
+class _Ticks(Protocol):
+    def put(self, item: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Computed:
+    """Pass 1's result for one message: cached outcomes, and live values pass 2 needs."""
+
+    outcomes: Outcomes
+    carry: dict[str, Any] = field(default_factory=dict)
 
 
 async def collect(facts: Facts, names: Iterable[str]) -> Outcomes:
@@ -41,62 +60,95 @@ async def collect(facts: Facts, names: Iterable[str]) -> Outcomes:
     return {n: Cached(reads[n].value, reads[n].error) for n in wanted if n in reads}
 
 
-async def _one(registry: FactRegistry, services: Services, item: Item) -> Outcomes:
+def _closure(registry: FactRegistry, names: Iterable[str]) -> set[str]:
+    seen: set[str] = set()
+    stack = [d for n in names for d in registry[n].depends]
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(registry[name].depends)
+    return seen
+
+
+async def _one(registry: FactRegistry, services: Services, item: Item) -> Computed:
     message, names = item
-    return await collect(Facts(registry, message.to_message(), services), names)
+    facts = Facts(registry, message.to_message(), services)
+    outcomes = await collect(facts, names)
+    deferred = [n for n, c in outcomes.items() if c.error is not None and DEFERRED in c.error]
+    carry: dict[str, Any] = {}
+    for dep in _closure(registry, deferred):
+        if registry[dep].type is FactType.OBJECT and facts.computed(dep):
+            with contextlib.suppress(FactError):
+                carry[dep] = await facts.get(dep)
+    return Computed(outcomes, carry)
 
 
-async def _chunk(env: LabEnv, items: Sequence[Item]) -> list[tuple[str, Outcomes]]:
+async def _share(
+    env: LabEnv, items: Sequence[Item], ticks: _Ticks | None
+) -> list[tuple[str, Computed]]:
     registry = env.registry()
+    done = 0
     with tempfile.TemporaryDirectory(prefix="relay-lab-") as tmp:
         async with lab_services(env, Path(tmp), stateful=False) as services:
             limit = asyncio.Semaphore(CONCURRENCY)
 
-            async def run(item: Item) -> tuple[str, Outcomes]:
+            async def run(item: Item) -> tuple[str, Computed]:
+                nonlocal done
                 async with limit:
-                    return item[0].digest, await _one(registry, services, item)
+                    result = await _one(registry, services, item)
+                done += 1
+                if ticks is not None and done % TICK == 0:
+                    ticks.put(TICK)
+                return item[0].digest, result
 
-            return list(await asyncio.gather(*(run(i) for i in items)))
+            results = list(await asyncio.gather(*(run(i) for i in items)))
+    if ticks is not None and done % TICK:
+        ticks.put(done % TICK)
+    return results
 
 
-def compute_chunk(env: LabEnv, items: Sequence[Item]) -> list[tuple[str, Outcomes]]:
-    """Worker entry point: facts for a chunk of messages (no state store)."""
-    return asyncio.run(_chunk(env, items))
+def compute_share(
+    env: LabEnv, items: Sequence[Item], ticks: _Ticks | None = None
+) -> list[tuple[str, Computed]]:
+    """Worker entry point: facts for one worker's share of the messages (no state store)."""
+    return asyncio.run(_share(env, items, ticks))
 
 
-def _chunks(items: Sequence[Item], jobs: int) -> list[list[Item]]:
-    # A few chunks per worker keeps the progress bar moving and the load even, while
-    # each chunk still amortises building the services (model load) once.
-    count = max(1, min(len(items), jobs * 6, max(jobs, len(items) // 40)))
-    return [list(items[i::count]) for i in range(count)]
+class _Direct:
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def put(self, item: int) -> None:
+        self.progress(item)
 
 
 def parallel_pass(
     env: LabEnv, items: Sequence[Item], jobs: int, progress: Progress
-) -> dict[str, Outcomes]:
+) -> dict[str, Computed]:
     """Pass 1 over ``items``; in-process when jobs == 1 (tests, debugging)."""
-    out: dict[str, Outcomes] = {}
     if not items:
-        return out
+        return {}
     if jobs <= 1:
-        for chunk in _chunks(items, 1):
-            for digest, outcomes in compute_chunk(env, chunk):
-                out[digest] = outcomes
-            progress(len(chunk))
-        return out
+        return dict(compute_share(env, items, _Direct(progress)))
+    # Strided shares: the corpus is in time order, so each worker gets every era of mail.
+    shares = [list(items[i::jobs]) for i in range(jobs) if items[i::jobs]]
     # forkserver: workers start clean (no inherited threads, locks or open databases)
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        pending: dict[Future[list[tuple[str, Outcomes]]], int] = {
-            pool.submit(compute_chunk, env, chunk): len(chunk) for chunk in _chunks(items, jobs)
-        }
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                size = pending.pop(fut)
-                for digest, outcomes in fut.result():
-                    out[digest] = outcomes
-                progress(size)
+    out: dict[str, Computed] = {}
+    with context.Manager() as manager, ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+        ticks = manager.Queue()
+        futures: list[Future[list[tuple[str, Computed]]]] = [
+            pool.submit(compute_share, env, share, ticks) for share in shares
+        ]
+        while not all(f.done() for f in futures):
+            with contextlib.suppress(queue.Empty):
+                progress(ticks.get(timeout=0.2))
+        with contextlib.suppress(queue.Empty):
+            while True:
+                progress(ticks.get_nowait())
+        for fut in futures:
+            out.update(fut.result())
     return out
 
 
@@ -104,29 +156,30 @@ async def sequential_pass(
     env: LabEnv,
     messages: Sequence[CorpusMessage],
     known: Mapping[str, Outcomes],
+    carried: Mapping[str, Mapping[str, Any]],
     names: Sequence[str],
     progress: Progress,
 ) -> dict[str, Outcomes]:
     """Pass 2: ``names`` for every message in corpus time order, with a fresh state store.
 
     Facts already known for a message are handed in as computed, so a stateful fact's
-    stateless dependencies are not computed again.
+    stateless dependencies are not computed again: cached scalars as they are, structured
+    values as pass 1 carried them over (JSON is not their live form, so a structured value
+    that was not carried is recomputed).
     """
     registry = env.registry()
     out: dict[str, Outcomes] = {}
     with tempfile.TemporaryDirectory(prefix="relay-lab-state-") as tmp:
         async with lab_services(env, Path(tmp), stateful=True) as services:
             for m in messages:
-                have = known.get(m.digest, {})
-                # Cached scalars stand in for their computation; structured values are
-                # recomputed if a stateful fact needs them (JSON is not their live form).
-                preset = {
+                preset: dict[str, Any] = {
                     n: c.value
-                    for n, c in have.items()
+                    for n, c in known.get(m.digest, {}).items()
                     if c.error is None
                     and n not in names
                     and registry[n].type is not FactType.OBJECT
                 }
+                preset.update(carried.get(m.digest, {}))
                 facts = Facts(registry, m.to_message(), services, preset=preset)
                 got = await collect(facts, names)
                 out[m.digest] = {n: got[n] for n in names if n in got}

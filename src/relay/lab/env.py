@@ -13,10 +13,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from publicsuffixlist import PublicSuffixList
 
 from relay.config import ModelSettings, Settings, StateSettings
 from relay.facts import FactRegistry, Services, default_registry
@@ -82,12 +84,6 @@ def lab_settings(env: LabEnv, state_dir: Path) -> Settings:
     )
 
 
-def _is_state(item: object) -> bool:
-    from relay.state import StateStore
-
-    return isinstance(item, StateStore)
-
-
 def _is_resolver(item: object) -> bool:
     from relay.dns import Resolver
 
@@ -102,12 +98,21 @@ async def lab_services(env: LabEnv, state_dir: Path, *, stateful: bool) -> Async
     remembers across messages fails there and is computed later, in corpus time order.
     """
     from relay.app import open_services
+    from relay.state import StateStore, open_state
 
+    settings = lab_settings(env, state_dir)
     async with contextlib.AsyncExitStack() as stack:
-        items: Iterable[object] = await open_services(lab_settings(env, state_dir), stack)
+        items: list[object] = list(await open_services(settings, stack))
         kept = [
             item
             for item in items
-            if not (env.offline and _is_resolver(item)) and (stateful or not _is_state(item))
+            if not (env.offline and _is_resolver(item)) and not isinstance(item, StateStore)
         ]
+        if stateful:
+            # Always the lab's own fresh SQLite store, never the relay's (maybe Redis).
+            state = await open_state(settings.state)
+            stack.push_async_callback(state.close)
+            kept.append(state)
+        if not any(isinstance(i, PublicSuffixList) for i in kept):
+            kept.append(PublicSuffixList())
         yield Services(HeaderAuth(frozenset(i.lower() for i in env.trusted_authserv_ids)), *kept)

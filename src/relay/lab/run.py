@@ -93,8 +93,8 @@ def compute_facts(
         with _bar(options.progress, len(items), "facts") as progress:
             computed = parallel_pass(env, items, options.jobs, progress)
         parallel_seconds = time.perf_counter() - start
-        for digest, got in computed.items():
-            fresh = {n: c for n, c in got.items() if n in versions}
+        for digest, result in computed.items():
+            fresh = {n: c for n, c in result.outcomes.items() if n in versions}
             deferred = {n for n, c in fresh.items() if c.error is not None and DEFERRED in c.error}
             stateful |= deferred
             keep = {n: c for n, c in fresh.items() if n not in deferred}
@@ -108,7 +108,14 @@ def compute_facts(
             names_seq = sorted(stateful)
             with _bar(options.progress, len(corpus.messages), "stateful facts") as progress:
                 ordered = asyncio.run(
-                    sequential_pass(env, corpus.messages, outcomes, names_seq, progress)
+                    sequential_pass(
+                        env,
+                        corpus.messages,
+                        outcomes,
+                        {d: c.carry for d, c in computed.items()},
+                        names_seq,
+                        progress,
+                    )
                 )
             for digest, got in ordered.items():
                 outcomes[digest].update(got)
