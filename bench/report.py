@@ -54,6 +54,8 @@ def ratios(rows: Sequence[Row], wanted: Sequence[Comparison]) -> list[dict[str, 
         item["ratio_cpu"] = round(cost_den / cost_num, 3) if cost_num and cost_den else None
         if c.target is not None:
             item["pass"] = item["ratio_source"] >= c.target
+            if item["ratio_cpu"] is not None:
+                item["pass_cpu"] = item["ratio_cpu"] >= c.target
         out.append(item)
     return out
 
@@ -89,7 +91,10 @@ def _fmt(value: Any, digits: int = 0) -> str:
 def _verdict(item: Mapping[str, Any]) -> str:
     if "pass" not in item:
         return ""
-    return "**pass**" if item["pass"] else "**FAIL**"
+    text = "**pass**" if item["pass"] else "**FAIL**"
+    if "pass_cpu" in item:
+        text += " (per CPU-second: " + ("pass" if item["pass_cpu"] else "FAIL") + ")"
+    return text
 
 
 def summary(results: Mapping[str, Any]) -> str:
@@ -185,7 +190,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for item in results["comparisons"]:
-        target = _fmt(item.get("target"))
+        target = _fmt(item.get("target"), 2)
         if "skipped" in item:
             out.append(f"| {item['title']} | - | - | - | {target} | skipped: {item['skipped']} |")
             continue

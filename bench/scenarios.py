@@ -49,10 +49,10 @@ def _auth(dns: str) -> dict[str, dict[str, TomlValue]]:
     return {"auth": {"enabled": True}, "dns": {"nameservers": [dns], "timeout": 2}}
 
 
-def _policy(repo: Path, dns: str) -> dict[str, dict[str, TomlValue]]:
+def _policy(repo: Path, dns: str, *, model: bool = True) -> dict[str, dict[str, TomlValue]]:
     overrides = _auth(dns)
     overrides["policy"] = {"path": str(repo / "config" / "policy.toml")}
-    overrides["model"] = {"enabled": True, "path": str(repo / "models" / "spam.skops")}
+    overrides["model"] = {"enabled": model, "path": str(repo / "models" / "spam.skops")}
     return overrides
 
 
@@ -101,6 +101,16 @@ def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
     out.append(
         Scenario(
             "relay-policy-w1",
+            "relay, default policy + authentication, classifier off, 1 worker",
+            "relay",
+            1,
+            overrides=_policy(repo, dns, model=False),
+            features=("auth", "policy"),
+        )
+    )
+    out.append(
+        Scenario(
+            "relay-classifier-w1",
             "relay, default policy + classifier + authentication, 1 worker",
             "relay",
             1,
@@ -169,15 +179,25 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
         ),
         Comparison(
             "default policy + classifier + auth / no-op (1 worker)",
-            "relay-policy-w1",
+            "relay-classifier-w1",
             "relay-noop-w1",
             None,
             "issue 6 item 10",
         ),
         Comparison(
-            "default policy + classifier + auth / auth only (1 worker)",
+            "default policy + auth, classifier off / no-op (1 worker)",
+            "relay-policy-w1",
+            "relay-noop-w1",
+        ),
+        Comparison(
+            "default policy + auth / auth only, no-op decision (1 worker)",
             "relay-policy-w1",
             "relay-auth-w1",
+        ),
+        Comparison(
+            "classifier on / off, default policy + auth (1 worker)",
+            "relay-classifier-w1",
+            "relay-policy-w1",
         ),
         Comparison(
             f"everything on ({top} workers) / pass-through (pooled)",
