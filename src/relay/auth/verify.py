@@ -19,12 +19,13 @@ import binascii
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 import dkim
 from dkim.util import parse_tag_value
 
 from relay.auth.results import ArcResult, DkimResults, DkimSignatureResult
-from relay.auth.scan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD
+from relay.auth.scan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD, key_name
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2: smaller RSA keys MUST NOT be considered valid
 
@@ -45,7 +46,7 @@ def _text(value: bytes | None) -> str:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
-    # dkimpy quotes the offending value (b= blobs, whole keys): keep operators' logs short.
+    # dkimpy quotes the offending value (b= blobs, whole keys): keep facts and headers short.
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -54,28 +55,29 @@ def _int_tag(tags: Mapping[bytes, bytes], name: bytes) -> int | None:
     return int(value) if value is not None and value.isdigit() and len(value) < 20 else None
 
 
-def _describe(index: int, tags: Mapping[bytes, bytes]) -> dict[str, object]:
-    """The fields of a result that come from the signature's tags alone."""
+def _describe(index: int, tags: Mapping[bytes, bytes]) -> DkimSignatureResult:
+    """What a signature's tags alone say about it (result filled in by the caller)."""
     b_value = re.sub(rb"\s+", b"", tags.get(b"b", b""))
-    return {
-        "index": index,
-        "domain": _text(tags.get(b"d")).lower(),
-        "selector": _text(tags.get(b"s")),
-        "algorithm": _text(tags.get(b"a")).lower(),
-        "canonicalization": _text(tags.get(b"c", b"simple/simple")).lower(),
-        "identity": _text(tags.get(b"i")),
-        "headers": tuple(h.strip().lower() for h in _text(tags.get(b"h")).split(":") if h.strip()),
-        "body_length": _int_tag(tags, b"l"),
-        "signed_at": _int_tag(tags, b"t"),
-        "expires": _int_tag(tags, b"x"),
-        "b_prefix": _text(b_value[:12]),
-    }
+    return DkimSignatureResult(
+        index=index,
+        result="permerror",
+        domain=_text(tags.get(b"d")).lower(),
+        selector=_text(tags.get(b"s")),
+        algorithm=_text(tags.get(b"a")).lower(),
+        canonicalization=_text(tags.get(b"c", b"simple/simple")).lower(),
+        identity=_text(tags.get(b"i")),
+        headers=tuple(h.strip().lower() for h in _text(tags.get(b"h")).split(":") if h.strip()),
+        body_length=_int_tag(tags, b"l"),
+        signed_at=_int_tag(tags, b"t"),
+        expires=_int_tag(tags, b"x"),
+        b_prefix=_text(b_value[:12]),
+    )
 
 
 def _result(
-    info: dict[str, object], result: str, reason: str, **extra: object
+    info: DkimSignatureResult, result: str, reason: str, key_bits: int | None = None
 ) -> DkimSignatureResult:
-    return DkimSignatureResult(result=result, reason=reason, **{**info, **extra})  # type: ignore[arg-type]
+    return replace(info, result=result, reason=reason, key_bits=key_bits)
 
 
 def _classify_validation(exc: dkim.ValidationError) -> tuple[str, str]:
@@ -111,7 +113,7 @@ def _check_key(record: bytes, algorithm: bytes) -> str:
 def _verify_one(
     verifier: dkim.DKIM, index: int, field: bytes, keys: KeyRecords
 ) -> DkimSignatureResult:
-    info: dict[str, object] = {"index": index}
+    info = DkimSignatureResult(index, "permerror")
     if len(field) > MAX_SIGNATURE_FIELD:
         return _result(
             info, "permerror", f"signature field larger than {MAX_SIGNATURE_FIELD} bytes"
@@ -135,7 +137,7 @@ def _verify_one(
     if not prep:
         return _result(info, "permerror", "signature not found")
     sig, include_headers, sigheaders = prep
-    name = _key_name(sig)
+    name = key_name(sig)
     if name is None:
         return _result(info, "permerror", "d= or s= is not an ASCII domain name")
     record = keys.get(name)
@@ -166,24 +168,11 @@ def _verify_one(
         return _result(info, "permerror", _reason(exc), key_bits=bits)
     if not ok:
         return _result(info, "fail", "signature did not verify", key_bits=bits)
-    weak = sig[b"a"] == b"rsa-sha1"
-    return _result(
-        info,
-        "pass",
-        "rsa-sha1 is historic (RFC 8301)" if weak else "",
-        key_bits=bits,
-        weak=weak,
-    )
-
-
-def _key_name(tags: Mapping[bytes, bytes]) -> bytes | None:
-    selector, domain = tags.get(b"s", b""), tags.get(b"d", b"")
-    try:
-        selector.decode("ascii")
-        domain.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    return selector + b"._domainkey." + domain + b"."
+    if sig[b"a"] == b"rsa-sha1":
+        return replace(
+            info, result="pass", reason="rsa-sha1 is historic (RFC 8301)", key_bits=bits, weak=True
+        )
+    return _result(info, "pass", "", key_bits=bits)
 
 
 def verify_dkim(raw: bytes, keys: KeyRecords, limit: int) -> DkimResults:
