@@ -1,0 +1,423 @@
+"""Message -> classifier input, shared by training and serving so the two never drift.
+
+The model sees two strings per message (one row of an ``(n, 2)`` object array):
+
+- ``text``: the decoded subject and the decoded text parts (HTML rendered to text by a
+  real HTML parser), bounded to the first ``max_text_kb`` KiB of characters;
+- ``meta``: space-separated tokens describing the message's shape: sender domain shape,
+  mailer family, received-path length, MIME structure, charsets, HTML structure, URLs and
+  their registrable domains.
+
+What is deliberately *not* a feature: the SpamAssassin corpus's 2002 artefacts (the
+``spamassassin.taint.org`` / ``zzzz@`` masking that appears in both classes, exact mailer
+versions, line-ending quirks, Date: years). They score well on the 2002 split and say
+nothing about modern mail, so they are removed from the text and never become tokens.
+
+Extraction never raises: whatever goes wrong degrades to the text that could be read and
+sets ``degraded``, which serving reports as the ``parse_degraded`` fact.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from email import errors as email_errors
+from email.header import decode_header
+from email.message import Message as EmailPart
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import getaddresses, parseaddr
+from urllib.parse import urlsplit
+
+from publicsuffixlist import PublicSuffixList
+from selectolax.lexbor import LexborHTMLParser as HTMLParser
+
+from relay.message import Message
+
+FEATURE_VERSION = 1
+
+# Corpus masking and the era's collector hosts: present in both classes, meaningless later.
+_ARTEFACT = re.compile(
+    r"\S*taint\.org\S*|\b(?:zzzz|yyyy|xxxx)[\w.+-]*@\S*|"
+    r"\b[\w.+-]*@(?:[\w-]+\.)*(?:jmason\.org|example\.com)\b",
+    re.IGNORECASE,
+)
+_MASKED_LOCALS = frozenset({"zzzz", "yyyy", "xxxx"})
+_MASKED_DOMAINS = ("taint.org", "jmason.org", "example.com")
+_URL = re.compile(r"""\b(?:https?://|www\.)[^\s<>"'()\[\]{}]+""", re.IGNORECASE)
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+_FREEMAIL = frozenset(
+    {
+        "aol.com", "gmail.com", "googlemail.com", "hotmail.com", "outlook.com", "live.com",
+        "msn.com", "yahoo.com", "yahoo.co.uk", "ymail.com", "icloud.com", "me.com",
+        "mail.com", "gmx.com", "gmx.de", "gmx.net", "web.de", "yandex.ru", "mail.ru",
+        "protonmail.com", "proton.me", "zoho.com", "qq.com", "163.com", "126.com",
+    }
+)  # fmt: skip
+# Mailer families, never versions: (needle in lower-cased X-Mailer/User-Agent, family).
+_MAILERS = (
+    ("outlook", "outlook"), ("microsoft", "outlook"), ("exchange", "outlook"),
+    ("thunderbird", "mozilla"), ("mozilla", "mozilla"), ("seamonkey", "mozilla"),
+    ("apple", "apple"), ("iphone", "apple"), ("ipad", "apple"),
+    ("mutt", "unix"), ("pine", "unix"), ("gnus", "unix"), ("emacs", "unix"),
+    ("exmh", "unix"), ("nmh", "unix"), ("sylpheed", "unix"), ("evolution", "unix"),
+    ("kmail", "unix"), ("claws", "unix"), ("mew", "unix"), ("vm ", "unix"),
+    ("eudora", "desktop"), ("the bat", "desktop"), ("lotus", "desktop"), ("opera", "desktop"),
+    ("pegasus", "desktop"), ("becky", "desktop"),
+    ("aol", "webmail"), ("yahoo", "webmail"), ("hotmail", "webmail"), ("gmail", "webmail"),
+    ("webmail", "webmail"), ("squirrelmail", "webmail"), ("roundcube", "webmail"),
+    ("horde", "webmail"), ("imp", "webmail"),
+    ("php", "script"), ("perl", "script"), ("mime-tools", "script"), ("python", "script"),
+    ("java", "script"), ("cdo", "script"), ("swiftmailer", "script"), ("phpmailer", "script"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSettings:
+    """Bounds on the work per message; recorded in the model card and read back from it."""
+
+    max_text_kb: int = 64  # KiB of decoded characters (subject + text parts) used
+    max_raw_kb: int = 1024  # KiB of raw message bytes parsed; the rest is never read
+    max_parts: int = 32  # MIME leaves looked at
+    max_urls: int = 64  # distinct URLs turned into tokens
+    version: int = FEATURE_VERSION
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> FeatureSettings:
+        known = {k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__}  # type: ignore[call-overload]
+        return cls(**known)
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """Classifier input for one message."""
+
+    text: str
+    meta: str
+    degraded: bool
+
+    def row(self) -> tuple[str, str]:
+        return (self.text, self.meta)
+
+
+@dataclass
+class _Collector:
+    """Scratch state of one extraction (local to the call, never shared)."""
+
+    budget: int
+    text: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)  # url -> anchor text
+    degraded: bool = False
+
+    def add_text(self, chunk: str) -> None:
+        if self.budget <= 0 or not chunk:
+            return
+        chunk = chunk[: self.budget]
+        self.budget -= len(chunk)
+        self.text.append(chunk)
+
+
+def _bucket(n: int, edges: Iterable[int]) -> str:
+    """A small label for a count, so counts become a handful of tokens."""
+    last = 0
+    for edge in edges:
+        if n <= edge:
+            return str(edge) if edge == last + 1 or edge == 0 else f"{last + 1}-{edge}"
+        last = edge
+    return f"{last + 1}+"
+
+
+def _clean(text: str) -> str:
+    """Undo surrogate escapes (raw 8-bit headers) and drop corpus artefacts."""
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", "replace")
+    return _ARTEFACT.sub(" ", text)
+
+
+def _decode(payload: bytes, charset: str | None) -> tuple[str, bool]:
+    """Bytes in a declared charset -> text; a bogus charset falls back (and says so)."""
+    name = (charset or "us-ascii").strip().strip('"').lower()
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        name = ""
+    if name in ("", "us-ascii", "ascii", "default"):
+        try:
+            return payload.decode("utf-8"), not name and charset is not None
+        except UnicodeDecodeError:
+            return payload.decode("cp1252", "replace"), not name and charset is not None
+    try:
+        return payload.decode(name, "replace"), False
+    except (LookupError, ValueError):  # codecs that reject 'replace' or the payload
+        return payload.decode("cp1252", "replace"), True
+
+
+def _headers(msg: EmailPart, name: str) -> list[str]:
+    """Every value of a header, encoded-words decoded, bogus charsets tolerated."""
+    values: list[str] = []
+    for value in msg.get_all(name) or []:
+        try:
+            # Raw 8-bit bytes come back as a Header of charset unknown-8bit: decode_header
+            # returns those bytes, which _decode then tries as UTF-8, then cp1252.
+            chunks = decode_header(value)
+        except Exception:
+            values.append(_clean(str(value)))
+            continue
+        pieces: list[str] = []
+        for chunk, charset in chunks:
+            if isinstance(chunk, bytes):
+                pieces.append(_decode(chunk, charset)[0])
+            else:
+                pieces.append(chunk)
+        values.append(_clean("".join(pieces)))
+    return values
+
+
+def _defective(part: EmailPart, truncated: bool) -> bool:
+    """MIME defects, except the missing end boundary our own truncation causes."""
+    return any(
+        not (truncated and isinstance(d, email_errors.CloseBoundaryNotFoundDefect))
+        for d in part.defects
+    )
+
+
+def _header(msg: EmailPart, name: str) -> str:
+    values = _headers(msg, name)
+    return values[0] if values else ""
+
+
+def _charset_family(charset: str) -> str:
+    cs = charset.lower()
+    if cs in ("us-ascii", "ascii", "utf-8", "utf8"):
+        return "unicode" if cs.startswith("utf") else "ascii"
+    if cs.startswith(("iso-8859", "windows-125", "cp125", "latin")):
+        return "latin"
+    if cs.startswith(("big5", "gb", "euc", "iso-2022", "shift_jis", "ks_c", "hz")):
+        return "cjk"
+    if cs.startswith(("koi8", "windows-1251")):
+        return "cyrillic"
+    try:
+        codecs.lookup(cs)
+    except LookupError:
+        return "bogus"
+    return "other"
+
+
+class Extractor:
+    """Turns a Message into Features; build one per process (it holds the suffix list)."""
+
+    def __init__(self, settings: FeatureSettings | None = None) -> None:
+        self.settings = settings or FeatureSettings()
+        self._psl = PublicSuffixList()
+
+    def extract_bytes(self, data: bytes) -> Features:
+        """Features of a stored message (an mbox ``From `` line is dropped)."""
+        return self.extract(Message.from_file_bytes(data))
+
+    def extract(self, message: Message) -> Features:
+        s = self.settings
+        out = _Collector(budget=s.max_text_kb * 1024)
+        limit = s.max_raw_kb * 1024
+        truncated = message.size > limit
+        if truncated:
+            # Parse only the head of very large mail; the tail is attachments in practice.
+            message = Message.from_file_bytes(message.raw[:limit])
+            out.tokens.append("size:truncated")
+        try:
+            # compat32, not the Message's modern-policy parse: it is several times faster
+            # and has no quadratic header parser a hostile Content-Type can trigger.
+            msg = BytesParser(policy=compat32).parsebytes(message.raw)
+            self._headers(msg, out)
+            self._body(msg, out, truncated)
+        except Exception:
+            out.degraded = True
+        if out.degraded and not out.text:
+            out.add_text(_clean(message.body.decode("cp1252", "replace")))
+        self._url_tokens(out)
+        if out.degraded:
+            out.tokens.append("parse:degraded")
+        text = " ".join(" ".join(out.text).split())
+        return Features(text=text, meta=" ".join(out.tokens), degraded=out.degraded)
+
+    # -- headers ---------------------------------------------------------------------
+
+    def _headers(self, msg: EmailPart, out: _Collector) -> None:
+        subject = _header(msg, "subject")
+        out.add_text(subject)
+        out.add_text("\n")
+        words = [w.lower() for w in _WORD.findall(subject)][:20]
+        out.tokens.extend(f"subj:{w}" for w in words)
+        if not subject.strip():
+            out.tokens.append("subj:empty")
+        letters = [ch for ch in subject if ch.isalpha()]
+        if len(letters) >= 8 and sum(ch.isupper() for ch in letters) / len(letters) > 0.7:
+            out.tokens.append("subj:shouting")
+
+        self._sender(msg, out)
+        mailer = (_header(msg, "x-mailer") or _header(msg, "user-agent")).lower()
+        family = next((fam for needle, fam in _MAILERS if needle in mailer), None)
+        out.tokens.append(f"mailer:{family or ('other' if mailer else 'none')}")
+        hops = len(msg.get_all("received") or [])
+        out.tokens.append("hops:" + _bucket(hops, (0, 1, 2, 3, 5, 8)))
+        rcpts = getaddresses(_headers(msg, "to") + _headers(msg, "cc"))
+        out.tokens.append("rcpts:" + _bucket(len([a for _, a in rcpts if a]), (0, 1, 3, 10)))
+
+    def _sender(self, msg: EmailPart, out: _Collector) -> None:
+        name, addr = parseaddr(_header(msg, "from"))
+        local, _, domain = addr.rpartition("@")
+        domain = domain.lower().strip(".>")
+        if not addr:
+            out.tokens.append("from:none")
+            return
+        if local.lower() in _MASKED_LOCALS or domain.endswith(_MASKED_DOMAINS) or not domain:
+            return  # masked by the corpus: no honest signal left in the address
+        if name.strip():
+            out.tokens.append("from:named")
+            if "@" in name:
+                out.tokens.append("from:name_has_address")
+        if sum(ch.isdigit() for ch in local) >= 3:
+            out.tokens.append("from:local_digits")
+        out.tokens.append("from:local_len_" + _bucket(len(local), (4, 8, 16, 32)))
+        site = self._site(domain)
+        out.tokens.append("from:tld_" + domain.rsplit(".", 1)[-1])
+        out.tokens.append("from:free" if site in _FREEMAIL else "from:own")
+        if any(ch.isdigit() for ch in site.split(".")[0]):
+            out.tokens.append("from:domain_digits")
+        if "-" in site:
+            out.tokens.append("from:domain_hyphen")
+        out.tokens.append("from:depth_" + _bucket(domain.count(".") + 1, (2, 3, 4)))
+        _, reply = parseaddr(_header(msg, "reply-to"))
+        if reply and self._site(reply.rpartition("@")[2].lower()) != site:
+            out.tokens.append("from:reply_elsewhere")
+
+    def _site(self, host: str) -> str:
+        """Registrable domain (example.co.uk) of a host name."""
+        return self._psl.privatesuffix(host) or host
+
+    # -- body ------------------------------------------------------------------------
+
+    def _body(self, msg: EmailPart, out: _Collector, truncated: bool) -> None:
+        if not msg.keys():
+            out.tokens.append("headers:none")
+            out.degraded = True
+        if _defective(msg, truncated):
+            out.tokens.append("mime:defect")
+            out.degraded = True
+        out.tokens.append("ct:" + msg.get_content_type())
+        leaves = 0
+        kinds: set[str] = set()
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            leaves += 1
+            if leaves > self.settings.max_parts:
+                out.tokens.append("mime:too_many_parts")
+                break
+            ctype = part.get_content_type()
+            if ctype.startswith("multipart/"):
+                ctype = "text/plain"  # a multipart without usable boundary: read it as text
+            disposition = part.get_content_disposition()
+            if _defective(part, truncated):
+                out.tokens.append("mime:part_defect")
+                out.degraded = True
+            if ctype not in ("text/plain", "text/html") or disposition == "attachment":
+                out.tokens.append("att:" + ctype.split("/")[0])
+                continue  # attachments are never read
+            kinds.add(ctype)
+            self._text_part(part, ctype, out)
+        out.tokens.append("parts:" + _bucket(leaves, (1, 2, 4, 8)))
+        if "text/html" in kinds and "text/plain" not in kinds:
+            out.tokens.append("html:only")
+
+    def _text_part(self, part: EmailPart, ctype: str, out: _Collector) -> None:
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            return
+        # A text part larger than 4x the text budget is cut before decoding.
+        payload = payload[: self.settings.max_text_kb * 4096]
+        cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+        if cte in ("base64", "quoted-printable"):
+            out.tokens.append("cte:" + cte)
+        charset = part.get_content_charset()
+        if charset:
+            out.tokens.append("charset:" + _charset_family(charset))
+        text, fell_back = _decode(payload, charset)
+        if fell_back:
+            out.degraded = True
+        if ctype == "text/html":
+            self._html(text, out)
+        else:
+            for url in _URL.findall(text[: out.budget]):
+                out.urls.setdefault(url, "")
+            out.add_text(_clean(text))
+            out.add_text("\n")
+
+    def _html(self, html: str, out: _Collector) -> None:
+        tree = HTMLParser(html)
+        tree.strip_tags(["script", "style", "head", "noscript"])
+        links = tree.css("a[href]")
+        for node in links[: self.settings.max_urls]:
+            href = (node.attributes.get("href") or "").strip()
+            if href.lower().startswith(("http://", "https://", "www.")):
+                out.urls.setdefault(href, node.text(strip=True))
+            elif href.lower().startswith("mailto:"):
+                out.tokens.append("html:mailto")
+        images = len(tree.css("img"))
+        out.tokens.append("html:img_" + _bucket(images, (0, 1, 3, 10)))
+        out.tokens.append("html:links_" + _bucket(len(links), (0, 1, 3, 10, 30)))
+        if tree.css_first("form") is not None:
+            out.tokens.append("html:form")
+        root = tree.body or tree.root
+        text = root.text(separator=" ") if root is not None else ""
+        if images and len(text.split()) < 20:
+            out.tokens.append("html:image_mostly")
+        out.add_text(_clean(text))
+        out.add_text("\n")
+
+    # -- URLs ------------------------------------------------------------------------
+
+    def _url_tokens(self, out: _Collector) -> None:
+        urls = list(out.urls.items())[: self.settings.max_urls]
+        out.tokens.append("urls:" + _bucket(len(urls), (0, 1, 3, 10, 30)))
+        seen: set[str] = set()
+        for url, anchor in urls:
+            try:
+                parts = urlsplit(url if "://" in url else "http://" + url)
+                host = (parts.hostname or "").lower().rstrip(".")
+                port = parts.port
+            except ValueError:
+                out.tokens.append("url:malformed")
+                continue
+            if not host or host.endswith(_MASKED_DOMAINS):
+                continue
+            if port is not None and port not in (80, 443):
+                out.tokens.append("url:port")
+            if parts.username is not None:
+                out.tokens.append("url:userinfo")
+            try:
+                ipaddress.ip_address(host)
+                out.tokens.append("url:ip")
+                continue
+            except ValueError:
+                pass
+            site = self._site(host)
+            tokens = {f"url:site_{site}", "url:tld_" + host.rsplit(".", 1)[-1]}
+            if host.startswith(("xn--",)) or ".xn--" in host:
+                tokens.add("url:punycode")
+            if anchor and _URL.match(anchor.strip()):
+                shown = urlsplit(anchor if "://" in anchor else "http://" + anchor).hostname
+                if shown and self._site(shown.lower()) != site:
+                    tokens.add("url:anchor_mismatch")
+            seen.update(tokens)
+        out.tokens.extend(sorted(seen))
