@@ -37,7 +37,7 @@ def local_dns() -> Iterator[LocalDns]:
 
 @pytest.fixture
 async def resolver(local_dns: LocalDns) -> AsyncIterator[Resolver]:
-    r = Resolver(DnsSettings(nameservers=(("127.0.0.1", local_dns.port),), timeout=0.5))
+    r = Resolver(DnsSettings(nameservers=(("127.0.0.1", local_dns.port),), timeout=2.0))
     yield r
     await r.close()
 
@@ -73,7 +73,7 @@ async def test_timeout_is_temporary_error(resolver: Resolver, local_dns: LocalDn
     with pytest.raises(DnsTemporaryError) as info:
         await resolver.txt("slow.example.test")
     assert isinstance(info.value, FactError)
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 5.0
 
 
 async def test_servfail_is_temporary_error(resolver: Resolver) -> None:
