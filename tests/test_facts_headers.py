@@ -120,3 +120,37 @@ async def test_fake_reply_needs_missing_thread_headers(services: Services) -> No
     assert await _fact(_msg(reply), "fake_reply_subject", services) is True
     threaded = reply + "\nReferences: <x@example.org>"
     assert await _fact(_msg(threaded), "fake_reply_subject", services) is False
+
+
+ONE_CLICK_FIELDS = (
+    ("List-Unsubscribe", "<https://news.example.com/u?id=7>"),
+    ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+)
+
+
+@pytest.mark.parametrize(
+    ("signed", "one_click"),
+    [((b"from", b"to", b"subject", b"list-unsubscribe", b"list-unsubscribe-post"), True),
+     ((b"from", b"to", b"subject", b"list-unsubscribe"), False)],
+)  # fmt: skip
+async def test_one_click_with_real_dkim_verification(
+    signed: tuple[bytes, ...], one_click: bool, services: Services
+) -> None:
+    """The whole chain: dkimpy signs, LocalDns serves the key, the auth family verifies."""
+    from relay.facts import default_registry
+    from tests.support.authenv import authenticator, incoming
+    from tests.support.dkimkeys import make_message, rsa_key, sign
+    from tests.support.dnsserver import LocalDns
+
+    key = rsa_key("news.example.com", "s1")
+    raw = sign(
+        make_message(from_addr="News <news@news.example.com>", extra=ONE_CLICK_FIELDS),
+        key,
+        include_headers=signed,
+    )
+    with LocalDns({key.name: [("TXT", key.txt)]}) as dns:
+        async with authenticator(dns, timeout=2.0) as auth:
+            msg = incoming(raw, mail_from="news@news.example.com")
+            facts = Facts(default_registry(), msg, services.with_items(auth))
+            assert (await facts.get("dkim"))["result"] == "pass"
+            assert await facts.get("has_one_click_unsubscribe") is one_click

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from publicsuffixlist import PublicSuffixList
 
 from relay.auth.checker import Authenticator
 from relay.authresults import AuthResultsStamp
@@ -29,6 +30,7 @@ from relay.delivery import MaildirTransport, SmtpTransport, Transport
 from relay.dns import Resolver
 from relay.errors import ConfigError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
+from relay.facts.bulk import CorrespondentRecorder
 from relay.metrics import Metrics, multiprocess_dir, prepare_multiprocess_dir, worker_exited
 from relay.metrics_http import MetricsServer, start_metrics_server
 from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline, Stamp
@@ -38,6 +40,7 @@ from relay.readiness import RelayReadiness, SupervisorReadiness, describe_model
 from relay.relaycontrol import RelayControl
 from relay.shadowlog import ShadowLog
 from relay.smtp import Sessions, SmtpDeps, listening_socket, server_tls_context, start_server
+from relay.state import StateStore, open_state
 from relay.workers import Supervisor
 
 log = logging.getLogger("relay")
@@ -67,14 +70,29 @@ async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) ->
         authenticator = Authenticator.from_settings(resolver, settings.auth)
         stack.push_async_callback(authenticator.close)
         services.append(authenticator)
+    state = await open_state(settings.state)  # counters every worker shares (bulk, rates)
+    stack.push_async_callback(state.close)
+    services.append(state)
+    services.append(PublicSuffixList())  # organisational domains for header and bulk facts
+    if settings.model.enabled:
+        from relay.model import Classifier
+
+        # Raises ModelError for a missing, changed or untrusted model: never serve without it.
+        classifier = await Classifier.open(settings.model.path, workers=settings.model.workers)
+        stack.push_async_callback(classifier.close)
+        services.append(classifier)
     return services
 
 
-def build_stamps(settings: Settings) -> list[Stamp]:
+def build_stamps(settings: Settings, services: Services | None = None) -> list[Stamp]:
     """Header stamps applied after the decision, in order."""
     stamps: list[Stamp] = []
     if settings.auth.enabled:
         stamps.append(AuthResultsStamp(settings.authserv_id))
+    state = services.find(StateStore) if services is not None else None
+    if state is not None and settings.relay.networks:
+        # Learns whom local users write to (known_correspondent); never changes the message.
+        stamps.append(CorrespondentRecorder(state, settings.relay.networks))
     return stamps
 
 
@@ -180,7 +198,7 @@ async def lifespan(
             services=services,
             policy=holder,
             observer=observer,
-            stamps=build_stamps(settings),
+            stamps=build_stamps(settings, services),
             quarantine=QuarantineStore(settings.quarantine.path),
             shadow=load_shadow(settings, registry),
             hostname=settings.smtp.hostname,
