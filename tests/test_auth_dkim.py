@@ -243,17 +243,23 @@ async def test_unparsable_header_block_is_permerror(auth: Authenticator, keys: K
     assert (await verify(auth, b"garbage without any header")).result == "none"
 
 
-async def test_process_pool_workers_verify_too(dns: LocalDns, keys: Keys) -> None:
+async def test_process_pool_workers_verify_and_survive_a_crash(dns: LocalDns, keys: Keys) -> None:
     settings = settings_from_mapping(
         {"auth": {"workers": 2}, "dns": {"nameservers": [dns.address], "timeout": 1}}
     )
     resolver = Resolver(settings.dns)
     auth = Authenticator.from_settings(resolver, settings.auth)
+    signed = sign(sign(make_message(), keys.rsa2048), keys.ed)
     try:
-        assert isinstance(auth._crypto, ProcessPoolExecutor)
-        signed = sign(sign(make_message(), keys.rsa2048), keys.ed)
         results = await verify(auth, signed)
         assert [s.result for s in results.signatures] == ["pass", "pass"]
+        pool = auth._crypto
+        assert isinstance(pool, ProcessPoolExecutor)
+        for process in list(pool._processes.values()):  # a worker killed from outside
+            process.kill()
+        results = await verify(auth, signed)
+        assert [s.result for s in results.signatures] == ["pass", "pass"]
+        assert auth._crypto is not pool  # a fresh pool took over
     finally:
         await auth.close()
         await resolver.close()

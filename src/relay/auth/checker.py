@@ -14,19 +14,26 @@ bad input.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from multiprocessing import get_context
+
+from publicsuffixlist import PublicSuffixList
 
 from relay.auth import dmarc
 from relay.auth.domains import OrgDomains
-from relay.auth.results import AuthResults
+from relay.auth.results import ArcResult, AuthResults, DkimResults
 from relay.auth.scan import HeaderScan, scan_headers
 from relay.auth.spf import check_spf
 from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
 from relay.message import Message
+
+log = logging.getLogger("relay.auth")
 
 MAX_SIGNATURES = 10  # DKIM-Signature fields verified per message; the rest are listed
 
@@ -39,35 +46,57 @@ class Authenticator:
         resolver: Resolver,
         *,
         executor: Executor | None = None,
-        owns_executor: bool = False,
+        processes: int = 0,
+        psl: PublicSuffixList | None = None,
         max_signatures: int = MAX_SIGNATURES,
     ) -> None:
+        """``executor``: verify there (not ours to close); else ``processes`` > 0: our own
+        pool of that many spawned processes (no fork of a process with live threads),
+        restarted if a worker dies; else one thread of our own. One thread is the default
+        because more would only fight the loop for the GIL (dkimpy is pure Python apart
+        from hashing): cores come from a process pool or from more relay workers."""
         self.resolver = resolver
         self.max_signatures = max_signatures
-        self.orgs = OrgDomains()
+        self.orgs = OrgDomains(psl)
         # Header scans are short but unbounded in size: off the loop, in one small thread.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
-        # One crypto thread: more would only fight the loop for the GIL (dkimpy is pure
-        # Python apart from hashing); use a process pool, or more relay workers, for cores.
-        self._owns_crypto = executor is None or owns_executor
-        self._crypto: Executor = executor or ThreadPoolExecutor(
-            1, thread_name_prefix="relay-auth-crypto"
-        )
+        self._processes = processes if executor is None else 0
+        self._owns_crypto = executor is None
+        self._crypto: Executor = executor or self._new_executor()
+
+    def _new_executor(self) -> Executor:
+        if self._processes > 0:
+            return ProcessPoolExecutor(self._processes, mp_context=get_context("spawn"))
+        return ThreadPoolExecutor(1, thread_name_prefix="relay-auth-crypto")
 
     @classmethod
-    def from_settings(cls, resolver: Resolver, settings: AuthSettings) -> Authenticator:
-        """``[auth] workers = N`` > 0 verifies in N processes (spawned: no fork of a
-        process with live threads); 0 keeps one crypto thread in this process."""
-        if settings.workers <= 0:
-            return cls(resolver)
-        pool = ProcessPoolExecutor(settings.workers, mp_context=get_context("spawn"))
-        return cls(resolver, executor=pool, owns_executor=True)
+    def from_settings(
+        cls, resolver: Resolver, settings: AuthSettings, psl: PublicSuffixList | None = None
+    ) -> Authenticator:
+        """``[auth] workers = N`` > 0 verifies in N processes; 0 in one thread here."""
+        return cls(resolver, processes=settings.workers, psl=psl)
 
     async def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
         if self._owns_crypto:
             # wait, in a thread, so a process pool's workers are gone when we return
             await asyncio.to_thread(self._crypto.shutdown, wait=True, cancel_futures=True)
+
+    async def _verify(
+        self, message: Message, keys: dict[bytes, bytes | None], arc: bool
+    ) -> tuple[DkimResults, ArcResult]:
+        loop = asyncio.get_running_loop()
+        call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
+        try:
+            return await loop.run_in_executor(self._crypto, call)
+        except BrokenProcessPool:
+            if not (self._owns_crypto and self._processes):
+                raise
+            # A worker died (OOM killer, a crash in a C extension): one new pool, one retry.
+            log.warning("queue_id=%s auth worker pool broken; restarting it", message.queue_id)
+            broken, self._crypto = self._crypto, self._new_executor()
+            broken.shutdown(wait=False, cancel_futures=True)
+            return await loop.run_in_executor(self._crypto, call)
 
     async def check(self, message: Message) -> AuthResults:
         start = time.perf_counter()
@@ -85,14 +114,7 @@ class Authenticator:
             ),
             dmarc.discover(self.resolver, self.orgs, scan.from_domain, scan.from_error),
         )
-        dkim_results, arc_result = await loop.run_in_executor(
-            self._crypto,
-            verify_message,
-            message.raw,
-            keys,
-            self.max_signatures,
-            scan.arc_present,
-        )
+        dkim_results, arc_result = await self._verify(message, keys, scan.arc_present)
         dmarc_result = dmarc.evaluate(
             found, self.orgs, dkim_results, spf_result, message.raw[:65536]
         )

@@ -30,8 +30,9 @@ def normalise_domain(text: str) -> str:
 class OrgDomains:
     """Organisational-domain lookups; build once (parsing the list takes ~0.1 s)."""
 
-    def __init__(self) -> None:
-        self._psl = PublicSuffixList(accept_unknown=True)
+    def __init__(self, psl: PublicSuffixList | None = None) -> None:
+        # accept_unknown (the default): an unlisted TLD is a public suffix, as RFC 7489 wants
+        self._psl = psl or PublicSuffixList(accept_unknown=True)
 
     def org_domain(self, domain: str) -> str:
         """The registrable domain of ``domain`` (itself when it is a public suffix)."""
