@@ -107,6 +107,13 @@ async def test_many_members_in_one_call(store: StateStore) -> None:
     assert await store.incr_window("k", "e", 60, now=76.0) == 3
 
 
+async def test_several_keys_in_one_call(store: StateStore) -> None:
+    assert await store.incr_window("b", "x", 60, now=10.0) == 1
+    assert await store.incr_windows(["a", "b", "c"], ["x", "y"], 60, now=20.0) == [2, 2, 2]
+    assert await store.incr_windows(["b"], ["z"], 60, now=30.0) == [3]
+    assert await store.incr_windows([], ["z"], 60, now=30.0) == []
+
+
 async def test_anonymous_events_each_count(store: StateStore) -> None:
     counts = [await store.incr_window("conn", None, 60, now=500.0 + i) for i in range(5)]
     assert counts == [1, 2, 3, 4, 5]

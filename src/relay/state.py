@@ -71,6 +71,12 @@ class StateStore:
             count = await self.incr_window(key, member, window, now)
         return count
 
+    async def incr_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+    ) -> list[int]:
+        """``incr_window_many`` for several keys at once; one count per key, in order."""
+        return [await self.incr_window_many(key, members, window, now) for key in keys]
+
     async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
         """Set flag ``key``, forever or for ``ttl`` seconds from ``now``."""
         raise NotImplementedError
@@ -138,21 +144,26 @@ class SqliteState(StateStore):
             raise StateError("sqlite state is not open")
         return self._db
 
-    def _incr(self, key: str, members: Sequence[str], window: float, now: float) -> int:
+    def _incr(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
+    ) -> list[int]:
         db = self._conn()
         since = now - window
+        counts: list[int] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("DELETE FROM window_members WHERE key = ? AND ts <= ?", (key, since))
-            db.executemany(
-                "INSERT INTO window_members (key, member, ts, expires) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key, member) DO UPDATE SET "
-                "ts = max(ts, excluded.ts), expires = max(expires, excluded.expires)",
-                [(key, member, now, now + window) for member in members],
-            )
-            (count,) = db.execute(
-                "SELECT COUNT(*) FROM window_members WHERE key = ? AND ts > ?", (key, since)
-            ).fetchone()
+            for key in keys:
+                db.execute("DELETE FROM window_members WHERE key = ? AND ts <= ?", (key, since))
+                db.executemany(
+                    "INSERT INTO window_members (key, member, ts, expires) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key, member) DO UPDATE SET "
+                    "ts = max(ts, excluded.ts), expires = max(expires, excluded.expires)",
+                    [(key, member, now, now + window) for member in members],
+                )
+                (count,) = db.execute(
+                    "SELECT COUNT(*) FROM window_members WHERE key = ? AND ts > ?", (key, since)
+                ).fetchone()
+                counts.append(int(count))
             self._writes += 1
             if self._writes % _PRUNE_EVERY == 0:
                 db.execute("DELETE FROM window_members WHERE expires <= ?", (now,))
@@ -161,7 +172,7 @@ class SqliteState(StateStore):
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return int(count)
+        return counts
 
     def _add(self, key: str, expires: float | None) -> None:
         self._conn().execute(
@@ -183,13 +194,18 @@ class SqliteState(StateStore):
         self, key: str, member: str | None, window: float, now: float | None = None
     ) -> int:
         at = time.time() if now is None else now
-        return await self._run(self._incr, key, (_event_member(member),), window, at)
+        return (await self._run(self._incr, (key,), (_event_member(member),), window, at))[0]
 
     async def incr_window_many(
         self, key: str, members: Sequence[str], window: float, now: float | None = None
     ) -> int:
+        return (await self.incr_windows((key,), members, window, now))[0]
+
+    async def incr_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+    ) -> list[int]:
         at = time.time() if now is None else now
-        return await self._run(self._incr, key, tuple(members), window, at)
+        return await self._run(self._incr, tuple(keys), tuple(members), window, at)
 
     async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
         at = time.time() if now is None else now
@@ -224,22 +240,28 @@ class RedisState(StateStore):
     async def incr_window_many(
         self, key: str, members: Sequence[str], window: float, now: float | None = None
     ) -> int:
+        return (await self.incr_windows((key,), members, window, now))[0]
+
+    async def incr_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+    ) -> list[int]:
         at = time.time() if now is None else now
-        name = _PREFIX + "w:" + key
         since = at - window
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zremrangebyscore(name, "-inf", since)
-                if members:
-                    pipe.zadd(name, dict.fromkeys(members, at), gt=True)
-                else:
-                    pipe.zcard(name)  # keeps result positions fixed
-                pipe.zcount(name, f"({since!r}", "+inf")
-                pipe.expire(name, math.ceil(window) + _REDIS_GRACE)
+                for key in keys:
+                    name = _PREFIX + "w:" + key
+                    pipe.zremrangebyscore(name, "-inf", since)
+                    if members:
+                        pipe.zadd(name, dict.fromkeys(members, at), gt=True)
+                    else:
+                        pipe.zcard(name)  # keeps result positions fixed
+                    pipe.zcount(name, f"({since!r}", "+inf")
+                    pipe.expire(name, math.ceil(window) + _REDIS_GRACE)
                 results = await pipe.execute()
         except RedisError as exc:
             raise StateError(f"redis state: {exc}") from exc
-        return int(results[2])
+        return [int(results[4 * i + 2]) for i in range(len(keys))]
 
     async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
         at = time.time() if now is None else now

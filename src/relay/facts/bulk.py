@@ -110,11 +110,8 @@ async def _bulk_count(ctx: FactContext) -> int:
     state = ctx.services.get(StateStore)
     members = _members(ctx.message)
     now = ctx.message.received_at
-    counts = [
-        await state.incr_window_many("bulk:" + key, members, BULK_WINDOW, now)
-        for key in fingerprint(body.text)
-    ]
-    return max(counts)
+    keys = ["bulk:" + key for key in fingerprint(body.text)]
+    return max(await state.incr_windows(keys, members, BULK_WINDOW, now))
 
 
 def _sender_org(ctx: FactContext) -> str:

@@ -8,6 +8,7 @@ parsers. Absent string facts are "" so conditions can say ``list_id != ""``.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
@@ -211,9 +212,9 @@ def rfc5322_problems(message: Message) -> list[str]:
             parsedate_to_datetime(dates[0])
         except (ValueError, TypeError, IndexError):
             problems.append("date_invalid")
-    for name in SINGLE_INSTANCE:
-        if len(message.headers(name)) > 1:
-            problems.append("duplicate_" + name)
+    # Field names only: counting them needs no value parsed.
+    counts = Counter(name.lower() for name in message.parsed)
+    problems.extend("duplicate_" + name for name in SINGLE_INSTANCE if counts[name] > 1)
     return problems
 
 
