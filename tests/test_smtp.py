@@ -290,3 +290,25 @@ async def test_aiosmtplib_client_sees_refusal(tmp_path: Path) -> None:
     async with running_relay(make_settings(tmp_path)) as relay:
         with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
             await send(relay.port, ["x@elsewhere.test"], simple_message())
+
+
+async def test_refused_recipients_reach_the_invalid_rcpt_ratio_fact(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[policy]\nname = "harvest"\n[policy.thresholds]\ntag = 1.0\n'
+        '[[rule]]\nname = "dictionary_attack"\nwhen = "invalid_rcpt_ratio >= 0.75"\n'
+        'score = 5.0\nreason = "most recipients were refused"\n'
+    )
+    settings = make_settings(tmp_path, {"policy": {"path": str(policy)}})
+    async with running_relay(settings) as relay:
+        c = await RawClient.connect(relay.port)
+        await c.cmd("EHLO client.test")
+        await c.cmd("MAIL FROM:<alice@sender.test>")
+        for bad in ("a@elsewhere.test", "b%c@example.org", "d@[192.0.2.1]"):
+            assert (await c.cmd(f"RCPT TO:<{bad}>")).startswith("55")
+        assert (await c.cmd("RCPT TO:<bob@example.org>")).startswith("250")
+        await c.cmd("DATA")
+        assert (await c.cmd(simple_message() + b".\r\n")).startswith("250")
+        await c.close()
+    data = maildir_files(tmp_path)[0].read_bytes()
+    assert b"X-Spam-Rules: dictionary_attack=+5" in data

@@ -419,6 +419,8 @@ def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw:
             ip=server._client_ip(),
             port=port,
             helo=helo,
+            rcpt_attempted=server.attempted_rcpts,
+            rcpt_refused=server.refused_rcpts,
             tls_version=tls,
             esmtp=bool(session.extended_smtp),
         ),
