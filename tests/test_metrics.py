@@ -169,6 +169,35 @@ def test_failed_fact_counts_as_error_and_missing_probability_is_not_observed() -
     assert value(registry, "relay_classifier_spam_probability_count") == 0
 
 
+def test_auth_results_object_counts_every_method_once() -> None:
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    whole = {
+        "spf": {"result": "pass", "domain": "a.test"},
+        "dkim": {"result": "temperror", "signatures": []},
+        "dmarc": {"result": "none", "policy": ""},
+        "arc": {"result": "none"},
+    }
+    verdict = Verdict(
+        action=Action.ACCEPT,
+        facts=(
+            FactRead("auth_results", Tier.ENVELOPE, whole),
+            FactRead("spf", Tier.ENVELOPE, "pass"),  # a view of the same result
+        ),
+    )
+    m.message_done(report(verdict))
+    assert value(registry, "relay_auth_results_total", method="spf", result="pass") == 1
+    assert value(registry, "relay_auth_results_total", method="dkim", result="temperror") == 1
+    assert value(registry, "relay_auth_results_total", method="dmarc", result="none") == 1
+    assert value(registry, "relay_auth_results_total", method="arc", result="none") == 1
+    failed = Verdict(
+        action=Action.ACCEPT,
+        facts=(FactRead("auth_results", Tier.ENVELOPE, None, error="DnsTemporaryError"),),
+    )
+    m.message_done(report(failed))
+    assert value(registry, "relay_auth_results_total", method="dmarc", result="error") == 1
+
+
 def test_shadow_mode_and_shadow_regimes() -> None:
     registry = CollectorRegistry()
     m = Metrics(registry)

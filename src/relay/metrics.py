@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import multiprocess as prom_multiprocess
 
 from relay.pipeline import MessageReport
-from relay.verdict import Action, Mode, Tier, Verdict
+from relay.verdict import Action, FactRead, Mode, Tier, Verdict
 
 log = logging.getLogger("relay.metrics")
 
@@ -48,8 +48,12 @@ DELIVERY_RESULTS = ("ok", "temporary", "permanent", "none")
 STAGES = ("decide", "stamp", "act")
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 TIERS = (*(t.label for t in Tier), "none")
-# FactRead name -> method label. Values outside AUTH_RESULTS are counted as "other";
-# a fact that failed to compute (DNS timeout, parse error) counts as "error".
+# Authentication results come from the ``auth_results`` fact (every method at once) when
+# the policy computed it, else from the single-method views it read. Values outside
+# AUTH_RESULTS count as "other"; a fact that failed to compute (DNS timeout, parse error)
+# counts as "error".
+AUTH_OBJECT = "auth_results"
+AUTH_METHODS = ("spf", "dkim", "dmarc", "arc")
 AUTH_FACTS = {"spf": "spf", "dkim_result": "dkim", "dmarc": "dmarc", "arc": "arc"}
 AUTH_RESULTS = (
     "pass",
@@ -304,7 +308,7 @@ class Metrics:
         self._tiers: dict[Tier | None, Any] = {t: self.tiers.labels(t.label) for t in Tier}
         self._tiers[None] = self.tiers.labels("none")
         self._auth = {
-            (m, res): self.auth.labels(m, res) for m in AUTH_FACTS.values() for res in AUTH_RESULTS
+            (m, res): self.auth.labels(m, res) for m in AUTH_METHODS for res in AUTH_RESULTS
         }
         self._reloads = {ok: self.reloads.labels("ok" if ok else "failed") for ok in (True, False)}
         self._rules = _Capped(self.rule_hits, max_names)
@@ -393,14 +397,24 @@ class Metrics:
         self._tiers[verdict.highest_tier].inc()
         for hit in verdict.hits:
             self._rules.get(hit.rule).inc()
+        whole: FactRead | None = None
+        views: list[tuple[str, FactRead]] = []
         for read in verdict.facts:
-            method = AUTH_FACTS.get(read.name)
-            if method is not None:
-                self._auth[(method, _auth_result(read.value, read.error))].inc()
+            if read.name == AUTH_OBJECT:
+                whole = read
+            elif read.name in AUTH_FACTS:
+                views.append((AUTH_FACTS[read.name], read))
             elif read.name == PROBABILITY_FACT and read.error is None:
                 value = read.value
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self.probability.observe(float(value))
+        if whole is not None:  # every method once, whichever views the policy read
+            results = whole.value if isinstance(whole.value, Mapping) else {}
+            for method in AUTH_METHODS:
+                self._auth[(method, _auth_result(results.get(method), whole.error))].inc()
+        else:
+            for method, read in views:
+                self._auth[(method, _auth_result(read.value, read.error))].inc()
         for stage, seconds in report.timings:
             if stage == "total":
                 self.message_seconds.observe(seconds)
