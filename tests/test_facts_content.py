@@ -75,6 +75,13 @@ def test_unknown_charset_and_limit() -> None:
     assert str(body) == "<body text: 100 chars, 0 links>"
 
 
+def test_many_parts_are_bounded() -> None:
+    parts = "".join(f"--b\nContent-Type: text/plain\n\npart{i}\n" for i in range(200))
+    msg = _mime(parts + "--b--\n", 'Content-Type: multipart/mixed; boundary="b"\n')
+    words = decoded_text(msg).split()
+    assert words[0] == "part0" and len(words) == text.MAX_PARTS
+
+
 def test_plain_text_links_carry_their_line() -> None:
     body = extract(_mime("Read more.\nTo unsubscribe visit https://e.example/u?x=1.\n"))
     assert body.links[0].href == "https://e.example/u?x=1"
