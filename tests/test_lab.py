@@ -134,12 +134,14 @@ def test_report_files_render_the_json(tmp_path: Path) -> None:
     for plot in ("tradeoff.png", "tiers.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for item in data["disagreements"]:
-        page = json.loads((out / item["facts"]).with_suffix(".json").read_text())
+        link, anchor = item["facts"].split("#")
+        shard = json.loads((out / link).with_suffix(".json").read_text())
+        page = shard[anchor]
         assert page["id"] == item["id"]
+        assert f"id='{anchor}'" in (out / link).read_text()
         assert set(page["verdicts"]) == {"auth_only", "size_only"}
         assert {"spf", "dmarc", "dkim_result"} <= page["facts"].keys()
         assert "auth_results" not in page["facts"]  # intermediate objects are not kept
-        assert (out / item["facts"]).exists()
         assert item["facts"] in html
     assert "spam/garbage.eml" in html and "no header fields" in md
 

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         description=description,
         policies=tuple(args.policy),
         out=args.out,
-        env=LabEnv(settings=settings, trusted_authserv_ids=trusted),
+        env=LabEnv(settings=settings, trusted_authserv_ids=trusted, inputs=args.inputs),
         cache_dir=None if args.no_cache else args.cache,
         jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
         progress=not args.no_progress and sys.stderr.isatty(),

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from publicsuffixlist import PublicSuffixList
 
 from relay.config import ModelSettings, Settings, StateSettings
 from relay.facts import FactRegistry, Services, default_registry
+from relay.facts.oracle import OracleLists
 from relay.lab.offline_auth import HeaderAuth, offline_registry
 
 # Bump when the lab changes how it rebuilds a message (envelope, peer, time) or a fact
@@ -33,6 +35,7 @@ LAB_FORMAT = 1
 class LabEnv:
     settings: Settings
     trusted_authserv_ids: tuple[str, ...] = ()
+    inputs: Path | None = None  # lab-only oracle lists (consent.tsv ...; facts/oracle.py)
 
     @property
     def offline(self) -> bool:
@@ -51,6 +54,14 @@ class LabEnv:
             "nameservers": [f"{h}:{p}" for h, p in self.settings.dns.nameservers],
         }
 
+    def inputs_description(self) -> dict[str, Any]:
+        if self.inputs is None:
+            return {"dir": None, "lists": [], "note": "no lab inputs: oracle facts missing"}
+        return {
+            "dir": str(self.inputs),
+            "lists": sorted(p.name for p in self.inputs.glob("*.tsv")),
+        }
+
     def registry(self) -> FactRegistry:
         base = default_registry()
         return offline_registry(base) if self.offline else base
@@ -63,6 +74,9 @@ class LabEnv:
             "dns": self.dns_description(),
             "model": _file_digest(model.path) if model.enabled else "disabled",
             "authserv": sorted(self.trusted_authserv_ids),
+            "inputs": None
+            if self.inputs is None
+            else {p.name: _file_digest(p) for p in sorted(self.inputs.glob("*.tsv"))},
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -115,4 +129,14 @@ async def lab_services(env: LabEnv, state_dir: Path, *, stateful: bool) -> Async
             kept.append(state)
         if not any(isinstance(i, PublicSuffixList) for i in kept):
             kept.append(PublicSuffixList())
+        if env.inputs is not None:
+            kept.append(OracleLists.load(env.inputs))
         yield Services(HeaderAuth(frozenset(i.lower() for i in env.trusted_authserv_ids)), *kept)
+
+
+async def check_services(env: LabEnv) -> None:
+    """Open and close the lab's services once, so a missing model or a bad input list
+    fails at once in the main process, not in every worker after the corpus is read."""
+    with tempfile.TemporaryDirectory(prefix="relay-lab-check-") as tmp:
+        async with lab_services(env, Path(tmp), stateful=False):
+            pass

@@ -1,10 +1,10 @@
 """Evaluating policies over cached facts with the relay's own engine.
 
-Each (message, policy) pair gets a fresh Facts over a registry whose facts answer from the
-cache: a policy pulls facts lazily in its own tier order and stops early exactly as it
-would live, and only the facts it asked for are recorded, so the tier a regime needed in
-the lab is the tier it would need on the wire. A fact that failed when it was computed
-fails again here with the same reason, and the policy treats it as missing.
+Each (message, policy) pair gets a fresh LabFacts over the cached outcomes: a policy
+pulls facts in its own tier order and stops early exactly as it would live, and its
+verdict lists only the facts it asked for, so the tier a regime needed in the lab is the
+tier it would need on the wire. A fact that failed when it was computed fails again here
+with the same reason, and the policy treats it as missing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from relay.facts import FactContext, FactRegistry, Facts, FactSpec, FactType, Se
 from relay.lab.cache import Cached
 from relay.lab.corpus import CorpusMessage
 from relay.message import Message
-from relay.verdict import Verdict
+from relay.verdict import FactRead, Tier, Verdict
 
 
 class LabPolicy(Protocol):
@@ -174,6 +174,57 @@ def _light_message(m: CorpusMessage) -> Message:
     )
 
 
+class LabFacts(Facts):
+    """Facts whose outcomes are known in advance (the lab's cache).
+
+    Lazy like Facts: a fact is recorded as read only when the policy asks for it, so the
+    verdict's facts and tier are what the policy pulled, exactly as live; a fact that
+    failed when it was computed raises the same FactError again. Nothing is scheduled on
+    the event loop, which keeps tens of thousands of (message, regime) pairs cheap.
+    """
+
+    def __init__(
+        self,
+        registry: FactRegistry,
+        message: Message,
+        services: Services,
+        known: Mapping[str, Cached],
+    ) -> None:
+        super().__init__(registry, message, services)
+        self._known = known
+        self._asked: dict[str, FactRead] = {}
+
+    def _record(self, name: str, cached: Cached) -> FactRead:
+        found = self._asked.get(name)
+        if found is None:
+            tier = self.registry[name].tier
+            found = self._asked[name] = FactRead(name, tier, cached.value, 0.0, cached.error)
+        return found
+
+    async def get(self, name: str) -> Any:
+        cached = self._known.get(name)
+        if cached is None:
+            return await super().get(name)
+        self._record(name, cached)
+        if cached.error is not None:
+            raise FactError(cached.error)
+        return cached.value
+
+    def computed(self, name: str) -> bool:
+        # Known in advance, like a preset fact: nothing to compute, only to record.
+        return name in self._known or super().computed(name)
+
+    def read(self, name: str) -> FactRead | None:
+        cached = self._known.get(name)
+        return super().read(name) if cached is None else self._record(name, cached)
+
+    def reads(self) -> tuple[FactRead, ...]:
+        return (*self._asked.values(), *super().reads())
+
+    def highest_tier(self) -> Tier | None:
+        return max((r.tier for r in self.reads()), default=None)
+
+
 async def evaluate(
     regimes: Sequence[Regime],
     messages: Sequence[CorpusMessage],
@@ -185,11 +236,12 @@ async def evaluate(
     evaluation = cached_registry(registry)
     out: dict[str, dict[str, Decision]] = {}
     for m in messages:
-        services = Services(CachedFacts(outcomes.get(m.digest, {})))
+        known = outcomes.get(m.digest, {})
+        services = Services(CachedFacts(known))
         message = _light_message(m)
         decisions: dict[str, Decision] = {}
         for regime in regimes:
-            facts = Facts(evaluation, message, services)
+            facts = LabFacts(evaluation, message, services, known)
             decisions[regime.name] = Decision.of(await regime.policy.decide(message, facts))
         out[m.id] = decisions
         progress(1)

@@ -32,6 +32,12 @@ def _dns_line(dns: Mapping[str, Any]) -> str:
     return "resolver " + ", ".join(dns.get("nameservers", []))
 
 
+def _inputs_line(inputs: Mapping[str, Any]) -> str:
+    if not inputs.get("dir"):
+        return "none (consent, opt-out and customer facts are missing; rules needing them skip)"
+    return f"{inputs['dir']} ({', '.join(inputs['lists']) or 'no lists'})"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     c = report["corpus"]
     lines = [
@@ -40,6 +46,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Corpus: {c['source']}: {c['messages']} messages, {c['readable']} readable "
         f"({c['spam']} spam, {c['ham']} ham), {len(c['unreadable'])} unreadable.",
         f"DNS: {_dns_line(report['dns'])}.",
+        f"Lab inputs (oracle lists): {_inputs_line(report['inputs'])}.",
         "",
         "Rates are shares with 95% Wilson intervals. Hard = reject or tempfail at SMTP time; "
         "soft = tag or quarantine; legitimate mail blocked = ham rejected, tempfailed or "
@@ -135,7 +142,8 @@ def html(report: Mapping[str, Any]) -> str:
         f"<style>{_CSS}</style></head><body><h1>Regulation lab report</h1>",
         f"<p>Corpus: {escape(c['source'])}: {c['messages']} messages, {c['readable']} readable "
         f"({c['spam']} spam, {c['ham']} ham), {len(c['unreadable'])} unreadable.<br>"
-        f"DNS: {escape(_dns_line(report['dns']))}.</p>",
+        f"DNS: {escape(_dns_line(report['dns']))}.<br>"
+        f"Lab inputs (oracle lists): {escape(_inputs_line(report['inputs']))}.</p>",
         "<p>Hard = reject or tempfail at SMTP time; soft = tag or quarantine; legitimate "
         "mail blocked = ham rejected, tempfailed or quarantined. Brackets: 95% Wilson "
         "intervals. Numbers come from <a href='report.json'>report.json</a>.</p>",
@@ -247,7 +255,7 @@ def html(report: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def message_html(page: Mapping[str, Any]) -> str:
+def _message_section(page: Mapping[str, Any]) -> str:
     """One message's facts and every regime's verdict on it."""
     facts_rows = [
         [
@@ -272,16 +280,27 @@ def message_html(page: Mapping[str, Any]) -> str:
     ]
     return "\n".join(
         [
-            "<!doctype html><html><head><meta charset='utf-8'>",
-            f"<title>{escape(page['id'])}</title><style>{_CSS}</style></head><body>",
-            f"<p><a href='../report.html'>report</a></p><h1>{escape(page['id'])}</h1>",
+            f"<section id='m{page['digest'][:16]}'><h2>{escape(page['id'])}</h2>",
             f"<p>label: {page['label']}; sha256: <code>{page['digest']}</code></p>",
-            "<h2>Verdicts</h2>",
+            "<h3>Verdicts</h3>",
             _table(
                 ["regime", "action", "score", "tier", "rules fired", "facts read"], verdict_rows
             ),
-            "<h2>Facts (computed once, shared by every regime)</h2>",
+            "<h3>Facts (computed once, shared by every regime)</h3>",
             _table(["fact", "tier", "value"], facts_rows),
+            "</section>",
+        ]
+    )
+
+
+def messages_html(pages: Sequence[Mapping[str, Any]]) -> str:
+    """A page of message sections (one shard of the per-message facts)."""
+    return "\n".join(
+        [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>Message facts</title><style>{_CSS}</style></head><body>",
+            "<p><a href='../report.html'>report</a></p>",
+            *(_message_section(p) for p in pages),
             "</body></html>",
         ]
     )

@@ -19,7 +19,7 @@ from relay.lab import plots, render
 from relay.lab.cache import Cached, FactCache
 from relay.lab.compute import DEFERRED, Item, Outcomes, parallel_pass, sequential_pass
 from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
-from relay.lab.env import LabEnv
+from relay.lab.env import LabEnv, check_services
 from relay.lab.evaluate import (
     Decision,
     PolicyLoader,
@@ -28,7 +28,7 @@ from relay.lab.evaluate import (
     load_regimes,
     needed_facts,
 )
-from relay.lab.stats import build_report
+from relay.lab.stats import build_report, message_shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,8 @@ def compute_facts(
             if missing:
                 items.append((m, missing))
         start = time.perf_counter()
+        if items:
+            asyncio.run(check_services(env))
         with _bar(options.progress, len(items), "facts") as progress:
             computed = parallel_pass(env, items, options.jobs, progress)
         parallel_seconds = time.perf_counter() - start
@@ -180,9 +182,12 @@ def write_report(
     (out / "report.html").write_text(render.html(data))
     messages = out / "messages"
     messages.mkdir(exist_ok=True)
-    for slug, page in pages.items():
-        (messages / f"{slug}.json").write_text(json.dumps(page, indent=1) + "\n")
-        (messages / f"{slug}.html").write_text(render.message_html(page))
+    shards: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for digest, page in pages.items():
+        shards.setdefault(message_shard(digest), {})[f"m{digest[:16]}"] = page
+    for shard, group in sorted(shards.items()):
+        (messages / f"{shard}.json").write_text(json.dumps(group) + "\n")
+        (messages / f"{shard}.html").write_text(render.messages_html(list(group.values())))
 
 
 def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[str, Any]:
@@ -210,13 +215,14 @@ def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[
         regime_errors=regime_errors,
         decisions=decisions,
         dns=options.env.dns_description(),
+        inputs=options.env.inputs_description(),
         facts_info=facts_info,
         timings=timings,
     )
     listed = {d["id"] for d in report["disagreements"]}
     listed |= {b["id"] for r in report["regimes"] for b in r["ham_blocks"]}
     pages = {
-        m.digest[:16]: _message_page(m, outcomes[m.digest], decisions[m.id], registry)
+        m.digest: _message_page(m, outcomes[m.digest], decisions[m.id], registry)
         for m in corpus.messages
         if m.id in listed
     }

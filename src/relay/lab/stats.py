@@ -57,8 +57,14 @@ def outcome_class(action: str) -> str:
     return "pass"
 
 
+def message_shard(digest: str) -> str:
+    """Fact pages are grouped by the first two hex digits of the digest: at most 256
+    files however large the corpus, each with one section per message."""
+    return digest[:2]
+
+
 def message_link(m: CorpusMessage) -> str:
-    return f"messages/{m.digest[:16]}.html"
+    return f"messages/{message_shard(m.digest)}.html#m{m.digest[:16]}"
 
 
 def _regime(
@@ -167,6 +173,7 @@ def build_report(
     regime_errors: Sequence[RegimeError],
     decisions: Mapping[str, Mapping[str, Decision]],
     dns: Mapping[str, Any],
+    inputs: Mapping[str, Any],
     facts_info: Mapping[str, Any],
     timings: Mapping[str, float],
 ) -> dict[str, Any]:
@@ -183,6 +190,7 @@ def build_report(
             "unreadable": [{"id": u.id, "label": u.label, "reason": u.reason} for u in unreadable],
         },
         "dns": dict(dns),
+        "inputs": dict(inputs),
         "facts": dict(facts_info),
         "regimes": [_regime(r, messages, decisions) for r in regimes],
         "regime_errors": [
