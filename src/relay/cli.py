@@ -182,6 +182,11 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="believe Authentication-Results from this authserv-id (repeatable)",
     )
     p.add_argument(
+        "--inputs",
+        type=Path,
+        help="lab-only oracle lists: consent.tsv, customers.tsv, optouts.tsv ... (docs/lab.md)",
+    )
+    p.add_argument(
         "--shadow-log", type=Path, help="report on a shadow-mode JSON-lines log instead of a corpus"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
