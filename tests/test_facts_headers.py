@@ -78,6 +78,15 @@ async def test_one_click_needs_https_and_exact_post(
     assert await _fact(msg, "has_one_click_unsubscribe", services, dkim=PASS_BOTH) is one_click
 
 
+async def test_one_click_is_missing_while_its_dkim_is_temperror(services: Services) -> None:
+    msg = _msg(BASE + "\nList-Unsubscribe: <https://e.example/u>\n"
+               "List-Unsubscribe-Post: List-Unsubscribe=One-Click")  # fmt: skip
+    temp = {"signatures": [{"result": "temperror", "headers": [
+        "list-unsubscribe", "list-unsubscribe-post"]}]}  # fmt: skip
+    with pytest.raises(FactError, match="could not be verified"):
+        await _fact(msg, "has_one_click_unsubscribe", services, dkim=temp)
+
+
 async def test_one_click_fails_when_dkim_is_missing(services: Services) -> None:
     msg = _msg(BASE + "\nList-Unsubscribe: <https://e.example/u>\n"
                "List-Unsubscribe-Post: List-Unsubscribe=One-Click")  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
+from relay.errors import FactError
 from relay.facts.base import FactContext, FactSpec, FactType
 from relay.facts.envelope import address_domain
 from relay.message import Message
@@ -129,20 +130,30 @@ def one_click_headers(message: Message) -> bool:
     )
 
 
-def _signature_covers(signature: Any, needed: frozenset[str]) -> bool:
-    if not isinstance(signature, dict) or signature.get("result") != "pass":
-        return False
-    signed = signature.get("headers") or signature.get("signed_headers") or ()
-    return needed <= {str(h).strip().lower() for h in signed}
+_ONE_CLICK_SIGNED = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
+
+
+def _covering_results(dkim: Any) -> set[str]:
+    """DKIM results of the signatures whose h= lists both List-Unsubscribe fields."""
+    signatures = dkim.get("signatures", ()) if isinstance(dkim, dict) else ()
+    out: set[str] = set()
+    for sig in signatures:
+        if isinstance(sig, dict):
+            signed = {str(h).strip().lower() for h in sig.get("headers") or ()}
+            if signed.issuperset(_ONE_CLICK_SIGNED):
+                out.add(str(sig.get("result", "")))
+    return out
 
 
 async def _has_one_click_unsubscribe(ctx: FactContext) -> bool:
     if not one_click_headers(ctx.message):
         return False
-    dkim = await ctx.get("dkim")
-    signatures = dkim.get("signatures", ()) if isinstance(dkim, dict) else ()
-    needed = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
-    return any(_signature_covers(sig, needed) for sig in signatures)
+    results = _covering_results(await ctx.get("dkim"))
+    if "pass" in results:
+        return True
+    if "temperror" in results:  # the DNS may yet say pass: unknown, not false
+        raise FactError("the DKIM signature covering List-Unsubscribe could not be verified now")
+    return False
 
 
 async def _looks_list_mail(ctx: FactContext) -> bool:
