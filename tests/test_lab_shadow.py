@@ -112,3 +112,57 @@ def test_shadow_report_counts_agreement_and_malformed_lines(tmp_path: Path) -> N
     md = (out / "shadow.md").read_text()
     assert "| can_spam | shadow | 2 | 0 | 0 | 0 | 1 | 1 | 100.0% | 50.0% |" in md
     assert "line 7: not JSON" in md
+
+
+async def test_live_relay_shadow_regimes_reach_the_lab_report(tmp_path: Path) -> None:
+    """Real relay over SMTP on loopback: the enforced policy accepts everything, article 7
+    runs in shadow; its verdicts land in the shadow log and `relay lab` reports on them."""
+    import aiosmtplib
+
+    from tests.support.dnsserver import LocalDns
+    from tests.support.relay import make_settings, running_relay, sink_server
+
+    repo = Path(__file__).resolve().parents[1]
+    golden = Path(__file__).parent / "fixtures" / "lab" / "golden"
+    shadow_log = tmp_path / "shadow.jsonl"
+    bulk = [f"user{i}@example.org" for i in range(60)]
+    with LocalDns({}) as dns:
+        async with sink_server() as sink:
+            settings = make_settings(
+                tmp_path,
+                {
+                    "delivery": {"mode": "smtp", "downstream": sink.address},
+                    "dns": {"nameservers": [dns.address], "timeout": 1},
+                    "policy": {
+                        "path": "",
+                        "shadow": [str(repo / "config" / "regimes" / "itr_article7.toml")],
+                        "shadow_log": str(shadow_log),
+                    },
+                },
+            )
+            async with running_relay(settings) as relay:
+                for eml, rcpts in (("ad.eml", bulk), ("personal.eml", ["bob@example.org"])):
+                    await aiosmtplib.send(
+                        (golden / eml).read_bytes(),
+                        sender="sender@shop.example",
+                        recipients=rcpts,
+                        hostname="127.0.0.1",
+                        port=relay.port,
+                        timeout=10,
+                    )
+            assert len(sink.messages) == 2  # shadow regimes never act on mail
+    lines = [json.loads(x) for x in shadow_log.read_text().splitlines()]
+    shadow = [x for x in lines if x["mode"] == "shadow"]
+    assert [(x["policy"], x["action"], x["tier"]) for x in shadow] == [
+        ("itr_article7", "reject", "T2"),
+        ("itr_article7", "accept", "T2"),
+    ]
+    assert "bulk_unsolicited" in shadow[0]["rules"]
+    assert "@" not in shadow_log.read_text()
+
+    out = tmp_path / "report"
+    assert main(["lab", "--shadow-log", str(shadow_log), "--out", str(out)]) == 0
+    summary = json.loads((out / "shadow.json").read_text())
+    a7 = summary["policies"]["itr_article7"]
+    assert a7["actions"] == {"reject": 1, "accept": 1}
+    assert a7["agrees_with_enforced"] == 0.5 and a7["tiers"]["T2"] == 2

@@ -33,12 +33,14 @@ from relay.verdict import Verdict
 _STOP = None
 
 
-def verdict_line(queue_id: str, verdict: Verdict, report: MessageReport) -> dict[str, Any]:
+def verdict_line(verdict: Verdict, report: MessageReport, *, shadow: bool) -> dict[str, Any]:
+    """One line; ``mode`` is the verdict's role here (enforced or evaluated in shadow),
+    whatever mode its policy file declares."""
     return {
         "ts": round(time.time(), 3),
-        "queue_id": queue_id,
+        "queue_id": report.queue_id,
         "policy": verdict.policy,
-        "mode": verdict.mode.value,
+        "mode": "shadow" if shadow else "enforce",
         "action": verdict.action.value,
         "score": round(verdict.score, 4),
         "tier": None if verdict.highest_tier is None else verdict.highest_tier.label,
@@ -81,8 +83,8 @@ class ShadowLog:
     def message_done(self, report: MessageReport) -> None:
         self.inner.message_done(report)
         if report.shadow and not self._closed:
-            lines = [verdict_line(report.queue_id, report.verdict, report)]
-            lines += [verdict_line(report.queue_id, v, report) for v in report.shadow]
+            lines = [verdict_line(report.verdict, report, shadow=False)]
+            lines += [verdict_line(v, report, shadow=True) for v in report.shadow]
             self._queue.put("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
 
     def connection_opened(self) -> None:
