@@ -135,6 +135,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Booleans and lists: share of messages where true / non-empty. Numbers: median (p99, max).",
         "",
+        "Times are wall time per fact including what it waited for: the first header fact "
+        "(`reply_to_domain`) pays for parsing the message once, the first content fact "
+        "(`commercial_probability`) and `bulk_count` for decoding the body once, and the "
+        "state facts for a SQLite round trip on the store's thread. Absolute figures depend "
+        "on the machine's load (reported above); ratios carry better.",
+        "",
         "| fact | tier | mean us | p95 us | ham | spam |",
         "|---|---|---|---|---|---|",
     ]
