@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -158,6 +159,35 @@ async def test_concurrent_writers_lose_nothing(opener: Opener, store: StateStore
         assert await store.incr_window("race", "m0-0", 3600, now=now) == 200
     finally:
         await other.close()
+
+
+_WRITER = """
+import asyncio, sys
+from pathlib import Path
+from relay.state import SqliteState
+
+async def main() -> None:
+    store = await SqliteState(Path(sys.argv[1])).open()
+    for i in range(150):
+        await store.incr_window("procs", f"{sys.argv[2]}-{i}", 3600, now=100.0)
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_is_safe_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    procs = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", _WRITER, str(path), name)
+        for name in ("a", "b", "c")
+    ]
+    assert [await p.wait() for p in procs] == [0, 0, 0]
+    store = await SqliteState(path).open()
+    try:
+        assert await store.incr_window("procs", "a-0", 3600, now=100.0) == 450
+    finally:
+        await store.close()
 
 
 async def test_default_clock_is_wall_time(store: StateStore) -> None:
