@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -39,10 +40,12 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import dkim
 import matplotlib
+import matplotlib.patches
 import nacl.signing
 from tests.support.dnsserver import LocalDns
 from tests.support.prometheus import Prometheus, running_prometheus
@@ -143,9 +146,12 @@ def make_message(raw: bytes, domain: str, key: bytes | None, n: int) -> bytes:
 
 def dns_zone(keys: dict[str, bytes]) -> dict[str, list[tuple[str, str, int]]]:
     zone: dict[str, list[tuple[str, str, int]]] = {}
-    for domain in (*GOOD, SPOOFED):
+    for domain in GOOD:
         zone[f"{domain}."] = [("TXT", "v=spf1 ip4:127.0.0.0/8 -all", TTL)]
         zone[f"_dmarc.{domain}."] = [("TXT", "v=DMARC1; p=reject", TTL)]
+    # the spoofed bank sends only from its own network: mail from here fails SPF and DMARC
+    zone[f"{SPOOFED}."] = [("TXT", "v=spf1 ip4:192.0.2.0/24 -all", TTL)]
+    zone[f"_dmarc.{SPOOFED}."] = [("TXT", "v=DMARC1; p=reject", TTL)]
     for domain, public in keys.items():
         record = f"v=DKIM1; k=ed25519; p={base64.b64encode(public).decode()}"
         zone[f"{SELECTOR}._domainkey.{domain}."] = [("TXT", record, TTL)]
@@ -296,132 +302,181 @@ async def drive(
 
 # --- drawing ------------------------------------------------------------------------------
 
-W = "[20s]"
-PANELS: tuple[tuple[str, str, list[tuple[str, str]], str], ...] = (
-    (
-        "Is mail flowing? messages/s by outcome",
-        "stack",
-        [(f"sum by (outcome) (rate(relay_message_outcomes_total{W}))", "{outcome}")],
+W = "[20s]"  # rate window: 20 scrapes at the 1 s interval of the run
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+    right: bool = False  # drawn on the panel's second y axis, dashed
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    queries: tuple[Query, ...]
+    unit: str
+    right_unit: str = ""
+    style: str = "lines"  # lines | stack | log | step
+
+
+PANELS = (
+    Panel(
+        "Is mail flowing? Messages/s by outcome",
+        (Query(f"sum by (outcome) (rate(relay_message_outcomes_total{W}))", "{outcome}"),),
         "msgs/s",
+        style="stack",
     ),
-    (
-        "What is rejected, and why? top rules (hits/s)",
-        "lines",
-        [(f"topk(6, sum by (rule) (rate(relay_rule_hits_total{W})))", "{rule}")],
-        "hits/s",
+    Panel(
+        "What is being rejected, and why? Top rules",
+        (
+            Query(f"topk(6, sum by (rule) (rate(relay_rule_hits_total{W})))", "{rule}"),
+            Query(
+                f'sum(rate(relay_message_outcomes_total{{outcome="rejected"}}{W}))',
+                "rejected msgs/s",
+                right=True,
+            ),
+        ),
+        "rule hits/s",
+        "rejected msgs/s",
     ),
-    (
-        "Is authentication healthy? temperror share",
-        "lines",
-        [
-            (
+    Panel(
+        "Is authentication healthy? Temperror share",
+        (
+            Query(
                 f'sum by (method) (rate(relay_auth_results_total{{result=~"temperror|error"}}{W}))'
                 f" / sum by (method) (rate(relay_auth_results_total{W}))",
                 "{method}",
-            )
-        ],
+            ),
+        ),
         "share of checks",
     ),
-    (
-        "Is the classifier drifting? spam probability",
-        "lines",
-        [
-            (
+    Panel(
+        "Is the classifier drifting? Spam probability",
+        (
+            Query(
                 f"sum(rate(relay_classifier_spam_probability_sum{W}))"
                 f" / sum(rate(relay_classifier_spam_probability_count{W}))",
                 "mean probability",
             ),
-            (
+            Query(
                 f'1 - sum(rate(relay_classifier_spam_probability_bucket{{le="0.9"}}{W}))'
                 f" / sum(rate(relay_classifier_spam_probability_count{W}))",
                 "share >= 0.9",
             ),
-        ],
+        ),
         "probability / share",
     ),
-    (
-        "Is the downstream slow? p99 latency by stage",
-        "log",
-        [
-            (
+    Panel(
+        "Is the downstream slow? p99 latency, delivery failures",
+        (
+            Query(
                 "histogram_quantile(0.99, sum by (stage, le) "
                 f"(rate(relay_stage_duration_seconds_bucket{W})))",
                 "p99 {stage}",
             ),
-            (
+            Query(
                 "histogram_quantile(0.99, sum by (le) "
                 f"(rate(relay_message_duration_seconds_bucket{W})))",
                 "p99 end to end",
             ),
-        ],
-        "seconds",
-    ),
-    (
-        "Did a policy reload fail? last reload OK (1) / FAILED (0)",
-        "step",
-        [
-            ("min(relay_policy_last_reload_success)", "last reload OK"),
-            (
-                f'sum(rate(relay_downstream_deliveries_total{{result="temporary"}}{W})) > 0',
-                "downstream 451/s",
+            Query(
+                "sum by (result) (rate(relay_downstream_deliveries_total"
+                f'{{result="temporary"}}{W}))',
+                "downstream 4xx/s",
+                right=True,
             ),
-        ],
-        "",
+        ),
+        "seconds",
+        "failed deliveries/s",
+        style="log",
+    ),
+    Panel(
+        "Did a policy reload fail?",
+        (
+            Query("min(relay_policy_last_reload_success)", "last reload OK (1) / FAILED (0)"),
+            Query(
+                "sum by (result) (increase(relay_policy_reloads_total[5s]))",
+                "reloads: {result}",
+                right=True,
+            ),
+        ),
+        "OK / FAILED",
+        "reloads",
+        style="step",
     ),
 )
+PHASE_COLORS = ("#eeeeee", "#fbd5d5", "#d5e3fb", "#fdebc4", "#d9f0d0")
 
 
 def _label(template: str, metric: dict[str, str]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: metric.get(m.group(1), ""), template)
 
 
+def _series(prom: Prometheus, q: Query, start: float, end: float) -> list[tuple[str, Any, Any]]:
+    """(label, xs, ys) for each series with at least one non-zero, finite value."""
+    out = []
+    for series in prom.query_range(q.expr, start, end, 1):
+        xs = [float(t) - start for t, _ in series["values"]]
+        ys = [float(v) for _, v in series["values"]]
+        if any(math.isfinite(y) and y != 0 for y in ys):
+            out.append((_label(q.legend, series["metric"]), xs, ys))
+    return out
+
+
 def render(prom: Prometheus, spans: list[tuple[str, float, float]], out: Path) -> None:
     start, end = spans[0][1], spans[-1][2] + 2
-    t0 = start
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9.5), constrained_layout=True)
-    colors = ["#f2f2f2", "#fde2e2", "#e2ecfd", "#fff3d6", "#e8f6e3"]
-    for ax, (title, kind, queries, unit) in zip(axes.flat, PANELS, strict=True):
-        for (_name, s, e), color in zip(spans, colors, strict=True):
-            ax.axvspan(s - t0, e - t0, color=color, zorder=0)
-        stacked: list[tuple[list[float], list[float], str]] = []
-        for expr, legend in queries:
-            for series in prom.query_range(expr, start, end, 2):
-                xs = [float(t) - t0 for t, _ in series["values"]]
-                ys = [float(v) for _, v in series["values"]]
-                label = _label(legend, series["metric"])
-                if kind == "stack":
-                    stacked.append((xs, ys, label))
-                elif kind == "step":
-                    ax.step(xs, ys, where="post", label=label, linewidth=1.8)
+    fig, axes = plt.subplots(2, 3, figsize=(18, 10), constrained_layout=True)
+    for ax, panel in zip(axes.flat, PANELS, strict=True):
+        for (_name, s, e), color in zip(spans, PHASE_COLORS, strict=True):
+            ax.axvspan(s - start, e - start, color=color, zorder=0, linewidth=0)
+        right = ax.twinx() if any(q.right for q in panel.queries) else None
+        handles: list[Any] = []
+        for q in panel.queries:
+            target = right if q.right and right is not None else ax
+            series = _series(prom, q, start, end)
+            if panel.style == "stack" and series:
+                handles += target.stackplot(
+                    series[0][1], *[ys for _, _, ys in series], labels=[n for n, _, _ in series]
+                )
+                continue
+            for label, xs, ys in series:
+                kwargs: dict[str, Any] = {"label": label, "linewidth": 1.6}
+                if q.right:
+                    kwargs.update(linestyle="--", linewidth=1.3)
+                if panel.style == "step":
+                    handles += target.step(xs, ys, where="post", **kwargs)
                 else:
-                    ax.plot(xs, ys, label=label, linewidth=1.5)
-        if stacked:
-            xs = stacked[0][0]
-            same = [s for s in stacked if len(s[0]) == len(xs)]
-            ax.stackplot(xs, *[s[1] for s in same], labels=[s[2] for s in same], alpha=0.85)
-        if kind == "log":
+                    handles += target.plot(xs, ys, **kwargs)
+        if panel.style == "log":
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=11, loc="left")
+        if panel.style == "step":
+            ax.set_ylim(-0.1, 1.3)
+        if right is not None:
+            right.set_ylabel(panel.right_unit)
+            right.set_ylim(bottom=0)
+        if not handles:
+            ax.text(0.5, 0.5, "no data in this run", transform=ax.transAxes, ha="center")
+        ax.set_title(panel.title, fontsize=12, loc="left")
         ax.set_xlabel("seconds into the run")
-        ax.set_ylabel(unit)
+        ax.set_ylabel(panel.unit)
+        ax.set_xlim(0, end - start)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", framealpha=0.85)
-    for name, s, e in spans:
-        axes[0][0].annotate(
-            name,
-            xy=((s + e) / 2 - t0, 1.0),
-            xycoords=("data", "axes fraction"),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
+        if handles:
+            ax.legend(handles=handles, fontsize=8, loc="upper left", framealpha=0.9)
+    patches = [
+        matplotlib.patches.Patch(color=c, label=f"{i}. {name}")
+        for i, ((name, _, _), c) in enumerate(zip(spans, PHASE_COLORS, strict=True), 1)
+    ]
+    fig.legend(handles=patches, loc="outside lower center", ncol=len(patches), fontsize=10)
     fig.suptitle(
-        "relay dashboard, main panels: real run (2 workers, Prometheus 1 s scrape), "
-        "phases shaded: " + ", ".join(name for name, _, _ in spans),
-        fontsize=12,
+        "relay: the dashboard's main panels from a real run "
+        "(relay serve with 2 workers, Prometheus scraping every second)",
+        fontsize=14,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=90)
     print(f"wrote {out}", file=sys.stderr)
 
 
