@@ -709,7 +709,9 @@ def test_cli_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     bad2 = tmp_path / "bad2.toml"
     bad2.write_text(GOOD_T1.replace("tag = 1", "tag = 1\nreject = 0"))
     assert main(["policy", "check", str(good)]) == 0
-    assert "ok" in capsys.readouterr().out
+    assert f"ok: {good}: policy 't1' (enforce), 1 rules (T1 1), 0 override(s), reads up to T1" in (
+        capsys.readouterr().out
+    )
     assert main(["policy", "check", str(good), str(bad1), str(bad2)]) == 1
     err = capsys.readouterr().err
     assert f"{bad1}:8: rule 'many': unknown fact 'recipient_cnt'" in err

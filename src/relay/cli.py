@@ -77,15 +77,17 @@ def _add_policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     def run_check(args: argparse.Namespace) -> int:
         from relay.facts import default_registry
-        from relay.policy import check_files
+        from relay.policy import check_files, load_policy
 
-        problems = check_files(args.files, default_registry())
+        registry = default_registry()
+        problems = check_files(args.files, registry)
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
             print(f"{len(problems)} problem(s) in {len(args.files)} file(s)", file=sys.stderr)
             return 1
-        print(f"ok: {len(args.files)} policy file(s) valid")
+        for path in args.files:
+            print(f"ok: {load_policy(path, registry).summary()}")
         return 0
 
     def run_reload(args: argparse.Namespace) -> int:

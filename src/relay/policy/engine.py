@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_right
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,16 @@ class Policy:
                     exact.setdefault(domain, number)
         self._domain_regime = exact
         self._wildcards = tuple(wild)
+
+    def summary(self) -> str:
+        """One line for operators: name, mode, rules per tier, the highest tier it can read."""
+        per_tier = Counter(r.tier.label for r in self.rules)
+        tiers = ", ".join(f"{t} {n}" for t, n in sorted(per_tier.items())) or "none"
+        top = self.max_tier.label if self.max_tier is not None else "nothing"
+        return (
+            f"{self.source}: policy {self.name!r} ({self.mode.value}), {len(self.rules)} "
+            f"rules ({tiers}), {len(self.overrides)} override(s), reads up to {top}"
+        )
 
     def __repr__(self) -> str:
         return f"Policy(name={self.name!r}, mode={self.mode.value}, rules={len(self.rules)})"
