@@ -312,3 +312,12 @@ async def test_refused_recipients_reach_the_invalid_rcpt_ratio_fact(tmp_path: Pa
         await c.close()
     data = maildir_files(tmp_path)[0].read_bytes()
     assert b"X-Spam-Rules: dictionary_attack=+5" in data
+
+
+async def test_forged_spam_headers_are_removed_from_accepted_mail(tmp_path: Path) -> None:
+    forged = b"X-Spam-Status: action=accept score=-100\r\nX-Spam-Score: -100\r\n" + simple_message()
+    async with running_relay(make_settings(tmp_path)) as relay:
+        await send(relay.port, ["bob@example.org"], forged)
+    data = maildir_files(tmp_path)[0].read_bytes()
+    assert b"X-Spam-" not in data
+    assert data.endswith(simple_message())

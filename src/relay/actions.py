@@ -29,10 +29,11 @@ def _rules_value(verdict: Verdict) -> str:
 
 
 def stamp(message: Message, verdict: Verdict) -> Message:
-    """Adds the spam headers for tag and for shadow mode; removes forged copies of ours."""
-    if verdict.mode is Mode.ENFORCE and verdict.action is not Action.TAG:
-        return message
+    """Removes any X-Spam-* field the sender wrote (downstream filters trust ours), then
+    adds ours for tag and for shadow mode."""
     cleaned = message.without_headers(lambda name, _field: name in OUR_HEADERS)
+    if verdict.mode is Mode.ENFORCE and verdict.action is not Action.TAG:
+        return cleaned
     return cleaned.with_prepended(
         [
             (SCORE_HEADER, f"{verdict.score:.2f}"),
