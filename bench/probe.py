@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from bench.client import drive
 from bench.servers import TomlValue, start_relay
 
+STARTUP_LIMIT = 600.0  # seconds; loading the model in every worker is the slow part
 _LOG_FIELD = re.compile(r"\b(policy|tier|rules|outcome|action)=(\S+)")
 
 
@@ -32,6 +33,7 @@ class Probe:
     metrics_served: bool = False
     smtp_processes: int = 0
     error: str = ""
+    shutdown: str = ""
 
 
 class _Capture:
@@ -78,22 +80,33 @@ async def probe_relay(
     )
     sink_port = int(sink.sockets[0].getsockname()[1])
     relay = start_relay("probe", workdir, sink_port, workers=workers, overrides=overrides)
+    failure = ""
     try:
         try:
-            await relay.ready()
+            await relay.ready(within=STARTUP_LIMIT)
         except (TimeoutError, RuntimeError) as exc:
-            return Probe(delivered=False, error=f"{exc}: {relay.log_tail(8)}")
-        processes = await relay.wait_workers(workers)
-        result = await drive(relay.port, message, messages=1, sessions=1, reuse=False)
-        metrics = (
-            await _metrics_served(relay.metrics_port) if relay.metrics_port is not None else False
-        )
+            failure = f"{exc}: {relay.log_tail(8)}".strip()
+        else:
+            processes = await relay.wait_workers(workers)
+            result = await drive(relay.port, message, messages=1, sessions=1, reuse=False)
+            metrics = (
+                await _metrics_served(relay.metrics_port)
+                if relay.metrics_port is not None
+                else False
+            )
     finally:
-        relay.stop()
+        stopped = relay.stop()
         sink.close()
         await sink.wait_closed()
+    shutdown = stopped["exit"] + (
+        f", {stopped['left_behind']} child process(es) left behind"
+        if "left_behind" in stopped
+        else ""
+    )
+    if failure:
+        return Probe(delivered=False, error=failure, shutdown=shutdown)
     if not capture.messages:
-        return Probe(delivered=False, error=f"not delivered: {result.errors}")
+        return Probe(delivered=False, error=f"not delivered: {result.errors}", shutdown=shutdown)
     before = _header_names(message)
     after = _header_names(capture.messages[0])
     added = list(after)
@@ -110,4 +123,5 @@ async def probe_relay(
         log_fields=fields,
         metrics_served=metrics,
         smtp_processes=processes,
+        shutdown=shutdown,
     )

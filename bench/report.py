@@ -236,6 +236,19 @@ def markdown(results: Mapping[str, Any]) -> str:
         out.append(
             "- the relay's own loop lag is not measured here (needs a monitor inside the relay)"
         )
+    unclean = [
+        (row["key"], row["server_stats"])
+        for row in results["scenarios"]
+        if "killed" in row.get("server_stats", {}).get("exit", "")
+        or "left_behind" in row.get("server_stats", {})
+    ]
+    if unclean:
+        out += ["", "## Servers that did not shut down cleanly", ""]
+        out += [
+            f"- {key}: {s['exit']}"
+            + (f", {s['left_behind']} child process(es) left behind" if "left_behind" in s else "")
+            for key, s in unclean
+        ]
     skipped = [row for row in results["scenarios"] if "skipped" in row]
     if skipped:
         out += ["", "## Skipped variants", ""]

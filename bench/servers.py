@@ -25,6 +25,16 @@ from bench.net import free_port, wait_for_greeting
 from bench.procstats import descendants, listening_pids
 
 TomlValue = str | int | float | bool | list[str]
+STOP_GRACE = 30.0  # seconds a server gets to drain and exit after SIGTERM
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie) process; only ever asked about pids of our own servers."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rfind(")") + 2 :][:1] not in ("Z", "X")
 
 
 def toml_text(config: Mapping[str, Mapping[str, TomlValue]]) -> str:
@@ -61,7 +71,7 @@ class ServerProcess:
         """Processes holding a socket that listens on the SMTP port (the workers)."""
         return len(listening_pids(self.tree(), self.port))
 
-    async def ready(self, within: float = 120) -> None:
+    async def ready(self, within: float = 600) -> None:  # a model can take minutes
         await wait_for_greeting(self.port, self.proc, within)
 
     async def wait_workers(self, expected: int, within: float = 30) -> int:
@@ -81,19 +91,33 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> dict[str, Any]:
-        """SIGTERM, wait for the drain; returns the pass-through's stats (if any)."""
+        """SIGTERM, wait for the drain, then kill whatever of the tree is left.
+
+        Returns the pass-through's stats (if any) and how the shutdown went: a server that
+        needs SIGKILL, or leaves child processes behind, is a finding worth reporting.
+        """
+        tree = [pid for pid in self.tree() if pid != self.proc.pid]
+        outcome: dict[str, Any] = {"exit": "already exited"}
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(STOP_GRACE)
+                outcome = {"exit": f"status {self.proc.returncode} after SIGTERM"}
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                outcome = {"exit": f"killed: still running {STOP_GRACE:.0f} s after SIGTERM"}
+        time.sleep(0.5)  # children the parent just told to exit get a moment
+        left = [pid for pid in tree if _alive(pid)]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            outcome["left_behind"] = len(left)
         if self.stats_file is not None and self.stats_file.exists():
             with contextlib.suppress(ValueError):
-                stats: dict[str, Any] = json.loads(self.stats_file.read_text())
-                return stats
-        return {}
+                outcome.update(json.loads(self.stats_file.read_text()))
+        return outcome
 
 
 REPO = Path(__file__).resolve().parents[1]
