@@ -201,10 +201,62 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("train", help="train the spam classifier and write model + card")
+    p.add_argument("--corpus", type=Path, help="directory the labels file's paths are under")
+    p.add_argument("--labels", type=Path, help="TSV: relative_path, ham|spam, [train|test]")
+    p.add_argument("--ham", type=Path, action="append", default=[], help="Maildir/mbox/dir")
+    p.add_argument("--spam", type=Path, action="append", default=[], help="Maildir/mbox/dir")
+    p.add_argument("--out", type=Path, default=Path("models"), help="output directory")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fixed)")
+    p.add_argument("--quick", action="store_true", help="skip model selection (one candidate)")
+
+    def run(args: argparse.Namespace) -> int:
+        from relay import training
+
+        if args.labels is None and not (args.ham and args.spam):
+            p.error("give --labels, or both --ham and --spam")
+        return training.train_command(
+            out_dir=args.out,
+            corpus=args.corpus,
+            labels=args.labels,
+            ham=args.ham,
+            spam=args.spam,
+            seed=training.SEED if args.seed is None else args.seed,
+            quick=args.quick,
+        )
+
+    p.set_defaults(handler=run)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("evaluate", help="score a labelled corpus with a model")
+    p.add_argument("--model", type=Path, default=Path("models/spam.skops"))
+    p.add_argument("--corpus", type=Path, help="directory the labels file's paths are under")
+    p.add_argument("--labels", type=Path, required=True, help="TSV: relative_path, ham|spam")
+    p.add_argument("--set", dest="set_name", help="only rows of this set (e.g. test)")
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+
+    def run(args: argparse.Namespace) -> int:
+        from relay import training
+
+        return training.evaluate_command(
+            model_path=args.model,
+            corpus=args.corpus,
+            labels=args.labels,
+            set_name=args.set_name,
+            out=args.out,
+        )
+
+    p.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
     _add_lab(sub)
     _add_scan(sub)
     _add_policy(sub)
