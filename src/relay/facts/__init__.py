@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from relay.facts import auth, bulk, connection, content, envelope, headers, network, oracle, text
+from relay.facts import (
+    auth,
+    bulk,
+    classifier,
+    connection,
+    content,
+    envelope,
+    headers,
+    network,
+    oracle,
+    text,
+)
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 
 FAMILIES = (
     connection.FACTS,
     envelope.FACTS,
     auth.FACTS,
+    classifier.FACTS,
     headers.FACTS,
     text.FACTS,
     content.FACTS,
