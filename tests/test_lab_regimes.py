@@ -33,6 +33,7 @@ SHIPPED = (
     "can_spam",
     "eu_opt_in",
     "bulk_sender_2024",
+    "classifier_baseline",
 )
 BULK = tuple(f"user{i}@example.net" for i in range(60))
 
@@ -91,7 +92,8 @@ def test_every_regime_is_shipped_and_passes_policy_check(
     assert [p.stem for p in paths] == list(SHIPPED)
     assert check_files(paths, default_registry()) == []
     assert main(["policy", "check", *map(str, paths)]) == 0
-    assert f"ok: {len(SHIPPED)} policy file(s) valid" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert out.err == "" and all(p.stem in out.out for p in paths)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -241,6 +243,15 @@ async def test_bulk_senders_need_one_click_unsubscribe(tmp_path: Path) -> None:
     rcpts = tuple(f"u{i}@example.net" for i in range(5000))
     v = await decide("bulk_sender_2024", "list_authenticated.eml", tmp_path, rcpts=rcpts)
     assert (v.action.value, fired(v), tier(v)) == ("reject", {"bulk_needs_one_click"}, "T1")
+
+
+# --- classifier baseline -----------------------------------------------------------------
+
+
+def test_classifier_baseline_reads_only_the_classifier() -> None:
+    policy = load_policy(REGIMES / "classifier_baseline.toml", default_registry())
+    assert policy.fact_names == frozenset({"spam_probability"})
+    assert policy.max_tier is not None and policy.max_tier.label == "T3"
 
 
 def test_golden_dates_are_what_the_opt_out_case_assumes() -> None:

@@ -170,7 +170,8 @@ async def sequential_pass(
     registry = env.registry()
     out: dict[str, Outcomes] = {}
     with tempfile.TemporaryDirectory(prefix="relay-lab-state-") as tmp:
-        async with lab_services(env, Path(tmp), stateful=True) as services:
+        # Stateful facts read headers and counters, never the classifier: skip the model.
+        async with lab_services(env, Path(tmp), stateful=True, classifier=False) as services:
             for m in messages:
                 preset: dict[str, Any] = {
                     n: c.value

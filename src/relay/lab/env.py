@@ -62,6 +62,12 @@ class LabEnv:
             "lists": sorted(p.name for p in self.inputs.glob("*.tsv")),
         }
 
+    def model_description(self) -> dict[str, Any]:
+        model = self.settings.model
+        if not model.enabled:
+            return {"path": None, "sha256": None}
+        return {"path": str(model.path), "sha256": _file_digest(model.path)}
+
     def registry(self) -> FactRegistry:
         base = default_registry()
         return offline_registry(base) if self.offline else base
@@ -88,13 +94,13 @@ def _file_digest(path: Path) -> str:
         return "missing"
 
 
-def lab_settings(env: LabEnv, state_dir: Path) -> Settings:
-    """The relay's settings with a private state file and one in-process classifier."""
+def lab_settings(env: LabEnv, state_dir: Path, *, classifier: bool = True) -> Settings:
+    """The relay's settings with a private state file and one classifier process."""
     s = env.settings
     return dataclasses.replace(
         s,
         state=StateSettings(backend="sqlite", path=state_dir / "state.sqlite3"),
-        model=ModelSettings(enabled=s.model.enabled, path=s.model.path, workers=1),
+        model=ModelSettings(enabled=s.model.enabled and classifier, path=s.model.path, workers=1),
     )
 
 
@@ -105,16 +111,20 @@ def _is_resolver(item: object) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def lab_services(env: LabEnv, state_dir: Path, *, stateful: bool) -> AsyncIterator[Services]:
+async def lab_services(
+    env: LabEnv, state_dir: Path, *, stateful: bool, classifier: bool = True
+) -> AsyncIterator[Services]:
     """Services as ``relay serve`` builds them, minus what the lab must not use.
 
     ``stateful=False`` (the parallel pass) leaves the state store out, so a fact that
     remembers across messages fails there and is computed later, in corpus time order.
+    ``classifier=False`` skips loading the model (slow for a large vocabulary) where no
+    fact will need it: the ordered pass and the start-up check.
     """
     from relay.app import open_services
     from relay.state import StateStore, open_state
 
-    settings = lab_settings(env, state_dir)
+    settings = lab_settings(env, state_dir, classifier=classifier)
     async with contextlib.AsyncExitStack() as stack:
         items: list[object] = list(await open_services(settings, stack))
         kept = [
@@ -137,6 +147,10 @@ async def lab_services(env: LabEnv, state_dir: Path, *, stateful: bool) -> Async
 async def check_services(env: LabEnv) -> None:
     """Open and close the lab's services once, so a missing model or a bad input list
     fails at once in the main process, not in every worker after the corpus is read."""
+    if env.settings.model.enabled:
+        from relay.model import read_card
+
+        read_card(env.settings.model.path)  # missing, unaudited or changed: ModelError now
     with tempfile.TemporaryDirectory(prefix="relay-lab-check-") as tmp:
-        async with lab_services(env, Path(tmp), stateful=False):
+        async with lab_services(env, Path(tmp), stateful=False, classifier=False):
             pass

@@ -38,6 +38,12 @@ def _inputs_line(inputs: Mapping[str, Any]) -> str:
     return f"{inputs['dir']} ({', '.join(inputs['lists']) or 'no lists'})"
 
 
+def _model_line(model: Mapping[str, Any]) -> str:
+    if not model.get("path"):
+        return "disabled (spam_probability is missing)"
+    return f"{model['path']} (sha256 {model['sha256']})"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     c = report["corpus"]
     lines = [
@@ -47,6 +53,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"({c['spam']} spam, {c['ham']} ham), {len(c['unreadable'])} unreadable.",
         f"DNS: {_dns_line(report['dns'])}.",
         f"Lab inputs (oracle lists): {_inputs_line(report['inputs'])}.",
+        f"Classifier model: {_model_line(report['model'])}.",
         "",
         "Rates are shares with 95% Wilson intervals. Hard = reject or tempfail at SMTP time; "
         "soft = tag or quarantine; legitimate mail blocked = ham rejected, tempfailed or "
@@ -143,7 +150,8 @@ def html(report: Mapping[str, Any]) -> str:
         f"<p>Corpus: {escape(c['source'])}: {c['messages']} messages, {c['readable']} readable "
         f"({c['spam']} spam, {c['ham']} ham), {len(c['unreadable'])} unreadable.<br>"
         f"DNS: {escape(_dns_line(report['dns']))}.<br>"
-        f"Lab inputs (oracle lists): {escape(_inputs_line(report['inputs']))}.</p>",
+        f"Lab inputs (oracle lists): {escape(_inputs_line(report['inputs']))}.<br>"
+        f"Classifier model: {escape(_model_line(report['model']))}.</p>",
         "<p>Hard = reject or tempfail at SMTP time; soft = tag or quarantine; legitimate "
         "mail blocked = ham rejected, tempfailed or quarantined. Brackets: 95% Wilson "
         "intervals. Numbers come from <a href='report.json'>report.json</a>.</p>",

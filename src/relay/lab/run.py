@@ -216,6 +216,7 @@ def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[
         decisions=decisions,
         dns=options.env.dns_description(),
         inputs=options.env.inputs_description(),
+        model=options.env.model_description(),
         facts_info=facts_info,
         timings=timings,
     )

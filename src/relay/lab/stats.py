@@ -174,6 +174,7 @@ def build_report(
     decisions: Mapping[str, Mapping[str, Decision]],
     dns: Mapping[str, Any],
     inputs: Mapping[str, Any],
+    model: Mapping[str, Any],
     facts_info: Mapping[str, Any],
     timings: Mapping[str, float],
 ) -> dict[str, Any]:
@@ -191,6 +192,7 @@ def build_report(
         },
         "dns": dict(dns),
         "inputs": dict(inputs),
+        "model": dict(model),
         "facts": dict(facts_info),
         "regimes": [_regime(r, messages, decisions) for r in regimes],
         "regime_errors": [
