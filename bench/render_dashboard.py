@@ -210,7 +210,7 @@ async def relay_process(
         )
     relay = RelayProcess(proc, smtp_port, metrics_port, workdir)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 900  # loading the model takes minutes on a busy machine
         while not await asyncio.to_thread(relay.ready):  # the sink runs on this loop
             if proc.returncode is not None or time.monotonic() > deadline:
                 log_text = (workdir / "relay.log").read_text()

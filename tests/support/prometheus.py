@@ -142,7 +142,7 @@ def running_prometheus(
     )
     prom = Prometheus(f"http://127.0.0.1:{port}")
     try:
-        prom.wait(lambda: _ready(prom.url), timeout=30, what="ready")
+        prom.wait(lambda: _ready(prom.url), timeout=90, what="ready")
         yield prom
     finally:
         proc.terminate()
