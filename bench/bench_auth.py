@@ -86,6 +86,8 @@ class CallbackClock:
 
     def __init__(self) -> None:
         self.longest = 0.0
+        self.count = 0
+        self.over_target = 0
         self._original: Any = None
 
     def __enter__(self) -> CallbackClock:
@@ -97,7 +99,10 @@ class CallbackClock:
             try:
                 original(handle)
             finally:
-                clock.longest = max(clock.longest, time.thread_time() - start)
+                took = time.thread_time() - start
+                clock.longest = max(clock.longest, took)
+                clock.count += 1
+                clock.over_target += took > LAG_TARGET_MS / 1000
 
         self._original = original
         asyncio.events.Handle._run = timed  # type: ignore[method-assign,assignment]
@@ -139,6 +144,8 @@ class LagProbe:
         lags = sorted(self.lags) or [0.0]
         return {
             "longest_callback_cpu_ms": round(self._clock.longest * 1000, 3),
+            "callbacks": self._clock.count,
+            "callbacks_over_target": self._clock.over_target,
             "longest_gc_pause_ms": round(max(self.gc_pauses, default=0.0) * 1000, 3),
             "max_ms": round(lags[-1] * 1000, 3),
             "p99_ms": round(lags[int(len(lags) * 0.99) - 1 if len(lags) > 1 else 0] * 1000, 3),
@@ -267,6 +274,18 @@ async def run(seconds: float, concurrency: int) -> dict[str, Any]:
         "lag_target_ms": LAG_TARGET_MS,
         "worst_paced_lag_ms": worst,
         "longest_callback_cpu_ms": stall,
+        "callbacks": sum(
+            r[label][phase]["loop_lag"]["callbacks"]
+            for r in rows
+            for label in labels
+            for phase in ("saturated", "paced")
+        ),
+        "callbacks_over_target": sum(
+            r[label][phase]["loop_lag"]["callbacks_over_target"]
+            for r in rows
+            for label in labels
+            for phase in ("saturated", "paced")
+        ),
         "lag_ok": stall <= LAG_TARGET_MS,
         "rows": rows,
     }
@@ -320,7 +339,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         f"Stall target (no loop callback > {data['lag_target_ms']:.0f} ms): {verdict}; "
-        f"longest {data['longest_callback_cpu_ms']:.2f} ms. Worst paced wall-clock lag "
+        f"longest {data['longest_callback_cpu_ms']:.2f} ms; "
+        f"{data['callbacks_over_target']} of {data['callbacks']} callbacks over "
+        f"{data['lag_target_ms']:.0f} ms. Worst paced wall-clock lag "
         f"{data['worst_paced_lag_ms']:.1f} ms at load average "
         f"{data['load_average_after'][0]:.1f} on {data['cpus']} CPUs.",
         "",
