@@ -74,6 +74,13 @@ async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) ->
     stack.push_async_callback(state.close)
     services.append(state)
     services.append(PublicSuffixList())  # organisational domains for header and bulk facts
+    if settings.model.enabled:
+        from relay.model import Classifier
+
+        # Raises ModelError for a missing, changed or untrusted model: never serve without it.
+        classifier = await Classifier.open(settings.model.path, workers=settings.model.workers)
+        stack.push_async_callback(classifier.close)
+        services.append(classifier)
     return services
 
 
