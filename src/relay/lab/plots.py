@@ -27,15 +27,30 @@ def _pct(p: Mapping[str, Any]) -> tuple[float, float, float]:
     return 100 * rate, 100 * (rate - p["low"]), 100 * (p["high"] - rate)
 
 
+def _label_offsets(points: list[tuple[float, float]]) -> list[float]:
+    """Vertical label offsets (points) so that labels of nearby regimes do not overlap."""
+    offsets: list[float] = []
+    for i, (x, y) in enumerate(points):
+        near = [j for j in range(i) if abs(points[j][0] - x) < 8 and abs(points[j][1] - y) < 6]
+        offsets.append(6.0 - 12.0 * len(near))
+    return offsets
+
+
 def tradeoff(report: Mapping[str, Any], path: Path) -> None:
     """Spam stopped against legitimate mail blocked; colour = highest tier, size = T3 share."""
     fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
-    for r in report["regimes"]:
+    regimes = list(report["regimes"])
+    points = [(_pct(r["ham_blocked"])[0], _pct(r["spam_stopped"])[0]) for r in regimes]
+    offsets = _label_offsets(points)
+    # Big (content-reading) markers first, so smaller ones stay visible on top.
+    order = sorted(range(len(regimes)), key=lambda i: -(regimes[i]["content_read"]["rate"] or 0))
+    for z, i in enumerate(order):
+        r = regimes[i]
         x, xl, xh = _pct(r["ham_blocked"])
         y, yl, yh = _pct(r["spam_stopped"])
         yh_hard = _pct(r["spam_stopped_hard"])[0]
         colour = TIER_COLOURS[r["highest_tier"]]
-        size = 60 + 540 * (r["content_read"]["rate"] or 0.0)
+        size = 50 + 350 * (r["content_read"]["rate"] or 0.0)
         ax.errorbar(
             x,
             y,
@@ -47,14 +62,23 @@ def tradeoff(report: Mapping[str, Any], path: Path) -> None:
             capsize=3,
             zorder=1,
         )
-        ax.scatter([x], [y], s=size, c=colour, edgecolors="black", linewidths=0.8, zorder=2)
-        ax.scatter([x], [yh_hard], s=40, marker="x", c="black", zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(8, 6), fontsize=9)
+        ax.scatter(
+            [x], [y], s=size, c=colour, edgecolors="black", linewidths=0.8, alpha=0.85, zorder=2 + z
+        )
+        ax.scatter([x], [yh_hard], s=40, marker="x", c="black", zorder=20)
+        ax.annotate(
+            r["name"],
+            (x, y),
+            textcoords="offset points",
+            xytext=(10, offsets[i]),
+            fontsize=9,
+            zorder=30,
+        )
     ax.set_xlabel("legitimate mail blocked (%)  [reject, tempfail, quarantine]")
     ax.set_ylabel("spam stopped (%)  [circle: hard + soft, x: hard only]")
     ax.set_title("What each regime stops and what it costs (95% Wilson intervals)")
     ax.set_ylim(-3, 103)
-    ax.set_xlim(left=-3)
+    ax.set_xlim(-3, max(25.0, max((p[0] for p in points), default=0.0) + 12))
     ax.grid(True, alpha=0.3)
     handles = [
         Line2D(
@@ -82,7 +106,7 @@ def tradeoff(report: Mapping[str, Any], path: Path) -> None:
             label="bigger = more mail read (T3)",
         )
     )
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.legend(handles=handles, loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
