@@ -252,3 +252,14 @@ async def test_arc_key_timeout_is_temperror(auth: Authenticator, keys: Keys) -> 
 async def test_no_arc_is_none(auth: Authenticator) -> None:
     r = await check(auth, "example.com")
     assert (r.arc.result, r.arc.instances) == ("none", 0)
+
+
+async def test_arc_oldest_pass_after_a_change_between_hops(auth: Authenticator, keys: Keys) -> None:
+    raw = sign(make_message(from_addr="alice@example.com", subject="Hi"), keys.org)
+    once = arc_seal(raw, keys.forwarder, "forwarder.example", "dkim=pass header.d=example.com")
+    # the list edits the subject (breaking DKIM and the first AMS), then seals what it sends
+    edited = once.replace(b"Subject: Hi", b"Subject: [list] Hi")
+    twice = arc_seal(edited, keys.list, "list.example", "arc=pass; dkim=fail")
+    r = await check(auth, "example.com", raw=twice)
+    assert (r.dkim.result, r.arc.result, r.arc.instances) == ("fail", "pass", 2)
+    assert r.arc.oldest_pass == 2  # only the newest AMS still covers the message
