@@ -66,14 +66,15 @@ async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) ->
     resolver = Resolver(settings.dns)  # the one DNS cache every check shares
     stack.push_async_callback(resolver.close)
     services.append(resolver)
+    psl = PublicSuffixList()  # organisational domains for auth, header and bulk facts
     if settings.auth.enabled:
-        authenticator = Authenticator.from_settings(resolver, settings.auth)
+        authenticator = Authenticator.from_settings(resolver, settings.auth, psl)
         stack.push_async_callback(authenticator.close)
         services.append(authenticator)
     state = await open_state(settings.state)  # counters every worker shares (bulk, rates)
     stack.push_async_callback(state.close)
     services.append(state)
-    services.append(PublicSuffixList())  # organisational domains for header and bulk facts
+    services.append(psl)
     if settings.model.enabled:
         from relay.model import Classifier
 
