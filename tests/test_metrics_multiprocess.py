@@ -46,6 +46,7 @@ for _ in range(int(sys.argv[1])):
         reply=Reply(250, "2.0.0", "ok"), outcome="delivered",
         timings=(("act", 0.01), ("total", 0.02)), delivery="ok",
     ))
+m.flush()  # what the app's flushing() task does every second and on exit
 print(os.getpid())
 """
 

@@ -181,6 +181,7 @@ async def lifespan(
         if observer is None and settings.metrics.enabled:
             metrics_registry = CollectorRegistry()
             metrics = Metrics(metrics_registry)
+            await stack.enter_async_context(metrics.flushing())
             model = describe_model(items)
             if model is not None:
                 metrics.set_model_info(model)

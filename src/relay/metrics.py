@@ -6,6 +6,13 @@ and implements ``relay.pipeline.Observer``. Label values come only from small fi
 shadow policies), which are capped; never from addresses, domains or message ids.
 Observation never raises: a bug here must not cost a message.
 
+Counters are the hot path (about twenty increments per message), so they are gathered in
+a plain dict under one lock and added to the prometheus_client counters by ``flush()``:
+at every collection of the registry (a collector registered first does it, so a scrape
+or ``get_sample_value`` always sees every event), and every second from the
+``flushing()`` task app.py runs, which is what multiprocess mode relies on because the
+supervisor reads the files, not this registry. Histograms and gauges are written at once.
+
 Several worker processes (``[smtp] workers > 1``) use prometheus_client's multiprocess
 mode. prometheus_client picks its value class once, when ``prometheus_client.values`` is
 first imported: with ``PROMETHEUS_MULTIPROC_DIR`` set, every metric writes to a memory-
@@ -26,15 +33,20 @@ mapped file ``<kind>_<pid>.db`` in that directory, otherwise to process memory. 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, values
 from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from relay.pipeline import MessageReport
 from relay.verdict import Action, FactRead, Mode, Tier, Verdict
@@ -173,6 +185,17 @@ class _Capped:
         return child
 
 
+class _FlushFirst(Collector):
+    """Registered before every metric: collecting the registry first flushes the batch."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.flush()
+        return ()
+
+
 class Metrics:
     """The relay's metrics, registered into ``registry``; an ``Observer`` for the pipeline."""
 
@@ -186,6 +209,9 @@ class Metrics:
                 "and start workers with the 'spawn' or 'forkserver' method."
             )
         r = registry
+        self._lock = threading.Lock()  # scrapes flush from a thread
+        self._pending: dict[Any, float] = {}  # counter child -> increments not yet added
+        registry.register(_FlushFirst(self))
         self.messages = Counter(
             "relay_messages",
             "Messages decided, by action and policy mode",
@@ -311,6 +337,8 @@ class Metrics:
             (m, res): self.auth.labels(m, res) for m in AUTH_METHODS for res in AUTH_RESULTS
         }
         self._reloads = {ok: self.reloads.labels("ok" if ok else "failed") for ok in (True, False)}
+        self._connections = self.connections
+        self._refused = self.connections_refused
         self._rules = _Capped(self.rule_hits, max_names)
         self._shadow: dict[tuple[str, Action], Any] = {}
         self._max_names = max_names
@@ -320,7 +348,7 @@ class Metrics:
 
     def connection_opened(self) -> None:
         try:
-            self.connections.inc()
+            self._add(self._connections)
             self.connections_open.inc()
         except Exception:
             self._failed("connection_opened")
@@ -333,13 +361,13 @@ class Metrics:
 
     def connection_refused(self) -> None:
         try:
-            self.connections_refused.inc()
+            self._add(self._refused)
         except Exception:
             self._failed("connection_refused")
 
     def smtp_reply(self, code: int) -> None:
         try:
-            self._replies.get(f"{code // 100}xx", self._replies[OTHER]).inc()
+            self._add(self._replies.get(f"{code // 100}xx") or self._replies[OTHER])
         except Exception:
             self._failed("smtp_reply")
 
@@ -358,13 +386,13 @@ class Metrics:
                 if len(self._shadow) >= self._max_names or len(policy) > MAX_NAME_LENGTH:
                     policy = OTHER
                 child = self._shadow[key] = self.shadow.labels(policy, verdict.action.value)
-            child.inc()
+            self._add(child)
         except Exception:
             self._failed("shadow_verdict")
 
     def policy_reload(self, ok: bool) -> None:
         try:
-            self._reloads[ok].inc()
+            self._add(self._reloads[ok])
             self.reload_ok.set(1 if ok else 0)
             self.reload_time.set_to_current_time()
         except Exception:
@@ -391,12 +419,13 @@ class Metrics:
 
     def _message_done(self, report: MessageReport) -> None:
         verdict = report.verdict
-        self._messages[(verdict.action, verdict.mode)].inc()
-        self._outcomes.get(report.outcome, self._outcomes[OTHER]).inc()
-        self._deliveries.get(report.delivery or "none", self._deliveries[OTHER]).inc()
-        self._tiers[verdict.highest_tier].inc()
-        for hit in verdict.hits:
-            self._rules.get(hit.rule).inc()
+        counted = [
+            self._messages[(verdict.action, verdict.mode)],
+            self._outcomes.get(report.outcome) or self._outcomes[OTHER],
+            self._deliveries.get(report.delivery or "none") or self._deliveries[OTHER],
+            self._tiers[verdict.highest_tier],
+        ]
+        counted += [self._rules.get(hit.rule) for hit in verdict.hits]
         whole: FactRead | None = None
         views: list[tuple[str, FactRead]] = []
         for read in verdict.facts:
@@ -411,15 +440,48 @@ class Metrics:
         if whole is not None:  # every method once, whichever views the policy read
             results = whole.value if isinstance(whole.value, Mapping) else {}
             for method in AUTH_METHODS:
-                self._auth[(method, _auth_result(results.get(method), whole.error))].inc()
+                counted.append(self._auth[(method, _auth_result(results.get(method), whole.error))])
         else:
             for method, read in views:
-                self._auth[(method, _auth_result(read.value, read.error))].inc()
+                counted.append(self._auth[(method, _auth_result(read.value, read.error))])
         for stage, seconds in report.timings:
             if stage == "total":
                 self.message_seconds.observe(seconds)
             else:
                 self._stages.get(stage, self._stages[OTHER]).observe(seconds)
+        with self._lock:
+            pending = self._pending
+            for child in counted:
+                pending[child] = pending.get(child, 0.0) + 1.0
+
+    def flush(self) -> None:
+        """Adds the gathered counter increments to the counters (any thread)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for child, amount in pending.items():
+            child.inc(amount)
+
+    @contextlib.asynccontextmanager
+    async def flushing(self, every: float = 1.0) -> AsyncIterator[None]:
+        """Flushes every ``every`` seconds while open, and once more on exit (app.py)."""
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(every)
+                self.flush()
+
+        task = asyncio.get_running_loop().create_task(tick())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.flush()
+
+    def _add(self, child: Any) -> None:
+        with self._lock:
+            self._pending[child] = self._pending.get(child, 0.0) + 1.0
 
     def _failed(self, what: str) -> None:
         log.debug("metrics observation %s failed", what, exc_info=True)
