@@ -263,3 +263,13 @@ async def test_arc_oldest_pass_after_a_change_between_hops(auth: Authenticator, 
     r = await check(auth, "example.com", raw=twice)
     assert (r.dkim.result, r.arc.result, r.arc.instances) == ("fail", "pass", 2)
     assert r.arc.oldest_pass == 2  # only the newest AMS still covers the message
+
+
+async def test_alignment_is_reported_without_a_record(auth: Authenticator, dns: LocalDns) -> None:
+    key = rsa_key("mail.norecord.example", "k1", 1024)
+    dns.set(key.name, [("TXT", key.txt)])
+    signed = await check(auth, "norecord.example", (key,))
+    assert (signed.dkim.result, signed.dmarc.result, signed.dmarc.policy) == ("pass", "none", "")
+    assert signed.dmarc.aligned and signed.dmarc.dkim_domain == "mail.norecord.example"
+    unsigned = await check(auth, "norecord.example")
+    assert (unsigned.dmarc.result, unsigned.dmarc.aligned) == ("none", False)

@@ -10,7 +10,7 @@ domain comes from the ``publicsuffixlist`` package.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dkim.util import parse_tag_value
 
@@ -116,6 +116,16 @@ def _in_sample(pct: int, sample_key: bytes) -> bool:
     return int.from_bytes(hashlib.sha256(sample_key).digest()[:4], "big") % 100 < pct
 
 
+def _alignment(
+    orgs: OrgDomains, from_domain: str, dkim: DkimResults, spf: SpfResult, adkim: str, aspf: str
+) -> tuple[str, bool]:
+    """(the first aligned passing DKIM domain or "", whether SPF passed aligned)."""
+    dkim_domain = next(
+        (s.domain for s in dkim.passing if orgs.aligned(s.domain, from_domain, adkim)), ""
+    )
+    return dkim_domain, spf.result == "pass" and orgs.aligned(spf.domain, from_domain, aspf)
+
+
 def evaluate(
     found: Discovery,
     orgs: OrgDomains,
@@ -124,15 +134,21 @@ def evaluate(
     sample_key: bytes,
 ) -> DmarcResult:
     if found.result is not None:
-        return found.result
+        if not found.from_domain:
+            return found.result
+        # No usable record: still say whether the From domain is authenticated (relaxed
+        # alignment, the RFC 7489 default), which some regimes ask for without DMARC.
+        dkim_domain, spf_aligned = _alignment(orgs, found.from_domain, dkim, spf, "r", "r")
+        return replace(
+            found.result,
+            dkim_aligned=bool(dkim_domain),
+            spf_aligned=spf_aligned,
+            dkim_domain=dkim_domain,
+        )
     record = found.record
     assert record is not None
     from_domain = found.from_domain
-    dkim_domain = next(
-        (s.domain for s in dkim.passing if orgs.aligned(s.domain, from_domain, record.adkim)),
-        "",
-    )
-    spf_aligned = spf.result == "pass" and orgs.aligned(spf.domain, from_domain, record.aspf)
+    dkim_domain, spf_aligned = _alignment(orgs, from_domain, dkim, spf, record.adkim, record.aspf)
     aligned = bool(dkim_domain) or spf_aligned
     if aligned:
         result, reason = "pass", ""
