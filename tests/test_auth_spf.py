@@ -178,4 +178,5 @@ async def test_spf_waiting_on_dns_never_blocks_the_loop(auth: Authenticator) -> 
     stop.set()
     await task
     assert result.result == "temperror"
-    assert ticks >= int(elapsed / 0.01 * 0.5)  # the loop kept running all along
+    assert elapsed > 0.5  # SPF really waited for the DNS timeout ...
+    assert ticks >= 5  # ... while the loop kept running (a blocked loop ticks once at most)
