@@ -116,7 +116,7 @@ async def test_dns_timeout_is_temperror(auth: Authenticator) -> None:
     direct, _ = await spf(auth, "alice@slow.example")
     included, _ = await spf(auth, "alice@inc-slow.example")
     assert (direct.result, included.result) == ("temperror", "temperror")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 10  # two 1 s timeouts, with room for a busy machine
 
 
 async def test_helo_identity_is_checked(auth: Authenticator) -> None:
