@@ -261,3 +261,34 @@ async def test_hostile_authentication_headers_still_flow(
     assert "dkim=pass" in value  # the one good signature still counts
     assert "header.from=xn--bcher-kva.example" in value
     assert received.data.endswith(make_message(from_addr="a@bücher.example"))
+
+
+def test_long_values_are_cut_and_folded() -> None:
+    long_i = "x" * 5000 + "@example.com"
+    value = format_value(
+        "relay.test",
+        {
+            "dkim": {
+                "limit": 10,
+                "signatures": [
+                    {
+                        "result": "fail",
+                        "reason": "r" * 500,
+                        "domain": "example.com",
+                        "identity": long_i,
+                        "selector": "s" * 3000,
+                        "algorithm": "rsa-sha256",
+                    },
+                ],
+            },
+            "spf": {"result": "none"},
+            "dmarc": {"result": "none"},
+            "arc": {"result": "none"},
+        },
+    )
+    lines = value.split("\r\n")
+    assert max(len(line) for line in lines) < 300  # far under RFC 5322's 998
+    assert all(line[:1] in (" ", "\t") for line in lines[1:])
+    assert "header.d=example.com" in value and "..." in value
+    header = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value)
+    assert (header.results[0].method, header.results[0].result) == ("dkim", "fail")

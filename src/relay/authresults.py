@@ -27,6 +27,8 @@ from relay.verdict import Verdict
 log = logging.getLogger("relay.auth")
 
 HEADER = "Authentication-Results"
+MAX_VALUE = 255  # characters of one property value (a domain name is at most 253)
+FOLD_AT = 200  # a resinfo longer than this is folded between its properties
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+$")  # RFC 2045 token
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*$")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -38,14 +40,18 @@ def _quoted(text: str) -> str:
 
 
 def value(text: str) -> str:
-    """A pvalue: a token as is, anything else as a quoted-string; printable ASCII only."""
+    """A pvalue: a token as is, anything else as a quoted-string; printable ASCII only,
+    at most MAX_VALUE characters (a hostile i= or s= can be kilobytes long)."""
+    if len(text) > MAX_VALUE:
+        return _quoted(text[: MAX_VALUE - 3] + "...")
     return text if _TOKEN.match(text) else _quoted(text)
 
 
 def address(text: str) -> str:
     """``local@domain`` unquoted when it is a plain dot-atom address (RFC 8601 2.2 pvalue)."""
     local, at, domain = text.rpartition("@")
-    if at and (not local or _DOT_ATOM.match(local)) and _TOKEN.match(domain):
+    short = len(text) <= MAX_VALUE
+    if short and at and (not local or _DOT_ATOM.match(local)) and _TOKEN.match(domain):
         return text
     return value(text)
 
@@ -58,9 +64,12 @@ def _comment(text: str) -> str:
 def _resinfo(method: str, result: str, reason: str = "", *props: tuple[str, str]) -> str:
     parts = [f"{method}={result}"]
     if reason:
-        parts.append(f"reason={_quoted(reason)}")
+        parts.append(f"reason={_quoted(reason[:MAX_VALUE])}")
     parts += [f"{name}={val}" for name, val in props if val]
-    return " ".join(parts)
+    line = " ".join(parts)
+    # Long ones are folded between properties (CFWS is allowed there) to stay well under
+    # the 998-character line limit of RFC 5322.
+    return line if len(line) <= FOLD_AT else "\r\n\t ".join(parts)
 
 
 def _dkim(dkim: Mapping[str, Any]) -> list[str]:
