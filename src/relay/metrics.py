@@ -489,9 +489,3 @@ class Metrics:
             self.errors.inc()
         except Exception:  # the error counter itself failed; nothing more we can do
             log.debug("metrics error counter failed", exc_info=True)
-
-
-def metric_names(registry: CollectorRegistry) -> Iterable[str]:
-    """Names of the metric families in ``registry`` (docs and tests list them)."""
-    for family in registry.collect():
-        yield family.name
