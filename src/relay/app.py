@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -257,6 +258,10 @@ async def run(settings: Settings, on_ready: Callable[[], None] | None = None) ->
         loop.add_signal_handler(signal.SIGHUP, runtime.reload_policy)
         host, _ = settings.smtp.listen
         log.info("relay listening on %s:%d (pid %d)", host, runtime.port, os.getpid())
+        # Everything loaded at start-up (model, policy, suffix list) lives for the whole
+        # run: freezing it keeps full garbage collections from walking it, which measured
+        # as loop stalls of ~15 ms without and < 1 ms with (bench/results/auth.md).
+        gc.freeze()
         if on_ready is not None:
             on_ready()
         await stop.wait()
