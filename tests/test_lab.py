@@ -255,3 +255,55 @@ def test_ham_and_spam_directories(tmp_path: Path) -> None:
     corpus = load_corpus(sources, "dirs")
     assert len(corpus.messages) == 7
     assert sorted(u.reason for u in corpus.unreadable) == ["empty file", "no header fields"]
+
+
+def _bulk_corpus(root: Path) -> None:
+    """Three copies of one newsletter an hour apart, whose file order (a, b, c) is the
+    reverse of their time order (c 01:00, b 02:00, a 03:00), and one personal message.
+    The copies are labelled ham, so the report names the one that gets blocked."""
+    body = "Weekly deals on printers and ink, order today at the shop.\n" * 5
+    (root / "spam").mkdir(parents=True)
+    (root / "ham").mkdir()
+    for name, hour in (("a.eml", 3), ("b.eml", 2), ("c.eml", 1)):
+        (root / "ham" / name).write_text(
+            f"From: Deals <deals@shop.example>\nTo: u{hour}@example.net\n"
+            f"Subject: deals\nDate: Mon, 2 Sep 2002 {hour:02d}:00:00 +0000\n"
+            f"Message-ID: <{name}@shop.example>\n\n{body}"
+        )
+    (root / "spam" / "p.eml").write_text(
+        "From: Alice <alice@example.org>\nTo: bob@example.net\nSubject: hi\n"
+        "Date: Tue, 10 Sep 2002 10:00:00 +0000\nMessage-ID: <p@example.org>\n\n"
+        "See you on Friday at noon.\n"
+    )
+    (root / "bulk.toml").write_text(
+        '[policy]\nname = "bulk3"\nmode = "enforce"\n[policy.thresholds]\ntag = 1.0\n'
+        '[[rule]]\nname = "third_copy"\nwhen = "bulk_count >= 3"\naction = "reject"\n'
+    )
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_stateful_facts_count_in_corpus_time(tmp_path: Path, jobs: int) -> None:
+    _bulk_corpus(tmp_path)
+    options = LabOptions(
+        sources=tuple(
+            sources_from_box(tmp_path / "spam", "spam") + sources_from_box(tmp_path / "ham", "ham")
+        ),
+        description="bulk",
+        policies=(tmp_path / "bulk.toml",),
+        out=tmp_path / "out",
+        env=_env(),
+        cache_dir=tmp_path / "cache",
+        jobs=jobs,
+    )
+    report = run_lab(options)
+    assert "bulk_count" in report["facts"]["stateful"]
+    bulk = _regime(report, "bulk3")
+    # Counted in corpus time, the third recipient of the body is a.eml (03:00), the
+    # first file: counted in file order it would have been c.eml.
+    assert [(b["id"], b["forced_by"]) for b in bulk["ham_blocks"]] == [("ham/a.eml", "third_copy")]
+    assert _kn(bulk["tiers"]["T2"]) == (4, 4)
+    shard, anchor = bulk["ham_blocks"][0]["facts"].split("#")
+    page = json.loads((tmp_path / "out" / shard).with_suffix(".json").read_text())[anchor]
+    assert page["facts"]["bulk_count"]["value"] == 3
+    warm = run_lab(options)
+    assert warm["facts"]["messages_computed"] == 0 and warm["regimes"] == report["regimes"]
