@@ -427,6 +427,9 @@ def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw:
     )
 
 
+LISTEN_BACKLOG = 1024
+
+
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """STARTTLS context: TLS 1.2+ with the library's default (modern) ciphers."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -445,7 +448,7 @@ def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -459,4 +462,5 @@ async def start_server(deps: SmtpDeps, sock: socket.socket) -> asyncio.Server:
     def factory() -> Any:
         return RelaySMTP(deps)
 
-    return await loop.create_server(factory, sock=sock)
+    # asyncio re-listens on a passed socket with its own default backlog (100) unless told.
+    return await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
