@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -138,6 +139,10 @@ async def test_classifier_pool_serves_facts_off_the_loop() -> None:
         assert await ham.get("parse_degraded") is False
         # One pool round-trip feeds both public facts.
         assert [r.name for r in ham.reads()] == ["classifier", "spam_probability", "parse_degraded"]
+        # Concurrent requests are batched; each still gets its own message's answer.
+        mixed = [Message.from_file_bytes(SPAM if i % 3 else HAM) for i in range(40)]
+        probs = await asyncio.gather(*(classifier.predict(m) for m in mixed))
+        assert [p > 0.5 for p in probs] == [bool(i % 3) for i in range(40)]
         garbage = Facts(registry, Message.from_file_bytes(b"\x00\xff\xfe\x80 junk"), services)
         probability = await garbage.get("spam_probability")
         assert 0.0 <= probability <= 1.0

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import hashlib
 import json
 import multiprocessing
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ import numpy as np
 from relay.errors import ModelError
 from relay.features import Extractor, Features, FeatureSettings
 from relay.message import Message
+
+MAX_BATCH = 32  # messages per pool call
 
 # Library -> how many leading version components must match the card's.
 _VERSION_PARTS = {"scikit-learn": 2, "skops": 1, "numpy": 1, "scipy": 1}
@@ -130,8 +134,17 @@ class LoadedModel:
 
     def classify_bytes(self, raw: bytes) -> tuple[float, bool]:
         """(spam probability, parse degraded) of raw message bytes."""
-        features = self.extractor.extract_bytes(raw)
-        return self.predict_features(features), features.degraded
+        return self.classify_many([raw])[0]
+
+    def classify_many(self, raws: Sequence[bytes]) -> list[tuple[float, bool]]:
+        """``classify_bytes`` of several messages with one prediction call: scikit-learn's
+        per-call overhead is most of a single message's cost, so batches are ~2x cheaper."""
+        feats = [self.extractor.extract_bytes(raw) for raw in raws]
+        rows = np.empty((len(feats), 2), dtype=object)
+        for i, f in enumerate(feats):
+            rows[i, 0], rows[i, 1] = f.row()
+        probs = self.predict_rows(rows)
+        return [(float(p), f.degraded) for p, f in zip(probs, feats, strict=True)]
 
 
 def load_model(model_path: Path) -> LoadedModel:
@@ -201,11 +214,11 @@ def _worker_probe() -> ModelInfo:
     return model.info
 
 
-def _worker_classify(raw: bytes) -> tuple[float, bool]:
+def _worker_classify(raws: list[bytes]) -> list[tuple[float, bool]]:
     if "error" in _WORKER:
         raise ModelError(_WORKER["error"])
     model: LoadedModel = _WORKER["model"]
-    return model.classify_bytes(raw)
+    return model.classify_many(raws)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,10 +234,17 @@ class Classifier:
     model is missing, corrupt or untrusted, so the relay never serves without it.
     """
 
-    def __init__(self, pool: ProcessPoolExecutor, info: ModelInfo, max_raw_bytes: int) -> None:
+    def __init__(
+        self, pool: ProcessPoolExecutor, info: ModelInfo, max_raw_bytes: int, workers: int
+    ) -> None:
         self._pool = pool
         self._info = info
         self._max_raw = max_raw_bytes
+        self._workers = workers
+        # Micro-batching: at most one batch per worker in flight; what arrives meanwhile
+        # waits here and goes as the next batch. No added latency when the pool is idle.
+        self._pending: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]] = []
+        self._in_flight = 0
 
     @classmethod
     async def open(cls, path: Path, *, workers: int = 1) -> Classifier:
@@ -245,18 +265,44 @@ class Classifier:
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        return cls(pool, infos[0], settings.max_raw_kb * 1024)
+        return cls(pool, infos[0], settings.max_raw_kb * 1024, workers)
 
     @property
     def info(self) -> ModelInfo:
         return self._info
 
     async def classify(self, message: Message) -> Classification:
-        loop = asyncio.get_running_loop()
-        probability, degraded = await loop.run_in_executor(
-            self._pool, _worker_classify, message.raw[: self._max_raw]
-        )
+        future: asyncio.Future[tuple[float, bool]] = asyncio.get_running_loop().create_future()
+        self._pending.append((message.raw[: self._max_raw], future))
+        self._pump()
+        probability, degraded = await future
         return Classification(probability, degraded)
+
+    def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending and self._in_flight < self._workers:
+            batch = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            self._in_flight += 1
+            done = loop.run_in_executor(self._pool, _worker_classify, [raw for raw, _ in batch])
+            done.add_done_callback(functools.partial(self._finished, batch))
+
+    def _finished(
+        self,
+        batch: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]],
+        done: asyncio.Future[list[tuple[float, bool]]],
+    ) -> None:
+        self._in_flight -= 1
+        for i, (_, future) in enumerate(batch):
+            if future.done():  # its caller gave up (cancelled)
+                continue
+            if done.cancelled():
+                future.cancel()
+            elif (error := done.exception()) is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(done.result()[i])
+        self._pump()
 
     async def predict(self, message: Message) -> float:
         return (await self.classify(message)).probability
