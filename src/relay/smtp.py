@@ -53,6 +53,12 @@ _SMUGGLE = re.compile(rb"(?:^|\r|\n)\.(?:\r|\n)")
 _END_OF_DATA = b".\r\n"
 
 
+def bare_line_end(raw_line: bytes) -> bool:
+    """Whether a CRLF-terminated line holds a CR or LF before its final CRLF (rare)."""
+    end = len(raw_line) - 2
+    return raw_line.find(b"\n", 0, end) >= 0 or raw_line.find(b"\r", 0, end) >= 0
+
+
 def smuggling_suspect(raw_line: bytes) -> bool:
     """Whether one raw DATA line (as read, CRLF-terminated) carries a smuggling shape."""
     return raw_line != _END_OF_DATA and _SMUGGLE.search(raw_line) is not None
@@ -119,6 +125,7 @@ class RelaySMTP(SMTP):
         self._admitted = False
         self._data_timer: asyncio.TimerHandle | None = None
         self.smuggling_seen = False
+        self.bare_line_ends = False  # a DATA line held a bare CR or LF: normalise
         self._watching = False
         self.xforward: dict[str, str] = {}  # original client as told by a trusted proxy
 
@@ -200,6 +207,7 @@ class RelaySMTP(SMTP):
                 self.deps.settings.smtp.data_timeout, self._data_timed_out
             )
         self.smuggling_seen = False
+        self.bare_line_ends = False
         self._watch_data_lines()
         try:
             await super().smtp_DATA(arg)
@@ -220,8 +228,10 @@ class RelaySMTP(SMTP):
 
         async def readuntil(separator: bytes = b"\n") -> bytes:
             line = await read_line(separator)
-            if separator == b"\r\n" and smuggling_suspect(line):
-                self.smuggling_seen = True
+            # Every shape needs a bare CR or LF, so the regex runs only on such lines.
+            if separator == b"\r\n" and bare_line_end(line):
+                self.bare_line_ends = True
+                self.smuggling_seen = self.smuggling_seen or smuggling_suspect(line)
             return line
 
         reader.readuntil = readuntil  # type: ignore[method-assign,assignment]
@@ -409,7 +419,7 @@ def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw:
         ssl_object = session.ssl.get("ssl_object")
         tls = str(ssl_object.version()) if ssl_object is not None else "TLS"
     return Message(
-        raw=to_crlf(raw),
+        raw=to_crlf(raw) if server.bare_line_ends else raw,
         envelope=MsgEnvelope(
             mail_from=reverse_path(envelope),
             rcpt_to=tuple(envelope.rcpt_tos),
