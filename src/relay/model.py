@@ -230,7 +230,7 @@ class Classification:
 class Classifier:
     """Spam probability service: a process pool of workers, each holding the model once.
 
-    Create with ``await Classifier.open(settings.model)``; it raises ModelError when the
+    Create with ``await Classifier.open(path, workers=n)``; it raises ModelError when the
     model is missing, corrupt or untrusted, so the relay never serves without it.
     """
 
