@@ -307,3 +307,35 @@ def test_stateful_facts_count_in_corpus_time(tmp_path: Path, jobs: int) -> None:
     assert page["facts"]["bulk_count"]["value"] == 3
     warm = run_lab(options)
     assert warm["facts"]["messages_computed"] == 0 and warm["regimes"] == report["regimes"]
+
+
+def test_resolver_mode_runs_the_real_checks(tmp_path: Path) -> None:
+    """With [dns] nameservers the lab runs SPF/DMARC for real (here against a loopback DNS
+    server) instead of reading Authentication-Results, and the report says so."""
+    from tests.support.dnsserver import LocalDns
+
+    zone = {
+        "bank.example.": [("TXT", "v=spf1 -all")],
+        "_dmarc.bank.example.": [("TXT", "v=DMARC1; p=reject")],
+    }
+    with LocalDns(zone) as dns:
+        settings = settings_from_mapping(
+            {"model": {"enabled": False}, "dns": {"nameservers": [dns.address], "timeout": 1}}
+        )
+        options = LabOptions(
+            sources=tuple(sources_from_labels(CORPUS, LABELS, "test")),
+            description="fixture",
+            policies=(POLICIES / "auth_only.toml",),
+            out=tmp_path / "out",
+            env=LabEnv(settings=settings),  # no trusted authserv-id: headers are ignored
+            cache_dir=tmp_path / "cache",
+            jobs=1,
+        )
+        report = run_lab(options)
+    assert report["dns"] == {"mode": "resolver", "nameservers": [dns.address]}
+    auth = _regime(report, "auth_only")
+    # spoof.eml: SPF -all fails for 198.51.100.99, DMARC p=reject fails -> reject.
+    assert _kn(auth["spam_stopped_hard"]) == (1, 3)
+    # authenticated.eml's recorded pass is not believed: nothing trusted, SPF none here.
+    assert _kn(auth["ham_tagged"]) == (3, 3)
+    assert ("bank.example.", "TXT") in dns.queries
