@@ -515,7 +515,7 @@ def evaluate_command(
     scores = model.predict_rows(data.rows)
     seconds = time.perf_counter() - start
     report = {
-        "model": {**dataclasses.asdict(model.info), "file": model_path.name},
+        "model": {**dataclasses.asdict(model.info), "path": model_path.name},
         "labels_file": labels.name,
         "labels_sha256": _sha256_file(labels),
         "set": set_name,
