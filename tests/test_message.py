@@ -60,3 +60,18 @@ def test_garbage_never_raises() -> None:
     m = msg(b"\xff\xfe\x00garbage without headers")
     assert m.header("subject") is None
     assert isinstance(m.parsed.get_payload(), str | list)
+
+
+def test_malformed_structured_headers_never_raise() -> None:
+    # The stdlib's modern header parser raises IndexError on this Message-ID.
+    m = msg(b"Message-ID: <@>\r\nTo: <>, ,@\r\nSubject: x\r\n\r\nbody\r\n")
+    assert m.header("message-id") == "<@>"
+    assert m.headers("to") == ["<>, ,@"]
+
+
+def test_eight_bit_and_encoded_header_values() -> None:
+    m = msg("Subject: [광고] 할인\r\nX-A: =?iso-8859-1?q?caf=E9?=\r\n\r\n".encode())
+    assert m.header("subject") == "[광고] 할인"
+    assert m.header("x-a") == "café"
+    assert msg(b"Subject: caf\xe9\r\n\r\n").header("subject") == "café"  # Latin-1 fallback
+    assert msg(b"Subject: =?bogus-charset?q?x?=\r\n\r\n").header("subject") is not None

@@ -11,6 +11,7 @@ so that the text the policy reasons about and the text the model saw never drift
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from email.message import Message as EmailPart
@@ -130,7 +131,8 @@ def decoded_text(message: Message, limit: int = DEFAULT_LIMIT) -> str:
 
 
 async def _body_text(ctx: FactContext) -> BodyText:
-    return extract(ctx.message)
+    # MIME decoding and HTML parsing are CPU work: keep them off the event loop.
+    return await asyncio.to_thread(extract, ctx.message)
 
 
 # Internal: the decoded body, computed once per message for the fingerprint (T2) and the
