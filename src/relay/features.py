@@ -145,7 +145,7 @@ def _clean(text: str) -> str:
     return _ARTEFACT.sub(" ", text)
 
 
-def _decode(payload: bytes, charset: str | None) -> tuple[str, bool]:
+def decode_payload(payload: bytes, charset: str | None) -> tuple[str, bool]:
     """Bytes in a declared charset -> text; a bogus charset falls back (and says so)."""
     name = (charset or "us-ascii").strip().strip('"').lower()
     try:
@@ -177,7 +177,7 @@ def _headers(msg: EmailPart, name: str) -> list[str]:
         pieces: list[str] = []
         for chunk, charset in chunks:
             if isinstance(chunk, bytes):
-                pieces.append(_decode(chunk, charset)[0])
+                pieces.append(decode_payload(chunk, charset)[0])
             else:
                 pieces.append(chunk)
         values.append(_clean("".join(pieces)))
@@ -352,7 +352,7 @@ class Extractor:
         charset = part.get_content_charset()
         if charset:
             out.tokens.append("charset:" + _charset_family(charset))
-        text, fell_back = _decode(payload, charset)
+        text, fell_back = decode_payload(payload, charset)
         if fell_back:
             out.degraded = True
         if ctype == "text/html":

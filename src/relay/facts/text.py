@@ -19,6 +19,7 @@ from email.message import Message as EmailPart
 from selectolax.lexbor import LexborHTMLParser
 
 from relay.facts.base import FactContext, FactSpec, FactType
+from relay.features import decode_payload
 from relay.message import Message
 from relay.verdict import Tier
 
@@ -57,12 +58,9 @@ def _decode(part: EmailPart, max_bytes: int) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
-    payload = payload[:max_bytes]
-    charset = part.get_content_charset() or "us-ascii"
-    try:
-        return payload.decode(charset, errors="replace")
-    except LookupError:  # unknown charset name: keep the bytes readable rather than fail
-        return payload.decode("latin-1")
+    # The classifier's decoder, so policy facts and the model read the same characters
+    # (bogus charsets, UTF-8 labelled us-ascii, codecs that refuse 'replace').
+    return decode_payload(payload[:max_bytes], part.get_content_charset())[0]
 
 
 def _tidy(text: str) -> str:
