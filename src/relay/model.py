@@ -20,6 +20,7 @@ import gc
 import hashlib
 import json
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import numpy as np
 from relay.errors import ModelError
 from relay.features import Extractor, Features, FeatureSettings
 from relay.message import Message
+from relay.procutil import die_with_parent
 
 MAX_BATCH = 32  # messages per pool call
 
@@ -186,7 +188,8 @@ def load_model(model_path: Path) -> LoadedModel:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(model_path: str) -> None:
+def _worker_init(model_path: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     import sklearn
 
     # Inputs are our own hashed counts: per-call finiteness checks are pure overhead here.
@@ -255,7 +258,7 @@ class Classifier:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(str(path),),
+            initargs=(str(path), os.getpid()),
         )
         loop = asyncio.get_running_loop()
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,7 @@ from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
 from relay.message import Message
+from relay.procutil import die_with_parent
 
 log = logging.getLogger("relay.auth")
 
@@ -66,7 +68,12 @@ class Authenticator:
 
     def _new_executor(self) -> Executor:
         if self._processes > 0:
-            return ProcessPoolExecutor(self._processes, mp_context=get_context("spawn"))
+            return ProcessPoolExecutor(
+                self._processes,
+                mp_context=get_context("spawn"),
+                initializer=die_with_parent,
+                initargs=(os.getpid(),),
+            )
         return ThreadPoolExecutor(1, thread_name_prefix="relay-auth-crypto")
 
     @classmethod
