@@ -1,7 +1,7 @@
 """Regulation lab on the full SpamAssassin corpus: every shipped regime, cold and warm cache.
 
     .venv/bin/python -m bench.bench_lab             # writes bench/results/lab.{json,md}
-    .venv/bin/python -m bench.bench_lab --jobs 2 --keep /tmp/lab-bench
+    .venv/bin/python -m bench.bench_lab --jobs 2 --keep var/lab-bench
 
 Extracts the five tarballs of ../shared/corpora/spamassassin (or $RELAY_SHARED) into a
 scratch directory, then runs `relay lab` as a separate process over all 6046 messages and
