@@ -30,6 +30,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from relay.durable import fsync_dir, write_new_file
 from relay.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from relay.message import Message
 from relay.reply import Reply
@@ -101,20 +102,9 @@ class MaildirTransport:
         """Blocking write; run off the event loop."""
         name = self._unique()
         tmp = self.root / "tmp" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(tmp, data)
         tmp.rename(self.root / "new" / name)
-        dir_fd = os.open(self.root / "new", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.root / "new")
         return name
 
     async def begin(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 from relay.config import Settings
 from relay.delivery import Transport
+from relay.durable import fsync_dir, write_new_file
 from relay.errors import DeliveryError, QuarantineError
 from relay.message import Envelope, Message, Peer, new_queue_id
 from relay.reply import Reply
@@ -91,25 +91,6 @@ class ReleaseResult:
     removed: bool  # the entry is gone (every recipient has the message)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _entry_from(meta: dict[str, Any]) -> QuarantineEntry:
     env = meta["envelope"]
     peer = meta.get("peer", {})
@@ -172,14 +153,14 @@ class QuarantineStore:
         tmp = self.root / ".tmp" / qid
         tmp.mkdir(mode=0o700)
         try:
-            _write_file(tmp / _MESSAGE, message.raw)
-            _write_file(tmp / _META, json.dumps(meta, indent=1).encode())
-            _fsync_dir(tmp)
+            write_new_file(tmp / _MESSAGE, message.raw)
+            write_new_file(tmp / _META, json.dumps(meta, indent=1).encode())
+            fsync_dir(tmp)
             tmp.rename(self.root / qid)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return qid
 
     def _read_meta(self, qid: str) -> dict[str, Any]:
@@ -229,7 +210,7 @@ class QuarantineStore:
         self._ensure_root()
         path.rename(trash)
         shutil.rmtree(trash)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _keep_only_sync(self, qid: str, recipients: tuple[str, ...]) -> None:
         """Rewrite an entry's recipients (after a partial release) atomically."""
@@ -238,9 +219,9 @@ class QuarantineStore:
         path = self._entry_dir(qid)
         tmp = path / f"{_META}.tmp"
         tmp.unlink(missing_ok=True)
-        _write_file(tmp, json.dumps(meta, indent=1).encode())
+        write_new_file(tmp, json.dumps(meta, indent=1).encode())
         tmp.replace(path / _META)
-        _fsync_dir(path)
+        fsync_dir(path)
 
     # --- async API -----------------------------------------------------------------------
 

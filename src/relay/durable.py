@@ -1,0 +1,27 @@
+"""Durable file writes: what makes "250 only after the bytes are safe" true on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (never overwrite), write all of ``data`` and fsync it. Blocking."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` survive a crash. Blocking."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
