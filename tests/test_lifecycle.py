@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.relay import RawClient, free_port, simple_message
+from tests.support.relay import RawClient, free_port, simple_message, wait_listening
 
 SECRET_BODY = "the-body-must-never-be-logged-7f3a"
 
@@ -40,19 +40,6 @@ path = "{tmp_path / "state.sqlite3"}"
 """
     )
     return cfg
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(100):
-        assert proc.poll() is None, "relay exited early"
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.1)
-            continue
-        w.close()
-        return
-    raise AssertionError("relay did not start listening")
 
 
 async def test_sigterm_drains_in_flight_message_then_exits_zero(tmp_path: Path) -> None:

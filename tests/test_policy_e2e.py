@@ -25,6 +25,7 @@ from tests.support.relay import (
     send,
     simple_message,
     sink_server,
+    wait_listening,
 )
 
 # Senders pick the outcome; T0/T1 facts only, so no DNS, model or state is needed.
@@ -264,19 +265,6 @@ score = 2
     assert code == 250
     assert len(sink.messages) == 1
     assert b"action=tag" in header_block(sink.messages[0].data)
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(150):
-        assert proc.poll() is None, "relay exited early"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        return
-    raise AssertionError("relay did not start listening")
 
 
 async def test_sighup_from_relay_policy_reload_on_a_real_process(tmp_path: Path) -> None:
