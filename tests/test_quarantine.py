@@ -209,3 +209,22 @@ def test_cli_list_show_release_delete(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "no quarantined message" in capsys.readouterr().err
     assert main([*config, "list"]) == 0
     assert "0 message(s)" in capsys.readouterr().out
+
+
+def test_sweep_removes_only_stale_half_written_entries(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from relay.quarantine import QuarantineStore
+
+    store = QuarantineStore(tmp_path / "q")
+    old = tmp_path / "q" / ".tmp" / "old-entry"
+    fresh = tmp_path / "q" / ".tmp" / "fresh-entry"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "message.eml").write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert store.sweep_stale() == 1
+    assert not old.exists()
+    assert fresh.exists()  # another process may still be writing it

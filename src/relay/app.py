@@ -196,13 +196,17 @@ async def lifespan(
             shadow_log = ShadowLog(settings.policy.shadow_log, inner=observer)
             stack.callback(shadow_log.close)
             observer = shadow_log
+        quarantine = QuarantineStore(settings.quarantine.path)
+        swept = quarantine.sweep_stale()
+        if swept:
+            log.warning("quarantine: removed %d half-written entries left by a crash", swept)
         pipeline = Pipeline(
             registry=registry,
             services=services,
             policy=holder,
             observer=observer,
             stamps=build_stamps(settings, services),
-            quarantine=QuarantineStore(settings.quarantine.path),
+            quarantine=quarantine,
             shadow=load_shadow(settings, registry),
             hostname=settings.smtp.hostname,
         )

@@ -109,11 +109,32 @@ def _entry_from(meta: dict[str, Any]) -> QuarantineEntry:
     )
 
 
+STALE_TMP_SECONDS = 3600.0
+
+
 class QuarantineStore:
     """Implements pipeline.QuarantineStore plus list/show/release/delete."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def sweep_stale(self, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Remove half-written entries a crash left in .tmp/ (blocking; run at start-up).
+
+        Only old ones: another relay process may be writing a fresh one right now."""
+        tmp_root = self.root / ".tmp"
+        if not tmp_root.is_dir():
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than
+        for path in tmp_root.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     # --- blocking parts (run in a thread) ------------------------------------------------
 
