@@ -56,26 +56,25 @@ class StateStore:
     """Interface of the shared-state backends (a plain base class, so ``Services.get``
     can look it up by type)."""
 
+    async def incr_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+    ) -> list[int]:
+        """Record ``members`` under every key (one round trip) and count, per key in order,
+        the distinct members seen within ``window`` seconds before ``now``. Backends
+        implement this one; the two helpers below are shorthands for it."""
+        raise NotImplementedError
+
     async def incr_window(
         self, key: str, member: str | None, window: float, now: float | None = None
     ) -> int:
         """Record ``member`` (or one anonymous event) and count distinct members in window."""
-        raise NotImplementedError
+        return (await self.incr_windows((key,), (_event_member(member),), window, now))[0]
 
     async def incr_window_many(
         self, key: str, members: Sequence[str], window: float, now: float | None = None
     ) -> int:
-        """Record several members at once (one round trip) and count as incr_window does."""
-        count = 0
-        for member in members:
-            count = await self.incr_window(key, member, window, now)
-        return count
-
-    async def incr_windows(
-        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
-    ) -> list[int]:
-        """``incr_window_many`` for several keys at once; one count per key, in order."""
-        return [await self.incr_window_many(key, members, window, now) for key in keys]
+        """Record several members at once and count as incr_window does."""
+        return (await self.incr_windows((key,), members, window, now))[0]
 
     async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
         """Set flag ``key``, forever or for ``ttl`` seconds from ``now``."""
@@ -190,17 +189,6 @@ class SqliteState(StateStore):
             self._db.close()
             self._db = None
 
-    async def incr_window(
-        self, key: str, member: str | None, window: float, now: float | None = None
-    ) -> int:
-        at = time.time() if now is None else now
-        return (await self._run(self._incr, (key,), (_event_member(member),), window, at))[0]
-
-    async def incr_window_many(
-        self, key: str, members: Sequence[str], window: float, now: float | None = None
-    ) -> int:
-        return (await self.incr_windows((key,), members, window, now))[0]
-
     async def incr_windows(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
     ) -> list[int]:
@@ -231,16 +219,6 @@ class RedisState(StateStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self._redis: aioredis.Redis[bytes] = aioredis.Redis.from_url(url)
-
-    async def incr_window(
-        self, key: str, member: str | None, window: float, now: float | None = None
-    ) -> int:
-        return await self.incr_window_many(key, (_event_member(member),), window, now)
-
-    async def incr_window_many(
-        self, key: str, members: Sequence[str], window: float, now: float | None = None
-    ) -> int:
-        return (await self.incr_windows((key,), members, window, now))[0]
 
     async def incr_windows(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
