@@ -75,3 +75,10 @@ def test_eight_bit_and_encoded_header_values() -> None:
     assert m.header("x-a") == "café"
     assert msg(b"Subject: caf\xe9\r\n\r\n").header("subject") == "café"  # Latin-1 fallback
     assert msg(b"Subject: =?bogus-charset?q?x?=\r\n\r\n").header("subject") is not None
+
+
+def test_reading_headers_does_not_parse_the_body() -> None:
+    m = msg(b"Subject: big\r\nFrom: a@b.test\r\n\r\n" + b"x" * 1_000_000)
+    assert m.header("subject") == "big"
+    assert [n for n, _ in m.header_fields] == ["Subject", "From"]
+    assert "parsed" not in m.__dict__  # the full MIME parse was never needed

@@ -183,9 +183,18 @@ class Message:
         return rest
 
     @cached_property
+    def header_fields(self) -> tuple[tuple[str, str], ...]:
+        """(name, raw value) of every header field, in order; parses the header block only,
+        so reading headers costs the same for a 25 MB message as for a short one."""
+        head = BytesParser(policy=email_policy.compat32).parsebytes(
+            self.header_block, headersonly=True
+        )
+        return tuple(head.raw_items())  # raw text: 8-bit bytes kept as surrogates
+
+    @cached_property
     def _decoded_headers(self) -> dict[str, list[str]]:
         fields: dict[str, list[str]] = {}
-        for name, value in self.parsed.raw_items():  # raw text: 8-bit kept as surrogates
+        for name, value in self.header_fields:
             fields.setdefault(name.lower(), []).append(decode_header_value(value))
         return fields
 

@@ -224,7 +224,7 @@ def rfc5322_problems(message: Message) -> list[str]:
         except (ValueError, TypeError, IndexError):
             problems.append("date_invalid")
     # Field names only: counting them needs no value parsed.
-    counts = Counter(name.lower() for name in message.parsed)
+    counts = Counter(name.lower() for name, _ in message.header_fields)
     problems.extend("duplicate_" + name for name in SINGLE_INSTANCE if counts[name] > 1)
     return problems
 
