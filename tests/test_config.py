@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_settings, parse_hostport, settings_from_mapping
+from relay.config import Settings, load_settings, parse_hostport, settings_from_mapping
 from relay.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,3 +83,14 @@ def test_parse_hostport() -> None:
     assert parse_hostport("mx.example:2525") == ("mx.example", 2525)
     with pytest.raises(ValueError):
         parse_hostport(":25")
+
+
+def test_every_key_is_in_the_configuration_reference() -> None:
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    for section in dataclasses.fields(Settings):
+        if section.name == "source":
+            continue
+        assert f"## [{section.name}]" in doc
+        cls = type(getattr(Settings(), section.name))
+        for key in dataclasses.fields(cls):
+            assert f"`{key.name}`" in doc, f"[{section.name}] {key.name} is undocumented"
