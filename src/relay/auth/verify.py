@@ -6,8 +6,9 @@ signature whose key was not prefetched simply has no key.
 
 What dkimpy does not give and is wrapped here:
 - ``dkim.verify()`` answers only True/False for the first signature. We call its
-  per-step methods (``verify_headerprep``, ``evaluate_pk``, ``verify_sig_process``) per
-  signature so each gets a result word (pass/fail/temperror/permerror) and a reason.
+  per-step methods (``verify_headerprep``, ``evaluate_pk``) per signature so each gets a
+  result word (pass/fail/temperror/permerror) and a reason; the signature maths runs in
+  OpenSSL (auth/sigcrypto.py), as dkimpy's own RSA is pure Python.
 - revoked keys (empty p=), key-type vs a= mismatch and the key's h= hash list are
   checked here before the signature maths.
 - rsa-sha1 verifies (RFC 8301 calls it historic): reported as ``weak``.
@@ -26,6 +27,7 @@ from dkim.util import parse_tag_value
 
 from relay.auth.results import ArcResult, DkimResults, DkimSignatureResult
 from relay.auth.scan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD, key_name
+from relay.auth.sigcrypto import load_key, verify_signature
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2: smaller RSA keys MUST NOT be considered valid
 
@@ -111,7 +113,11 @@ def _check_key(record: bytes, algorithm: bytes) -> str:
 
 
 def _verify_one(
-    verifier: dkim.DKIM, index: int, field: bytes, keys: KeyRecords
+    verifier: dkim.DKIM,
+    index: int,
+    field: bytes,
+    keys: KeyRecords,
+    body_memo: dict[bytes, bytes],
 ) -> DkimSignatureResult:
     info = DkimSignatureResult(index, "permerror")
     if len(field) > MAX_SIGNATURE_FIELD:
@@ -149,14 +155,24 @@ def _verify_one(
     if problem:
         return _result(info, "permerror", problem)
     try:
-        pk, bits, ktype, tlsrpt = dkim.evaluate_pk(name, record)
+        key = load_key(name, record)
     except (dkim.DKIMException, binascii.Error, ValueError) as exc:
         return _result(info, "permerror", f"bad key record: {_reason(exc)}")
-    if pk is None:
+    if key is None:
         return _result(info, "permerror", "key not for email (s= service type)")
-    verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = pk, bits, ktype, tlsrpt
+    if key.tlsrpt:
+        return _result(info, "permerror", "key only for TLS reports (s=tlsrpt)", key.bits)
+    bits = key.bits
     try:
-        ok = verifier.verify_sig_process(sig, include_headers, sigheaders[index], None)
+        ok = verify_signature(
+            verifier,
+            sig,
+            include_headers,
+            sigheaders[index],
+            key,
+            min_bits=MIN_KEY_BITS,
+            body_memo=body_memo,
+        )
     except dkim.ValidationError as exc:
         result, reason = _classify_validation(exc)
         return _result(info, result, reason, key_bits=bits)
@@ -187,6 +203,7 @@ def verify_dkim(raw: bytes, keys: KeyRecords, limit: int) -> DkimResults:
         return DkimResults(signatures=(unparsable,), total=1, limit=limit)
     fields = [(n, v) for n, v in verifier.headers if n.lower() == b"dkim-signature"]
     results: list[DkimSignatureResult] = []
+    body_memo: dict[bytes, bytes] = {}  # canonical body per algorithm, shared by signatures
     for index, (_name, value) in enumerate(fields):
         if index >= limit:
             results.append(
@@ -196,7 +213,7 @@ def verify_dkim(raw: bytes, keys: KeyRecords, limit: int) -> DkimResults:
             )
             continue
         try:
-            results.append(_verify_one(verifier, index, value, keys))
+            results.append(_verify_one(verifier, index, value, keys, body_memo))
         except Exception as exc:  # dkimpy on hostile input must not stop mail
             results.append(
                 DkimSignatureResult(index, "permerror", f"unverifiable: {type(exc).__name__}")

@@ -1,0 +1,176 @@
+"""DKIM signature maths through OpenSSL (``cryptography``), around dkimpy's parsing.
+
+dkimpy checks RSA in pure Python: big-integer ``pow``, byte-at-a-time conversions and an
+ASN.1 parse of the key on every message, about 0.4 ms of the 0.6 ms one RSA-2048
+signature costs (bench/results/auth.md). Everything that decides *what* is verified stays
+dkimpy's: tag parsing and validation (``verify_headerprep``), the key record
+(``evaluate_pk``), header canonicalisation and selection and the header hash
+(``hash_headers``). The signature check itself ("does this signature match this digest
+under this key") runs in C, with keys parsed once per distinct record, and the relaxed
+body canonicalisation uses one cheaper regular expression with the same output.
+
+Same results as dkimpy's ``verify_sig_process`` (the dkim-samples corpus and
+tests/test_auth_dkim.py hold both to it), except that a key under ``min_bits`` is a
+permerror before any maths, not only when its signature verifies (RFC 8301 3.2: such keys
+MUST NOT be considered valid).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import dkim
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import (
+    CanonicalizationPolicy,
+    InvalidCanonicalizationPolicyError,
+    correct_empty_body,
+    strip_trailing_lines,
+)
+
+KEY_CACHE_SIZE = 1024  # distinct key records kept parsed per process (~1 KB each)
+
+_WSP = re.compile(rb"\s+")
+# A run of spaces and tabs other than one lone space: the only runs relaxed canonicalisation
+# changes. dkimpy's ``[\t ]+`` also "replaces" every single space with itself, which made
+# its relaxed body three times slower than this on ordinary prose.
+_WSP_TO_COMPRESS = re.compile(rb"(?: [\t ]|\t)[\t ]*")
+# a= -> (hashlib constructor, the same hash for OpenSSL's prehashed RSA check)
+_HASHES: dict[bytes, tuple[Callable[..., Any], hashes.HashAlgorithm]] = {
+    b"rsa-sha256": (hashlib.sha256, hashes.SHA256()),
+    b"rsa-sha1": (hashlib.sha1, hashes.SHA1()),  # noqa: S303 - verified, reported weak
+    b"ed25519-sha256": (hashlib.sha256, hashes.SHA256()),
+}
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A parsed DKIM key record (RFC 6376 3.6.1, RFC 8463)."""
+
+    key: RSAPublicKey | Ed25519PublicKey
+    bits: int
+    ktype: bytes  # b"rsa" or b"ed25519"
+    tlsrpt: bool  # s=tlsrpt: a key only for TLS reports (RFC 8460)
+
+
+class BodyHashMismatch(dkim.ValidationError):  # type: ignore[misc]
+    """The bh= tag does not match the canonicalised body."""
+
+
+@lru_cache(maxsize=KEY_CACHE_SIZE)
+def load_key(name: bytes, record: bytes) -> PublicKey | None:
+    """Parse a key record with dkimpy's ``evaluate_pk`` and load it into OpenSSL once.
+    None when the record is for another service (s=). Raises dkim.KeyFormatError,
+    binascii.Error or ValueError for a bad record (failures are not cached)."""
+    pk, bits, ktype, tlsrpt = dkim.evaluate_pk(name, record)
+    if pk is None:
+        return None
+    if ktype == b"ed25519":
+        return PublicKey(Ed25519PublicKey.from_public_bytes(bytes(pk)), 256, ktype, tlsrpt)
+    try:
+        rsa = RSAPublicNumbers(int(pk["publicExponent"]), int(pk["modulus"])).public_key()
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(str(exc)) from exc
+    return PublicKey(rsa, int(bits), ktype, tlsrpt)
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4, byte for byte what dkimpy's ``Relaxed.canonicalize_body`` returns
+    (tests/test_auth_sigcrypto.py compares them): compress each whitespace run to one
+    space, drop the space left before each CRLF, then dkimpy's own trailing-line rules."""
+    compressed = _WSP_TO_COMPRESS.sub(b" ", body).replace(b" \r\n", b"\r\n")
+    result: bytes = correct_empty_body(strip_trailing_lines(compressed))
+    return result
+
+
+def _canonical_body(
+    verifier: dkim.DKIM, policy: CanonicalizationPolicy, memo: dict[bytes, bytes]
+) -> bytes:
+    # Signatures of one message usually share a body algorithm: canonicalise once.
+    name: bytes = policy.body_algorithm.name
+    if name not in memo:
+        if name == b"relaxed":
+            memo[name] = relaxed_body(verifier.body)
+        else:
+            memo[name] = policy.body_algorithm.canonicalize_body(verifier.body)
+    return memo[name]
+
+
+def _signed_headers(
+    verifier: dkim.DKIM, policy: CanonicalizationPolicy, include: list[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The header fields dkimpy's ``select_headers`` can pick, canonicalised. dkimpy
+    canonicalises every field of the message for each signature; only the named ones
+    matter, and keeping their order keeps its bottom-up selection the same."""
+    wanted = set(include)
+    fields = [
+        (n, v) for n, v in verifier.headers if n.lower() in wanted or n.lower().rstrip() in wanted
+    ]
+    result: list[tuple[bytes, bytes]] = policy.canonicalize_headers(fields)
+    return result
+
+
+def verify_signature(
+    verifier: dkim.DKIM,
+    sig: dict[bytes, bytes],
+    include: list[bytes],
+    sig_header: tuple[bytes, bytes],
+    key: PublicKey,
+    *,
+    min_bits: int,
+    body_memo: dict[bytes, bytes],
+) -> bool:
+    """True when the signature verifies; raises dkim.ValidationError (body hash, c=) or
+    dkim.KeyFormatError (key too short, key/algorithm mismatch) like dkimpy does."""
+    if key.ktype == b"rsa" and key.bits < min_bits:
+        raise dkim.KeyFormatError(f"public key too small: {key.bits}")
+    try:
+        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError as exc:
+        raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]!r}") from exc
+    algorithm = sig[b"a"]
+    if algorithm not in _HASHES or not algorithm.startswith(key.ktype + b"-"):
+        raise dkim.KeyFormatError(f"key type {key.ktype!r} cannot verify a={algorithm!r}")
+    new_hash, openssl_hash = _HASHES[algorithm]
+    if b"bh" in sig:
+        body = _canonical_body(verifier, policy, body_memo)
+        if b"l" in sig:
+            body = body[: int(sig[b"l"])]
+        try:
+            expected = base64.b64decode(_WSP.sub(b"", sig[b"bh"]))
+        except binascii.Error as exc:
+            raise dkim.MessageFormatError(str(exc)) from exc
+        if new_hash(body).digest() != expected:
+            raise BodyHashMismatch("body hash mismatch")
+    # dkimpy's fix for Debian bug 644046: a second From field is hashed too, so a message
+    # with two From fields fails rather than verifying for the one a reader may not see.
+    if b"from" in include:
+        include = [*include, b"from"]
+    hasher = new_hash()
+    dkim.hash_headers(
+        hasher, policy, _signed_headers(verifier, policy, include), include, sig_header, sig
+    )
+    try:
+        signature = base64.b64decode(_WSP.sub(b"", sig[b"b"]))
+    except binascii.Error as exc:
+        raise dkim.MessageFormatError(str(exc)) from exc
+    try:
+        if isinstance(key.key, RSAPublicKey):
+            key.key.verify(signature, hasher.digest(), padding.PKCS1v15(), Prehashed(openssl_hash))
+        else:
+            key.key.verify(signature, hasher.digest())  # RFC 8463: signs the SHA-256 digest
+    except (InvalidSignature, ValueError):
+        return False
+    return True
