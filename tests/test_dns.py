@@ -127,3 +127,20 @@ async def test_peek_reads_the_cache_without_waiting(resolver: Resolver) -> None:
     assert resolver.peek_query("missing.example.test", "A") == []  # cached NXDOMAIN
     assert resolver.peek_query("alias.example.test", "A") == ["127.0.0.2"]  # via CNAME
     assert resolver.peek_query("example.test", "AAAA") is None
+
+
+async def test_cache_is_bounded_by_cache_size(local_dns: LocalDns) -> None:
+    r = Resolver(
+        DnsSettings(nameservers=(("127.0.0.1", local_dns.port),), timeout=2.0, cache_size=2)
+    )
+    try:
+        for name in ("example.test", "short.example.test", "xn--bcher-kva.example"):
+            await r.txt(name)
+        asked = local_dns.queries.count(("example.test.", "TXT"))
+        assert r.peek_txt("example.test") is None  # the oldest answer was dropped
+        assert await r.txt("example.test")
+        assert local_dns.queries.count(("example.test.", "TXT")) == asked + 1
+        assert await r.txt("xn--bcher-kva.example") == [b"idna"]  # the newest is kept
+        assert local_dns.queries.count(("xn--bcher-kva.example.", "TXT")) == 1
+    finally:
+        await r.close()
