@@ -100,6 +100,16 @@ def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
     )
     out.append(
         Scenario(
+            "relay-auth-proc-w1",
+            "relay, no-op decision, authentication on, crypto in 1 auth process, 1 worker",
+            "relay",
+            1,
+            overrides={**_auth(dns), "auth": {"enabled": True, "workers": 1}},
+            features=("auth",),
+        )
+    )
+    out.append(
+        Scenario(
             "relay-policy-w1",
             "relay, default policy + authentication, classifier off, 1 worker",
             "relay",

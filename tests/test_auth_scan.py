@@ -8,7 +8,14 @@ import random
 import pytest
 
 from relay.auth.domains import normalise_domain
-from relay.auth.scan import _SIMPLE_FROM, from_domain, parsed_from_domains, scan_headers
+from relay.auth.scan import (
+    _SIMPLE_FROM,
+    FROM_PARSE_ON_LOOP,
+    from_domain,
+    parsed_from_domains,
+    quick_scan,
+    scan_headers,
+)
 
 SIMPLE = [
     b" alice@example.com",
@@ -106,3 +113,14 @@ def test_scan_finds_from_domain_and_key_names() -> None:
     assert scan.dkim_keys == (b"sel._domainkey.example.com.",)
     two = scan_headers(block + b"From: bob@example.org\r\n", 10)
     assert (two.from_domain, two.from_error) == ("", "more than one From header field")
+
+
+def test_quick_scan_leaves_large_or_hostile_blocks_to_the_thread() -> None:
+    plain = b"From: Alice <alice@example.com>\r\nSubject: hi\r\n"
+    assert quick_scan(plain, 10, 32 * 1024) == scan_headers(plain, 10)
+    quoted = b'From: "Alice, admin" <alice@example.com>\r\n'  # full parser, short: on loop
+    assert quick_scan(quoted, 10, 32 * 1024) == scan_headers(quoted, 10)
+    hostile = b"From: " + b"(" * (FROM_PARSE_ON_LOOP + 1) + b"\r\n"
+    assert quick_scan(hostile, 10, 32 * 1024) is None
+    assert scan_headers(hostile, 10).from_error  # the thread still answers
+    assert quick_scan(plain + b"X-Pad: " + b"a" * 40000 + b"\r\n", 10, 32 * 1024) is None

@@ -106,23 +106,44 @@ async def _fetch(resolver: Resolver, name: str, qtype: str) -> Answer:
     return []  # type SPF (99) is obsolete (RFC 7208 3.1): never asked in strict mode
 
 
-async def _evaluate(
-    resolver: Resolver, identity: str, ip: str, sender: str, helo: str
-) -> SpfResult:
+def _attempt(
+    resolver: Resolver,
+    answers: dict[tuple[str, str], Answer],
+    identity: str,
+    ip: str,
+    sender: str,
+    helo: str,
+) -> SpfResult | tuple[str, str]:
+    """One evaluation pass over what is known: the result, or the (name, type) to fetch."""
     domain = _domain_of(sender)
-    answers: dict[tuple[str, str], Answer] = {}
-    while len(answers) <= MAX_ANSWERS:
-        try:
-            q = _Query(resolver, answers, i=ip, s=sender, h=helo, strict=True)
-            result, _code, explanation = q.check()
-        except _NeedAnswer as need:
-            answers[need.key] = await _fetch(resolver, *need.key)
-            continue
-        except (ValueError, spf.PermError) as exc:  # e.g. an unusable client address
-            return SpfResult(identity, "permerror", domain, sender, str(exc)[:120])
-        reason = "" if result in ("pass", "none") else str(explanation)[:120]
-        return SpfResult(identity, str(result), domain, sender, reason)
-    return SpfResult(identity, "permerror", domain, sender, "too many DNS names to evaluate")
+    if len(answers) > MAX_ANSWERS:
+        return SpfResult(identity, "permerror", domain, sender, "too many DNS names to evaluate")
+    try:
+        q = _Query(resolver, answers, i=ip, s=sender, h=helo, strict=True)
+        result, _code, explanation = q.check()
+    except _NeedAnswer as need:
+        return need.key
+    except (ValueError, spf.PermError) as exc:  # e.g. an unusable client address
+        return SpfResult(identity, "permerror", domain, sender, str(exc)[:120])
+    reason = "" if result in ("pass", "none") else str(explanation)[:120]
+    return SpfResult(identity, str(result), domain, sender, reason)
+
+
+async def _finish(
+    resolver: Resolver,
+    answers: dict[tuple[str, str], Answer],
+    first: SpfResult | tuple[str, str],
+    identity: str,
+    ip: str,
+    sender: str,
+    helo: str,
+) -> SpfResult:
+    """Fetch what the last pass asked for and evaluate again, until there is a result."""
+    outcome = first
+    while not isinstance(outcome, SpfResult):
+        answers[outcome] = await _fetch(resolver, *outcome)
+        outcome = _attempt(resolver, answers, identity, ip, sender, helo)
+    return outcome
 
 
 def _domain_of(sender: str) -> str:
@@ -144,18 +165,30 @@ async def check_spf(
         return none, SpfResult("helo", "none", reason="no client address")
     helo_sender = f"postmaster@{helo}" if helo_ok else ""
 
-    async def run(identity: str, sender: str) -> SpfResult:
+    mail_sender = mail_from if mail_from else helo_sender
+    jobs = [("mailfrom", mail_sender), ("helo", helo_sender)]
+    answers: list[dict[tuple[str, str], Answer]] = [{}, {}]
+    # First a pass over the cache alone: with a warm cache both results are known here and
+    # nothing is awaited, which saves the tasks and loop turns of the general path.
+    first: list[SpfResult | tuple[str, str]] = []
+    for (identity, sender), known in zip(jobs, answers, strict=True):
         if not sender or "@" not in sender or not sender.rpartition("@")[2]:
-            return SpfResult(identity, "none", "", sender, "no domain to check")
+            first.append(SpfResult(identity, "none", "", sender, "no domain to check"))
+        else:
+            first.append(_attempt(resolver, known, identity, ip, sender, helo))
+    done = [outcome for outcome in first if isinstance(outcome, SpfResult)]
+    if len(done) == len(jobs):
+        return done[0], done[1]
+
+    async def run(index: int) -> SpfResult:
+        identity, sender = jobs[index]
         try:
-            return await asyncio.wait_for(
-                _evaluate(resolver, identity, ip, sender, helo), SPF_DEADLINE
-            )
+            async with asyncio.timeout(SPF_DEADLINE):
+                return await _finish(
+                    resolver, answers[index], first[index], identity, ip, sender, helo
+                )
         except TimeoutError:
             return SpfResult(identity, "temperror", _domain_of(sender), sender, "SPF took too long")
 
-    mail_sender = mail_from if mail_from else helo_sender
-    mailfrom, helo_result = await asyncio.gather(
-        run("mailfrom", mail_sender), run("helo", helo_sender)
-    )
+    mailfrom, helo_result = await asyncio.gather(run(0), run(1))
     return mailfrom, helo_result
