@@ -26,6 +26,7 @@ from multiprocessing import get_context
 from publicsuffixlist import PublicSuffixList
 
 from relay.auth import dmarc
+from relay.auth.batch import Batcher
 from relay.auth.domains import OrgDomains
 from relay.auth.results import ArcResult, AuthResults, DkimResults
 from relay.auth.scan import HeaderScan, quick_scan, scan_headers
@@ -52,11 +53,13 @@ class Authenticator:
         resolver: Resolver,
         *,
         executor: Executor | None = None,
+        executor_workers: int = 1,
         processes: int = 0,
         psl: PublicSuffixList | None = None,
         max_signatures: int = MAX_SIGNATURES,
     ) -> None:
-        """``executor``: verify there (not ours to close); else ``processes`` > 0: our own
+        """``executor``: verify there (not ours to close; ``executor_workers`` batches run
+        in it at once); else ``processes`` > 0: our own
         pool of that many spawned processes (no fork of a process with live threads),
         restarted if a worker dies; else one thread of our own. One thread is the default
         because more would only fight the loop for the GIL (dkimpy is pure Python apart
@@ -67,8 +70,10 @@ class Authenticator:
         # Header scans are short but unbounded in size: off the loop, in one small thread.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
         self._processes = processes if executor is None else 0
+        self._parallel = max(1, self._processes or (executor_workers if executor else 1))
         self._owns_crypto = executor is None
         self._crypto: Executor = executor or self._new_executor()
+        self._batcher = self._new_batcher()
 
     def _new_executor(self) -> Executor:
         if self._processes > 0:
@@ -79,6 +84,9 @@ class Authenticator:
                 initargs=(os.getpid(),),
             )
         return ThreadPoolExecutor(1, thread_name_prefix="relay-auth-crypto")
+
+    def _new_batcher(self) -> Batcher[tuple[DkimResults, ArcResult]]:
+        return Batcher(self._crypto, in_flight=self._parallel)
 
     @classmethod
     def from_settings(
@@ -96,18 +104,20 @@ class Authenticator:
     async def _verify(
         self, message: Message, keys: dict[bytes, bytes | None], arc: bool
     ) -> tuple[DkimResults, ArcResult]:
-        loop = asyncio.get_running_loop()
         call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
+        batcher = self._batcher
         try:
-            return await loop.run_in_executor(self._crypto, call)
+            return await batcher.run(call)
         except BrokenProcessPool:
             if not (self._owns_crypto and self._processes):
                 raise
             # A worker died (OOM killer, a crash in a C extension): one new pool, one retry.
-            log.warning("queue_id=%s auth worker pool broken; restarting it", message.queue_id)
-            broken, self._crypto = self._crypto, self._new_executor()
-            broken.shutdown(wait=False, cancel_futures=True)
-            return await loop.run_in_executor(self._crypto, call)
+            if self._batcher is batcher:  # the first of its batch to notice restarts it
+                log.warning("queue_id=%s auth worker pool broken; restarting", message.queue_id)
+                broken, self._crypto = self._crypto, self._new_executor()
+                self._batcher = self._new_batcher()
+                broken.shutdown(wait=False, cancel_futures=True)
+            return await self._batcher.run(call)
 
     async def check(self, message: Message) -> AuthResults:
         start = time.perf_counter()

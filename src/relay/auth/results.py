@@ -7,12 +7,22 @@ Result words are RFC 8601's: pass, fail, softfail, neutral, none, temperror, per
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 # How good a DKIM result is, best first: the message's DKIM result is its best signature's.
 # temperror ranks above fail because a retry could still pass.
 DKIM_RANK = ("pass", "temperror", "fail", "policy", "neutral", "permerror", "none")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A flat result's fields, tuples as lists. ``dataclasses.asdict`` deep-copies every
+    value and was 0.06 ms of each message's authentication in the relay."""
+    out = {}
+    for name in obj.__slots__:
+        value = getattr(obj, name)
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +46,7 @@ class DkimSignatureResult:
     b_prefix: str = ""  # first characters of b=, to tell signatures apart (RFC 6008)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["headers"] = list(self.headers)
-        return out
+        return _fields(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +94,7 @@ class SpfResult:
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _fields(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,7 @@ class DmarcResult:
         return self.dkim_aligned or self.spf_aligned
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = _fields(self)
         out["aligned"] = self.aligned
         return out
 
@@ -131,9 +139,7 @@ class ArcResult:
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["domains"] = list(self.domains)
-        return out
+        return _fields(self)
 
 
 @dataclass(frozen=True, slots=True)
