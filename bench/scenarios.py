@@ -98,6 +98,17 @@ def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
             features=("auth",),
         )
     )
+    if top > 1:
+        out.append(
+            Scenario(
+                f"relay-auth-w{top}",
+                f"relay, no-op decision, authentication on, {top} workers",
+                "relay",
+                top,
+                overrides=_auth(dns),
+                features=("auth",),
+            )
+        )
     out.append(
         Scenario(
             "relay-auth-proc-w1",
@@ -173,6 +184,16 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
                 f"relay-noop-w{low}",
             )
         )
+    if top != low:
+        out.append(
+            Comparison(
+                f"authentication on / off ({top} workers)",
+                f"relay-auth-w{top}",
+                f"relay-noop-w{top}",
+                0.7,
+                "issue 4",
+            )
+        )
     for w in workers:
         out.append(
             Comparison(
@@ -186,6 +207,11 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
     out += [
         Comparison(
             "authentication on / off (1 worker)", "relay-auth-w1", "relay-noop-w1", 0.7, "issue 4"
+        ),
+        Comparison(
+            "authentication on, crypto in an auth process / off (1 worker)",
+            "relay-auth-proc-w1",
+            "relay-noop-w1",
         ),
         Comparison(
             "default policy + classifier + auth / no-op (1 worker)",

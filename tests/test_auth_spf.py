@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import relay.auth.spf as spf_module
 from relay.auth.checker import Authenticator
 from relay.auth.results import SpfResult
 from tests.support.authenv import authenticator, incoming
@@ -180,3 +181,31 @@ async def test_spf_waiting_on_dns_never_blocks_the_loop(auth: Authenticator) -> 
     assert result.result == "temperror"
     assert elapsed > 0.5  # SPF really waited for the DNS timeout ...
     assert ticks >= 5  # ... while the loop kept running (a blocked loop ticks once at most)
+
+
+async def test_repeated_question_is_answered_from_the_result_cache(
+    dns: LocalDns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same client, sender and HELO with unchanged DNS answers: pyspf does not run again;
+    once a record it read changes (after its TTL), the result follows the new record."""
+    dns.set("cache.example.", [("TXT", "v=spf1 ip4:192.0.2.0/24 -all", 1)])
+    evaluations: list[str] = []
+    real = spf_module._evaluate_once
+
+    def counting(*args: Any) -> Any:
+        evaluations.append(args[4])  # the sender
+        return real(*args)
+
+    monkeypatch.setattr(spf_module, "_evaluate_once", counting)
+    async with authenticator(dns, timeout=1.0) as auth:
+        first, _ = await spf(auth, "alice@cache.example")
+        runs = len(evaluations)
+        again, _ = await spf(auth, "alice@cache.example")
+        assert (first.result, again) == ("pass", first)
+        assert len(evaluations) == runs  # served from the cache
+        other, _ = await spf(auth, "bob@cache.example")  # another sender: evaluated
+        assert other.result == "pass" and evaluations[-1] == "bob@cache.example"
+        dns.set("cache.example.", [("TXT", "v=spf1 -all", 1)])
+        await asyncio.sleep(1.2)  # the old answer's TTL runs out
+        changed, _ = await spf(auth, "alice@cache.example")
+        assert changed.result == "fail"

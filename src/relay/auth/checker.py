@@ -30,7 +30,7 @@ from relay.auth.batch import Batcher
 from relay.auth.domains import OrgDomains
 from relay.auth.results import ArcResult, AuthResults, DkimResults
 from relay.auth.scan import HeaderScan, quick_scan, scan_headers
-from relay.auth.spf import check_spf
+from relay.auth.spf import SpfCache, check_spf
 from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
@@ -67,6 +67,7 @@ class Authenticator:
         self.resolver = resolver
         self.max_signatures = max_signatures
         self.orgs = OrgDomains(psl)
+        self.spf_cache = SpfCache()
         # Header scans are short but unbounded in size: off the loop, in one small thread.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
         self._processes = processes if executor is None else 0
@@ -133,6 +134,7 @@ class Authenticator:
                 message.peer.ip,
                 message.envelope.mail_from,
                 message.peer.helo or "",
+                self.spf_cache,
             ),
             dmarc.discover(self.resolver, self.orgs, scan.from_domain, scan.from_error),
         )

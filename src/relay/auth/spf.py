@@ -26,6 +26,39 @@ SPF_DEADLINE = 20.0  # RFC 7208 4.6.4 suggests at least 20 s for the whole evalu
 MAX_ANSWERS = 120  # 10 DNS terms x 10 MX/PTR names, plus the records themselves
 
 Answer = list[Any] | DnsTemporaryError
+SPF_CACHE_SIZE = 4096  # (identity, ip, sender, helo) results kept per process
+
+
+class SpfCache:
+    """Recent results, each with every DNS answer its evaluation read. An SPF result is a
+    function of the client IP, the sender, the HELO name and those answers alone, so when
+    each answer is still the same in the resolver's cache (it expires with its TTL), the
+    stored result is exactly what a new evaluation would give, without running pyspf
+    (about 0.15 ms a message in the relay). Results that met a DNS error are not kept."""
+
+    def __init__(self, size: int = SPF_CACHE_SIZE) -> None:
+        self._size = size
+        self._entries: dict[tuple[str, ...], tuple[SpfResult, tuple[tuple[Any, Any], ...]]] = {}
+
+    def get(self, resolver: Resolver, key: tuple[str, ...]) -> SpfResult | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        result, read = entry
+        for (name, qtype), answer in read:
+            if _peek(resolver, name, qtype) != answer:
+                del self._entries[key]  # a record changed or expired: evaluate again
+                return None
+        return result
+
+    def put(
+        self, key: tuple[str, ...], result: SpfResult, read: dict[tuple[str, str], Answer]
+    ) -> None:
+        if self._size <= 0 or any(isinstance(a, DnsTemporaryError) for a in read.values()):
+            return
+        if len(self._entries) >= self._size:
+            del self._entries[next(iter(self._entries))]  # oldest first: bounded memory
+        self._entries[key] = (result, tuple(read.items()))
 
 
 class _NeedAnswer(BaseException):
@@ -113,8 +146,28 @@ def _attempt(
     ip: str,
     sender: str,
     helo: str,
+    cache: SpfCache | None = None,
 ) -> SpfResult | tuple[str, str]:
     """One evaluation pass over what is known: the result, or the (name, type) to fetch."""
+    key = (identity, ip, sender, helo)
+    if cache is not None and not answers:
+        known = cache.get(resolver, key)
+        if known is not None:
+            return known
+    outcome = _evaluate_once(resolver, answers, identity, ip, sender, helo)
+    if cache is not None and isinstance(outcome, SpfResult):
+        cache.put(key, outcome, answers)
+    return outcome
+
+
+def _evaluate_once(
+    resolver: Resolver,
+    answers: dict[tuple[str, str], Answer],
+    identity: str,
+    ip: str,
+    sender: str,
+    helo: str,
+) -> SpfResult | tuple[str, str]:
     domain = _domain_of(sender)
     if len(answers) > MAX_ANSWERS:
         return SpfResult(identity, "permerror", domain, sender, "too many DNS names to evaluate")
@@ -137,12 +190,13 @@ async def _finish(
     ip: str,
     sender: str,
     helo: str,
+    cache: SpfCache | None,
 ) -> SpfResult:
     """Fetch what the last pass asked for and evaluate again, until there is a result."""
     outcome = first
     while not isinstance(outcome, SpfResult):
         answers[outcome] = await _fetch(resolver, *outcome)
-        outcome = _attempt(resolver, answers, identity, ip, sender, helo)
+        outcome = _attempt(resolver, answers, identity, ip, sender, helo, cache)
     return outcome
 
 
@@ -154,10 +208,11 @@ def _domain_of(sender: str) -> str:
 
 
 async def check_spf(
-    resolver: Resolver, ip: str, mail_from: str, helo: str
+    resolver: Resolver, ip: str, mail_from: str, helo: str, cache: SpfCache | None = None
 ) -> tuple[SpfResult, SpfResult]:
     """(MAIL FROM result, HELO result). The null sender is checked as postmaster@HELO
-    (RFC 7208 2.4); without a usable HELO name the HELO identity is ``none``."""
+    (RFC 7208 2.4); without a usable HELO name the HELO identity is ``none``. With a
+    ``cache``, a repeated question whose DNS answers are unchanged skips pyspf."""
     helo = helo.strip().rstrip(".")
     helo_ok = "." in helo and not helo.startswith("[")
     if not ip:
@@ -175,7 +230,7 @@ async def check_spf(
         if not sender or "@" not in sender or not sender.rpartition("@")[2]:
             first.append(SpfResult(identity, "none", "", sender, "no domain to check"))
         else:
-            first.append(_attempt(resolver, known, identity, ip, sender, helo))
+            first.append(_attempt(resolver, known, identity, ip, sender, helo, cache))
     done = [outcome for outcome in first if isinstance(outcome, SpfResult)]
     if len(done) == len(jobs):
         return done[0], done[1]
@@ -185,7 +240,7 @@ async def check_spf(
         try:
             async with asyncio.timeout(SPF_DEADLINE):
                 return await _finish(
-                    resolver, answers[index], first[index], identity, ip, sender, helo
+                    resolver, answers[index], first[index], identity, ip, sender, helo, cache
                 )
         except TimeoutError:
             return SpfResult(identity, "temperror", _domain_of(sender), sender, "SPF took too long")
