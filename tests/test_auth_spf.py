@@ -193,7 +193,7 @@ async def test_repeated_question_is_answered_from_the_result_cache(
     real = spf_module._evaluate_once
 
     def counting(*args: Any) -> Any:
-        evaluations.append(args[4])  # the sender
+        evaluations.append(args[2].sender)
         return real(*args)
 
     monkeypatch.setattr(spf_module, "_evaluate_once", counting)

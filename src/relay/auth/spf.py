@@ -14,6 +14,7 @@ bookkeeping is not needed.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import spf
@@ -38,9 +39,9 @@ class SpfCache:
 
     def __init__(self, size: int = SPF_CACHE_SIZE) -> None:
         self._size = size
-        self._entries: dict[tuple[str, ...], tuple[SpfResult, tuple[tuple[Any, Any], ...]]] = {}
+        self._entries: dict[_Question, tuple[SpfResult, tuple[tuple[Any, Any], ...]]] = {}
 
-    def get(self, resolver: Resolver, key: tuple[str, ...]) -> SpfResult | None:
+    def get(self, resolver: Resolver, key: _Question) -> SpfResult | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -51,9 +52,7 @@ class SpfCache:
                 return None
         return result
 
-    def put(
-        self, key: tuple[str, ...], result: SpfResult, read: dict[tuple[str, str], Answer]
-    ) -> None:
+    def put(self, key: _Question, result: SpfResult, read: dict[tuple[str, str], Answer]) -> None:
         if self._size <= 0 or any(isinstance(a, DnsTemporaryError) for a in read.values()):
             return
         if len(self._entries) >= self._size:
@@ -139,40 +138,42 @@ async def _fetch(resolver: Resolver, name: str, qtype: str) -> Answer:
     return []  # type SPF (99) is obsolete (RFC 7208 3.1): never asked in strict mode
 
 
+@dataclass(frozen=True, slots=True)
+class _Question:
+    """One SPF question: with the DNS answers it reads, all an SPF result depends on."""
+
+    identity: str  # "mailfrom" | "helo"
+    ip: str
+    sender: str
+    helo: str
+
+
 def _attempt(
     resolver: Resolver,
     answers: dict[tuple[str, str], Answer],
-    identity: str,
-    ip: str,
-    sender: str,
-    helo: str,
+    question: _Question,
     cache: SpfCache | None = None,
 ) -> SpfResult | tuple[str, str]:
     """One evaluation pass over what is known: the result, or the (name, type) to fetch."""
-    key = (identity, ip, sender, helo)
     if cache is not None and not answers:
-        known = cache.get(resolver, key)
+        known = cache.get(resolver, question)
         if known is not None:
             return known
-    outcome = _evaluate_once(resolver, answers, identity, ip, sender, helo)
+    outcome = _evaluate_once(resolver, answers, question)
     if cache is not None and isinstance(outcome, SpfResult):
-        cache.put(key, outcome, answers)
+        cache.put(question, outcome, answers)
     return outcome
 
 
 def _evaluate_once(
-    resolver: Resolver,
-    answers: dict[tuple[str, str], Answer],
-    identity: str,
-    ip: str,
-    sender: str,
-    helo: str,
+    resolver: Resolver, answers: dict[tuple[str, str], Answer], question: _Question
 ) -> SpfResult | tuple[str, str]:
+    identity, sender = question.identity, question.sender
     domain = _domain_of(sender)
     if len(answers) > MAX_ANSWERS:
         return SpfResult(identity, "permerror", domain, sender, "too many DNS names to evaluate")
     try:
-        q = _Query(resolver, answers, i=ip, s=sender, h=helo, strict=True)
+        q = _Query(resolver, answers, i=question.ip, s=sender, h=question.helo, strict=True)
         result, _code, explanation = q.check()
     except _NeedAnswer as need:
         return need.key
@@ -186,17 +187,14 @@ async def _finish(
     resolver: Resolver,
     answers: dict[tuple[str, str], Answer],
     first: SpfResult | tuple[str, str],
-    identity: str,
-    ip: str,
-    sender: str,
-    helo: str,
+    question: _Question,
     cache: SpfCache | None,
 ) -> SpfResult:
     """Fetch what the last pass asked for and evaluate again, until there is a result."""
     outcome = first
     while not isinstance(outcome, SpfResult):
         answers[outcome] = await _fetch(resolver, *outcome)
-        outcome = _attempt(resolver, answers, identity, ip, sender, helo, cache)
+        outcome = _attempt(resolver, answers, question, cache)
     return outcome
 
 
@@ -221,29 +219,29 @@ async def check_spf(
     helo_sender = f"postmaster@{helo}" if helo_ok else ""
 
     mail_sender = mail_from if mail_from else helo_sender
-    jobs = [("mailfrom", mail_sender), ("helo", helo_sender)]
+    jobs = [_Question("mailfrom", ip, mail_sender, helo), _Question("helo", ip, helo_sender, helo)]
     answers: list[dict[tuple[str, str], Answer]] = [{}, {}]
     # First a pass over the cache alone: with a warm cache both results are known here and
     # nothing is awaited, which saves the tasks and loop turns of the general path.
     first: list[SpfResult | tuple[str, str]] = []
-    for (identity, sender), known in zip(jobs, answers, strict=True):
+    for job, known in zip(jobs, answers, strict=True):
+        sender = job.sender
         if not sender or "@" not in sender or not sender.rpartition("@")[2]:
-            first.append(SpfResult(identity, "none", "", sender, "no domain to check"))
+            first.append(SpfResult(job.identity, "none", "", sender, "no domain to check"))
         else:
-            first.append(_attempt(resolver, known, identity, ip, sender, helo, cache))
+            first.append(_attempt(resolver, known, job, cache))
     done = [outcome for outcome in first if isinstance(outcome, SpfResult)]
     if len(done) == len(jobs):
         return done[0], done[1]
 
     async def run(index: int) -> SpfResult:
-        identity, sender = jobs[index]
+        job = jobs[index]
         try:
             async with asyncio.timeout(SPF_DEADLINE):
-                return await _finish(
-                    resolver, answers[index], first[index], identity, ip, sender, helo, cache
-                )
+                return await _finish(resolver, answers[index], first[index], job, cache)
         except TimeoutError:
-            return SpfResult(identity, "temperror", _domain_of(sender), sender, "SPF took too long")
+            domain = _domain_of(job.sender)
+            return SpfResult(job.identity, "temperror", domain, job.sender, "SPF took too long")
 
     mailfrom, helo_result = await asyncio.gather(run(0), run(1))
     return mailfrom, helo_result
