@@ -250,7 +250,10 @@ async def run(seconds: float, concurrency: int) -> dict[str, Any]:
                 sys.setswitchinterval(switch or default_switch)
                 try:
                     async with authenticator(
-                        dns, timeout=2.0, executor=pool if executor == "pool" else None
+                        dns,
+                        timeout=2.0,
+                        executor=pool if executor == "pool" else None,
+                        executor_workers=2 if executor == "pool" else 1,
                     ) as auth:
                         await _warm(auth, kind.raw)
                         gc.freeze()  # as a server should once started (docs/authentication.md)

@@ -15,10 +15,14 @@ from tests.support.dnsserver import LocalDns
 
 @contextlib.asynccontextmanager
 async def authenticator(
-    dns: LocalDns, *, timeout: float = 0.5, executor: Executor | None = None
+    dns: LocalDns,
+    *,
+    timeout: float = 0.5,
+    executor: Executor | None = None,
+    executor_workers: int = 1,
 ) -> AsyncIterator[Authenticator]:
     resolver = Resolver(DnsSettings(nameservers=(("127.0.0.1", dns.port),), timeout=timeout))
-    auth = Authenticator(resolver, executor=executor)
+    auth = Authenticator(resolver, executor=executor, executor_workers=executor_workers)
     try:
         yield auth
     finally:

@@ -68,7 +68,7 @@ class Authenticator:
         self.max_signatures = max_signatures
         self.orgs = OrgDomains(psl)
         self.spf_cache = SpfCache()
-        # Header scans are short but unbounded in size: off the loop, in one small thread.
+        # Large or hostile header blocks are scanned here, off the loop (see check).
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
         self._processes = processes if executor is None else 0
         self._parallel = max(1, self._processes or (executor_workers if executor else 1))
