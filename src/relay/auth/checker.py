@@ -71,7 +71,8 @@ class Authenticator:
         # Large or hostile header blocks are scanned here, off the loop (see check).
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
         self._processes = processes if executor is None else 0
-        self._parallel = max(1, self._processes or (executor_workers if executor else 1))
+        # batches in flight at once: one per worker of whichever executor verifies
+        self._parallel = max(1, executor_workers if executor else processes)
         self._owns_crypto = executor is None
         self._crypto: Executor = executor or self._new_executor()
         self._batcher = self._new_batcher()

@@ -114,6 +114,11 @@ def from_domain(values: list[bytes], full_parse_limit: int | None = None) -> tup
             raw_domains = parsed_from_domains(values[0])
         except Exception:  # the stdlib parser's errors vary by input
             return "", "From header field cannot be parsed"
+    return single_domain(raw_domains)
+
+
+def single_domain(raw_domains: list[str]) -> tuple[str, str]:
+    """(domain, error): the one normalised domain the From addresses share, if any."""
     try:
         domains = {normalise_domain(d) for d in raw_domains}
     except ValueError:
