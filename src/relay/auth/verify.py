@@ -5,9 +5,11 @@ async resolver beforehand; the ``dnsfunc`` handed to dkimpy only reads that mapp
 signature whose key was not prefetched simply has no key.
 
 What dkimpy does not give and is wrapped here:
-- ``dkim.verify()`` answers only True/False for the first signature. We call its
-  per-step methods (``verify_headerprep``, ``evaluate_pk``) per signature so each gets a
-  result word (pass/fail/temperror/permerror) and a reason; the signature maths runs in
+- ``dkim.verify()`` answers only True/False for the first signature. We run its steps
+  per signature (``parse_tag_value``, ``validate_signature_fields``, ``evaluate_pk``,
+  ``hash_headers``) so each gets a result word (pass/fail/temperror/permerror) and a
+  reason. The message is split once for all signatures and only the signed fields are
+  canonicalised (auth/dkimparse.py, same bytes as dkimpy); the signature maths runs in
   OpenSSL (auth/sigcrypto.py), as dkimpy's own RSA is pure Python.
 - revoked keys (empty p=), key-type vs a= mismatch and the key's h= hash list are
   checked here before the signature maths.
@@ -20,14 +22,16 @@ import binascii
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from functools import lru_cache
+from typing import Any
 
 import dkim
 from dkim.util import parse_tag_value
 
+from relay.auth.dkimparse import Fields, split_message
 from relay.auth.results import ArcResult, DkimResults, DkimSignatureResult
 from relay.auth.scan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD, key_name
-from relay.auth.sigcrypto import load_key, verify_signature
+from relay.auth.sigcrypto import KEY_CACHE_SIZE, load_key, verify_signature
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2: smaller RSA keys MUST NOT be considered valid
 
@@ -36,6 +40,7 @@ TEMPERROR = b"\x00temperror"
 KeyRecords = Mapping[bytes, bytes | None]
 
 _HAS_SIGNATURE = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_H_SEPARATOR = re.compile(rb"\s*:\s*")  # between h= names, as dkimpy splits them
 
 _quiet = logging.getLogger("relay.auth.dkimpy")
 _quiet.addHandler(logging.NullHandler())
@@ -57,12 +62,14 @@ def _int_tag(tags: Mapping[bytes, bytes], name: bytes) -> int | None:
     return int(value) if value is not None and value.isdigit() and len(value) < 20 else None
 
 
-def _describe(index: int, tags: Mapping[bytes, bytes]) -> DkimSignatureResult:
-    """What a signature's tags alone say about it (result filled in by the caller)."""
-    b_value = re.sub(rb"\s+", b"", tags.get(b"b", b""))
+def _describe(
+    index: int, tags: Mapping[bytes, bytes], result: str, reason: str, **more: Any
+) -> DkimSignatureResult:
+    """The result of one signature: its verdict and what its tags say about it."""
     return DkimSignatureResult(
         index=index,
-        result="permerror",
+        result=result,
+        reason=reason,
         domain=_text(tags.get(b"d")).lower(),
         selector=_text(tags.get(b"s")),
         algorithm=_text(tags.get(b"a")).lower(),
@@ -72,14 +79,9 @@ def _describe(index: int, tags: Mapping[bytes, bytes]) -> DkimSignatureResult:
         body_length=_int_tag(tags, b"l"),
         signed_at=_int_tag(tags, b"t"),
         expires=_int_tag(tags, b"x"),
-        b_prefix=_text(b_value[:12]),
+        b_prefix=_text(b"".join(tags.get(b"b", b"").split())[:12]),
+        **more,
     )
-
-
-def _result(
-    info: DkimSignatureResult, result: str, reason: str, key_bits: int | None = None
-) -> DkimSignatureResult:
-    return replace(info, result=result, reason=reason, key_bits=key_bits)
 
 
 def _classify_validation(exc: dkim.ValidationError) -> tuple[str, str]:
@@ -93,6 +95,7 @@ def _classify_validation(exc: dkim.ValidationError) -> tuple[str, str]:
     return "permerror", _reason(exc)
 
 
+@lru_cache(maxsize=KEY_CACHE_SIZE)
 def _check_key(record: bytes, algorithm: bytes) -> str:
     """Problems dkimpy does not check in a key record; "" when fine."""
     try:
@@ -113,98 +116,95 @@ def _check_key(record: bytes, algorithm: bytes) -> str:
 
 
 def _verify_one(
-    verifier: dkim.DKIM,
+    message: tuple[Fields, bytes],
     index: int,
-    field: bytes,
+    field: tuple[bytes, bytes],
     keys: KeyRecords,
     body_memo: dict[bytes, bytes],
 ) -> DkimSignatureResult:
-    info = DkimSignatureResult(index, "permerror")
-    if len(field) > MAX_SIGNATURE_FIELD:
-        return _result(
-            info, "permerror", f"signature field larger than {MAX_SIGNATURE_FIELD} bytes"
+    """One DKIM-Signature, with dkimpy's checks in dkimpy's order (``verify_headerprep``
+    then ``verify_sig_process``), the message parsed once for all signatures."""
+    if len(field[1]) > MAX_SIGNATURE_FIELD:
+        return DkimSignatureResult(
+            index, "permerror", f"signature field larger than {MAX_SIGNATURE_FIELD} bytes"
         )
     try:
-        tags = parse_tag_value(field)
+        sig = parse_tag_value(field[1])
     except dkim.util.DuplicateTag as exc:
-        return _result(
-            info, "permerror", f"duplicate tag {_text(exc.args[0] if exc.args else b'')}"
+        return DkimSignatureResult(
+            index, "permerror", f"duplicate tag {_text(exc.args[0] if exc.args else b'')}"
         )
     except dkim.util.InvalidTagValueList as exc:
-        return _result(info, "permerror", f"malformed tag list: {_reason(exc)}")
-    info = _describe(index, tags)
+        return DkimSignatureResult(index, "permerror", f"malformed tag list: {_reason(exc)}")
     try:
-        prep = verifier.verify_headerprep(index)
+        dkim.validate_signature_fields(sig)
     except dkim.ValidationError as exc:
-        result, reason = _classify_validation(exc)
-        return _result(info, result, reason)
-    except dkim.DKIMException as exc:
-        return _result(info, "permerror", _reason(exc))
-    if not prep:
-        return _result(info, "permerror", "signature not found")
-    sig, include_headers, sigheaders = prep
+        return _describe(index, sig, *_classify_validation(exc))
+    include = [h.lower() for h in _H_SEPARATOR.split(sig[b"h"])]
     name = key_name(sig)
     if name is None:
-        return _result(info, "permerror", "d= or s= is not an ASCII domain name")
+        return _describe(index, sig, "permerror", "d= or s= is not an ASCII domain name")
     record = keys.get(name)
     if record == TEMPERROR:
-        return _result(info, "temperror", "key lookup timed out or failed")
+        return _describe(index, sig, "temperror", "key lookup timed out or failed")
     if not record:
-        return _result(info, "permerror", "no key for signature")
+        return _describe(index, sig, "permerror", "no key for signature")
     problem = _check_key(record, sig[b"a"])
     if problem:
-        return _result(info, "permerror", problem)
+        return _describe(index, sig, "permerror", problem)
     try:
         key = load_key(name, record)
     except (dkim.DKIMException, binascii.Error, ValueError) as exc:
-        return _result(info, "permerror", f"bad key record: {_reason(exc)}")
+        return _describe(index, sig, "permerror", f"bad key record: {_reason(exc)}")
     if key is None:
-        return _result(info, "permerror", "key not for email (s= service type)")
-    if key.tlsrpt:
-        return _result(info, "permerror", "key only for TLS reports (s=tlsrpt)", key.bits)
+        return _describe(index, sig, "permerror", "key not for email (s= service type)")
     bits = key.bits
+    if key.tlsrpt:
+        return _describe(
+            index, sig, "permerror", "key only for TLS reports (s=tlsrpt)", key_bits=bits
+        )
+    headers, body = message
     try:
         ok = verify_signature(
-            verifier,
+            headers,
+            body,
             sig,
-            include_headers,
-            sigheaders[index],
+            include,
+            field,
             key,
             min_bits=MIN_KEY_BITS,
             body_memo=body_memo,
         )
     except dkim.ValidationError as exc:
-        result, reason = _classify_validation(exc)
-        return _result(info, result, reason, key_bits=bits)
+        return _describe(index, sig, *_classify_validation(exc), key_bits=bits)
     except dkim.KeyFormatError as exc:
         if str(exc).startswith("public key too small"):
-            return _result(info, "permerror", f"key too short ({bits} bits)", key_bits=bits)
-        return _result(info, "permerror", _reason(exc), key_bits=bits)
+            return _describe(index, sig, "permerror", f"key too short ({bits} bits)", key_bits=bits)
+        return _describe(index, sig, "permerror", _reason(exc), key_bits=bits)
     except dkim.DKIMException as exc:
-        return _result(info, "permerror", _reason(exc), key_bits=bits)
+        return _describe(index, sig, "permerror", _reason(exc), key_bits=bits)
     if not ok:
-        return _result(info, "fail", "signature did not verify", key_bits=bits)
+        return _describe(index, sig, "fail", "signature did not verify", key_bits=bits)
     if sig[b"a"] == b"rsa-sha1":
-        return replace(
-            info, result="pass", reason="rsa-sha1 is historic (RFC 8301)", key_bits=bits, weak=True
-        )
-    return _result(info, "pass", "", key_bits=bits)
+        reason = "rsa-sha1 is historic (RFC 8301)"
+        return _describe(index, sig, "pass", reason, key_bits=bits, weak=True)
+    return _describe(index, sig, "pass", "", key_bits=bits)
 
 
 def verify_dkim(raw: bytes, keys: KeyRecords, limit: int) -> DkimResults:
     """Verify the first ``limit`` DKIM-Signature fields; list the rest as not verified."""
     try:
-        verifier = dkim.DKIM(raw, logger=_quiet, minkey=MIN_KEY_BITS)
+        message = split_message(raw)
     except dkim.DKIMException:
         if not _HAS_SIGNATURE.search(raw.split(b"\r\n\r\n", 1)[0]):
             return DkimResults(limit=limit)
         # dkimpy's error quotes the offending header line: keep addresses out of the result.
         unparsable = DkimSignatureResult(0, "permerror", "message header block unparsable")
         return DkimResults(signatures=(unparsable,), total=1, limit=limit)
-    fields = [(n, v) for n, v in verifier.headers if n.lower() == b"dkim-signature"]
+    fields = [(n, v) for n, v in message[0] if n.lower() == b"dkim-signature"]
     results: list[DkimSignatureResult] = []
     body_memo: dict[bytes, bytes] = {}  # canonical body per algorithm, shared by signatures
-    for index, (_name, value) in enumerate(fields):
+    for index, field in enumerate(fields):
         if index >= limit:
             results.append(
                 DkimSignatureResult(
@@ -213,7 +213,7 @@ def verify_dkim(raw: bytes, keys: KeyRecords, limit: int) -> DkimResults:
             )
             continue
         try:
-            results.append(_verify_one(verifier, index, value, keys, body_memo))
+            results.append(_verify_one(message, index, field, keys, body_memo))
         except Exception as exc:  # dkimpy on hostile input must not stop mail
             results.append(
                 DkimSignatureResult(index, "permerror", f"unverifiable: {type(exc).__name__}")
