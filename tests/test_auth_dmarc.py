@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import dkim
 import pytest
 
+from relay.auth import dmarc
 from relay.auth.checker import Authenticator
 from relay.auth.results import AuthResults
+from relay.auth.spf import check_spf_cached
 from tests.support.authenv import authenticator, incoming
 from tests.support.dkimkeys import SigningKey, make_message, rsa_key, sign
 from tests.support.dnsserver import LocalDns
@@ -179,6 +182,47 @@ async def test_aligned_spf_temperror_makes_dmarc_temperror(auth: Authenticator) 
 async def test_bad_records(auth: Authenticator, domain: str, result: str, policy: str) -> None:
     r = await check(auth, domain)
     assert (r.dmarc.result, r.dmarc.policy) == (result, policy)
+
+
+WARM_CASES = [
+    # (From domain, signer, MAIL FROM, client): DKIM, SPF and each discovery path
+    ("example.com", "org", "bounce@esp.example.net", OUTSIDER),
+    ("example.com", "sub", "b@bounce.example.com", CLIENT),
+    ("strict.example", "strict_sub", "b@mail.strict.example", CLIENT),
+    ("news.example.com", "", "alice@example.com", OUTSIDER),
+    ("own.example.com", "", "bounce@esp.example.net", OUTSIDER),
+    ("pct.example", "", "", CLIENT),
+    ("norecord.example", "thirdparty", "bounce@esp.example.net", OUTSIDER),
+    ("invalid-rua.example", "", "bounce@esp.example.net", OUTSIDER),
+    ("two.example", "", "bounce@esp.example.net", OUTSIDER),
+]
+
+
+@pytest.mark.parametrize(("domain", "signer", "mail_from", "ip"), WARM_CASES)
+async def test_warm_cache_answers_as_the_cold_path_without_dns(
+    auth: Authenticator,
+    dns: LocalDns,
+    keys: Keys,
+    domain: str,
+    signer: str,
+    mail_from: str,
+    ip: str,
+) -> None:
+    """The second check of a message reads keys, SPF and DMARC from the caches only
+    (Authenticator._cached): the same results, and no DNS question sent."""
+    signers = (getattr(keys, signer),) if signer else ()
+    cold = await check(auth, domain, signers, mail_from=mail_from, ip=ip)
+    asked = len(dns.queries)
+    warm = await check(auth, domain, signers, mail_from=mail_from, ip=ip)
+    assert len(dns.queries) == asked
+    assert replace(warm, seconds=0.0) == replace(cold, seconds=0.0)
+
+
+async def test_cold_cache_is_not_read_as_an_answer(auth: Authenticator) -> None:
+    assert dmarc.discover_cached(auth.resolver, auth.orgs, "example.com", "") is None
+    assert check_spf_cached(auth.resolver, CLIENT, "a@example.com", "mail.example.com") is None
+    found = await dmarc.discover(auth.resolver, auth.orgs, "example.com", "")
+    assert dmarc.discover_cached(auth.resolver, auth.orgs, "example.com", "") == found
 
 
 @pytest.mark.parametrize(

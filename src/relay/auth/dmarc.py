@@ -73,31 +73,22 @@ def parse_record(text: bytes, domain: str) -> DmarcRecord | str:
     )
 
 
-async def _lookup(resolver: Resolver, domain: str) -> DmarcRecord | str | None:
-    """The one DMARC record at ``domain``; None when there is none; str when unusable."""
-    records = [r for r in await resolver.txt(f"_dmarc.{domain}") if r.startswith(b"v=DMARC1")]
-    if not records:
+def _choose(records: list[bytes], domain: str) -> DmarcRecord | str | None:
+    """The one DMARC record among a name's TXT records; None when there is none; str
+    when unusable."""
+    found = [r for r in records if r.startswith(b"v=DMARC1")]
+    if not found:
         return None
-    if len(records) > 1:
+    if len(found) > 1:
         return "more than one DMARC record"
-    return parse_record(records[0], domain)
+    return parse_record(found[0], domain)
 
 
-async def discover(
-    resolver: Resolver, orgs: OrgDomains, from_domain: str, from_error: str
-) -> Discovery:
-    """Policy discovery (RFC 7489 6.6.3): the From domain, then its organisational domain."""
-    if from_error:
-        return Discovery("", "", result=DmarcResult("permerror", reason=from_error))
-    org = orgs.org_domain(from_domain)
-    try:
-        found = await _lookup(resolver, from_domain)
-        if found is None and org != from_domain:
-            found = await _lookup(resolver, org)
-    except DnsTemporaryError as exc:
-        return Discovery(
-            from_domain, org, result=DmarcResult("temperror", from_domain, org, reason=str(exc))
-        )
+async def _lookup(resolver: Resolver, domain: str) -> DmarcRecord | str | None:
+    return _choose(await resolver.txt(f"_dmarc.{domain}"), domain)
+
+
+def _outcome(from_domain: str, org: str, found: DmarcRecord | str | None) -> Discovery:
     if found is None:
         return Discovery(
             from_domain, org, result=DmarcResult("none", from_domain, org, reason="no record")
@@ -107,6 +98,48 @@ async def discover(
             from_domain, org, result=DmarcResult("permerror", from_domain, org, reason=found)
         )
     return Discovery(from_domain, org, record=found)
+
+
+def _no_from(from_error: str) -> Discovery:
+    return Discovery("", "", result=DmarcResult("permerror", reason=from_error))
+
+
+def discover_cached(
+    resolver: Resolver, orgs: OrgDomains, from_domain: str, from_error: str
+) -> Discovery | None:
+    """``discover`` from the resolver's cache alone, without waiting; None when an answer
+    it needs is not cached (then await ``discover``)."""
+    if from_error:
+        return _no_from(from_error)
+    org = orgs.org_domain(from_domain)
+    records = resolver.peek_txt(f"_dmarc.{from_domain}")
+    if records is None:
+        return None
+    found = _choose(records, from_domain)
+    if found is None and org != from_domain:
+        records = resolver.peek_txt(f"_dmarc.{org}")
+        if records is None:
+            return None
+        found = _choose(records, org)
+    return _outcome(from_domain, org, found)
+
+
+async def discover(
+    resolver: Resolver, orgs: OrgDomains, from_domain: str, from_error: str
+) -> Discovery:
+    """Policy discovery (RFC 7489 6.6.3): the From domain, then its organisational domain."""
+    if from_error:
+        return _no_from(from_error)
+    org = orgs.org_domain(from_domain)
+    try:
+        found = await _lookup(resolver, from_domain)
+        if found is None and org != from_domain:
+            found = await _lookup(resolver, org)
+    except DnsTemporaryError as exc:
+        return Discovery(
+            from_domain, org, result=DmarcResult("temperror", from_domain, org, reason=str(exc))
+        )
+    return _outcome(from_domain, org, found)
 
 
 def _in_sample(pct: int, sample_key: bytes) -> bool:

@@ -205,24 +205,23 @@ def _domain_of(sender: str) -> str:
         return sender.rpartition("@")[2].lower()
 
 
-async def check_spf(
-    resolver: Resolver, ip: str, mail_from: str, helo: str, cache: SpfCache | None = None
-) -> tuple[SpfResult, SpfResult]:
-    """(MAIL FROM result, HELO result). The null sender is checked as postmaster@HELO
-    (RFC 7208 2.4); without a usable HELO name the HELO identity is ``none``. With a
-    ``cache``, a repeated question whose DNS answers are unchanged skips pyspf."""
+def _questions(ip: str, mail_from: str, helo: str) -> tuple[_Question, _Question]:
+    """The MAIL FROM and HELO questions. The null sender is checked as postmaster@HELO
+    (RFC 7208 2.4); without a usable HELO name the HELO identity has no domain."""
     helo = helo.strip().rstrip(".")
     helo_ok = "." in helo and not helo.startswith("[")
-    if not ip:
-        none = SpfResult("mailfrom", "none", reason="no client address")
-        return none, SpfResult("helo", "none", reason="no client address")
     helo_sender = f"postmaster@{helo}" if helo_ok else ""
-
     mail_sender = mail_from if mail_from else helo_sender
-    jobs = [_Question("mailfrom", ip, mail_sender, helo), _Question("helo", ip, helo_sender, helo)]
-    answers: list[dict[tuple[str, str], Answer]] = [{}, {}]
-    # First a pass over the cache alone: with a warm cache both results are known here and
-    # nothing is awaited, which saves the tasks and loop turns of the general path.
+    return _Question("mailfrom", ip, mail_sender, helo), _Question("helo", ip, helo_sender, helo)
+
+
+def _first_pass(
+    resolver: Resolver,
+    jobs: tuple[_Question, _Question],
+    answers: list[dict[tuple[str, str], Answer]],
+    cache: SpfCache | None,
+) -> list[SpfResult | tuple[str, str]]:
+    """Each question evaluated over the cache alone: a result, or the answer it needs."""
     first: list[SpfResult | tuple[str, str]] = []
     for job, known in zip(jobs, answers, strict=True):
         sender = job.sender
@@ -230,6 +229,41 @@ async def check_spf(
             first.append(SpfResult(job.identity, "none", "", sender, "no domain to check"))
         else:
             first.append(_attempt(resolver, known, job, cache))
+    return first
+
+
+def _no_address() -> tuple[SpfResult, SpfResult]:
+    none = SpfResult("mailfrom", "none", reason="no client address")
+    return none, SpfResult("helo", "none", reason="no client address")
+
+
+def check_spf_cached(
+    resolver: Resolver, ip: str, mail_from: str, helo: str, cache: SpfCache | None = None
+) -> tuple[SpfResult, SpfResult] | None:
+    """``check_spf`` from the resolver's cache alone, without waiting; None when an answer
+    it needs is not cached (then await ``check_spf``)."""
+    if not ip:
+        return _no_address()
+    jobs = _questions(ip, mail_from, helo)
+    first = _first_pass(resolver, jobs, [{}, {}], cache)
+    mailfrom, helo_result = first
+    if isinstance(mailfrom, SpfResult) and isinstance(helo_result, SpfResult):
+        return mailfrom, helo_result
+    return None
+
+
+async def check_spf(
+    resolver: Resolver, ip: str, mail_from: str, helo: str, cache: SpfCache | None = None
+) -> tuple[SpfResult, SpfResult]:
+    """(MAIL FROM result, HELO result); see ``_questions`` for the identities. With a
+    ``cache``, a repeated question whose DNS answers are unchanged skips pyspf."""
+    if not ip:
+        return _no_address()
+    jobs = _questions(ip, mail_from, helo)
+    answers: list[dict[tuple[str, str], Answer]] = [{}, {}]
+    # First a pass over the cache alone: with a warm cache both results are known here and
+    # nothing is awaited, which saves the tasks and loop turns of the general path.
+    first = _first_pass(resolver, jobs, answers, cache)
     done = [outcome for outcome in first if isinstance(outcome, SpfResult)]
     if len(done) == len(jobs):
         return done[0], done[1]
