@@ -111,11 +111,12 @@ def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
         )
     out.append(
         Scenario(
-            "relay-auth-proc-w1",
-            "relay, no-op decision, authentication on, crypto in 1 auth process, 1 worker",
+            "relay-auth-thread-w1",
+            "relay, no-op decision, authentication on, verification in a thread "
+            "(`[auth] workers = 0`), 1 worker",
             "relay",
             1,
-            overrides={**_auth(dns), "auth": {"enabled": True, "workers": 1}},
+            overrides={**_auth(dns), "auth": {"enabled": True, "workers": 0}},
             features=("auth",),
         )
     )
@@ -209,8 +210,8 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
             "authentication on / off (1 worker)", "relay-auth-w1", "relay-noop-w1", 0.7, "issue 4"
         ),
         Comparison(
-            "authentication on, crypto in an auth process / off (1 worker)",
-            "relay-auth-proc-w1",
+            "authentication on, verification in a thread / off (1 worker)",
+            "relay-auth-thread-w1",
             "relay-noop-w1",
         ),
         Comparison(

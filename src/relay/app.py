@@ -71,6 +71,7 @@ async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) ->
     if settings.auth.enabled:
         authenticator = Authenticator.from_settings(resolver, settings.auth, psl)
         stack.push_async_callback(authenticator.close)
+        await authenticator.start()
         services.append(authenticator)
     state = await open_state(settings.state)  # counters every worker shares (bulk, rates)
     stack.push_async_callback(state.close)

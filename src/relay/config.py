@@ -89,7 +89,7 @@ class DnsSettings:
 class AuthSettings:
     enabled: bool = True
     authserv_id: str = ""  # empty: smtp.hostname
-    workers: int = 0  # DKIM/ARC crypto: 0 = one thread in the relay process, N = N processes
+    workers: int = 1  # DKIM/ARC verification processes per relay worker; 0 = one thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +335,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
     auth = AuthSettings(
         enabled=r.get(t, "auth", "enabled", bool, True),
         authserv_id=r.get(t, "auth", "authserv_id", str, ""),
-        workers=r.get(t, "auth", "workers", int, 0),
+        workers=r.get(t, "auth", "workers", int, AuthSettings().workers),
     )
     if not 0 <= auth.workers <= 64:
         raise r.fail("auth.workers", "must be between 0 and 64")

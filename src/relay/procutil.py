@@ -10,8 +10,8 @@ import sys
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Pool initializer: have the kernel SIGTERM this process when its parent dies.
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """Pool initializer: have the kernel send ``sig`` to this process when its parent dies.
 
     Without it, a relay worker killed during start-up (or by SIGKILL) leaves its classifier
     processes running, each holding a model in memory. Linux only; elsewhere a no-op.
@@ -19,6 +19,6 @@ def die_with_parent(parent_pid: int) -> None:
     if sys.platform != "linux":
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)

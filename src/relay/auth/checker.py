@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
-from multiprocessing import get_context
 
 from publicsuffixlist import PublicSuffixList
 
 from relay.auth import dmarc
 from relay.auth.batch import Batcher
+from relay.auth.cryptoproc import decode_answer, encode_request
 from relay.auth.domains import OrgDomains
 from relay.auth.results import ArcResult, AuthResults, DkimResults, SpfResult
 from relay.auth.scan import HeaderScan, quick_scan, scan_headers
@@ -35,7 +33,7 @@ from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
 from relay.message import Message
-from relay.procutil import die_with_parent
+from relay.pipeproc import PipeWorkers, WorkerDied
 
 log = logging.getLogger("relay.auth")
 
@@ -43,10 +41,12 @@ MAX_SIGNATURES = 10  # DKIM-Signature fields verified per message; the rest are 
 # Header blocks up to this size are scanned on the loop (0.35 ms at most, measured); a
 # thread hop alone costs ~0.1 ms of CPU, more than scanning an ordinary 3 KB block.
 SCAN_ON_LOOP = 32 * 1024
+CRYPTO_MODULE = "relay.auth.cryptoproc"  # the child each ``[auth] workers`` process runs
 
 
 class Authenticator:
-    """Long-lived service (one per relay process); register ``close`` on the lifespan."""
+    """Long-lived service (one per relay process); ``start`` and ``close`` it on the
+    lifespan."""
 
     def __init__(
         self,
@@ -58,37 +58,25 @@ class Authenticator:
         psl: PublicSuffixList | None = None,
         max_signatures: int = MAX_SIGNATURES,
     ) -> None:
-        """``executor``: verify there (not ours to close; ``executor_workers`` batches run
-        in it at once); else ``processes`` > 0: our own
-        pool of that many spawned processes (no fork of a process with live threads),
-        restarted if a worker dies; else one thread of our own. One thread is the default
-        because more would only fight the loop for the GIL (dkimpy is pure Python apart
-        from hashing): cores come from a process pool or from more relay workers."""
+        """Where signatures are verified: ``processes`` > 0: that many child processes fed
+        over pipes by the loop (relay/pipeproc.py: no helper thread takes the GIL from the
+        loop); else ``executor`` (not ours to close; ``executor_workers`` batches run in
+        it at once); else one thread of our own."""
         self.resolver = resolver
         self.max_signatures = max_signatures
         self.orgs = OrgDomains(psl)
         self.spf_cache = SpfCache()
         # Large or hostile header blocks are scanned here, off the loop (see check).
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
-        self._processes = processes if executor is None else 0
-        # batches in flight at once: one per worker of whichever executor verifies
-        self._parallel = max(1, executor_workers if executor else processes)
-        self._owns_crypto = executor is None
-        self._crypto: Executor = executor or self._new_executor()
-        self._batcher = self._new_batcher()
-
-    def _new_executor(self) -> Executor:
-        if self._processes > 0:
-            return ProcessPoolExecutor(
-                self._processes,
-                mp_context=get_context("spawn"),
-                initializer=die_with_parent,
-                initargs=(os.getpid(),),
-            )
-        return ThreadPoolExecutor(1, thread_name_prefix="relay-auth-crypto")
-
-    def _new_batcher(self) -> Batcher[tuple[DkimResults, ArcResult]]:
-        return Batcher(self._crypto, in_flight=self._parallel)
+        self._workers: PipeWorkers | None = None
+        self._owned: ThreadPoolExecutor | None = None
+        self._batcher: Batcher[tuple[DkimResults, ArcResult]] | None = None
+        if processes > 0:
+            self._workers = PipeWorkers(CRYPTO_MODULE, processes, name="relay-auth")
+        else:
+            if executor is None:
+                executor = self._owned = ThreadPoolExecutor(1, thread_name_prefix="relay-auth")
+            self._batcher = Batcher(executor, in_flight=executor_workers)
 
     @classmethod
     def from_settings(
@@ -97,29 +85,34 @@ class Authenticator:
         """``[auth] workers = N`` > 0 verifies in N processes; 0 in one thread here."""
         return cls(resolver, processes=settings.workers, psl=psl)
 
+    async def start(self) -> None:
+        """Start the verification processes now rather than on the first message."""
+        if self._workers is not None:
+            await self._workers.start()
+
     async def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
-        if self._owns_crypto:
-            # wait, in a thread, so a process pool's workers are gone when we return
-            await asyncio.to_thread(self._crypto.shutdown, wait=True, cancel_futures=True)
+        if self._workers is not None:
+            await self._workers.close()
+        if self._owned is not None:
+            await asyncio.to_thread(self._owned.shutdown, wait=True, cancel_futures=True)
 
     async def _verify(
         self, message: Message, keys: dict[bytes, bytes | None], arc: bool
     ) -> tuple[DkimResults, ArcResult]:
-        call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
-        batcher = self._batcher
-        try:
-            return await batcher.run(call)
-        except BrokenProcessPool:
-            if not (self._owns_crypto and self._processes):
-                raise
-            # A worker died (OOM killer, a crash in a C extension): one new pool, one retry.
-            if self._batcher is batcher:  # the first of its batch to notice restarts it
-                log.warning("queue_id=%s auth worker pool broken; restarting", message.queue_id)
-                broken, self._crypto = self._crypto, self._new_executor()
-                self._batcher = self._new_batcher()
-                broken.shutdown(wait=False, cancel_futures=True)
+        if self._workers is None:
+            assert self._batcher is not None
+            call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
             return await self._batcher.run(call)
+        request = encode_request(message.raw, keys, self.max_signatures, arc)
+        try:
+            answer = await self._workers.call(request)
+        except WorkerDied:
+            # The process died (OOM killer, a crash in a C extension): it is replaced;
+            # one retry, so a message that kills it twice gets the error.
+            log.warning("queue_id=%s auth process died; retrying once", message.queue_id)
+            answer = await self._workers.call(request)
+        return decode_answer(answer)
 
     async def check(self, message: Message) -> AuthResults:
         start = time.perf_counter()

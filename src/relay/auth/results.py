@@ -25,6 +25,18 @@ def _fields(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _from_fields(cls: Any, data: dict[str, Any]) -> Any:
+    """The inverse of ``_fields`` (lists back to tuples); keys that are not fields, such
+    as the derived ones ``to_dict`` adds, are ignored."""
+    return cls(
+        **{
+            name: tuple(data[name]) if isinstance(data[name], list) else data[name]
+            for name in cls.__slots__
+            if name in data
+        }
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DkimSignatureResult:
     """The outcome of one DKIM-Signature header field, in message order (index 0 = top)."""
@@ -47,6 +59,11 @@ class DkimSignatureResult:
 
     def to_dict(self) -> dict[str, Any]:
         return _fields(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DkimSignatureResult:
+        result: DkimSignatureResult = _from_fields(cls, data)
+        return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +94,15 @@ class DkimResults:
             "note": self.note,
             "signatures": [s.to_dict() for s in self.signatures],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DkimResults:
+        return cls(
+            signatures=tuple(DkimSignatureResult.from_dict(s) for s in data["signatures"]),
+            total=data["total"],
+            limit=data["limit"],
+            note=data["note"],
+        )
 
 
 def _dkim_rank(result: str) -> int:
@@ -140,6 +166,11 @@ class ArcResult:
 
     def to_dict(self) -> dict[str, Any]:
         return _fields(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArcResult:
+        result: ArcResult = _from_fields(cls, data)
+        return result
 
 
 @dataclass(frozen=True, slots=True)

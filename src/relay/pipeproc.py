@@ -1,0 +1,275 @@
+"""Child processes fed over pipes by the event loop itself: CPU work off the loop without
+a helper thread in the relay process.
+
+Why not ``ProcessPoolExecutor`` (or a thread): both put helper threads in the relay
+process (a feeder and a result thread, or the worker itself) that take the GIL from the
+event loop. Every socket call the loop makes releases the GIL, a waiting helper takes it,
+and the loop must win it back: under load that ping-pong cost the relay 0.56 ms of CPU a
+message, more than the DKIM verification it carried (bench/results/throughput.md). Here the
+loop writes each request to a child's stdin and reads the answers from its stdout through
+asyncio's own pipe transports: no thread, no lock, a write and a read callback.
+
+Protocol, both directions: frames of a 4-byte big-endian length, one status byte and the
+payload. A child first sends one frame saying it is ready (imports done: a child that
+cannot start fails ``start``), then answers its requests in the order they came (it
+serves one at a time), so the parent matches answers to callers by order alone.
+Payloads are bytes; what they mean is the caller's business (never pickle: they are
+parsed, not loaded).
+
+The parent side is ``PipeWorkers``; a child module calls ``serve(handler)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from relay.procutil import die_with_parent
+
+log = logging.getLogger("relay.pipeproc")
+
+OK, ERROR = 0, 1
+MAX_FRAME = 1 << 31  # a sanity bound: the relay's own size limits are far below it
+_READ_SIZE = 1 << 20
+START_TIMEOUT = 60.0  # seconds for a child to import and say hello (a cold disk is slow)
+
+
+class WorkerDied(Exception):
+    """The child process serving the request exited before answering."""
+
+
+class WorkerError(Exception):
+    """The child's handler failed on this request (the child itself lives on)."""
+
+
+def frame(status: int, payload: bytes) -> bytes:
+    return (len(payload) + 1).to_bytes(4, "big") + bytes((status,)) + payload
+
+
+def split_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """Every complete frame at the start of ``buffer`` (removed from it)."""
+    frames = []
+    start = 0
+    while len(buffer) - start >= 4:
+        size = int.from_bytes(buffer[start : start + 4], "big")
+        if not 1 <= size <= MAX_FRAME:
+            raise ValueError(f"bad frame length {size}")
+        end = start + 4 + size
+        if end > len(buffer):
+            break
+        frames.append((buffer[start + 4], bytes(buffer[start + 5 : end])))
+        start = end
+    del buffer[:start]
+    return frames
+
+
+class _Child(asyncio.SubprocessProtocol):
+    """One child: its stdin transport, and the callers waiting for answers in order."""
+
+    def __init__(self, name: str, on_exit: Callable[[_Child], None]) -> None:
+        self.name = name
+        self.pending: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._buffer = bytearray()
+        self._on_exit = on_exit
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.ready: asyncio.Future[None] = loop.create_future()  # its first frame arrived
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+        stdin = transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        self._stdin = stdin
+
+    def send(self, payload: bytes, future: asyncio.Future[bytes]) -> None:
+        assert self._stdin is not None
+        self.pending.append(future)
+        self._stdin.write(frame(OK, payload))
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1:
+            return
+        self._buffer += data
+        try:
+            frames = split_frames(self._buffer)
+        except ValueError as exc:  # the child broke the protocol: treat it as dead
+            log.error("%s: %s; stopping it", self.name, exc)
+            self.kill()
+            return
+        for status, payload in frames:
+            if not self.ready.done():  # the child's hello: imports done, signals set
+                self.ready.set_result(None)
+                continue
+            if not self.pending:
+                log.error("%s: an answer nobody asked for; stopping it", self.name)
+                self.kill()
+                return
+            future = self.pending.popleft()
+            if future.done():  # the caller was cancelled meanwhile
+                continue
+            if status == OK:
+                future.set_result(payload)
+            else:
+                future.set_exception(WorkerError(payload.decode("utf-8", "replace")))
+
+    def kill(self) -> None:
+        if self.transport is not None and self.transport.get_returncode() is None:
+            self.transport.kill()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+        code = self.transport.get_returncode() if self.transport is not None else None
+        if not self.ready.done():
+            self.ready.set_exception(WorkerDied(f"{self.name} exited with status {code}"))
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(WorkerDied(f"{self.name} exited with status {code}"))
+        if self.transport is not None:
+            self.transport.close()  # its pipes too
+        self._on_exit(self)
+
+
+class PipeWorkers:
+    """``processes`` children running ``python -m module``; a child that exits is replaced.
+    Loop-affine: start, call and close from one event loop."""
+
+    def __init__(self, module: str, processes: int, *, name: str = "worker") -> None:
+        if processes < 1:
+            raise ValueError("at least one process")
+        self.module = module
+        self.processes = processes
+        self.name = name
+        self._children: list[_Child] = []
+        self._starting: asyncio.Task[None] | None = None
+        self._closed = False
+        self._spawned = 0
+
+    async def start(self) -> None:
+        """Start the missing children (at most one start at a time)."""
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_missing())
+        await asyncio.shield(self._starting)
+
+    async def _start_missing(self) -> None:
+        while not self._closed and len(self._children) < self.processes:
+            self._children.append(await self._spawn())
+
+    async def _spawn(self) -> _Child:
+        self._spawned += 1
+        child = _Child(f"{self.name}-{self._spawned}", self._exited)
+        await asyncio.get_running_loop().subprocess_exec(
+            lambda: child,
+            sys.executable,
+            "-m",
+            self.module,
+            str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # a child's traceback reaches the relay's log stream
+        )
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await child.ready
+        except BaseException:
+            child.kill()
+            raise
+        return child
+
+    def _exited(self, child: _Child) -> None:
+        if child in self._children:
+            self._children.remove(child)
+            if not self._closed:
+                log.warning("%s exited; starting another", child.name)
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.transport.get_pid() for c in self._children if c.transport is not None]
+
+    async def call(self, payload: bytes) -> bytes:
+        """The answer to ``payload`` from the least busy child. Raises WorkerDied when the
+        child exits first, WorkerError when its handler failed."""
+        if self._closed:
+            raise WorkerDied(f"{self.name} pool is closed")
+        if len(self._children) < self.processes:
+            await self.start()
+        if not self._children:
+            raise WorkerDied(f"{self.name}: no process could be started")
+        child = min(self._children, key=lambda c: len(c.pending))
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        child.send(payload, future)
+        return await future
+
+    async def close(self) -> None:
+        """Close every child's stdin (it exits at end of input) and wait for it."""
+        self._closed = True
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)
+        children, self._children = self._children, []
+        for child in children:
+            if child.transport is not None:
+                child.transport.close()  # closes the pipes; the child sees EOF
+        for child in children:
+            if child.transport is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.shield(child.exited), 5)
+            except TimeoutError:
+                child.kill()
+
+
+def _read_frames(fd: int, buffer: bytearray) -> list[tuple[int, bytes]] | None:
+    """Block until at least one whole frame is buffered; None at end of input."""
+    while True:
+        frames = split_frames(buffer)
+        if frames:
+            return frames
+        chunk = os.read(fd, _READ_SIZE)
+        if not chunk:
+            return None
+        buffer += chunk
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def serve(handler: Callable[[bytes], bytes]) -> int:
+    """The child's main loop: answer each request frame on stdin with ``handler``'s
+    result on stdout, in order, until stdin closes. A handler exception becomes an error
+    frame (its type name) for that request alone.
+
+    The child leaves when its parent closes the pipe, never on a signal meant for the
+    relay: SIGTERM or Ctrl-C sent to the process group must not kill it while the relay
+    drains its last messages. If the parent dies (argv[1] is its pid), the kernel kills it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if len(sys.argv) > 1 and sys.argv[1].isdigit():
+        die_with_parent(int(sys.argv[1]), signal.SIGKILL)
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    sys.stdout = sys.stderr  # nothing but frames may reach the real stdout
+    _write_all(stdout, frame(OK, b"ready"))
+    buffer = bytearray()
+    while True:
+        frames = _read_frames(stdin, buffer)
+        if frames is None:
+            return 0
+        answers = []
+        for _status, payload in frames:
+            try:
+                answers.append(frame(OK, handler(payload)))
+            except Exception as exc:  # the type alone: a message could quote the payload
+                answers.append(frame(ERROR, type(exc).__name__.encode()))
+        # every request that arrived together is answered with one write
+        _write_all(stdout, b"".join(answers))

@@ -1,0 +1,21 @@
+"""A pipeproc child for tests: answers ``pid:<payload reversed>``; ``fail`` raises in
+the handler, ``exit`` ends the process without answering."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from relay.pipeproc import serve
+
+
+def handle(payload: bytes) -> bytes:
+    if payload == b"fail":
+        raise ValueError("asked to fail")
+    if payload == b"exit":
+        os._exit(3)
+    return str(os.getpid()).encode() + b":" + payload[::-1]
+
+
+if __name__ == "__main__":
+    sys.exit(serve(handle))
