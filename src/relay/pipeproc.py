@@ -77,6 +77,7 @@ class _Child(asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._buffer = bytearray()
+        self._outbox: list[bytes] = []
         self._on_exit = on_exit
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
@@ -90,9 +91,17 @@ class _Child(asyncio.SubprocessProtocol):
         self._stdin = stdin
 
     def send(self, payload: bytes, future: asyncio.Future[bytes]) -> None:
-        assert self._stdin is not None
+        """Queue a request; every request of one loop turn leaves in one write, so a
+        loaded child wakes once for several of them (and answers them in one write)."""
         self.pending.append(future)
-        self._stdin.write(frame(OK, payload))
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(frame(OK, payload))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(b"".join(outbox) if len(outbox) > 1 else outbox[0])
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd != 1:
