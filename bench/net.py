@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 import subprocess
 import time
-from pathlib import Path
-
-_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = (int(v) for v in _EPHEMERAL.read_text().split())
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-    return low, high
 
 
 def free_port() -> int:
-    """A free loopback port outside the ephemeral range. A port the kernel hands out
-    (bind to 0) can be taken again as the local end of an outgoing connection before the
-    server binds it: the benches open tens of thousands of connections. (Suspected cause
-    of two runs in which a relay refused every connection; not reproduced since.)"""
-    low, high = _ephemeral_range()
-    candidates = [p for p in range(10000, 65000) if not low <= p <= high]
-    for port in random.sample(candidates, 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # everything tried was taken: fall back to the kernel
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

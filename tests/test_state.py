@@ -224,3 +224,33 @@ async def test_closed_sqlite_store_raises_state_error(tmp_path: Path) -> None:
     with pytest.raises(StateError):
         await store.seen("x")
     await store.close()
+
+
+def _open_at(args: tuple[str, float]) -> str:
+    """In a spawned process: wait for the common start time, then open the store."""
+    path, start = args
+
+    async def go() -> None:
+        store = await SqliteState(Path(path)).open()
+        await store.close()
+
+    while time.time() < start:
+        pass
+    try:
+        asyncio.run(go())
+    except StateError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_workers_opening_a_new_state_file_together_all_succeed(tmp_path: Path) -> None:
+    """Relay workers start at the same moment on a fresh install: every one must open the
+    file (SQLite refused the WAL switch to some of them at once; one start in four of a
+    2-worker relay failed before the open was retried)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        for round_ in range(15):
+            start = time.time() + 0.3
+            path = str(tmp_path / f"state-{round_}.db")
+            assert pool.map(_open_at, [(path, start)] * 4) == ["ok"] * 4

@@ -114,7 +114,30 @@ class SqliteState(StateStore):
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Workers starting together on a new file race to switch it to WAL, and SQLite
+        # answers "database is locked" at once, without waiting out the busy timeout (it
+        # failed one start in four of a 2-worker relay): try again until the timeout.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                self._db = self._setup()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)  # the state's own thread, never the event loop
+
+    def _setup(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            self._schema(db)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _schema(db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable enough for counters
         db.executescript(
@@ -129,7 +152,6 @@ class SqliteState(StateStore):
                 key TEXT PRIMARY KEY, expires REAL) WITHOUT ROWID;
             """
         )
-        self._db = db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
