@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from dkim.util import parse_tag_value
 
@@ -81,7 +82,13 @@ def _choose(records: list[bytes], domain: str) -> DmarcRecord | str | None:
         return None
     if len(found) > 1:
         return "more than one DMARC record"
-    return parse_record(found[0], domain)
+    return _parsed(found[0], domain)
+
+
+@lru_cache(maxsize=4096)
+def _parsed(text: bytes, domain: str) -> DmarcRecord | str:
+    """``parse_record`` once per distinct record (both are immutable)."""
+    return parse_record(text, domain)
 
 
 async def _lookup(resolver: Resolver, domain: str) -> DmarcRecord | str | None:

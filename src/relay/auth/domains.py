@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from publicsuffixlist import PublicSuffixList
 
+RECENT_SIZE = 4096  # organisational-domain answers kept per OrgDomains
+
 
 def normalise_domain(text: str) -> str:
     """Lower-case A-label form without the trailing dot; "" stays ""; ValueError if invalid."""
@@ -33,13 +35,21 @@ class OrgDomains:
     def __init__(self, psl: PublicSuffixList | None = None) -> None:
         # accept_unknown (the default): an unlisted TLD is a public suffix, as RFC 7489 wants
         self._psl = psl or PublicSuffixList(accept_unknown=True)
+        # recent answers (a list lookup is ~10 us; a message asks two to four times)
+        self._recent: dict[str, str] = {}
 
     def org_domain(self, domain: str) -> str:
         """The registrable domain of ``domain`` (itself when it is a public suffix)."""
         if not domain:
             return ""
-        org = self._psl.privatesuffix(domain)
-        return str(org) if org else domain
+        org = self._recent.get(domain)
+        if org is None:
+            found = self._psl.privatesuffix(domain)
+            org = str(found) if found else domain
+            if len(self._recent) >= RECENT_SIZE:
+                del self._recent[next(iter(self._recent))]  # oldest first: bounded memory
+            self._recent[domain] = org
+        return org
 
     def aligned(self, a: str, b: str, mode: str) -> bool:
         """Identifier alignment (RFC 7489 3.1): strict = equal, relaxed = same org domain."""

@@ -178,6 +178,8 @@ class Facts:
         if task is None:
             task = asyncio.ensure_future(self._compute(self.registry[name]))
             self._tasks[name] = task
+        elif task.done():  # read again (views, stamps): no shield, no extra future
+            return task.result()
         return await asyncio.shield(task)
 
     async def _compute(self, spec: FactSpec) -> Any:
