@@ -20,10 +20,16 @@ async def authenticator(
     timeout: float = 0.5,
     executor: Executor | None = None,
     executor_workers: int = 1,
+    processes: int = 0,
 ) -> AsyncIterator[Authenticator]:
+    """Verification in ``processes`` child processes when > 0, else in ``executor`` (or a
+    thread of the Authenticator's own)."""
     resolver = Resolver(DnsSettings(nameservers=(("127.0.0.1", dns.port),), timeout=timeout))
-    auth = Authenticator(resolver, executor=executor, executor_workers=executor_workers)
+    auth = Authenticator(
+        resolver, executor=executor, executor_workers=executor_workers, processes=processes
+    )
     try:
+        await auth.start()
         yield auth
     finally:
         await auth.close()
