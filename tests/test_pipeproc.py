@@ -12,7 +12,16 @@ import time
 
 import pytest
 
-from relay.pipeproc import ERROR, OK, PipeWorkers, WorkerDied, WorkerError, frame, split_frames
+from relay.pipeproc import (
+    ERROR,
+    OK,
+    PipeWorkers,
+    WorkerDied,
+    WorkerError,
+    WorkerTimeout,
+    frame,
+    split_frames,
+)
 
 CHILD = "tests.support.echochild"
 
@@ -81,6 +90,24 @@ async def test_a_dead_process_fails_its_callers_and_is_replaced() -> None:
         answer = await workers.call(b"again")
         pid, _, body = answer.partition(b":")
         assert body == b"niaga" and int(pid) != first
+    finally:
+        await workers.close()
+
+
+async def test_a_stuck_process_is_killed_after_the_timeout() -> None:
+    workers = PipeWorkers(CHILD, 1, name="echo")
+    try:
+        await workers.start()
+        (first,) = workers.pids
+        results = await asyncio.gather(
+            workers.call(b"hang", kill_after=0.5),
+            workers.call(b"queued behind it"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], WorkerTimeout)
+        assert isinstance(results[1], WorkerDied)  # it was in the killed process
+        answer = await workers.call(b"next", kill_after=5)
+        assert answer.partition(b":")[2] == b"txen" and first not in workers.pids
     finally:
         await workers.close()
 

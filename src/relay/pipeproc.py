@@ -47,6 +47,11 @@ class WorkerError(Exception):
     """The child's handler failed on this request (the child itself lives on)."""
 
 
+class WorkerTimeout(Exception):
+    """The child took longer than the caller's limit; it was killed (and is replaced), and
+    the other requests it held fail with WorkerDied."""
+
+
 def frame(status: int, payload: bytes) -> bytes:
     return (len(payload) + 1).to_bytes(4, "big") + bytes((status,)) + payload
 
@@ -204,9 +209,12 @@ class PipeWorkers:
     def pids(self) -> list[int]:
         return [c.transport.get_pid() for c in self._children if c.transport is not None]
 
-    async def call(self, payload: bytes) -> bytes:
+    async def call(self, payload: bytes, kill_after: float | None = None) -> bytes:
         """The answer to ``payload`` from the least busy child. Raises WorkerDied when the
-        child exits first, WorkerError when its handler failed."""
+        child exits first, WorkerError when its handler failed, WorkerTimeout when no
+        answer came within ``kill_after`` seconds: then the child is killed, as one stuck
+        on an input must not hold every later message (a caller's own timeout would only
+        stop waiting)."""
         if self._closed:
             raise WorkerDied(f"{self.name} pool is closed")
         if len(self._children) < self.processes:
@@ -216,7 +224,23 @@ class PipeWorkers:
         child = min(self._children, key=lambda c: len(c.pending))
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         child.send(payload, future)
-        return await future
+        if kill_after is None:
+            return await future
+        # a timer, not wait_for: no extra task or future per request on the hot path
+        timer = asyncio.get_running_loop().call_later(
+            kill_after, self._expire, child, future, kill_after
+        )
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, child: _Child, future: asyncio.Future[bytes], after: float) -> None:
+        if future.done():
+            return
+        future.set_exception(WorkerTimeout(f"{self.name}: no answer within {after:.0f} s"))
+        log.error("%s gave no answer within %.0f s; killing it", child.name, after)
+        child.kill()
 
     async def close(self) -> None:
         """Close every child's stdin (it exits at end of input) and wait for it."""

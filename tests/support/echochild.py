@@ -1,10 +1,11 @@
 """A pipeproc child for tests: answers ``pid:<payload reversed>``; ``fail`` raises in
-the handler, ``exit`` ends the process without answering."""
+the handler, ``exit`` ends the process without answering, ``hang`` never answers."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from relay.pipeproc import serve
 
@@ -14,6 +15,8 @@ def handle(payload: bytes) -> bytes:
         raise ValueError("asked to fail")
     if payload == b"exit":
         os._exit(3)
+    if payload == b"hang":
+        time.sleep(3600)
     return str(os.getpid()).encode() + b":" + payload[::-1]
 
 

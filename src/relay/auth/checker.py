@@ -5,8 +5,8 @@ Order of work, all DNS through the one shared resolver:
    names to fetch, the From domain;
 2. at once: fetch every DKIM/ARC key, run SPF (pyspf on the loop over answers fetched
    asynchronously, see auth/spf.py), discover the DMARC record;
-3. verify signatures in the crypto executor (one thread by default, or a process pool)
-   with only the prefetched keys;
+3. verify signatures with only the prefetched keys, in a child process fed over a pipe
+   (``[auth] workers``, relay/pipeproc.py) or, with ``workers = 0``, in a thread;
 4. evaluate DMARC alignment from the results.
 A DNS failure turns into temperror for the check that needed it; nothing here raises for
 bad input.
@@ -42,6 +42,9 @@ MAX_SIGNATURES = 10  # DKIM-Signature fields verified per message; the rest are 
 # thread hop alone costs ~0.1 ms of CPU, more than scanning an ordinary 3 KB block.
 SCAN_ON_LOOP = 32 * 1024
 CRYPTO_MODULE = "relay.auth.cryptoproc"  # the child each ``[auth] workers`` process runs
+# Seconds one message's verification may take in a child before the child is killed (an
+# ordinary message takes well under a millisecond; 10 signatures over a 50 MB body ~1 s).
+VERIFY_TIMEOUT = 30.0
 
 
 class Authenticator:
@@ -106,12 +109,12 @@ class Authenticator:
             return await self._batcher.run(call)
         request = encode_request(message.raw, keys, self.max_signatures, arc)
         try:
-            answer = await self._workers.call(request)
+            answer = await self._workers.call(request, VERIFY_TIMEOUT)
         except WorkerDied:
             # The process died (OOM killer, a crash in a C extension): it is replaced;
             # one retry, so a message that kills it twice gets the error.
             log.warning("queue_id=%s auth process died; retrying once", message.queue_id)
-            answer = await self._workers.call(request)
+            answer = await self._workers.call(request, VERIFY_TIMEOUT)
         return decode_answer(answer)
 
     async def check(self, message: Message) -> AuthResults:
