@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -121,3 +122,29 @@ def test_services_lookup_by_type() -> None:
     assert services.find(int) is None
     with pytest.raises(FactError, match="int is not configured"):
         services.get(int)
+
+
+def test_fact_values_are_recorded_as_json_safe_copies() -> None:
+    from enum import StrEnum
+    from pathlib import Path
+
+    from relay.facts.base import _jsonable
+
+    class Word(StrEnum):
+        PASS = "pass"
+
+    value = {
+        "s": "x",
+        1: (True, None, 2.5, [Word.PASS, {"deep": frozenset({3})}]),
+        "path": Path("a/b"),
+        "set": {4},
+    }
+    copy = _jsonable(value)
+    assert copy == {
+        "s": "x",
+        "1": [True, None, 2.5, ["pass", {"deep": [3]}]],
+        "path": "a/b",
+        "set": [4],
+    }
+    assert json.loads(json.dumps(copy)) == copy
+    assert copy["1"] is not value[1] and type(copy["1"][3][0]) is Word
