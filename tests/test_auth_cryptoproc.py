@@ -20,6 +20,6 @@ def test_round_trip_equals_in_process_results() -> None:
     }
     for arc in (False, True):
         expected = verify_message(raw, keys, 10, arc)
-        got = decode_answer(handle(encode_request(raw, keys, 10, arc)))
+        got = decode_answer(handle(b"".join(encode_request(raw, keys, 10, arc))))
         assert got == expected
     assert [s.result for s in expected[0].signatures] == ["temperror", "permerror", "pass"]

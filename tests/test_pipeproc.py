@@ -59,8 +59,9 @@ async def test_answers_reach_their_callers_across_processes() -> None:
             assert body == payload[::-1]
             served_by.add(int(pid))
         assert served_by == pids  # both processes took work
-        big = os.urandom(5 << 20)  # larger than any pipe buffer
-        assert (await workers.call(big)).partition(b":")[2] == big[::-1]
+        big = os.urandom(5 << 20)  # larger than any pipe buffer, sent in pieces
+        answer = await workers.call(b"head:", big, b"tail")
+        assert answer.partition(b":")[2] == (b"head:" + big + b"tail")[::-1]
     finally:
         await workers.close()
 

@@ -36,6 +36,7 @@ log = logging.getLogger("relay.pipeproc")
 OK, ERROR = 0, 1
 MAX_FRAME = 1 << 31  # a sanity bound: the relay's own size limits are far below it
 _READ_SIZE = 1 << 20
+_JOIN_BELOW = 64 * 1024  # request pieces smaller than this leave joined in one write
 START_TIMEOUT = 60.0  # seconds for a child to import and say hello (a cold disk is slow)
 
 
@@ -53,7 +54,12 @@ class WorkerTimeout(Exception):
 
 
 def frame(status: int, payload: bytes) -> bytes:
-    return (len(payload) + 1).to_bytes(4, "big") + bytes((status,)) + payload
+    return frame_head(status, len(payload)) + payload
+
+
+def frame_head(status: int, size: int) -> bytes:
+    """The length and status bytes of a frame whose payload is ``size`` bytes."""
+    return (size + 1).to_bytes(4, "big") + bytes((status,))
 
 
 def split_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
@@ -95,18 +101,35 @@ class _Child(asyncio.SubprocessProtocol):
         assert isinstance(stdin, asyncio.WriteTransport)
         self._stdin = stdin
 
-    def send(self, payload: bytes, future: asyncio.Future[bytes]) -> None:
-        """Queue a request; every request of one loop turn leaves in one write, so a
-        loaded child wakes once for several of them (and answers them in one write)."""
+    def send(self, parts: tuple[bytes, ...], future: asyncio.Future[bytes]) -> None:
+        """Queue a request (its payload is ``parts`` joined); every request of one loop
+        turn leaves together, so a loaded child wakes once for several of them (and
+        answers them in one write)."""
         self.pending.append(future)
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(frame(OK, payload))
+        self._outbox.append(frame_head(OK, sum(map(len, parts))))
+        self._outbox.extend(parts)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        if self._stdin is not None and not self._stdin.is_closing():
-            self._stdin.write(b"".join(outbox) if len(outbox) > 1 else outbox[0])
+        stdin = self._stdin
+        if stdin is None or stdin.is_closing():
+            return
+        # Small pieces are joined into one write; a large one (a message body) is handed
+        # to the transport as it is: the transport copies what the pipe cannot take at
+        # once, and that must stay the only copy of a 25 MB message on the event loop.
+        small: list[bytes] = []
+        for piece in outbox:
+            if len(piece) < _JOIN_BELOW:
+                small.append(piece)
+                continue
+            if small:
+                stdin.write(b"".join(small))
+                small = []
+            stdin.write(piece)
+        if small:
+            stdin.write(b"".join(small))
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd != 1:
@@ -209,8 +232,9 @@ class PipeWorkers:
     def pids(self) -> list[int]:
         return [c.transport.get_pid() for c in self._children if c.transport is not None]
 
-    async def call(self, payload: bytes, kill_after: float | None = None) -> bytes:
-        """The answer to ``payload`` from the least busy child. Raises WorkerDied when the
+    async def call(self, *parts: bytes, kill_after: float | None = None) -> bytes:
+        """The answer to the request ``parts`` joined (passed apart so a large part is
+        never copied to join it) from the least busy child. Raises WorkerDied when the
         child exits first, WorkerError when its handler failed, WorkerTimeout when no
         answer came within ``kill_after`` seconds: then the child is killed, as one stuck
         on an input must not hold every later message (a caller's own timeout would only
@@ -223,7 +247,7 @@ class PipeWorkers:
             raise WorkerDied(f"{self.name}: no process could be started")
         child = min(self._children, key=lambda c: len(c.pending))
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        child.send(payload, future)
+        child.send(parts, future)
         if kill_after is None:
             return await future
         # a timer, not wait_for: no extra task or future per request on the hot path

@@ -109,12 +109,12 @@ class Authenticator:
             return await self._batcher.run(call)
         request = encode_request(message.raw, keys, self.max_signatures, arc)
         try:
-            answer = await self._workers.call(request, VERIFY_TIMEOUT)
+            answer = await self._workers.call(*request, kill_after=VERIFY_TIMEOUT)
         except WorkerDied:
             # The process died (OOM killer, a crash in a C extension): it is replaced;
             # one retry, so a message that kills it twice gets the error.
             log.warning("queue_id=%s auth process died; retrying once", message.queue_id)
-            answer = await self._workers.call(request, VERIFY_TIMEOUT)
+            answer = await self._workers.call(*request, kill_after=VERIFY_TIMEOUT)
         return decode_answer(answer)
 
     async def check(self, message: Message) -> AuthResults:
