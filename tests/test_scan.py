@@ -73,3 +73,19 @@ def test_scan_unknown_fact_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "unknown fact 'no_such_fact'" in out.stderr.decode()
+
+
+def test_scan_of_an_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[model]\nenabled = false\n[policy]\npath = ""\n')
+    for target, reason in ((tmp_path / "missing.eml", "No such file"), (tmp_path, "directory")):
+        out = subprocess.run(
+            [sys.executable, "-m", "relay.cli", "scan", str(target), "--config", str(cfg)],
+            capture_output=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        err = out.stderr.decode()
+        assert out.returncode == 2, err
+        assert f"relay: cannot read {target}" in err and reason in err
+        assert "Traceback" not in err

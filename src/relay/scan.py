@@ -17,7 +17,7 @@ from typing import Any
 
 from relay.app import load_decider, open_services
 from relay.config import Settings
-from relay.errors import FactError
+from relay.errors import FactError, RelayError
 from relay.facts import Facts, Services, default_registry
 from relay.message import Message, Peer
 
@@ -47,7 +47,11 @@ def _message(req: ScanRequest, data: bytes) -> Message:
 
 async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
     registry = default_registry()
-    message = _message(req, req.path.read_bytes())
+    try:
+        data = req.path.read_bytes()
+    except OSError as exc:  # a missing file, a directory, no permission: say which
+        raise RelayError(f"cannot read {req.path}: {exc.strerror or exc}") from None
+    message = _message(req, data)
     async with contextlib.AsyncExitStack() as stack:
         services = Services(*await open_services(settings, stack))
         decider = load_decider(settings, registry)
