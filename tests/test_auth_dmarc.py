@@ -203,6 +203,7 @@ async def test_warm_cache_answers_as_the_cold_path_without_dns(
     auth: Authenticator,
     dns: LocalDns,
     keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
     domain: str,
     signer: str,
     mail_from: str,
@@ -213,6 +214,11 @@ async def test_warm_cache_answers_as_the_cold_path_without_dns(
     signers = (getattr(keys, signer),) if signer else ()
     cold = await check(auth, domain, signers, mail_from=mail_from, ip=ip)
     asked = len(dns.queries)
+
+    def asynchronous_path(*args: object) -> None:
+        raise AssertionError("the warm check left the cache pass")
+
+    monkeypatch.setattr(auth, "_fetch_keys", asynchronous_path)
     warm = await check(auth, domain, signers, mail_from=mail_from, ip=ip)
     assert len(dns.queries) == asked
     assert replace(warm, seconds=0.0) == replace(cold, seconds=0.0)

@@ -126,7 +126,7 @@ async def test_close_ends_every_process_and_refuses_new_calls() -> None:
         await workers.call(b"late")
 
 
-def test_children_die_with_their_parent(tmp_path: object) -> None:
+def test_children_die_with_their_parent() -> None:
     """A relay process killed outright (SIGKILL, OOM) leaves no child behind."""
     script = textwrap.dedent(
         f"""

@@ -11,7 +11,8 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
-    """Pool initializer: have the kernel send ``sig`` to this process when its parent dies.
+    """Call first thing in a pool or pipe child: have the kernel send ``sig`` to this
+    process when its parent dies.
 
     Without it, a relay worker killed during start-up (or by SIGKILL) leaves its classifier
     processes running, each holding a model in memory. Linux only; elsewhere a no-op.

@@ -1,13 +1,14 @@
-"""DKIM signature maths through OpenSSL (``cryptography``), around dkimpy's parsing.
+"""DKIM signature maths through OpenSSL (``cryptography``), around dkimpy's checks.
 
 dkimpy checks RSA in pure Python: big-integer ``pow``, byte-at-a-time conversions and an
 ASN.1 parse of the key on every message, about 0.4 ms of the 0.6 ms one RSA-2048
-signature costs (bench/results/auth.md). Everything that decides *what* is verified stays
-dkimpy's: tag parsing and validation (``verify_headerprep``), the key record
-(``evaluate_pk``), header canonicalisation and selection and the header hash
-(``hash_headers``). The signature check itself ("does this signature match this digest
-under this key") runs in C, with keys parsed once per distinct record, and the relaxed
-body canonicalisation uses one cheaper regular expression with the same output.
+signature costs (bench/results/auth.md). What decides *what* is verified stays dkimpy's:
+the key record (``evaluate_pk``), the canonicalisation policy (``c=``) and the bottom-up
+choice of signed fields (``select_headers``); tag parsing and validation happen in
+auth/verify.py. The header hash follows dkimpy's ``hash_headers`` over fields
+canonicalised by auth/dkimparse.py (same bytes, cheaper), and the signature check itself
+("does this signature match this digest under this key") runs in C, with keys parsed
+once per distinct record.
 
 Same results as dkimpy's ``verify_sig_process`` (the dkim-samples corpus and
 tests/test_auth_dkim.py hold both to it), except that a key under ``min_bits`` is a

@@ -7,7 +7,7 @@ signature whose key was not prefetched simply has no key.
 What dkimpy does not give and is wrapped here:
 - ``dkim.verify()`` answers only True/False for the first signature. We run its steps
   per signature (``parse_tag_value``, ``validate_signature_fields``, ``evaluate_pk``,
-  ``hash_headers``) so each gets a result word (pass/fail/temperror/permerror) and a
+  ``select_headers``) so each gets a result word (pass/fail/temperror/permerror) and a
   reason. The message is split once for all signatures and only the signed fields are
   canonicalised (auth/dkimparse.py, same bytes as dkimpy); the signature maths runs in
   OpenSSL (auth/sigcrypto.py), as dkimpy's own RSA is pure Python.
