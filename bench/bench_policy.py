@@ -128,6 +128,7 @@ def registry() -> FactRegistry:
 def message() -> Message:
     return Message.from_file_bytes(
         b"From: a@sender.test\r\nSubject: bench\r\n\r\nbody\r\n",
+        received_at=1_795_000_000.0,  # preset facts only: any fixed time
         mail_from="a@sender.test",
         rcpt_to=["bob@example.org"],
     )

@@ -50,10 +50,11 @@ async def test_waiting_calls_leave_together_with_their_own_results() -> None:
     with CountingPool() as pool:
         batcher: Batcher[int] = Batcher(pool)
         first = asyncio.ensure_future(batcher.run(lambda: rec.call(0)))
-        await asyncio.sleep(0.05)  # the first batch (one call) is running and blocked
+        # One loop pass, not a wait on the clock: each task's first step queues its call.
+        await asyncio.sleep(0)  # the first batch (one call) left, blocked until the gate
         later = [asyncio.ensure_future(batcher.run(partial(rec.call, n))) for n in range(1, 21)]
         cancelled = asyncio.ensure_future(batcher.run(lambda: rec.call(99)))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # every later call is waiting for the first batch
         cancelled.cancel()
         rec.gate.set()
         assert await first == 0

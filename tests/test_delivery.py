@@ -150,7 +150,10 @@ async def test_maildir_failure_is_temporary(tmp_path: Path) -> None:
     txn = await transport.begin("a@b.test")
     await txn.add_recipient("bob@example.org")
     msg = Message(
-        b"Subject: x\r\n\r\ny\r\n", Envelope("a@b.test", ("bob@example.org",)), Peer("127.0.0.1")
+        b"Subject: x\r\n\r\ny\r\n",
+        Envelope("a@b.test", ("bob@example.org",)),
+        Peer("127.0.0.1"),
+        received_at=1_795_000_000.0,
     )
     from relay.errors import TemporaryDeliveryError
 

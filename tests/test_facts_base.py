@@ -19,6 +19,7 @@ def message() -> Message:
         b"Subject: x\r\n\r\nbody\r\n",
         Envelope("a@sender.test", ("b@example.org", "c@example.org")),
         Peer("192.0.2.7", helo="mx.sender.test"),
+        received_at=1_795_000_000.0,
     )
 
 

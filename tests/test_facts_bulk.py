@@ -86,10 +86,13 @@ def _message(
     head = f"From: {sender}\nTo: {', '.join(rcpt)}\nSubject: s\n"
     if msgid:
         head += f"Message-ID: <{msgid}>\n"
-    msg = Message.from_file_bytes(
-        (head + "\n" + body).encode(), mail_from=sender, rcpt_to=rcpt, peer=Peer(ip=ip)
+    return Message.from_file_bytes(
+        (head + "\n" + body).encode(),
+        received_at=when,
+        mail_from=sender,
+        rcpt_to=rcpt,
+        peer=Peer(ip=ip),
     )
-    return Message(msg.raw, msg.envelope, msg.peer, received_at=when)
 
 
 async def _get(msg: Message, name: str, services: Services) -> object:

@@ -38,7 +38,7 @@ def test_every_content_fact_has_a_golden_case() -> None:
 
 def _mime(body: str, headers: str = "") -> Message:
     head = "From: a@example.com\nTo: b@example.org\nSubject: s\nMIME-Version: 1.0\n" + headers
-    return Message.from_file_bytes((head + "\n" + body).encode())
+    return Message.from_file_bytes((head + "\n" + body).encode(), received_at=1_795_000_000.0)
 
 
 def test_html_text_drops_scripts_and_keeps_links() -> None:

@@ -38,7 +38,9 @@ def test_every_header_fact_has_a_golden_case() -> None:
 
 
 def _msg(head: str, body: str = "Hello.\r\n") -> Message:
-    return Message.from_file_bytes((head.strip() + "\n\n" + body).encode())
+    return Message.from_file_bytes(
+        (head.strip() + "\n\n" + body).encode(), received_at=1_795_000_000.0
+    )
 
 
 async def _fact(msg: Message, name: str, services: Services, **preset: object) -> object:

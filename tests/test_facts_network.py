@@ -20,6 +20,7 @@ from tests.support.dnsserver import LocalDns
 from tests.support.golden_facts import Case, check_case, covered, family_cases
 
 REGISTRY = FactRegistry(network.FACTS)
+T0 = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
 ZONES = ["bl.test", "bl2.test", "slow.test"]
 ZONE = {
     # 192.0.2.4: a well-named mail server
@@ -75,7 +76,7 @@ def _msg(
     ip: str, helo: str | None = None, port: int = 0, attempted: int = 0, refused: int = 0
 ) -> Message:
     peer = Peer(ip=ip, port=port, helo=helo, rcpt_attempted=attempted, rcpt_refused=refused)
-    return Message.from_file_bytes(b"From: a@example.com\n\nx\n", peer=peer)
+    return Message.from_file_bytes(b"From: a@example.com\n\nx\n", received_at=T0, peer=peer)
 
 
 async def _get(msg: Message, name: str, services: Services) -> object:

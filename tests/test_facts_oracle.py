@@ -34,8 +34,11 @@ def test_every_oracle_fact_is_marked_lab_only() -> None:
     assert all(spec.lab_only for spec in oracle.FACTS)
 
 
+T0 = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
+
+
 def _msg(sender: str, rcpt: list[str]) -> Message:
-    return Message.from_file_bytes(f"From: {sender}\n\nx\n".encode(), rcpt_to=rcpt)
+    return Message.from_file_bytes(f"From: {sender}\n\nx\n".encode(), received_at=T0, rcpt_to=rcpt)
 
 
 async def test_absent_lists_make_facts_missing_not_false(tmp_path: Path) -> None:
@@ -64,7 +67,9 @@ async def test_consent_needs_every_recipient(tmp_path: Path) -> None:
 
 
 def test_sender_keys_walk_up_domains() -> None:
-    msg = Message.from_file_bytes(b"From: N <n@a.b.example>\n\nx\n", mail_from="bounce@c.example")
+    msg = Message.from_file_bytes(
+        b"From: N <n@a.b.example>\n\nx\n", received_at=T0, mail_from="bounce@c.example"
+    )
     assert sender_keys(msg) == [
         "n@a.b.example", "a.b.example", "b.example", "bounce@c.example", "c.example",
     ]  # fmt: skip

@@ -9,6 +9,8 @@ Authentication comes offline from Authentication-Results of the trusted mx.lab.e
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import mailbox
 import shutil
@@ -171,20 +173,23 @@ def test_process_pool_gives_the_same_report(tmp_path: Path) -> None:
     assert pooled["facts"]["jobs"] == 2
 
 
-def test_corpus_time_order_date_then_file_order() -> None:
+def test_corpus_time_order_received_then_date_then_file_order() -> None:
     corpus = load_corpus(sources_from_labels(CORPUS, LABELS, "test"), "fixture")
     order = [m.id for m in corpus.messages]
-    # mortgage.eml is dated 31 July; no-date.eml keeps the time of spoof.eml before it.
+    # Each message's time is its newest Received date: mortgage.eml claims 31 July in its
+    # Date field but arrived on 7 August; no-date.eml arrived on 6 August.
     assert order == [
-        "spam/mortgage.eml",
         "ham/personal.eml",
         "ham/list-post.eml",
         "ham/authenticated.eml",
         "spam/spoof.eml",
         "spam/no-date.eml",
+        "spam/mortgage.eml",
     ]
     by_id = {m.id: m for m in corpus.messages}
-    assert by_id["spam/no-date.eml"].time == by_id["spam/spoof.eml"].time
+    mortgage = dt.datetime.fromtimestamp(by_id["spam/mortgage.eml"].time, dt.UTC)
+    assert mortgage == dt.datetime(2002, 8, 7, 5, 0, 1, tzinfo=dt.UTC)
+    assert by_id["spam/mortgage.eml"].to_message().received_at == by_id["spam/mortgage.eml"].time
     spoof = by_id["spam/spoof.eml"]
     assert spoof.envelope.mail_from == "billing@bank.example"
     assert spoof.envelope.rcpt_to == ("bob@example.net",)
@@ -255,6 +260,27 @@ def test_ham_and_spam_directories(tmp_path: Path) -> None:
     corpus = load_corpus(sources, "dirs")
     assert len(corpus.messages) == 7
     assert sorted(u.reason for u in corpus.unreadable) == ["empty file", "no header fields"]
+
+
+def test_corpus_message_without_a_date_keeps_the_time_before_it(tmp_path: Path) -> None:
+    box = tmp_path / "spam"
+    box.mkdir()
+    (box / "1.eml").write_text("From: a@x.example\nSubject: undated first\n\nx\n")
+    (box / "2.eml").write_text("From: a@x.example\nDate: Mon, 2 Sep 2002 10:00:00 +0000\n\nx\n")
+    (box / "3.eml").write_text("From: a@x.example\nDate: garbage\n\nx\n")
+    corpus = load_corpus(sources_from_box(box, "spam"), "undated")
+    times = {m.id: m.time for m in corpus.messages}
+    dated = dt.datetime(2002, 9, 2, 10, tzinfo=dt.UTC).timestamp()
+    # Never the wall clock: the first falls back to the epoch, the third to the second's time.
+    assert times == {"spam/1.eml": 0.0, "spam/2.eml": dated, "spam/3.eml": dated}
+
+
+def test_corpus_order_digest_covers_the_times() -> None:
+    """Stateful facts count in windows over the times: cached ones are only valid for the
+    same messages at the same times, in the same order."""
+    corpus = load_corpus(sources_from_labels(CORPUS, LABELS, "test"), "fixture")
+    later = tuple(dataclasses.replace(m, time=m.time + 3600) for m in corpus.messages)
+    assert dataclasses.replace(corpus, messages=later).order_digest() != corpus.order_digest()
 
 
 def _bulk_corpus(root: Path) -> None:

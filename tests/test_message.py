@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from relay.message import Envelope, Message, Peer, format_header, strip_mbox_from, to_crlf
+from relay.errors import MessageTimeError
+from relay.message import (
+    Envelope,
+    Message,
+    Peer,
+    format_header,
+    header_time,
+    strip_mbox_from,
+    to_crlf,
+)
 
 RAW = (
     b"Received: from a\r\n\tby b\r\nFrom: =?utf-8?q?J=C3=B6rg?= <j@example.com>\r\n"
     b"Authentication-Results: relay.test; spf=pass\r\n"
     b"Subject: hi\r\n\r\nbody line\r\nAuthentication-Results: in the body stays\r\n"
 )
+T0 = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC: tests pin time, never read the clock
 
 
 def msg(raw: bytes = RAW) -> Message:
-    return Message(raw, Envelope("j@example.com", ("bob@example.org",)), Peer("192.0.2.1"))
+    return Message(
+        raw, Envelope("j@example.com", ("bob@example.org",)), Peer("192.0.2.1"), received_at=T0
+    )
 
 
 def test_parsed_once_and_headers_decoded() -> None:
@@ -50,7 +64,9 @@ def test_without_headers_touches_only_the_header_block() -> None:
 
 
 def test_file_bytes_drop_mbox_line_and_normalise_line_ends() -> None:
-    m = Message.from_file_bytes(b"From x@y  Mon Jan 1 00:00:00 2002\nSubject: a\n\nb\rc\n")
+    m = Message.from_file_bytes(
+        b"From x@y  Mon Jan 1 00:00:00 2002\nSubject: a\n\nb\rc\n", received_at=T0
+    )
     assert m.raw == b"Subject: a\r\n\r\nb\r\nc\r\n"
     assert strip_mbox_from(b"Subject: x\n") == b"Subject: x\n"
     assert to_crlf(b"a\nb\r\nc\rd") == b"a\r\nb\r\nc\r\nd"
@@ -82,3 +98,49 @@ def test_reading_headers_does_not_parse_the_body() -> None:
     assert m.header("subject") == "big"
     assert [n for n, _ in m.header_fields] == ["Subject", "From"]
     assert "parsed" not in m.__dict__  # the full MIME parse was never needed
+
+
+def _utc(year: int, month: int, day: int, hour: int, minute: int = 0, second: int = 0) -> float:
+    return dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC).timestamp()
+
+
+def test_header_time_is_the_newest_received_date_then_the_date() -> None:
+    fields = [
+        ("Subject", "Mon, 1 Jan 2001 00:00:00 +0000"),  # only Received and Date count
+        ("Received", "from mx1 by mx2;\r\n\tWed, 7 Aug 2002 07:00:01 +0200 (CEST)"),
+        ("Received", "from out by mx1; Tue, 6 Aug 2002 05:00:00 +0000"),
+        ("Date", "Wed, 31 Jul 2002 05:00:00 +0000"),
+    ]
+    assert header_time(fields) == _utc(2002, 8, 7, 5, 0, 1)
+    assert header_time(fields[3:]) == _utc(2002, 7, 31, 5)
+    # "-0000" means UTC with the sender's zone unknown (RFC 5322 3.3)
+    assert header_time([("DATE", "7 Aug 2002 05:00:01 -0000")]) == _utc(2002, 8, 7, 5, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "not a date", "Mon, 99 Jan 2002", "1 Jan 99999 00:00:00 +0000",
+     "1 Jan 2002 00:00:00 +9999", "31 Feb 2002 00:00 +0000", "\x00\udcff"],
+)  # fmt: skip
+def test_header_time_skips_garbled_dates_and_never_raises(value: str) -> None:
+    later = ("Received", "from a by b; Tue, 6 Aug 2002 05:00:00 +0000")
+    assert header_time([("Received", f"by mx; {value}"), later]) == _utc(2002, 8, 6, 5)
+    assert header_time([("Received", "from a by b (no date at all)"), ("Date", value)]) is None
+
+
+def test_file_bytes_take_the_time_from_the_caller_or_the_message() -> None:
+    data = b"Received: by mx; Wed, 7 Aug 2002 05:00:01 +0000\nDate: 31 Jul 2002 05:00 +0000\n\nx\n"
+    assert Message.from_file_bytes(data).received_at == _utc(2002, 8, 7, 5, 0, 1)
+    assert Message.from_file_bytes(data, received_at=T0).received_at == T0
+
+
+def test_file_bytes_without_a_date_are_an_error_not_now() -> None:
+    with pytest.raises(MessageTimeError, match="no Received or Date"):
+        Message.from_file_bytes(b"Subject: undated\nDate: garbage\n\nx\n")
+    undated = Message.from_file_bytes(b"Subject: undated\n\nx\n", received_at=0.0)
+    assert undated.received_at == 0.0
+
+
+def test_a_message_has_no_default_time() -> None:
+    with pytest.raises(TypeError, match="received_at"):
+        Message(b"x", Envelope("", ()), Peer("192.0.2.1"))  # type: ignore[call-arg]

@@ -58,6 +58,10 @@ def _copy(tmp_path: Path) -> Path:
     return dst
 
 
+def _stored(data: bytes) -> Message:
+    return Message.from_file_bytes(data, received_at=1_795_000_000.0)  # the model reads no time
+
+
 def _edit_card(path: Path, **changes: Any) -> None:
     card = json.loads(card_path(path).read_text())
     card.update(changes)
@@ -132,18 +136,18 @@ async def test_classifier_pool_serves_facts_off_the_loop() -> None:
         )
         registry = default_registry()
         services = Services(classifier)
-        spam = Facts(registry, Message.from_file_bytes(SPAM), services)
-        ham = Facts(registry, Message.from_file_bytes(HAM), services)
+        spam = Facts(registry, _stored(SPAM), services)
+        ham = Facts(registry, _stored(HAM), services)
         assert await spam.get("spam_probability") > 0.9
         assert await ham.get("spam_probability") < 0.1
         assert await ham.get("parse_degraded") is False
         # One pool round-trip feeds both public facts.
         assert [r.name for r in ham.reads()] == ["classifier", "spam_probability", "parse_degraded"]
         # Concurrent requests are batched; each still gets its own message's answer.
-        mixed = [Message.from_file_bytes(SPAM if i % 3 else HAM) for i in range(40)]
+        mixed = [_stored(SPAM if i % 3 else HAM) for i in range(40)]
         probs = await asyncio.gather(*(classifier.predict(m) for m in mixed))
         assert [p > 0.5 for p in probs] == [bool(i % 3) for i in range(40)]
-        garbage = Facts(registry, Message.from_file_bytes(b"\x00\xff\xfe\x80 junk"), services)
+        garbage = Facts(registry, _stored(b"\x00\xff\xfe\x80 junk"), services)
         probability = await garbage.get("spam_probability")
         assert 0.0 <= probability <= 1.0
         assert await garbage.get("parse_degraded") is True
@@ -152,7 +156,7 @@ async def test_classifier_pool_serves_facts_off_the_loop() -> None:
 
 
 async def test_facts_without_a_classifier_are_errors_not_crashes() -> None:
-    facts = Facts(default_registry(), Message.from_file_bytes(HAM), Services())
+    facts = Facts(default_registry(), _stored(HAM), Services())
     with pytest.raises(FactError, match="Classifier is not configured"):
         await facts.get("spam_probability")
 

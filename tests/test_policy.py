@@ -64,6 +64,7 @@ class World:
 def msg(*rcpts: str) -> Message:
     return Message.from_file_bytes(
         b"From: a@sender.test\r\nSubject: hi\r\n\r\nbody\r\n",
+        received_at=1_795_000_000.0,
         mail_from="a@sender.test",
         rcpt_to=rcpts or ("bob@example.org",),
     )
@@ -779,17 +780,6 @@ def test_cli_reload_refuses_broken_policy_and_signals_good(
 def test_default_policy_is_valid() -> None:
     registry = default_registry()
     path = REPO / "config" / "policy.toml"
-    import tomllib
-
-    data = tomllib.loads(path.read_text())
-    import cel
-
-    used: set[str] = set()
-    for rule in data["rule"]:
-        used |= set(cel.compile(rule["when"]).variables())
-    missing = sorted(n for n in used if n not in registry)
-    if missing:
-        pytest.skip(f"facts not registered yet: {', '.join(missing)}")
-    policy = load_policy(path, registry)
+    policy = load_policy(path, registry)  # PolicyError, never a skip, on an unknown fact
     assert policy.name == "default"
     assert policy.max_tier is Tier.CONTENT

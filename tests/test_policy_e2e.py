@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -69,6 +70,15 @@ when = 'mail_from_domain == "tempfail.test"'
 action = "tempfail"
 reason = "Greylisted by the e2e policy"
 """
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for ``condition`` itself, not for a time that usually suffices."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 def settings_for(tmp_path: Path, sink: Sink, policy_text: str) -> Settings:
@@ -202,7 +212,7 @@ async def test_reload_good_then_broken_file_while_mail_flows(tmp_path: Path) -> 
                         after_swap.append(code)
 
             senders = [asyncio.create_task(traffic()) for _ in range(4)]
-            await asyncio.sleep(0.3)
+            await until(lambda: results.count(250) >= 4, "mail under the first policy")
 
             # a session that starts under the old policy finishes under it
             inflight = await RawClient.connect(relay.port)
@@ -220,11 +230,12 @@ async def test_reload_good_then_broken_file_while_mail_flows(tmp_path: Path) -> 
             assert (await inflight.cmd(body)).startswith("250")
             await inflight.close()
 
-            await asyncio.sleep(0.3)
+            await until(lambda: len(after_swap) >= 4, "mail under the reloaded policy")
             policy_path.write_text(REJECT_PLAIN.replace("mail_from_domain", "mail_from_dom"))
             assert not relay.reload_policy()  # broken: the running policy stays
             assert relay.pipeline.policy.current.name == "closed"
-            await asyncio.sleep(0.3)
+            answered = len(after_swap)
+            await until(lambda: len(after_swap) >= answered + 4, "mail after the failed reload")
             stop.set()
             await asyncio.gather(*senders)
             after = await attempt(relay.port, "a@plain.test")
@@ -328,7 +339,10 @@ path = "{tmp_path / "quarantine"}"
         )
         assert done.returncode == 1 and "unknown fact 'mail_from_dom'" in done.stderr
         proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(0.5)
+        await until(  # the relay's own word that it handled the signal
+            lambda: b"policy reload failed, keeping closed" in log_path.read_bytes(),
+            "the failed reload in relay.log",
+        )
         assert proc.poll() is None
         assert (await attempt(port, "a@plain.test"))[0] == 550
     finally:

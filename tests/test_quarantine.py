@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from relay.cli import main
-from relay.delivery import MemoryTransport, SmtpTransport
+from relay.delivery import MemoryTransport, SmtpTransport, Transaction, XForward
 from relay.errors import QuarantineError
 from relay.message import Envelope, Message, Peer
 from relay.quarantine import QuarantineStore
+from relay.reply import Reply
 from relay.verdict import Action, RuleHit, Verdict
 from tests.support.relay import sink_server
 
@@ -21,6 +24,7 @@ RAW = (
     b"From: Spammer <s@spam.test>\r\nTo: bob@example.org\r\nSubject: win\r\n"
     b"X-Odd:  spacing kept \t\r\n\r\nbody line\r\n\xff raw 8-bit byte\r\n"
 )
+RECEIVED_AT = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
 
 
 def message(rcpts: tuple[str, ...] = ("bob@example.org", "carol@example.org")) -> Message:
@@ -28,6 +32,7 @@ def message(rcpts: tuple[str, ...] = ("bob@example.org", "carol@example.org")) -
         raw=RAW,
         envelope=Envelope("s@spam.test", rcpts, ("SIZE=120", "BODY=8BITMIME")),
         peer=Peer(ip="192.0.2.7", helo="spam.test"),
+        received_at=RECEIVED_AT,
     )
 
 
@@ -115,6 +120,42 @@ async def test_release_delivers_exact_bytes_and_removes(tmp_path: Path) -> None:
     ]
     assert transport.delivered == [("s@spam.test", ("bob@example.org", "carol@example.org"), RAW)]
     assert await store.list() == []
+
+
+class _Timed:
+    """A transaction that notes each message's received_at, then passes it on."""
+
+    def __init__(self, inner: Transaction, times: list[float]) -> None:
+        self.inner, self.times = inner, times
+
+    async def add_recipient(self, address: str) -> Reply:
+        return await self.inner.add_recipient(address)
+
+    async def send(self, message: Message) -> Reply:
+        self.times.append(message.received_at)
+        return await self.inner.send(message)
+
+    async def abort(self) -> None:
+        await self.inner.abort()
+
+
+@dataclass
+class _TimedTransport(MemoryTransport):
+    times: list[float] = field(default_factory=list)
+
+    async def begin(
+        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
+    ) -> Transaction:
+        return _Timed(await super().begin(mail_from, options, xforward), self.times)
+
+
+async def test_release_keeps_the_arrival_time(tmp_path: Path) -> None:
+    store = QuarantineStore(tmp_path)
+    qid = await store.put(message(), VERDICT)
+    assert (await store.show(qid))[0].received_at == RECEIVED_AT
+    transport = _TimedTransport()
+    assert (await store.release(qid, transport)).removed
+    assert transport.times == [RECEIVED_AT]  # the stored time, not the time of release
 
 
 async def test_partial_release_keeps_refused_recipients(tmp_path: Path) -> None:
@@ -213,7 +254,6 @@ def test_cli_list_show_release_delete(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_sweep_removes_only_stale_half_written_entries(tmp_path: Path) -> None:
     import os
-    import time
 
     from relay.quarantine import QuarantineStore
 
@@ -223,8 +263,10 @@ def test_sweep_removes_only_stale_half_written_entries(tmp_path: Path) -> None:
     for d in (old, fresh):
         d.mkdir(parents=True)
         (d / "message.eml").write_bytes(b"x")
-    two_hours_ago = time.time() - 7200
+    # Two hours older than the fresh one, on the file system's clock (the sweep's too).
+    two_hours_ago = fresh.stat().st_mtime - 7200
     os.utime(old, (two_hours_ago, two_hours_ago))
     assert store.sweep_stale() == 1
     assert not old.exists()
     assert fresh.exists()  # another process may still be writing it
+    assert [p.name for p in (tmp_path / "q" / ".tmp").iterdir()] == ["fresh-entry"]

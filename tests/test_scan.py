@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from relay.cli import main
 from tests.support.relay import simple_message
 
 
@@ -89,3 +92,28 @@ def test_scan_of_an_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
         assert out.returncode == 2, err
         assert f"relay: cannot read {target}" in err and reason in err
         assert "Traceback" not in err
+
+
+def test_scan_time_is_the_option_else_the_message_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the state store under var/ goes there
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[model]\nenabled = false\n[policy]\npath = ""\n[auth]\nenabled = false\n')
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"Received: by mx; Wed, 7 Aug 2002 05:00:01 +0000\r\n" + simple_message())
+    args = ["scan", str(eml), "--config", str(cfg), "--facts", "client_ip"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["time"] == "2002-08-07T05:00:01+00:00"
+    assert main([*args, "--time", "2030-01-02T03:04:05+01:00"]) == 0
+    assert json.loads(capsys.readouterr().out)["time"] == "2030-01-02T02:04:05+00:00"
+    assert main([*args, "--time", "2030-01-02T03:04:05"]) == 0  # no offset: UTC
+    assert json.loads(capsys.readouterr().out)["time"] == "2030-01-02T03:04:05+00:00"
+
+    undated = tmp_path / "undated.eml"
+    undated.write_bytes(b"From: a@sender.test\r\nSubject: no date\r\n\r\nx\r\n")
+    assert main(["scan", str(undated), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{undated}: message has no Received or Date" in err and "--time" in err
+    assert main(["scan", str(undated), "--config", str(cfg), "--time", "2030-01-02"]) == 0
+    assert json.loads(capsys.readouterr().out)["time"] == "2030-01-02T00:00:00+00:00"

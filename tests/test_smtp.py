@@ -321,3 +321,34 @@ async def test_forged_spam_headers_are_removed_from_accepted_mail(tmp_path: Path
     data = maildir_files(tmp_path)[0].read_bytes()
     assert b"X-Spam-" not in data
     assert data.endswith(simple_message())
+
+
+async def test_an_unexpected_error_is_a_451_and_the_session_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug below the SMTP layer never reaches the client as ``500 Error: (X) ...``:
+    the transaction is dropped with 451 4.3.0 and the next one works."""
+    async with running_relay(make_settings(tmp_path)) as relay:
+        real_begin = relay.transport.begin
+        calls = 0
+
+        async def flaky_begin(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ValueError("boom")
+            return await real_begin(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(relay.transport, "begin", flaky_begin)
+        c = await RawClient.connect(relay.port)
+        await c.cmd("EHLO client.test")
+        assert (await c.cmd("MAIL FROM:<alice@sender.test>")).startswith("250")
+        assert (await c.cmd("RCPT TO:<bob@example.org>")).startswith("451 4.3.0")
+        # the transaction is over, as after RSET: a fresh one goes through
+        assert (await c.cmd("RCPT TO:<bob@example.org>")).startswith("503 5.5.1")
+        assert (await c.cmd("MAIL FROM:<alice@sender.test>")).startswith("250")
+        assert (await c.cmd("RCPT TO:<bob@example.org>")).startswith("250")
+        assert (await c.cmd("DATA")).startswith("354")
+        assert (await c.cmd(b"Subject: x\r\n\r\nx\r\n.\r\n")).startswith("250")
+        await c.close()
+    assert len(maildir_files(tmp_path)) == 1

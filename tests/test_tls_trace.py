@@ -19,15 +19,16 @@ from tests.support.relay import make_settings, running_relay, send, simple_messa
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
-    now = datetime.datetime.now(datetime.UTC)
+    # Valid from 2000 to 2100, whatever day the tests run (or the clock claims).
+    start = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(start)
+        .not_valid_after(start.replace(year=2100))
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -81,3 +82,22 @@ async def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"smtp\.tls_cert"):
         async with running_relay(settings):
             pass
+
+
+async def test_starttls_at_the_connection_limit_keeps_its_session(tmp_path: Path) -> None:
+    """The TLS handshake re-enters connection_made: the session is the same one, so it is
+    neither refused by the connection limit nor counted twice."""
+    cert, key = self_signed(tmp_path)
+    settings = make_settings(
+        tmp_path,
+        {"smtp": {"tls_cert": str(cert), "tls_key": str(key), "max_connections": 1}},
+    )
+    async with running_relay(settings) as relay:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=relay.port, start_tls=True, validate_certs=False
+        )
+        await client.connect()
+        await client.sendmail("alice@sender.test", ["bob@example.org"], simple_message())
+        assert len(relay.sessions.open) == 1
+        await client.quit()
+    assert delivered(tmp_path).endswith(simple_message())

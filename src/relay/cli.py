@@ -7,6 +7,7 @@ lazily, so `relay --help` stays fast and one broken extra never stops `relay ser
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=run)
 
 
+def _iso_time(text: str) -> float:
+    """An ISO 8601 time as Unix seconds; one without an offset is UTC."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
 def _add_scan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("scan", help="print the facts and the verdict for one message as JSON")
     p.add_argument("file", type=Path, help="message file (.eml; an mbox From_ line is fine)")
@@ -39,6 +49,12 @@ def _add_scan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--client-ip", default="127.0.0.1", help="SMTP client address")
     p.add_argument("--helo", help="HELO name")
     p.add_argument("--facts", default="", help="comma-separated fact names (default: all)")
+    p.add_argument(
+        "--time",
+        type=_iso_time,
+        help="the message's time, ISO 8601 (UTC unless an offset is given); "
+        "default: its newest Received date, else its Date",
+    )
 
     def run(args: argparse.Namespace) -> int:
         import asyncio
@@ -59,6 +75,7 @@ def _add_scan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             client_ip=args.client_ip,
             helo=args.helo,
             facts=tuple(n.strip() for n in args.facts.split(",") if n.strip()),
+            time=args.time,
         )
         print(json.dumps(asyncio.run(scan(settings, req)), indent=2, sort_keys=False))
         return 0

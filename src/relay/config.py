@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from relay.errors import ConfigError
+from relay.idn import to_alabel
 
 DEFAULT_CONFIG = Path("config/relay.toml")
 
@@ -246,17 +247,15 @@ def _optional_path(text: str) -> Path | None:
 
 
 def _domain(reader: _Reader, key: str, text: str) -> str:
-    domain = text.strip().rstrip(".").lower()
+    """A-label form (relay.idn), as relay control compares it; a leading "." (every
+    subdomain) is kept."""
+    raw = text.strip().rstrip(".").lower()  # the operator's own spelling may be mixed-case
+    suffix = raw.startswith(".")
     try:
-        domain.encode("ascii")
-    except UnicodeEncodeError:
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise reader.fail(key, f"invalid domain {text!r}") from None
-    if not domain or " " in domain or "@" in domain or domain.startswith("["):
-        raise reader.fail(key, f"invalid domain {text!r}")
-    return domain
+        domain = to_alabel(raw[1:] if suffix else raw)
+    except ValueError:
+        raise reader.fail(key, f"invalid domain {text!r}") from None
+    return "." + domain if suffix else domain
 
 
 def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> Settings:

@@ -36,6 +36,9 @@ from relay.message import Message
 from relay.reply import Reply
 
 MAX_IDLE_SECONDS = 30.0  # reuse a pooled connection only if it idled less than this
+# RFC 6531 3.2: a message that needs SMTPUTF8 is refused, never downgraded, when the next
+# hop does not offer it.
+NO_SMTPUTF8_TEXT = "Non-ASCII addresses not permitted: the next hop does not support SMTPUTF8"
 
 
 XForward = Mapping[str, str]  # original client attributes (Postfix XFORWARD), may be empty
@@ -254,21 +257,27 @@ class SmtpTransport:
     ) -> aiosmtplib.SMTP:
         """A connection with MAIL FROM accepted; a stale pooled one is replaced once.
 
+        The reverse-path goes out exactly as our client sent it (``mail_from`` is the text
+        between the angle brackets): aiosmtplib's ``mail()`` would re-parse it with the
+        lax ``email.utils.parseaddr``, and what we judged would not be what we deliver.
         XFORWARD attributes are passed on when the downstream offers XFORWARD (Postfix with
         smtpd_authorized_xforward_hosts), so its logs and checks see the original client."""
         client = self._checkout()
         reused = client is not None
+        utf8 = any(o.upper() == "SMTPUTF8" for o in options)
+        command = b"FROM:<" + mail_from.encode("utf-8") + b">"
         for _ in range(2):
             if client is None:
                 client = await self._connect()
+            if utf8 and not client.supports_extension("smtputf8"):
+                self.checkin(client)  # nothing sent yet: the connection stays clean
+                raise PermanentDeliveryError(553, "5.6.7", NO_SMTPUTF8_TEXT)
             try:
                 if xforward and client.supports_extension("xforward"):
                     await _send_xforward(client, xforward)
-                await client.mail(mail_from, options=list(options))
-                return client
-            except aiosmtplib.SMTPSenderRefused as exc:
-                self.checkin_after_reset(client)
-                raise downstream_failure(exc.code, exc.message) from exc
+                response = await client.execute_command(
+                    b"MAIL", command, *(o.encode("ascii") for o in options)
+                )
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
                 client.close()
                 client = None
@@ -277,6 +286,15 @@ class SmtpTransport:
                         451, "4.4.2", "Downstream connection lost"
                     ) from exc
                 reused = False
+                continue
+            except BaseException:
+                client.close()  # whatever went wrong, no half-open transaction is pooled
+                raise
+            if response.code != 250:
+                if client.is_connected:
+                    self.checkin_after_reset(client)
+                raise downstream_failure(response.code, response.message)
+            return client
         raise TemporaryDeliveryError(451, "4.4.1", "Downstream unavailable")
 
     def checkin_after_reset(self, client: aiosmtplib.SMTP) -> None:
@@ -352,25 +370,36 @@ class _SmtpTransaction:
         self._accepted = 0
 
     async def add_recipient(self, address: str) -> Reply:
+        """Mirror one RCPT downstream; ``address`` goes out exactly as our client sent it."""
         try:
             if self._client is None:
                 self._client = await self._t.open_mail(
                     self._mail_from, self._options, self._xforward
                 )
-            await self._client.rcpt(address)
+            response = await self._client.execute_command(
+                b"RCPT", b"TO:<" + address.encode("utf-8") + b">"
+            )
         except DeliveryError as exc:
             return Reply(exc.code, exc.status, exc.text)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            err = downstream_failure(exc.code, exc.message)
-            if isinstance(err, TemporaryDeliveryError):
-                return Reply(450, "4.2.0", "Recipient deferred by downstream, try again later")
-            return Reply(err.code, err.status, err.text)
         except aiosmtplib.SMTPTimeoutError:
             self._drop()
             return Reply(451, "4.4.2", "Downstream timed out")
         except (aiosmtplib.SMTPException, OSError):
             self._drop()
             return Reply(451, "4.4.2", "Downstream connection lost")
+        except Exception:
+            # A bug or a library surprise: the connection is closed, never leaked, and the
+            # client is told to retry.
+            logging.getLogger("relay.delivery").exception("downstream RCPT failed")
+            self._drop()
+            return Reply(451, "4.3.0", "Temporary local problem, try again later")
+        if response.code not in (250, 251):
+            if not self._client.is_connected:  # 421: aiosmtplib closed it
+                self._client = None
+            err = downstream_failure(response.code, response.message)
+            if isinstance(err, TemporaryDeliveryError):
+                return Reply(450, "4.2.0", "Recipient deferred by downstream, try again later")
+            return Reply(err.code, err.status, err.text)
         self._accepted += 1
         return Reply(250, "2.1.5", "Ok")
 

@@ -5,6 +5,7 @@
     ├── PolicyError            a policy file failed validation (holds every problem found)
     ├── ModelError             model file missing, corrupt, untrusted or version-mismatched
     ├── FactError              a fact could not be computed (the policy treats it as missing)
+    ├── MessageTimeError       a stored message has no usable date and none was given
     ├── StateError             the shared-state backend failed
     ├── DeliveryError          the downstream did not take the message
     │   ├── TemporaryDeliveryError   4xx, refused connection, drop, timeout -> our 451
@@ -45,6 +46,10 @@ class ModelError(RelayError):
 
 class FactError(RelayError):
     """A fact's computation failed; the message flows on without it."""
+
+
+class MessageTimeError(RelayError):
+    """A stored message carries no usable date (Received, Date) and the caller gave none."""
 
 
 class StateError(RelayError):

@@ -223,7 +223,8 @@ class Extractor:
 
     def extract_bytes(self, data: bytes) -> Features:
         """Features of a stored message (an mbox ``From `` line is dropped)."""
-        return self.extract(Message.from_file_bytes(data))
+        # Features never read the message's time, so a message without a date needs none.
+        return self.extract(Message.from_file_bytes(data, received_at=0.0))
 
     def extract(self, message: Message) -> Features:
         s = self.settings
@@ -232,7 +233,7 @@ class Extractor:
         truncated = message.size > limit
         if truncated:
             # Parse only the head of very large mail; the tail is attachments in practice.
-            message = Message.from_file_bytes(message.raw[:limit])
+            message = Message.from_file_bytes(message.raw[:limit], received_at=message.received_at)
             out.tokens.append("size:truncated")
         try:
             # compat32, not the Message's modern-policy parse: it is several times faster

@@ -4,6 +4,10 @@ Built once per DATA (or once per file in `relay scan` and the lab). It keeps the
 raw bytes, because DKIM verification needs them and because headers we add are prepended
 to the raw bytes instead of re-serialising the message (which would break downstream
 DKIM). The parsed form is computed lazily, once, on first use.
+
+Time is explicit: whoever builds a Message gives its ``received_at``. The SMTP layer gives
+the arrival time; file readers give the message's own time (``header_time``) or one the
+caller was told, and never the wall clock.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC
 from email import policy as email_policy
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.message import Message as MimeMessage
 from email.parser import BytesParser
+from email.utils import parsedate_to_datetime
 from functools import cached_property
+
+from relay.errors import MessageTimeError
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
@@ -124,33 +132,87 @@ def format_header(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
 
+def parse_header_fields(header_block: bytes) -> tuple[tuple[str, str], ...]:
+    """(name, raw value) of every field of a header block, in order; never raises."""
+    head = BytesParser(policy=email_policy.compat32).parsebytes(header_block, headersonly=True)
+    return tuple(head.raw_items())  # raw text: 8-bit bytes kept as surrogates
+
+
+def _date_value(text: str) -> float | None:
+    try:
+        when = parsedate_to_datetime(text.strip())
+        if when.tzinfo is None:  # "-0000": UTC, the sender's zone unknown (RFC 5322 3.3)
+            when = when.replace(tzinfo=UTC)
+        return when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):  # garbage: no date
+        return None
+
+
+def header_time(fields: Iterable[tuple[str, object]]) -> float | None:
+    """A stored message's own time from its header fields (name, raw value), in order.
+
+    The date of the newest (topmost) Received field that carries one, which is when the
+    receiving site took the message; else the Date field, which the sender wrote; else
+    None. Never raises: a garbled date counts as absent.
+    """
+    date: float | None = None
+    for name, value in fields:
+        key = name.strip().lower()
+        if key == "received":
+            _, semicolon, stamp = str(value).rpartition(";")
+            when = _date_value(stamp) if semicolon else None
+            if when is not None:
+                return when
+        elif key == "date" and date is None:
+            date = _date_value(str(value))
+    return date
+
+
 @dataclass(frozen=True)
 class Message:
-    """Raw bytes plus envelope and peer; ``parsed`` is built lazily, once."""
+    """Raw bytes plus envelope and peer; ``parsed`` is built lazily, once.
+
+    ``received_at`` (Unix seconds) has no default: a default would be the wall clock, and
+    a stored message replayed in the lab or scanned years later would then be judged as
+    arriving today (opt-out dates, state windows)."""
 
     raw: bytes
     envelope: Envelope
     peer: Peer
     queue_id: str = field(default_factory=new_queue_id)
-    received_at: float = field(default_factory=time.time)
+    received_at: float = field(kw_only=True)
 
     @classmethod
     def from_file_bytes(
         cls,
         data: bytes,
         *,
+        received_at: float | None = None,
         mail_from: str = "",
         rcpt_to: Iterable[str] = (),
         peer: Peer | None = None,
         queue_id: str | None = None,
     ) -> Message:
         """A Message from a stored file (``.eml``, corpus, quarantine): mbox line dropped,
-        line ends made CRLF as they would be on the wire."""
+        line ends made CRLF as they would be on the wire.
+
+        ``received_at`` is the time when the caller knows it (an option, a stored record);
+        otherwise the message's own (``header_time``). A file with neither a Received nor
+        a Date giving one is a MessageTimeError: the caller must say which time it means.
+        """
+        raw = to_crlf(strip_mbox_from(data))
+        if received_at is None:
+            received_at = header_time(parse_header_fields(split_header_block(raw)[0]))
+            if received_at is None:
+                raise MessageTimeError(
+                    "message has no Received or Date field with a usable date; give its time"
+                )
         return cls(
-            raw=to_crlf(strip_mbox_from(data)),
+            raw=raw,
             envelope=Envelope(mail_from=mail_from, rcpt_to=tuple(rcpt_to)),
             peer=peer or Peer(ip="127.0.0.1"),
             queue_id=queue_id or new_queue_id(),
+            received_at=received_at,
         )
 
     @property
@@ -186,10 +248,7 @@ class Message:
     def header_fields(self) -> tuple[tuple[str, str], ...]:
         """(name, raw value) of every header field, in order; parses the header block only,
         so reading headers costs the same for a 25 MB message as for a short one."""
-        head = BytesParser(policy=email_policy.compat32).parsebytes(
-            self.header_block, headersonly=True
-        )
-        return tuple(head.raw_items())  # raw text: 8-bit bytes kept as surrogates
+        return parse_header_fields(self.header_block)
 
     @cached_property
     def _decoded_headers(self) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -45,6 +46,7 @@ class QuarantineEntry:
     id: str
     queue_id: str
     stored_at: float
+    received_at: float  # the arrival time the relay gave the message
     size: int
     sha256: str
     mail_from: str
@@ -71,6 +73,7 @@ class QuarantineEntry:
             "id": self.id,
             "queue_id": self.queue_id,
             "stored_at": self.stored_at,
+            "received_at": self.received_at,
             "size": self.size,
             "sha256": self.sha256,
             "envelope": {
@@ -98,6 +101,7 @@ def _entry_from(meta: dict[str, Any]) -> QuarantineEntry:
         id=str(meta["id"]),
         queue_id=str(meta.get("queue_id", "")),
         stored_at=float(meta["stored_at"]),
+        received_at=float(meta["received_at"]),  # written by every version of the store
         size=int(meta["size"]),
         sha256=str(meta["sha256"]),
         mail_from=str(env["mail_from"]),
@@ -110,6 +114,17 @@ def _entry_from(meta: dict[str, Any]) -> QuarantineEntry:
 
 
 STALE_TMP_SECONDS = 3600.0
+
+
+def _file_clock_now(directory: Path) -> float:
+    """Now, on the clock that stamps files in ``directory``: ages are measured against the
+    mtimes' own clock (a file server's, on NFS), never against ours."""
+    probe = directory / f".clock-{secrets.token_hex(8)}"
+    probe.touch()
+    try:
+        return probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 class QuarantineStore:
@@ -126,7 +141,7 @@ class QuarantineStore:
         if not tmp_root.is_dir():
             return 0
         removed = 0
-        cutoff = time.time() - older_than
+        cutoff = _file_clock_now(tmp_root) - older_than
         for path in tmp_root.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
@@ -269,6 +284,7 @@ class QuarantineStore:
             envelope=Envelope(entry.mail_from, entry.rcpt_to, entry.mail_options),
             peer=Peer(ip=entry.peer_ip, helo=entry.peer_helo),
             queue_id=entry.queue_id or qid,
+            received_at=entry.received_at,  # released mail keeps its arrival time
         )
         options = [o for o in entry.mail_options if o.upper().split("=", 1)[0] in ("SIZE", "BODY")]
         transaction = await transport.begin(entry.mail_from, options)

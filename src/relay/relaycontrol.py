@@ -8,76 +8,39 @@ refused instead of being "repaired" into a delivery:
 - several @                <user@dest@ours>, and a quoted local part hiding @, % or !
 - IP literals              <user@[192.0.2.1]>
 - trailing-dot or otherwise malformed domains
+- internationalised domains are judged in A-label form, without Unicode mapping, so no
+  look-alike spelling (full-width dot, upper-case U-label) matches a local domain
 A well-formed recipient outside ``domains`` is refused unless the client is in ``networks``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from relay.config import IPNetwork
+from relay.idn import to_alabel
 from relay.reply import BAD_ADDRESS, RELAY_DENIED, Reply
+from relay.smtppath import unquoted, valid_local_part
 
-_ATOM = r"[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+"
-_DOT_ATOM = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
-_QUOTED = re.compile(r'^"(?:[^"\\\r\n]|\\[ -~])*"$')
 _TRICK_CHARS = ("@", "%", "!")
 
 
 @dataclass(frozen=True, slots=True)
 class Recipient:
     local: str
-    domain: str  # lower case, "" only for <postmaster>
+    domain: str  # lower-case A-label form, "" only for <postmaster>
 
     @property
     def address(self) -> str:
         return f"{self.local}@{self.domain}" if self.domain else self.local
 
 
-def extract_path(arg: str) -> str | None:
-    """The text between the angle brackets of a ``TO:<path> [params]`` argument."""
-    head, sep, rest = arg.partition(":")
-    if not sep or head.strip().upper() != "TO":
-        return None
-    rest = rest.lstrip()
-    if not rest.startswith("<"):
-        return None
-    quoted = escaped = False
-    for i, ch in enumerate(rest[1:], start=1):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ">" and not quoted:
-            return rest[1:i]
-    return None
-
-
-def _unquoted(path: str) -> Iterator[tuple[str, bool]]:
-    """Each character with whether it stands outside a quoted string."""
-    quoted = escaped = False
-    for ch in path:
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        yield ch, not quoted and ch != '"'
-
-
 def _split_unquoted(path: str) -> list[str]:
     """Split at every '@' outside a quoted string."""
     parts: list[str] = []
     cur: list[str] = []
-    for ch, outside in _unquoted(path):
+    for ch, outside in unquoted(path):
         if ch == "@" and outside:
             parts.append("".join(cur))
             cur = []
@@ -88,7 +51,11 @@ def _split_unquoted(path: str) -> list[str]:
 
 
 def parse_recipient(path: str) -> Recipient | Reply:
-    """A Recipient, or the refusal for a relay trick (550) or bad syntax (553)."""
+    """A Recipient, or the refusal for a relay trick (550) or bad syntax (553).
+
+    ``path`` is the text between the angle brackets, already framed by smtppath. The
+    domain is judged in its A-label form (relay.idn: IDNA 2008, no Unicode mapping).
+    """
     if path.startswith("@") or _looks_routed(path):
         return RELAY_DENIED
     parts = _split_unquoted(path)
@@ -99,24 +66,28 @@ def parse_recipient(path: str) -> Recipient | Reply:
         return RELAY_DENIED
     local, domain = parts
     if local.startswith('"'):
-        if not _QUOTED.match(local):
+        if not valid_local_part(local):
             return BAD_ADDRESS
         if any(c in local for c in _TRICK_CHARS):
             return RELAY_DENIED
     elif any(c in local for c in _TRICK_CHARS):
         return RELAY_DENIED
-    elif not _DOT_ATOM.match(local):
+    elif not valid_local_part(local):
         return BAD_ADDRESS
     if domain.startswith("["):
         return RELAY_DENIED
-    if len(local) > 64 or len(domain) > 255 or not _HOSTNAME.match(domain):
+    if len(local.encode("utf-8", "surrogatepass")) > 64:
         return BAD_ADDRESS
-    return Recipient(local, domain.lower())
+    try:
+        ascii_domain = to_alabel(domain)
+    except ValueError:
+        return BAD_ADDRESS
+    return Recipient(local, ascii_domain)
 
 
 def _looks_routed(path: str) -> bool:
     """A ':' outside a quoted local part means an (obsolete) source route."""
-    return any(ch == ":" and outside for ch, outside in _unquoted(path))
+    return any(ch == ":" and outside for ch, outside in unquoted(path))
 
 
 def ip_in(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
@@ -144,10 +115,8 @@ class RelayControl:
     def client_may_relay(self, ip: str) -> bool:
         return ip_in(ip, self._networks)
 
-    def check(self, arg: str, client_ip: str) -> Recipient | Reply:
-        path = extract_path(arg)
-        if path is None:
-            return BAD_ADDRESS
+    def check(self, path: str, client_ip: str) -> Recipient | Reply:
+        """Judge one RCPT path (between the angle brackets) for a client."""
         rcpt = parse_recipient(path)
         if isinstance(rcpt, Reply):
             return rcpt

@@ -3,21 +3,24 @@
 Uses the same registry, services (configured resolver, classifier, state) and policy
 engine as the running relay, so what scan prints is what the relay would decide. The
 envelope is not in a file: give it with --mail-from/--rcpt/--client-ip/--helo, otherwise
-the Return-Path header and 127.0.0.1 stand in (SPF then says little).
+the Return-Path header and 127.0.0.1 stand in (SPF then says little). The message's time
+is --time, else its own (newest Received, else Date; ``header_time``); a file with neither
+is an error rather than a message arriving now, so a scan gives the same answer any day.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
 from relay.app import load_decider, open_services
 from relay.config import Settings
-from relay.errors import FactError, RelayError
+from relay.errors import FactError, MessageTimeError, RelayError
 from relay.facts import Facts, Services, default_registry
 from relay.message import Message, Peer
 
@@ -30,19 +33,20 @@ class ScanRequest:
     client_ip: str = "127.0.0.1"
     helo: str | None = None
     facts: tuple[str, ...] = ()  # empty: every fact a live relay can know
+    time: float | None = None  # Unix seconds; None: the message's own (header_time)
 
 
 def _message(req: ScanRequest, data: bytes) -> Message:
-    probe = Message.from_file_bytes(data)
-    mail_from = req.mail_from
-    if mail_from is None:
-        mail_from = parseaddr(probe.header("return-path") or "")[1]
-    return Message.from_file_bytes(
+    message = Message.from_file_bytes(
         data,
-        mail_from=mail_from,
+        received_at=req.time,
         rcpt_to=req.rcpt_to,
         peer=Peer(ip=req.client_ip, helo=req.helo),
     )
+    mail_from = req.mail_from
+    if mail_from is None:
+        mail_from = parseaddr(message.header("return-path") or "")[1]
+    return replace(message, envelope=replace(message.envelope, mail_from=mail_from))
 
 
 async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
@@ -51,7 +55,10 @@ async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
         data = req.path.read_bytes()
     except OSError as exc:  # a missing file, a directory, no permission: say which
         raise RelayError(f"cannot read {req.path}: {exc.strerror or exc}") from None
-    message = _message(req, data)
+    try:
+        message = _message(req, data)
+    except MessageTimeError as exc:
+        raise MessageTimeError(f"{req.path}: {exc} with --time") from None
     async with contextlib.AsyncExitStack() as stack:
         services = Services(*await open_services(settings, stack))
         decider = load_decider(settings, registry)
@@ -71,6 +78,7 @@ async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
     return {
         "file": str(req.path),
         "envelope": {"mail_from": message.envelope.mail_from, "rcpt_to": list(req.rcpt_to)},
+        "time": dt.datetime.fromtimestamp(message.received_at, dt.UTC).isoformat(),
         "facts": values,
         "verdict": verdict.to_dict(),
     }

@@ -17,6 +17,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,22 @@ from relay.reply import (
     DATA_TIMEOUT,
     IDLE_TIMEOUT,
     INTERNAL_ERROR,
+    NUL_IN_DATA,
     SHUTTING_DOWN,
     SMUGGLING,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_RCPTS,
     Reply,
+    with_enhanced_status,
+)
+from relay.smtppath import (
+    NEEDS_SMTPUTF8,
+    SYNTAX_MAIL,
+    SYNTAX_RCPT,
+    UNKNOWN_PARAMETER,
+    PathArgument,
+    check_sender,
+    parse_argument,
 )
 
 log = logging.getLogger("relay.smtp")
@@ -108,7 +120,7 @@ class RelaySMTP(SMTP):
         super().__init__(
             _Handler(),
             data_size_limit=s.max_message_size,
-            enable_SMTPUTF8=False,
+            enable_SMTPUTF8=True,  # RFC 6531; lines are decoded as UTF-8 (surrogateescape)
             decode_data=False,
             hostname=s.hostname,
             ident="relay ESMTP",
@@ -128,10 +140,15 @@ class RelaySMTP(SMTP):
         self.bare_line_ends = False  # a DATA line held a bare CR or LF: normalise
         self._watching = False
         self.xforward: dict[str, str] = {}  # original client as told by a trusted proxy
+        self.smtputf8 = False  # the transaction's MAIL carried SMTPUTF8
+        self._plain_replies = False  # EHLO/HELO lines carry no enhanced status (RFC 2034)
 
     # --- connection lifecycle -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admitted:  # STARTTLS: the same session on its TLS transport, counted once
+            super().connection_made(transport)
+            return
         sessions = self.deps.sessions
         if sessions.draining or len(sessions.open) >= sessions.limit:
             reply = SHUTTING_DOWN if sessions.draining else TOO_MANY_CONNECTIONS
@@ -165,7 +182,22 @@ class RelaySMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         with contextlib.suppress(ValueError):
             self.deps.observer.smtp_reply(int(status[:3]))
+        if isinstance(status, str) and not self._plain_replies:
+            status = with_enhanced_status(status)
         await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug or an unexpected library error: 451, the transaction dropped, never
+        ``500 Error: (SomeException)`` and never a downstream connection left open."""
+        log.error(
+            "session error peer=%s: %s",
+            self._socket_ip() or "-",
+            type(error).__name__,
+            exc_info=error,
+        )
+        self._abort_transaction()
+        self.envelope = self._create_envelope()  # the transaction is over, as after RSET
+        return INTERNAL_ERROR.line
 
     # --- transaction state ----------------------------------------------------------------
 
@@ -173,6 +205,7 @@ class RelaySMTP(SMTP):
         txn, self.transaction = self.transaction, None
         self.busy = False
         self.decider = None
+        self.smtputf8 = False
         if txn is not None:
             task = asyncio.get_running_loop().create_task(txn.abort())
             _BACKGROUND.add(task)
@@ -189,16 +222,86 @@ class RelaySMTP(SMTP):
 
     # --- commands -----------------------------------------------------------------------
 
-    async def smtp_RCPT(self, arg: str) -> None:
-        # Relay tricks are judged on the raw argument, before aiosmtpd parses it.
-        if self.envelope is not None and self.envelope.mail_from and arg:
-            self.attempted_rcpts += 1
-            verdict = self.deps.control.check(arg, self._client_ip())
-            if isinstance(verdict, Reply):
-                self.refused_rcpts += 1
-                await self.push(verdict.line)
-                return
-        await super().smtp_RCPT(arg)
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True  # the EHLO lines are keywords, not statuses (RFC 2034)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL parsed by smtppath (strict RFC 5321/6531), not by aiosmtpd's lax parser."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        parsed = parse_argument(arg, "FROM", SYNTAX_MAIL)
+        if isinstance(parsed, Reply):
+            await self.push(parsed.line)
+            return
+        refusal = self._mail_refusal(parsed)
+        if refusal is not None:
+            await self.push(refusal.line)
+            return
+        status = await self._call_handler_hook("MAIL", parsed.path, list(parsed.options()))
+        await self.push(status)
+
+    def _mail_refusal(self, parsed: PathArgument) -> Reply | None:
+        assert self.session is not None
+        if parsed.params and not self.session.extended_smtp:
+            return SYNTAX_MAIL  # parameters need EHLO (RFC 5321 4.1.1.11)
+        for key, value in parsed.params:
+            if key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(501, "5.5.4", "BODY is one of 7BIT, 8BITMIME")
+            elif key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return Reply(501, "5.5.4", "SIZE takes a number")
+                if self.data_size_limit and int(value) > self.data_size_limit:
+                    return Reply(552, "5.3.4", "Message size exceeds fixed limit")
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+            else:
+                return UNKNOWN_PARAMETER
+        if not parsed.ascii and not parsed.has("SMTPUTF8"):
+            return NEEDS_SMTPUTF8
+        return check_sender(parsed.path)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT parsed by smtppath; relay tricks judged on the path as sent."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        self.attempted_rcpts += 1
+        parsed = parse_argument(arg, "TO", SYNTAX_RCPT)
+        if isinstance(parsed, Reply):
+            refusal: Reply | None = parsed
+        elif parsed.params:
+            refusal = UNKNOWN_PARAMETER  # no RCPT extension (DSN) is offered
+        elif not parsed.ascii and not self.smtputf8:
+            refusal = NEEDS_SMTPUTF8
+        else:
+            judged = self.deps.control.check(parsed.path, self._client_ip())
+            refusal = judged if isinstance(judged, Reply) else None
+        if refusal is not None or not isinstance(parsed, PathArgument):
+            self.refused_rcpts += 1
+            await self.push((refusal or SYNTAX_RCPT).line)
+            return
+        status = await self._call_handler_hook("RCPT", parsed.path, [])
+        await self.push(status)
 
     async def smtp_DATA(self, arg: str) -> None:
         if self.envelope is not None and self.envelope.rcpt_tos and not arg:
@@ -278,8 +381,8 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 def _mail_options(options: Sequence[str]) -> list[str]:
-    """ESMTP MAIL parameters passed on to the downstream (SIZE and BODY are safe)."""
-    return [o for o in options if o.upper().split("=", 1)[0] in ("SIZE", "BODY")]
+    """ESMTP MAIL parameters passed on to the downstream (SIZE, BODY, SMTPUTF8)."""
+    return [o for o in options if o.upper().split("=", 1)[0] in ("SIZE", "BODY", "SMTPUTF8")]
 
 
 class _Handler:
@@ -297,6 +400,9 @@ class _Handler:
         server.xforward.clear()
         # AUTH is not offered (no authenticator); XFORWARD only to trusted proxies.
         out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        # aiosmtpd reads pipelined commands in order from its stream and answers each in
+        # turn (RCPT answers mirrored from the downstream included), so PIPELINING holds.
+        out[len(out) - 1 : len(out) - 1] = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
         if server.may_xforward():
             out.insert(len(out) - 1, "250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
         return out
@@ -310,8 +416,11 @@ class _Handler:
         mail_options: list[str],
     ) -> str:
         server._abort_transaction()
-        envelope.mail_from = address
+        # aiosmtpd's convention: "<>" stands for the null reverse-path, so that the
+        # envelope's mail_from is truthy once MAIL was accepted.
+        envelope.mail_from = address or "<>"
         envelope.mail_options.extend(mail_options)
+        server.smtputf8 = envelope.smtp_utf8 = "SMTPUTF8" in mail_options
         # The policy in force now is the one this transaction finishes under.
         server.decider = server.deps.pipeline.policy.current
         server.busy = True
@@ -350,10 +459,13 @@ class _Handler:
         decider, server.decider = server.decider, None
         try:
             raw = envelope.original_content or b""
-            if server.smuggling_seen:
+            refusal = SMUGGLING if server.smuggling_seen else None
+            if refusal is None and b"\0" in raw:
+                refusal = NUL_IN_DATA
+            if refusal is not None:
                 if txn is not None:
                     await txn.abort()
-                return SMUGGLING.line
+                return refusal.line
             if txn is None:
                 return INTERNAL_ERROR.line
             message = _build_message(server, session, envelope, raw)
@@ -420,10 +532,12 @@ def _build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw:
         tls = str(ssl_object.version()) if ssl_object is not None else "TLS"
     return Message(
         raw=to_crlf(raw) if server.bare_line_ends else raw,
+        received_at=time.time(),  # the arrival time: the SMTP layer is the clock here
         envelope=MsgEnvelope(
             mail_from=reverse_path(envelope),
             rcpt_to=tuple(envelope.rcpt_tos),
             mail_options=tuple(envelope.mail_options),
+            smtputf8=server.smtputf8,
         ),
         peer=Peer(
             ip=server._client_ip(),

@@ -10,8 +10,9 @@ relay workers (or hosts, with Redis) see the same counts.
   twice; ``member=None`` records an anonymous event (each call counts once).
 - ``add(key, ttl, now)`` sets a flag (forever, or until ``now + ttl``); ``seen(key, now)``
   tells whether it is set.
-- ``now`` defaults to the wall clock; the lab passes each message's own time, so replaying
-  a corpus in time order gives the counts a live relay would have seen.
+- ``now`` is always given, never read from the wall clock here: callers pass the message's
+  ``received_at``, so the lab replaying a corpus in time order gets the counts a live relay
+  would have seen, and tests pin time.
 
 Both backends have the same semantics (the test suite runs against both). Keys may hold
 addresses only in hashed form; callers hash them (see ``hashed``). Errors are StateError.
@@ -57,30 +58,28 @@ class StateStore:
     can look it up by type)."""
 
     async def incr_windows(
-        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
     ) -> list[int]:
         """Record ``members`` under every key (one round trip) and count, per key in order,
         the distinct members seen within ``window`` seconds before ``now``. Backends
         implement this one; the two helpers below are shorthands for it."""
         raise NotImplementedError
 
-    async def incr_window(
-        self, key: str, member: str | None, window: float, now: float | None = None
-    ) -> int:
+    async def incr_window(self, key: str, member: str | None, window: float, now: float) -> int:
         """Record ``member`` (or one anonymous event) and count distinct members in window."""
         return (await self.incr_windows((key,), (_event_member(member),), window, now))[0]
 
     async def incr_window_many(
-        self, key: str, members: Sequence[str], window: float, now: float | None = None
+        self, key: str, members: Sequence[str], window: float, now: float
     ) -> int:
         """Record several members at once and count as incr_window does."""
         return (await self.incr_windows((key,), members, window, now))[0]
 
-    async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
+    async def add(self, key: str, ttl: float | None = None, *, now: float) -> None:
         """Set flag ``key``, forever or for ``ttl`` seconds from ``now``."""
         raise NotImplementedError
 
-    async def seen(self, key: str, now: float | None = None) -> bool:
+    async def seen(self, key: str, now: float) -> bool:
         """Whether flag ``key`` is set at ``now``."""
         raise NotImplementedError
 
@@ -212,17 +211,15 @@ class SqliteState(StateStore):
             self._db = None
 
     async def incr_windows(
-        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
     ) -> list[int]:
-        at = time.time() if now is None else now
-        return await self._run(self._incr, tuple(keys), tuple(members), window, at)
+        return await self._run(self._incr, tuple(keys), tuple(members), window, now)
 
-    async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
-        at = time.time() if now is None else now
-        await self._run(self._add, key, None if ttl is None else at + ttl)
+    async def add(self, key: str, ttl: float | None = None, *, now: float) -> None:
+        await self._run(self._add, key, None if ttl is None else now + ttl)
 
-    async def seen(self, key: str, now: float | None = None) -> bool:
-        return await self._run(self._seen, key, time.time() if now is None else now)
+    async def seen(self, key: str, now: float) -> bool:
+        return await self._run(self._seen, key, now)
 
     async def close(self) -> None:
         try:
@@ -243,17 +240,16 @@ class RedisState(StateStore):
         self._redis: aioredis.Redis[bytes] = aioredis.Redis.from_url(url)
 
     async def incr_windows(
-        self, keys: Sequence[str], members: Sequence[str], window: float, now: float | None = None
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
     ) -> list[int]:
-        at = time.time() if now is None else now
-        since = at - window
+        since = now - window
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 for key in keys:
                     name = _PREFIX + "w:" + key
                     pipe.zremrangebyscore(name, "-inf", since)
                     if members:
-                        pipe.zadd(name, dict.fromkeys(members, at), gt=True)
+                        pipe.zadd(name, dict.fromkeys(members, now), gt=True)
                     else:
                         pipe.zcard(name)  # keeps result positions fixed
                     pipe.zcount(name, f"({since!r}", "+inf")
@@ -263,22 +259,20 @@ class RedisState(StateStore):
             raise StateError(f"redis state: {exc}") from exc
         return [int(results[4 * i + 2]) for i in range(len(keys))]
 
-    async def add(self, key: str, ttl: float | None = None, now: float | None = None) -> None:
-        at = time.time() if now is None else now
-        value = "inf" if ttl is None else repr(at + ttl)
+    async def add(self, key: str, ttl: float | None = None, *, now: float) -> None:
+        value = "inf" if ttl is None else repr(now + ttl)
         expiry = None if ttl is None else math.ceil(ttl) + _REDIS_GRACE
         try:
             await self._redis.set(_PREFIX + "f:" + key, value, ex=expiry)
         except RedisError as exc:
             raise StateError(f"redis state: {exc}") from exc
 
-    async def seen(self, key: str, now: float | None = None) -> bool:
-        at = time.time() if now is None else now
+    async def seen(self, key: str, now: float) -> bool:
         try:
             value = await self._redis.get(_PREFIX + "f:" + key)
         except RedisError as exc:
             raise StateError(f"redis state: {exc}") from exc
-        return value is not None and float(value) > at
+        return value is not None and float(value) > now
 
     async def ping(self) -> None:
         try:

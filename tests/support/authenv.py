@@ -48,4 +48,5 @@ def incoming(
         raw=raw,
         envelope=Envelope(mail_from=mail_from, rcpt_to=("bob@example.org",)),
         peer=Peer(ip=ip, helo=helo),
+        received_at=1_795_000_000.0,  # 2026-11-18: a fixed arrival time, never the clock
     )

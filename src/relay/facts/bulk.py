@@ -205,7 +205,7 @@ class CorrespondentRecorder:
             return 0
         pairs = [(s, r) for s in _senders(message) for r in message.envelope.rcpt_to]
         for sender, rcpt in pairs:
-            await self.state.add(correspondent_key(sender, rcpt), self.ttl, message.received_at)
+            await self.state.add(correspondent_key(sender, rcpt), self.ttl, now=message.received_at)
         return len(pairs)
 
     async def __call__(self, message: Message, facts: Facts, verdict: Verdict) -> Message:

@@ -208,8 +208,8 @@ async def _sender_complaint_rate(ctx: FactContext) -> float:
     raise FactError("sender is not in the complaints list")
 
 
-def _spec(name: str, kind: FactType, fn: Compute, doc: str) -> FactSpec:
-    return FactSpec(name, kind, Tier.ENVELOPE, fn, doc=doc, lab_only=True)
+def _spec(name: str, kind: FactType, fn: Compute, doc: str, version: int = 1) -> FactSpec:
+    return FactSpec(name, kind, Tier.ENVELOPE, fn, doc=doc, lab_only=True, version=version)
 
 
 FACTS = (
@@ -219,10 +219,13 @@ FACTS = (
           "every recipient is in customers.tsv for the sender (lab input)"),
     _spec("recipient_is_person", FactType.BOOL, _recipient_is_person,
           "a recipient is a natural person per persons.tsv (lab input)"),
+    # version 2: a stored message's date is its newest Received date before its Date
     _spec("opted_out", FactType.BOOL, _opted_out,
-          "a recipient opted out from the sender on or before the message date (lab input)"),
+          "a recipient opted out from the sender on or before the message date (lab input)",
+          version=2),
     _spec("opted_out_business_days", FactType.INT, _opted_out_business_days,
-          "business days (Mon-Fri) since the earliest applicable opt-out; -1 if none"),
+          "business days (Mon-Fri) since the earliest applicable opt-out; -1 if none",
+          version=2),
     _spec("sender_complaint_rate", FactType.FLOAT, _sender_complaint_rate,
           "complaint rate of the sender per complaints.tsv, 0..1 (lab input)"),
 )  # fmt: skip

@@ -2,8 +2,10 @@
 
 Each message becomes a CorpusMessage with its exact bytes, digest and time. Messages that
 cannot be read or parsed become Unreadable entries, which the report counts and lists:
-nothing is dropped silently. Order is corpus time: the Date header, then file order
-(a message without a usable Date keeps the time of the message before it in file order).
+nothing is dropped silently. Order is corpus time, then file order. A message's time is
+its own (``header_time``: the newest Received date, else the Date header); one with
+neither keeps the time of the message before it in file order (the first such: 0, the
+epoch), so a corpus always replays the same way, whatever day it is.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import getaddresses, parseaddr, parsedate_to_datetime
+from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import Literal
 
 from relay.errors import RelayError
-from relay.message import Envelope, Message, Peer, split_header_block, strip_mbox_from, to_crlf
+from relay.message import (
+    Envelope,
+    Message,
+    Peer,
+    header_time,
+    split_header_block,
+    strip_mbox_from,
+    to_crlf,
+)
 
 Label = Literal["ham", "spam"]
 LABELS: tuple[Label, ...] = ("ham", "spam")
@@ -63,7 +73,7 @@ class CorpusMessage:
     label: Label
     digest: str  # sha256 of the raw bytes as read
     raw: bytes
-    time: float  # corpus time (Date header), used to order stateful facts
+    time: float  # corpus time (header_time), used to order stateful facts
     index: int  # position in file order
     envelope: Envelope
     peer: Peer
@@ -93,10 +103,11 @@ class Corpus:
     description: str
 
     def order_digest(self) -> str:
-        """Identifies the sequence of messages: stateful facts are only valid for one."""
+        """Identifies the sequence of messages and their times: stateful facts (windows
+        over ``received_at``) are only valid for one."""
         h = hashlib.sha256()
         for m in self.messages:
-            h.update(m.digest.encode())
+            h.update(f"{m.digest}@{m.time!r}".encode())
         return h.hexdigest()[:16]
 
 
@@ -187,18 +198,8 @@ def _headers(raw: bytes) -> EmailMessage:
     return BytesHeaderParser(policy=compat32).parsebytes(head)
 
 
-def _date_of(headers: EmailMessage) -> float | None:
-    try:
-        value = headers.get("Date")
-        if value is None:
-            return None
-        return parsedate_to_datetime(str(value)).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
 def load_corpus(sources: Sequence[Source], description: str) -> Corpus:
-    """Read every source; order readable messages by Date, then file order."""
+    """Read every source; order readable messages by their time, then file order."""
     staged: list[tuple[float | None, int, Source, bytes, EmailMessage]] = []
     unreadable: list[Unreadable] = []
     for index, (src, data) in enumerate(_read_boxes(sources)):
@@ -210,7 +211,7 @@ def load_corpus(sources: Sequence[Source], description: str) -> Corpus:
             unreadable.append(Unreadable(src.id, src.label, problem))
             continue
         headers = _headers(data)
-        staged.append((_date_of(headers), index, src, data, headers))
+        staged.append((header_time(headers.raw_items()), index, src, data, headers))
     messages: list[CorpusMessage] = []
     last = 0.0
     for date, index, src, data, headers in staged:
