@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_lab import extract, shared_dir
-from relay.cli import main as relay_main
-from relay.model import card_path
+from relay.classifier.model import card_path
+from relay.cli.main import main as relay_main
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

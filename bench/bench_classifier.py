@@ -29,8 +29,8 @@ from typing import Any
 
 from bench.bench_lab import extract, shared_dir
 from bench.procstats import descendants, rss_bytes
+from relay.classifier.model import Classifier, load_model
 from relay.message import Message
-from relay.model import Classifier, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

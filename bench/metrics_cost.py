@@ -27,8 +27,8 @@ ROUNDS = 20000
 WORKER = """
 import json, sys, time
 from prometheus_client import CollectorRegistry
-from relay.metrics import Metrics
-from relay.pipeline import MessageReport, NullObserver
+from relay.ops.metrics import Metrics
+from relay.contracts import MessageReport, NullObserver, Outcome
 from relay.reply import Reply
 from relay.verdict import Action, FactRead, RuleHit, Tier, Verdict
 
@@ -47,7 +47,7 @@ verdict = Verdict(
 )
 report = MessageReport(
     queue_id="Q", size=4000, recipients=1, verdict=verdict,
-    reply=Reply(250, "2.0.0", "ok"), outcome="delivered",
+    reply=Reply(250, "2.0.0", "ok"), outcome=Outcome.DELIVERED,
     timings=(("decide", 0.002), ("stamp", 0.0001), ("act", 0.003), ("total", 0.006)),
     delivery="ok",
 )

@@ -191,7 +191,7 @@ def start_relay(
     )
     config_file = workdir / "relay.toml"
     config_file.write_text(toml_text(config))
-    argv = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config_file)]
+    argv = [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(config_file)]
     server = _spawn(name, argv, workdir, port)
     server.metrics_port = metrics_port
     return server

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from relay.auth.checker import Authenticator
+from relay.cli.scan import ScanRequest, scan
 from relay.message import Message
-from relay.scan import ScanRequest, scan
 from tests.conftest import shared_dir
 from tests.support.authenv import authenticator, incoming
 from tests.support.dnsserver import LocalDns

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from relay.features import Extractor, FeatureSettings
+from relay.classifier.features import Extractor, FeatureSettings
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from relay.cli import main
+from relay.cli.main import main
 from relay.config import settings_from_mapping
 from relay.lab.corpus import load_corpus, sources_from_box, sources_from_labels
 from relay.lab.env import LabEnv

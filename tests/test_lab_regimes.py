@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
+from relay.cli.main import main
 from relay.config import settings_from_mapping
 from relay.facts import Facts, default_registry
 from relay.lab.corpus import Source, load_corpus

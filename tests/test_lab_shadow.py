@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from relay.cli import main
-from relay.pipeline import MessageReport, NullObserver
+from relay.cli.main import main
+from relay.contracts import MessageReport, NullObserver, Outcome
+from relay.ops.shadowlog import ShadowLog, summarise
 from relay.reply import Reply
-from relay.shadowlog import ShadowLog, summarise
 from relay.verdict import Action, Mode, RuleHit, Tier, Verdict
 
 
@@ -31,7 +31,7 @@ def _report(queue_id: str, enforced: Action, shadow: tuple[Verdict, ...]) -> Mes
         recipients=2,
         verdict=Verdict(action=enforced, policy="default", highest_tier=Tier.ENVELOPE),
         reply=Reply(250, "2.0.0", "Ok"),
-        outcome="delivered",
+        outcome=Outcome.DELIVERED,
         shadow=shadow,
     )
 

@@ -11,8 +11,8 @@ import aiosmtplib
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.metrics import Metrics
-from relay.pipeline import MessageReport
+from relay.contracts import MessageReport, Outcome
+from relay.ops.metrics import Metrics
 from relay.reply import Reply
 from relay.verdict import Action, FactRead, Mode, RuleHit, Tier, Verdict
 from tests.support.relay import make_settings, running_relay, send, simple_message, sink_server
@@ -35,7 +35,7 @@ async def until(predicate: object, timeout: float = 5.0) -> None:
 def report(
     verdict: Verdict,
     *,
-    outcome: str = "delivered",
+    outcome: Outcome = Outcome.DELIVERED,
     delivery: str = "ok",
     timings: tuple[tuple[str, float], ...] = (("decide", 0.002), ("act", 0.01), ("total", 0.02)),
     code: int = 250,
@@ -134,7 +134,7 @@ def test_rules_auth_probability_and_tier_from_the_verdict() -> None:
         ),
         highest_tier=Tier.CONTENT,
     )
-    m.message_done(report(verdict, outcome="rejected", delivery="none", code=550))
+    m.message_done(report(verdict, outcome=Outcome.REJECTED, delivery="none", code=550))
     assert value(registry, "relay_messages_total", action="reject", mode="enforce") == 1
     assert value(registry, "relay_message_outcomes_total", outcome="rejected") == 1
     assert value(registry, "relay_rule_hits_total", rule="dmarc_reject") == 1

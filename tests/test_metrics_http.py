@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 
 from relay.config import MetricsSettings
 from relay.errors import ConfigError
-from relay.metrics import Metrics
-from relay.metrics_http import MetricsServer, Readiness, start_metrics_server
+from relay.ops.http import MetricsServer, Readiness, start_metrics_server
+from relay.ops.metrics import Metrics
 
 LOOPBACK = MetricsSettings(listen=("127.0.0.1", 0))
 
@@ -148,7 +148,7 @@ async def test_readyz_names_the_failing_check(served: tuple[MetricsServer, Metri
 async def test_readyz_slow_or_broken_callback_is_not_ready(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("relay.metrics_http.READINESS_TIMEOUT", 0.1)
+    monkeypatch.setattr("relay.ops.http.READINESS_TIMEOUT", 0.1)
 
     async def slow() -> Mapping[str, bool]:
         await asyncio.sleep(5)

@@ -16,14 +16,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.config import MetricsSettings
-from relay.metrics import (
+from relay.ops.http import start_metrics_server
+from relay.ops.metrics import (
     MULTIPROC_ENV,
     Metrics,
     prepare_multiprocess_dir,
     scrape_registry,
     worker_exited,
 )
-from relay.metrics_http import start_metrics_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,8 @@ WORKER = """
 import os
 import sys
 from prometheus_client import CollectorRegistry
-from relay.metrics import Metrics
-from relay.pipeline import MessageReport
+from relay.ops.metrics import Metrics
+from relay.contracts import MessageReport, Outcome
 from relay.reply import Reply
 from relay.verdict import Action, RuleHit, Verdict
 
@@ -43,7 +43,7 @@ for _ in range(int(sys.argv[1])):
     m.message_done(MessageReport(
         queue_id="Q", size=10, recipients=1,
         verdict=Verdict(action=Action.TAG, hits=(RuleHit("bulk", 2.0),)),
-        reply=Reply(250, "2.0.0", "ok"), outcome="delivered",
+        reply=Reply(250, "2.0.0", "ok"), outcome=Outcome.DELIVERED,
         timings=(("act", 0.01), ("total", 0.02)), delivery="ok",
     ))
 m.flush()  # what the app's flushing() task does every second and on exit

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from relay.classifier.features import FeatureSettings
+from relay.classifier.model import Classifier, card_path, load_model
 from relay.errors import FactError, ModelError
 from relay.facts import default_registry
 from relay.facts.base import Facts, Services
-from relay.features import FeatureSettings
 from relay.message import Message
-from relay.model import Classifier, card_path, load_model
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "spam.skops"
 SHARED = Path(os.environ.get("RELAY_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -174,7 +174,7 @@ async def test_classifier_refuses_an_untrusted_model_at_start(tmp_path: Path) ->
 async def test_relay_refuses_to_start_without_its_model(tmp_path: Path) -> None:
     import contextlib
 
-    from relay.app import open_services
+    from relay.assembly import open_services
     from relay.config import settings_from_mapping
 
     settings = settings_from_mapping(
@@ -192,7 +192,7 @@ async def test_relay_refuses_to_start_without_its_model(tmp_path: Path) -> None:
 @pytest.mark.corpus
 @pytest.mark.slow
 def test_shipped_model_beats_the_anchors_on_the_test_split(tmp_path: Path) -> None:
-    from relay.cli import main
+    from relay.cli.main import main
 
     if not all((CORPUS / name).is_file() for name in (*TARBALLS, "split.tsv")):
         pytest.skip(f"SpamAssassin corpus not found under {CORPUS} (set RELAY_SHARED)")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from relay.pipeproc import (
+from relay.proc.pipes import (
     ERROR,
     OK,
     PipeWorkers,
@@ -131,7 +131,7 @@ def test_children_die_with_their_parent() -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, os
-        from relay.pipeproc import PipeWorkers
+        from relay.proc.pipes import PipeWorkers
         async def main():
             workers = PipeWorkers({CHILD!r}, 2)
             await workers.start()

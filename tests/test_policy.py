@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from relay.cli import main
+from relay.cli.main import main
+from relay.contracts import NullObserver
 from relay.errors import FactError, PolicyError
 from relay.facts import default_registry
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 from relay.message import Message
-from relay.pipeline import DeciderHolder, NullObserver
 from relay.policy import Policy, check_files, compile_policy, load_policy, reload_policy
+from relay.policy.holder import DeciderHolder
 from relay.verdict import Action, Mode, Tier
 
 REPO = Path(__file__).resolve().parents[1]

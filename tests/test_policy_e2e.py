@@ -15,8 +15,8 @@ import aiosmtplib
 import pytest
 
 from relay.config import Settings
-from relay.pipeline import NullObserver
-from relay.quarantine import QuarantineStore
+from relay.contracts import NullObserver
+from relay.delivery.quarantine import QuarantineStore
 from tests.support.relay import (
     RawClient,
     Sink,
@@ -308,10 +308,10 @@ path = "{tmp_path / "quarantine"}"
     )
     log_path = tmp_path / "relay.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    reload_cmd = [sys.executable, "-m", "relay.cli", "policy", "reload", "--config", str(cfg)]
+    reload_cmd = [sys.executable, "-m", "relay.cli.main", "policy", "reload", "--config", str(cfg)]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(cfg)],
             cwd=tmp_path,
             stderr=log_file,
             env=env,

@@ -15,7 +15,7 @@ PARENT = """
 import os, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from relay.procutil import die_with_parent
+from relay.proc.lifetime import die_with_parent
 
 if __name__ == "__main__":
     pool = ProcessPoolExecutor(

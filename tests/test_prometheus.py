@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.config import MetricsSettings
-from relay.metrics import Metrics
-from relay.metrics_http import MetricsServer, start_metrics_server
-from relay.pipeline import MessageReport
+from relay.contracts import MessageReport, Outcome
+from relay.ops.http import MetricsServer, start_metrics_server
+from relay.ops.metrics import Metrics
 from relay.reply import Reply
 from relay.verdict import Action, FactRead, RuleHit, Tier, Verdict
 from tests.support.prometheus import Prometheus, prometheus_binary, running_prometheus
@@ -87,7 +87,7 @@ def classified_report(probability: float) -> MessageReport:
         recipients=1,
         verdict=verdict,
         reply=Reply(250, "2.0.0", "ok"),
-        outcome="delivered",
+        outcome=Outcome.DELIVERED,
         timings=(("decide", 0.01), ("act", 0.01), ("total", 0.03)),
         delivery="ok",
     )

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
-from relay.delivery import MemoryTransport, SmtpTransport, Transaction, XForward
+from relay.cli.main import main
+from relay.contracts import Transaction, XForward
+from relay.delivery.quarantine import QuarantineStore
+from relay.delivery.transports import MemoryTransport, SmtpTransport
 from relay.errors import QuarantineError
 from relay.message import Envelope, Message, Peer
-from relay.quarantine import QuarantineStore
 from relay.reply import Reply
 from relay.verdict import Action, RuleHit, Verdict
 from tests.support.relay import sink_server
@@ -255,7 +256,7 @@ def test_cli_list_show_release_delete(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_sweep_removes_only_stale_half_written_entries(tmp_path: Path) -> None:
     import os
 
-    from relay.quarantine import QuarantineStore
+    from relay.delivery.quarantine import QuarantineStore
 
     store = QuarantineStore(tmp_path / "q")
     old = tmp_path / "q" / ".tmp" / "old-entry"

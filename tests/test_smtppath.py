@@ -6,7 +6,7 @@ import pytest
 
 from relay.idn import to_alabel
 from relay.reply import Reply, with_enhanced_status
-from relay.smtppath import (
+from relay.smtp.paths import (
     BAD_PARAMETER,
     BAD_SENDER,
     CONTROL_CHAR,

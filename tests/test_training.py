@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relay import evaluation
-from relay.cli import main
-from relay.model import card_path, load_model
-from relay.training import CorpusError, read_labels, read_source
+from relay.classifier import evaluation
+from relay.classifier.model import card_path, load_model
+from relay.classifier.training import CorpusError, read_labels, read_source
+from relay.cli.main import main
 
 HAM_WORDS = [
     "meeting",

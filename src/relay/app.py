@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -22,27 +23,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-from publicsuffixlist import PublicSuffixList
 
-from relay.auth.checker import Authenticator
-from relay.authresults import AuthResultsStamp
+from relay.assembly import build_stamps, build_transport, load_decider, load_shadow, open_services
 from relay.config import Settings, load_settings
-from relay.delivery import MaildirTransport, SmtpTransport, Transport
-from relay.dns import Resolver
+from relay.contracts import NullObserver, Observer, Transport
+from relay.delivery.quarantine import QuarantineStore
 from relay.errors import ConfigError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
-from relay.facts.bulk import CorrespondentRecorder
-from relay.metrics import Metrics, multiprocess_dir, prepare_multiprocess_dir, worker_exited
-from relay.metrics_http import MetricsServer, start_metrics_server
-from relay.pipeline import NOOP, Decider, DeciderHolder, NullObserver, Observer, Pipeline, Stamp
-from relay.policy import load_policy, reload_policy
-from relay.quarantine import QuarantineStore
-from relay.readiness import RelayReadiness, SupervisorReadiness, describe_model
-from relay.relaycontrol import RelayControl
-from relay.shadowlog import ShadowLog
-from relay.smtp import Sessions, SmtpDeps, listening_socket, server_tls_context, start_server
-from relay.state import StateStore, open_state
-from relay.workers import Supervisor
+from relay.ops.http import MetricsServer, start_metrics_server
+from relay.ops.metrics import Metrics, multiprocess_dir, prepare_multiprocess_dir, worker_exited
+from relay.ops.readiness import RelayReadiness, SupervisorReadiness, describe_model
+from relay.ops.shadowlog import ShadowLog
+from relay.pipeline.process import Pipeline
+from relay.policy import reload_policy
+from relay.policy.holder import DeciderHolder
+from relay.smtp.relaycontrol import RelayControl
+from relay.smtp.server import Sessions, SmtpDeps, listening_socket, server_tls_context, start_server
+from relay.smtp.supervisor import Supervisor
 
 log = logging.getLogger("relay")
 
@@ -59,71 +56,6 @@ def configure_logging(level: str) -> None:
     # aiosmtpd logs every command with addresses at INFO and DATA lines (bodies) at DEBUG:
     # our one line per message replaces it, and bodies must never reach a log.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-
-
-async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) -> list[object]:
-    """Long-lived services handed to fact functions; each closes on the stack."""
-    services: list[object] = []
-    resolver = Resolver(settings.dns)  # the one DNS cache every check shares
-    stack.push_async_callback(resolver.close)
-    services.append(resolver)
-    psl = PublicSuffixList()  # organisational domains for auth, header and bulk facts
-    if settings.auth.enabled:
-        authenticator = Authenticator.from_settings(resolver, settings.auth, psl)
-        stack.push_async_callback(authenticator.close)
-        await authenticator.start()
-        services.append(authenticator)
-    state = await open_state(settings.state)  # counters every worker shares (bulk, rates)
-    stack.push_async_callback(state.close)
-    services.append(state)
-    services.append(psl)
-    if settings.model.enabled:
-        from relay.model import Classifier
-
-        # Raises ModelError for a missing, changed or untrusted model: never serve without it.
-        classifier = await Classifier.open(settings.model.path, workers=settings.model.workers)
-        stack.push_async_callback(classifier.close)
-        services.append(classifier)
-    return services
-
-
-def build_stamps(settings: Settings, services: Services | None = None) -> list[Stamp]:
-    """Header stamps applied after the decision, in order."""
-    stamps: list[Stamp] = []
-    if settings.auth.enabled:
-        stamps.append(AuthResultsStamp(settings.authserv_id))
-    state = services.find(StateStore) if services is not None else None
-    if state is not None and settings.relay.networks:
-        # Learns whom local users write to (known_correspondent); never changes the message.
-        stamps.append(CorrespondentRecorder(state, settings.relay.networks))
-    return stamps
-
-
-def build_transport(settings: Settings) -> Transport:
-    d = settings.delivery
-    if d.mode == "smtp":
-        host, port = d.downstream
-        return SmtpTransport(
-            host,
-            port,
-            hostname=settings.smtp.hostname,
-            timeout=d.timeout,
-            starttls=d.starttls,
-            pool_size=d.pool_size,
-        )
-    return MaildirTransport(d.maildir)
-
-
-def load_decider(settings: Settings, registry: FactRegistry) -> Decider:
-    """The configured policy, or the no-op decision when no policy file is set."""
-    if settings.policy.path is None:
-        return NOOP
-    return load_policy(settings.policy.path, registry)
-
-
-def load_shadow(settings: Settings, registry: FactRegistry) -> list[Decider]:
-    """Extra regimes evaluated in shadow next to the policy (their verdicts are recorded)."""
-    return [load_policy(path, registry) for path in settings.policy.shadow]
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -274,11 +206,24 @@ async def run(settings: Settings, on_ready: Callable[[], None] | None = None) ->
     log.info("stopped")
 
 
+def worker_main(config_path: str, index: int, ready: multiprocessing.connection.Connection) -> None:
+    """Entry point of one worker process (spawned, so it imports everything afresh); the
+    supervisor is handed this function, so the SMTP layer never imports the app."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
+    settings = load_settings(Path(config_path))
+    configure_logging(settings.log.level)
+    try:
+        asyncio.run(run(settings, on_ready=lambda: ready.send(os.getpid())))
+    except RelayError as exc:
+        logging.getLogger("relay").error("worker %d: %s", index, exc)
+        raise SystemExit(2) from None
+
+
 async def supervise(config_path: Path, settings: Settings) -> int:
     """Several workers: each writes its metrics to files under var/metrics (the variable is
     set before any worker is spawned, see relay.metrics) and the supervisor serves the one
     endpoint that adds them up."""
-    supervisor = Supervisor(config_path, settings, on_worker_exit=worker_exited)
+    supervisor = Supervisor(config_path, settings, worker_main, on_worker_exit=worker_exited)
     if not settings.metrics.enabled:
         return await supervisor.run()
     prepare_multiprocess_dir(METRICS_DIR)

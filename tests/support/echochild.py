@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from relay.pipeproc import serve
+from relay.proc.pipes import serve
 
 
 def handle(payload: bytes) -> bytes:

@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.app import Runtime, lifespan
 from relay.config import Settings, settings_from_mapping
-from relay.pipeline import Observer
+from relay.contracts import Observer
 
 
 def free_port() -> int:

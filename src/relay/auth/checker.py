@@ -33,7 +33,7 @@ from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
 from relay.message import Message
-from relay.pipeproc import PipeWorkers, WorkerDied
+from relay.proc.pipes import PipeWorkers, WorkerDied
 
 log = logging.getLogger("relay.auth")
 

@@ -16,7 +16,7 @@ import sys
 
 from relay.auth.results import ArcResult, DkimResults
 from relay.auth.verify import KeyRecords, verify_message
-from relay.pipeproc import serve
+from relay.proc.pipes import serve
 
 
 def encode_request(raw: bytes, keys: KeyRecords, limit: int, arc: bool) -> tuple[bytes, bytes]:

@@ -32,8 +32,9 @@ import numpy.typing as npt
 from publicsuffixlist import PublicSuffixList
 
 from relay.config import IPNetwork
+from relay.contracts import FactSource
 from relay.errors import FactError
-from relay.facts.base import FactContext, Facts, FactSpec, FactType
+from relay.facts.base import FactContext, FactSpec, FactType
 from relay.facts.envelope import address_domain
 from relay.facts.headers import from_address, header_recipients, org_domain
 from relay.facts.text import BodyText
@@ -208,7 +209,7 @@ class CorrespondentRecorder:
             await self.state.add(correspondent_key(sender, rcpt), self.ttl, now=message.received_at)
         return len(pairs)
 
-    async def __call__(self, message: Message, facts: Facts, verdict: Verdict) -> Message:
+    async def __call__(self, message: Message, facts: FactSource, verdict: Verdict) -> Message:
         if verdict.delivers:
             await self.record(message)
         return message

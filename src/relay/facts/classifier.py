@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from relay.classifier.model import Classifier
 from relay.facts.base import FactContext, FactSpec, FactType
-from relay.model import Classifier
 from relay.verdict import Tier
 
 

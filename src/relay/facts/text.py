@@ -18,8 +18,8 @@ from email.message import Message as EmailPart
 
 from selectolax.lexbor import LexborHTMLParser
 
+from relay.classifier.features import decode_payload
 from relay.facts.base import FactContext, FactSpec, FactType
-from relay.features import decode_payload
 from relay.message import Message
 from relay.verdict import Tier
 

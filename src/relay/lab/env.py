@@ -121,7 +121,7 @@ async def lab_services(
     ``classifier=False`` skips loading the model (slow for a large vocabulary) where no
     fact will need it: the ordered pass and the start-up check.
     """
-    from relay.app import open_services
+    from relay.assembly import open_services
     from relay.state import StateStore, open_state
 
     settings = lab_settings(env, state_dir, classifier=classifier)
@@ -148,7 +148,7 @@ async def check_services(env: LabEnv) -> None:
     """Open and close the lab's services once, so a missing model or a bad input list
     fails at once in the main process, not in every worker after the corpus is read."""
     if env.settings.model.enabled:
-        from relay.model import read_card
+        from relay.classifier.model import read_card
 
         read_card(env.settings.model.path)  # missing, unaudited or changed: ModelError now
     with tempfile.TemporaryDirectory(prefix="relay-lab-check-") as tmp:

@@ -27,7 +27,7 @@ from typing import Any
 
 import cel
 
-from relay.facts.base import Facts
+from relay.contracts import FactSource
 from relay.message import Message
 from relay.policy.model import (
     SEVERITY,
@@ -210,7 +210,7 @@ class Policy:
 
     async def _pull(
         self,
-        facts: Facts,
+        facts: FactSource,
         names: tuple[str, ...],
         values: dict[str, Any],
         missing: dict[str, str],
@@ -240,7 +240,7 @@ class Policy:
                 if value is None:  # the resolver's None means "unknown": bind null itself
                     context.add_variable(name, None)
 
-    async def decide(self, message: Message, facts: Facts) -> Verdict:
+    async def decide(self, message: Message, facts: FactSource) -> Verdict:
         start = time.perf_counter()
         regimes = self.regimes_for(message.envelope.rcpt_to)
         values: dict[str, Any] = {}

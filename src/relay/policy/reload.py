@@ -12,9 +12,10 @@ import os
 import signal
 from pathlib import Path
 
+from relay.contracts import Observer
 from relay.errors import PolicyError
 from relay.facts.base import FactRegistry
-from relay.pipeline import DeciderHolder, Observer
+from relay.policy.holder import DeciderHolder
 from relay.policy.loader import load_policy
 
 log = logging.getLogger("relay.policy")

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from relay import evaluation
+from relay.classifier import evaluation
+from relay.classifier.features import Extractor, Features, FeatureSettings
 from relay.errors import RelayError
-from relay.features import Extractor, Features, FeatureSettings
 from relay.message import split_header_block, strip_mbox_from, to_crlf
 
 SEED = 20260
@@ -503,7 +503,7 @@ def evaluate_command(
     *, model_path: Path, corpus: Path | None, labels: Path, set_name: str | None, out: Path | None
 ) -> int:
     """`relay evaluate`: score a labelled corpus with a verified model; print and write JSON."""
-    from relay.model import load_model
+    from relay.classifier.model import load_model
 
     model = load_model(model_path)
     base = corpus if corpus is not None else labels.parent

@@ -23,14 +23,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import aiosmtplib
 
-from relay.durable import fsync_dir, write_new_file
+from relay.contracts import Transaction, XForward
+from relay.delivery.durable import fsync_dir, write_new_file
 from relay.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from relay.message import Message
 from relay.reply import Reply
@@ -39,29 +39,6 @@ MAX_IDLE_SECONDS = 30.0  # reuse a pooled connection only if it idled less than 
 # RFC 6531 3.2: a message that needs SMTPUTF8 is refused, never downgraded, when the next
 # hop does not offer it.
 NO_SMTPUTF8_TEXT = "Non-ASCII addresses not permitted: the next hop does not support SMTPUTF8"
-
-
-XForward = Mapping[str, str]  # original client attributes (Postfix XFORWARD), may be empty
-
-
-class Transaction(Protocol):
-    async def add_recipient(self, address: str) -> Reply: ...
-
-    async def send(self, message: Message) -> Reply: ...
-
-    async def abort(self) -> None: ...
-
-
-class Transport(Protocol):
-    name: str
-
-    async def begin(
-        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
-    ) -> Transaction: ...
-
-    async def probe(self) -> bool: ...
-
-    async def close(self) -> None: ...
 
 
 def _status_of(text: str, code: int) -> tuple[str, str]:
@@ -349,7 +326,7 @@ async def _send_xforward(client: aiosmtplib.SMTP, xforward: XForward) -> None:
         return
     response = await client.execute_command(b"XFORWARD", *args)
     if response.code != 250:  # the downstream refused it: deliver anyway, unannotated
-        logging.getLogger("relay.delivery").warning(
+        logging.getLogger("relay.delivery.transports").warning(
             "downstream refused XFORWARD: %d", response.code
         )
 
@@ -390,7 +367,7 @@ class _SmtpTransaction:
         except Exception:
             # A bug or a library surprise: the connection is closed, never leaked, and the
             # client is told to retry.
-            logging.getLogger("relay.delivery").exception("downstream RCPT failed")
+            logging.getLogger("relay.delivery.transports").exception("downstream RCPT failed")
             self._drop()
             return Reply(451, "4.3.0", "Temporary local problem, try again later")
         if response.code not in (250, 251):

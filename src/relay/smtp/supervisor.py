@@ -28,25 +28,14 @@ from pathlib import Path
 
 from relay.config import Settings
 
-log = logging.getLogger("relay.workers")
+log = logging.getLogger("relay.smtp.supervisor")
 
 RESTART_BACKOFF = 1.0  # seconds before a crashed worker is restarted
 
 
-def worker_main(config_path: str, index: int, ready: multiprocessing.connection.Connection) -> None:
-    """Entry point of one worker process (spawned, so it imports everything afresh)."""
-    from relay.app import configure_logging, run
-    from relay.config import load_settings
-    from relay.errors import RelayError
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
-    settings = load_settings(Path(config_path))
-    configure_logging(settings.log.level)
-    try:
-        asyncio.run(run(settings, on_ready=lambda: ready.send(os.getpid())))
-    except RelayError as exc:
-        logging.getLogger("relay").error("worker %d: %s", index, exc)
-        raise SystemExit(2) from None
+# A worker's entry point: (config path, worker index, the pipe it reports ready on). It
+# must be a module-level function, as spawned processes import it by name.
+WorkerMain = Callable[[str, int, multiprocessing.connection.Connection], None]
 
 
 @dataclass
@@ -61,6 +50,7 @@ class _Worker:
 class Supervisor:
     config_path: Path
     settings: Settings
+    worker_main: WorkerMain
     on_worker_exit: Callable[[int], None] = lambda pid: None
     workers: dict[int, _Worker] = field(default_factory=dict)
     stopping: bool = False
@@ -69,7 +59,7 @@ class Supervisor:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(
-            target=worker_main,
+            target=self.worker_main,
             args=(str(self.config_path), index, child),
             name=f"relay-worker-{index}",
             daemon=False,

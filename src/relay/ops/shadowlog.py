@@ -27,7 +27,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from relay.pipeline import MessageReport, NullObserver, Observer
+from relay.contracts import MessageReport, NullObserver, Observer
 from relay.verdict import Verdict
 
 _STOP = None

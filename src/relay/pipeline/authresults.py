@@ -19,8 +19,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from relay.contracts import FactSource
 from relay.errors import FactError
-from relay.facts.base import Facts
 from relay.message import Message
 from relay.verdict import Verdict
 
@@ -212,7 +212,7 @@ class AuthResultsStamp:
             authserv_id_of(field) == self.authserv_id.lower()
         )
 
-    async def __call__(self, message: Message, facts: Facts, verdict: Verdict) -> Message:
+    async def __call__(self, message: Message, facts: FactSource, verdict: Verdict) -> Message:
         cleaned = message.without_headers(self.forged)
         try:
             results = await facts.get("auth_results")

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from relay.classifier.features import Extractor, Features, FeatureSettings
 from relay.errors import ModelError
-from relay.features import Extractor, Features, FeatureSettings
 from relay.message import Message
-from relay.procutil import die_with_parent
+from relay.proc.lifetime import die_with_parent
 
 MAX_BATCH = 32  # messages per pool call
 

@@ -48,14 +48,14 @@ from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from relay.pipeline import MessageReport
+from relay.contracts import MessageReport, Outcome
 from relay.verdict import Action, FactRead, Mode, Tier, Verdict
 
-log = logging.getLogger("relay.metrics")
+log = logging.getLogger("relay.ops.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-OUTCOMES = ("delivered", "quarantined", "rejected", "tempfailed", "failed")
+OUTCOMES = tuple(o.value for o in Outcome)
 DELIVERY_RESULTS = ("ok", "temporary", "permanent", "none")
 STAGES = ("decide", "stamp", "act")
 CODE_CLASSES = ("2xx", "3xx", "4xx", "5xx")

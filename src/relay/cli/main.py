@@ -61,8 +61,8 @@ def _add_scan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         import dataclasses
         import json
 
+        from relay.cli.scan import ScanRequest, scan
         from relay.config import load_settings
-        from relay.scan import ScanRequest, scan
 
         settings = load_settings(args.config)
         if args.policy is not None:
@@ -144,8 +144,8 @@ def _add_quarantine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     delete.add_argument("id")
 
     def run(args: argparse.Namespace) -> int:
+        from relay.cli.quarantine import run_command
         from relay.config import load_settings
-        from relay.quarantine import run_command
 
         settings = load_settings(args.config)
         return run_command(
@@ -211,7 +211,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        from relay.lab.command import run as run_lab
+        from relay.cli.lab import run as run_lab
 
         return run_lab(args)
 
@@ -229,7 +229,7 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--quick", action="store_true", help="skip model selection (one candidate)")
 
     def run(args: argparse.Namespace) -> int:
-        from relay import training
+        from relay.classifier import training
 
         if args.labels is None and not (args.ham and args.spam):
             p.error("give --labels, or both --ham and --spam")
@@ -255,7 +255,7 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
 
     def run(args: argparse.Namespace) -> int:
-        from relay import training
+        from relay.classifier import training
 
         return training.evaluate_command(
             model_path=args.model,

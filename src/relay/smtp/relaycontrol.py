@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from relay.config import IPNetwork
 from relay.idn import to_alabel
 from relay.reply import BAD_ADDRESS, RELAY_DENIED, Reply
-from relay.smtppath import unquoted, valid_local_part
+from relay.smtp.paths import unquoted, valid_local_part
 
 _TRICK_CHARS = ("@", "%", "!")
 

@@ -26,11 +26,10 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
-from relay.delivery import Transaction, Transport
+from relay.contracts import Decider, Observer, Transaction, Transport
 from relay.message import Envelope as MsgEnvelope
 from relay.message import Message, Peer, to_crlf
-from relay.pipeline import Decider, Observer, Pipeline
-from relay.relaycontrol import RelayControl, ip_in
+from relay.pipeline.process import Pipeline
 from relay.reply import (
     DATA_TIMEOUT,
     IDLE_TIMEOUT,
@@ -43,7 +42,7 @@ from relay.reply import (
     Reply,
     with_enhanced_status,
 )
-from relay.smtppath import (
+from relay.smtp.paths import (
     NEEDS_SMTPUTF8,
     SYNTAX_MAIL,
     SYNTAX_RCPT,
@@ -52,8 +51,9 @@ from relay.smtppath import (
     check_sender,
     parse_argument,
 )
+from relay.smtp.relaycontrol import RelayControl, ip_in
 
-log = logging.getLogger("relay.smtp")
+log = logging.getLogger("relay.smtp.server")
 
 # A lone dot delimited by anything but CRLF on both sides: the SMTP smuggling shapes
 # (<LF>.<LF>, <LF>.<CR><LF>, <CR><LF>.<LF>, <CR>.<CR>, <CR><LF>.<CR>, <CR>.<CR><LF>,

@@ -29,9 +29,9 @@ from prometheus_client.exposition import choose_encoder
 
 from relay.config import MetricsSettings
 from relay.errors import ConfigError
-from relay.metrics import scrape_registry
+from relay.ops.metrics import scrape_registry
 
-log = logging.getLogger("relay.metrics")
+log = logging.getLogger("relay.ops.metrics")
 
 Readiness = Callable[[], Mapping[str, bool] | Awaitable[Mapping[str, bool]]]
 

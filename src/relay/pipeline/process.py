@@ -19,112 +19,26 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from relay import actions
-from relay.delivery import Transaction
+from relay.contracts import (
+    Decider,
+    MessageReport,
+    NullObserver,
+    Observer,
+    Outcome,
+    Quarantine,
+    Stamp,
+    Transaction,
+)
 from relay.errors import DeliveryError, PermanentDeliveryError
 from relay.facts.base import FactRegistry, Facts, Services
 from relay.message import Message
+from relay.pipeline import actions
+from relay.policy.holder import DeciderHolder
 from relay.reply import INTERNAL_ERROR, Reply
 from relay.verdict import ACCEPT_ALL, Action, Verdict
 
 log = logging.getLogger("relay.message")
-
-
-class Decider(Protocol):
-    """A compiled policy. ``name`` labels verdicts; decide must not raise for bad facts."""
-
-    @property
-    def name(self) -> str: ...
-
-    async def decide(self, message: Message, facts: Facts) -> Verdict: ...
-
-
-class Stamp(Protocol):
-    """Adds or removes header fields after the decision (e.g. Authentication-Results)."""
-
-    async def __call__(self, message: Message, facts: Facts, verdict: Verdict) -> Message: ...
-
-
-class QuarantineStore(Protocol):
-    async def put(self, message: Message, verdict: Verdict) -> str: ...
-
-
-class Observer(Protocol):
-    """Watches the relay; must never block or raise."""
-
-    def connection_opened(self) -> None: ...
-
-    def connection_closed(self) -> None: ...
-
-    def connection_refused(self) -> None: ...
-
-    def smtp_reply(self, code: int) -> None: ...
-
-    def message_done(self, report: MessageReport) -> None: ...
-
-    def shadow_verdict(self, verdict: Verdict) -> None: ...
-
-    def policy_reload(self, ok: bool) -> None: ...
-
-
-class NullObserver:
-    def connection_opened(self) -> None: ...
-
-    def connection_closed(self) -> None: ...
-
-    def connection_refused(self) -> None: ...
-
-    def smtp_reply(self, code: int) -> None: ...
-
-    def message_done(self, report: MessageReport) -> None: ...
-
-    def shadow_verdict(self, verdict: Verdict) -> None: ...
-
-    def policy_reload(self, ok: bool) -> None: ...
-
-
-class _Noop:
-    name = "noop"
-
-    async def decide(self, message: Message, facts: Facts) -> Verdict:
-        return ACCEPT_ALL
-
-
-NOOP: Decider = _Noop()
-
-
-class DeciderHolder:
-    """The current policy; swapped atomically on reload. Sessions capture ``current`` when
-    their transaction starts, so mail in flight finishes under the policy it started with."""
-
-    def __init__(self, decider: Decider = NOOP) -> None:
-        self.current: Decider = decider
-        self.generation = 0
-
-    def swap(self, decider: Decider) -> None:
-        self.current = decider
-        self.generation += 1
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReport:
-    """Everything logged and measured about one finished message (never the body)."""
-
-    queue_id: str
-    size: int
-    recipients: int
-    verdict: Verdict
-    reply: Reply
-    outcome: str  # delivered | quarantined | rejected | tempfailed | failed
-    timings: tuple[tuple[str, float], ...] = ()
-    delivery: str = ""  # ok | temporary | permanent | none
-    shadow: tuple[Verdict, ...] = field(default=())
-
-    @property
-    def total_seconds(self) -> float:
-        return dict(self.timings).get("total", 0.0)
 
 
 @dataclass
@@ -133,7 +47,7 @@ class Pipeline:
     services: Services
     policy: DeciderHolder
     stamps: Sequence[Stamp] = ()
-    quarantine: QuarantineStore | None = None
+    quarantine: Quarantine | None = None
     observer: Observer = field(default_factory=NullObserver)
     shadow: Sequence[Decider] = ()
     hostname: str = "relay.localhost"
@@ -165,7 +79,7 @@ class Pipeline:
         except Exception:  # a bug must cost a retry, never a lost or half-delivered message
             log.exception("queue_id=%s pipeline failure", message.queue_id)
             await transaction.abort()
-            reply, outcome = INTERNAL_ERROR, "failed"
+            reply, outcome = INTERNAL_ERROR, Outcome.FAILED
         timings.append(("total", time.perf_counter() - start))
         report = MessageReport(
             queue_id=message.queue_id,
@@ -192,21 +106,21 @@ class Pipeline:
 
     async def _act(
         self, message: Message, transaction: Transaction, verdict: Verdict
-    ) -> tuple[Reply, str, str]:
+    ) -> tuple[Reply, Outcome, str]:
         if verdict.delivers:
             try:
-                return await transaction.send(message), "delivered", "ok"
+                return await transaction.send(message), Outcome.DELIVERED, "ok"
             except DeliveryError as exc:
                 kind = "permanent" if isinstance(exc, PermanentDeliveryError) else "temporary"
-                return Reply(exc.code, exc.status, exc.text), "failed", kind
+                return Reply(exc.code, exc.status, exc.text), Outcome.FAILED, kind
         await transaction.abort()
         if verdict.action is Action.QUARANTINE:
             if self.quarantine is None:
                 raise RuntimeError("quarantine action without a quarantine store")
             qid = await self.quarantine.put(message, verdict)
-            return Reply(250, "2.0.0", f"Ok: queued as {qid}"), "quarantined", "none"
+            return Reply(250, "2.0.0", f"Ok: queued as {qid}"), Outcome.QUARANTINED, "none"
         reply = actions.refusal(verdict)
-        outcome = "rejected" if verdict.action is Action.REJECT else "tempfailed"
+        outcome = Outcome.REJECTED if verdict.action is Action.REJECT else Outcome.TEMPFAILED
         return reply, outcome, "none"
 
 

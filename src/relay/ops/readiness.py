@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from relay.config import DeliverySettings, Settings
-from relay.pipeline import NOOP, DeciderHolder
+from relay.policy.holder import NOOP, DeciderHolder
 
 DOWNSTREAM_TIMEOUT = 2.0  # seconds for the downstream's 220 greeting
 

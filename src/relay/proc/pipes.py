@@ -29,9 +29,9 @@ import signal
 import sys
 from collections.abc import Callable
 
-from relay.procutil import die_with_parent
+from relay.proc.lifetime import die_with_parent
 
-log = logging.getLogger("relay.pipeproc")
+log = logging.getLogger("relay.proc.pipes")
 
 OK, ERROR = 0, 1
 MAX_FRAME = 1 << 31  # a sanity bound: the relay's own size limits are far below it

@@ -18,7 +18,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
-from relay.app import load_decider, open_services
+from relay.assembly import load_decider, open_services
 from relay.config import Settings
 from relay.errors import FactError, MessageTimeError, RelayError
 from relay.facts import Facts, Services, default_registry

@@ -34,7 +34,7 @@ def _sources(args: argparse.Namespace) -> tuple[list[Source], str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.shadow_log is not None:
-        from relay.shadowlog import report_shadow_log
+        from relay.ops.shadowlog import report_shadow_log
 
         summary = report_shadow_log(args.shadow_log, args.out)
         print(f"shadow log report: {args.out / 'shadow.md'} ({summary['lines']} lines)")

@@ -1,0 +1,63 @@
+"""`relay quarantine list|show|release|delete`: the command bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from relay.assembly import build_transport
+from relay.config import Settings
+from relay.delivery.quarantine import QuarantineStore
+from relay.errors import QuarantineError
+
+
+async def _command(settings: Settings, command: str, qid: str, as_json: bool, raw: bool) -> int:
+    store = QuarantineStore(settings.quarantine.path)
+    out = sys.stdout
+    if command == "list":
+        entries = await store.list()
+        for e in entries:
+            if as_json:
+                out.write(json.dumps(e.to_dict()) + "\n")
+            else:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.stored_at))
+                rules = ",".join(e.rules) or "-"
+                out.write(
+                    f"{e.id}  {stamp}  {e.action:<10} {e.score:6.2f}  {e.size:>8}B  "
+                    f"from=<{e.mail_from}> rcpts={len(e.rcpt_to)} rules={rules}\n"
+                )
+        if not as_json:
+            out.write(f"{len(entries)} message(s) in {settings.quarantine.path}\n")
+        return 0
+    if command == "show":
+        entry, data = await store.show(qid)
+        if raw:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            out.write(json.dumps(entry.to_dict(), indent=2) + "\n")
+        return 0
+    if command == "delete":
+        await store.delete(qid)
+        out.write(f"deleted {qid}\n")
+        return 0
+    if command == "release":
+        transport = build_transport(settings)
+        try:
+            result = await store.release(qid, transport)
+        finally:
+            await transport.close()
+        for rcpt, reply in result.recipients:
+            out.write(f"{rcpt}: {reply.line}\n")
+        if result.reply is not None:
+            out.write(f"data: {result.reply.line}\n")
+        out.write("released and removed\n" if result.removed else "kept in quarantine\n")
+        return 0 if result.reply is not None and result.reply.ok else 1
+    raise QuarantineError(f"unknown quarantine command {command!r}")
+
+
+def run_command(settings: Settings, command: str, qid: str, *, as_json: bool, raw: bool) -> int:
+    """Entry point of `relay quarantine list|show|release|delete`."""
+    return asyncio.run(_command(settings, command, qid, as_json, raw))
