@@ -29,7 +29,8 @@ from typing import Any
 
 from bench.bench_lab import extract, shared_dir
 from bench.procstats import descendants, rss_bytes
-from relay.classifier.model import Classifier, load_model
+from relay.classifier.model import load_model
+from relay.classifier.serving import Classifier
 from relay.message import Message
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,11 +27,14 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
+from relay.contracts import Outcome
 from relay.errors import FactError
 from relay.facts import bulk, content, headers, text
 from relay.facts.base import FactRegistry, Facts, Services
 from relay.lab.corpus import load_corpus, sources_from_labels
+from relay.pipeline.recorder import Recorder
 from relay.state import SqliteState
+from relay.verdict import ACCEPT_ALL
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,7 +67,10 @@ async def run(scratch: Path, corpus_dir: Path) -> dict[str, Any]:
     )
     names = [s.name for family in FAMILIES for s in family if s.name not in SKIP]
     state = await SqliteState(scratch / "state.sqlite3").open()
-    services = Services(state, PublicSuffixList())
+    psl = PublicSuffixList()
+    services = Services(state=state, psl=psl)
+    recorder = Recorder(state, psl)  # facts only read: record each message, as the relay does
+    record_seconds: list[float] = []
     seconds: dict[str, list[float]] = defaultdict(list)
     values: dict[tuple[str, str], list[Any]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
@@ -78,6 +84,9 @@ async def run(scratch: Path, corpus_dir: Path) -> dict[str, Any]:
                     values[(name, item.label)].append(await facts.get(name))
                 except FactError:
                     errors[name] += 1
+            t = time.perf_counter()
+            await recorder.record(facts.message, facts, ACCEPT_ALL, Outcome.DELIVERED)
+            record_seconds.append(time.perf_counter() - t)
             for read in facts.reads():
                 if read.name == "body_text":
                     body_seconds.append(read.seconds)
@@ -115,6 +124,8 @@ async def run(scratch: Path, corpus_dir: Path) -> dict[str, Any]:
         "unreadable": len(corpus.unreadable),
         "seconds_total": round(total, 2),
         "body_text_mean_us": round(statistics.fmean(body_seconds) * 1e6, 1),
+        "record_mean_us": round(statistics.fmean(record_seconds) * 1e6, 1),
+        "record_p95_us": round(_p95(record_seconds) * 1e6, 1),
         "facts": per_fact,
         "python": platform.python_version(),
         "machine": platform.machine(),

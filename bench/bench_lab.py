@@ -182,7 +182,7 @@ def main() -> int:
             shutil.rmtree(scratch / stale, ignore_errors=True)
         regimes = sorted(str(p) for p in (REPO / "config" / "regimes").glob("*.toml"))
         base = [
-            sys.executable, "-m", "relay.cli.main", "lab",
+            sys.executable, "-m", "relay.cli", "lab",
             "--corpus", str(scratch), "--labels", str(corpus / "split.tsv"),
             "--config", str(REPO / "config" / "relay.toml"),
             "--cache", str(scratch / "cache"), "--jobs", str(args.jobs), "--no-progress",

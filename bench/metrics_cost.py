@@ -23,7 +23,7 @@ BUDGET_SECONDS = 1 / 740  # one event loop's per-message time doing SMTP in and 
 ROUNDS = 20000
 
 # Runs in a fresh interpreter so the multiprocess variant can set the variable before
-# prometheus_client is imported (see relay.metrics).
+# prometheus_client is imported (see relay.ops.multiprocess).
 WORKER = """
 import json, sys, time
 from prometheus_client import CollectorRegistry

@@ -72,6 +72,7 @@ async def probe_relay(
     *,
     workers: int,
     overrides: Mapping[str, Mapping[str, TomlValue]],
+    src: Path | None = None,
 ) -> Probe:
     loop = asyncio.get_running_loop()
     capture = _Capture()
@@ -79,7 +80,7 @@ async def probe_relay(
         lambda: SMTP(capture, decode_data=False, hostname="probe.bench"), "127.0.0.1", 0
     )
     sink_port = int(sink.sockets[0].getsockname()[1])
-    relay = start_relay("probe", workdir, sink_port, workers=workers, overrides=overrides)
+    relay = start_relay("probe", workdir, sink_port, workers=workers, overrides=overrides, src=src)
     failure = ""
     try:
         try:

@@ -202,7 +202,7 @@ async def relay_process(
     with (workdir / "relay.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            *("-m", "relay.cli.main", "serve", "--config", "relay.toml"),
+            *("-m", "relay.cli", "serve", "--config", "relay.toml"),
             cwd=workdir,
             env=env,
             stdout=log,

@@ -35,7 +35,14 @@ from bench.client import LoadResult, drive
 from bench.postfix import SmtpSink, SourceRun, find_tool, smtp_source
 from bench.probe import Probe, probe_relay
 from bench.procstats import MachineCpu, cpu_seconds, descendants, load_average, rss_bytes
-from bench.scenarios import Scenario, build, comparisons
+from bench.scenarios import (
+    Scenario,
+    baseline_comparisons,
+    baseline_keys,
+    build,
+    comparisons,
+    with_baseline,
+)
 from bench.servers import ServerProcess, start_passthrough, start_relay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +62,7 @@ class Options:
     out: Path
     stem: str
     quick: bool
+    baseline: str = ""  # git revision whose relay runs beside this tree's
 
 
 @dataclass
@@ -215,7 +223,7 @@ async def start_targets(
             server = start_passthrough(sc.key, folder, sink.port, sc.pool)
         else:
             server = start_relay(
-                sc.key, folder, sink.port, workers=sc.workers, overrides=sc.overrides
+                sc.key, folder, sink.port, workers=sc.workers, overrides=sc.overrides, src=sc.src
             )
         targets.append(Target(sc, server.port, server.pid, server))
     ready: list[Target] = []
@@ -241,6 +249,18 @@ async def start_targets(
     return ready
 
 
+def export_tree(rev: str, dest: Path) -> Path:
+    """``git archive`` of ``rev`` into ``dest``; returns its ``src`` folder."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "src"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
+
+
 async def run_bench(opts: Options) -> dict[str, Any]:
     for tool in ("smtp-sink", "smtp-source"):
         if find_tool(tool) is None:
@@ -259,7 +279,12 @@ async def run_bench(opts: Options) -> dict[str, Any]:
     dns = LocalDns({name: list(records) for name, records in bench_mail.zone.items()}).start()
     try:
         await sink.ready()
-        scenarios = build(REPO, dns.address, opts.workers)
+        scenarios = build(REPO, dns.address, opts.workers, work)
+        if opts.baseline:
+            base_src = export_tree(opts.baseline, work / "baseline")
+            scenarios = with_baseline(
+                scenarios, base_src, opts.baseline, baseline_keys(opts.workers)
+            )
         chosen = [s for s in scenarios if not opts.only or s.key in opts.only]
         skipped: dict[str, str] = {}
         probes: dict[str, Probe] = {}
@@ -271,6 +296,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
                 bench_mail.message,
                 workers=sc.workers,
                 overrides=sc.overrides,
+                src=sc.src,
             )
             probes[sc.key] = probe
             gaps = feature_gaps(sc, probe, REPO)
@@ -319,7 +345,11 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             "notes": notes,
         },
         "scenarios": rows,
-        "comparisons": report.ratios(rows, comparisons(opts.workers)),
+        "comparisons": report.ratios(
+            rows,
+            comparisons(opts.workers)
+            + (baseline_comparisons(baseline_keys(opts.workers)) if opts.baseline else []),
+        ),
         "checks": report.session_checks(rows),
     }
 
@@ -417,6 +447,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--scenarios", default="", help="comma-separated keys (default: all)")
     p.add_argument("--quick", action="store_true", help="smoke run: few messages, one round")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument(
+        "--baseline",
+        default="",
+        help="a git revision: its relay runs beside this tree's in the same rounds",
+    )
     a = p.parse_args(argv)
     quick = bool(a.quick)
     messages = a.messages or (300 if quick else 5000)
@@ -432,6 +467,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         out=a.out,
         stem="throughput-quick" if quick else "throughput",
         quick=quick,
+        baseline=a.baseline,
     )
 
 

@@ -8,7 +8,7 @@ A variant whose feature is not wired in yet is skipped with the reason in the re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +28,7 @@ class Scenario:
     pool: int = 16  # pass-through: idle downstream connections kept (0: one per message)
     overrides: Overrides = field(default_factory=dict)
     features: tuple[Feature, ...] = ()
+    src: Path | None = None  # another tree's src/ to run (the baseline), else this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +50,42 @@ def _auth(dns: str) -> dict[str, dict[str, TomlValue]]:
     return {"auth": {"enabled": True}, "dns": {"nameservers": [dns], "timeout": 2}}
 
 
-def _policy(repo: Path, dns: str, *, model: bool = True) -> dict[str, dict[str, TomlValue]]:
+def _policy(repo: Path, dns: str, *, model: Path | None) -> dict[str, dict[str, TomlValue]]:
+    """The default policy with the classifier, or (model None) without its rules: the
+    relay refuses to start a policy that reads a fact whose service is off."""
     overrides = _auth(dns)
-    overrides["policy"] = {"path": str(repo / "config" / "policy.toml")}
-    overrides["model"] = {"enabled": model, "path": str(repo / "models" / "spam.skops")}
+    if model is None:
+        overrides["policy"] = {"path": str(repo / "config" / "policy.toml")}
+        overrides["model"] = {"enabled": False}
+    else:
+        overrides["policy"] = {"path": str(repo / "config" / "policy.toml")}
+        overrides["model"] = {"enabled": True, "path": str(model)}
     return overrides
 
 
-def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
+def _no_classifier_policy(
+    repo: Path, dns: str, work: Path | None
+) -> dict[str, dict[str, TomlValue]]:
+    overrides = _policy(repo, dns, model=None)
+    if work is not None:
+        path = without_classifier_rules(
+            repo / "config" / "policy.toml", work / "policy-nomodel.toml"
+        )
+        overrides["policy"] = {"path": str(path)}
+    return overrides
+
+
+def without_classifier_rules(policy: Path, dest: Path) -> Path:
+    """``policy`` minus the rules that read spam_probability (text kept as written)."""
+    head, *rules = policy.read_text().split("\n[[rule]]\n")
+    kept = [r for r in rules if "spam_probability" not in r]
+    dest.write_text("\n[[rule]]\n".join([head, *kept]))
+    return dest
+
+
+def build(
+    repo: Path, dns: str, workers: tuple[int, ...], work: Path | None = None
+) -> list[Scenario]:
     top = max(workers)
     out = [
         Scenario("direct", "smtp-source -> smtp-sink (the machine's ceiling)", "direct"),
@@ -123,10 +152,11 @@ def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
     out.append(
         Scenario(
             "relay-policy-w1",
-            "relay, default policy + authentication, classifier off, 1 worker",
+            "relay, default policy minus its classifier rules + authentication, "
+            "classifier off, 1 worker",
             "relay",
             1,
-            overrides=_policy(repo, dns, model=False),
+            overrides=_no_classifier_policy(repo, dns, work),
             features=("auth", "policy"),
         )
     )
@@ -136,11 +166,11 @@ def build(repo: Path, dns: str, workers: tuple[int, ...]) -> list[Scenario]:
             "relay, default policy + classifier + authentication, 1 worker",
             "relay",
             1,
-            overrides=_policy(repo, dns),
+            overrides=_policy(repo, dns, model=repo / "models" / "spam.skops"),
             features=("auth", "policy", "model"),
         )
     )
-    full = dict(_policy(repo, dns))
+    full = dict(_policy(repo, dns, model=repo / "models" / "spam.skops"))
     full.update(_metrics())
     out.append(
         Scenario(
@@ -243,3 +273,33 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
         ),
     ]
     return out
+
+
+BASELINE_KEYS = ("relay-noop-w{low}", "relay-noop-w{top}", "relay-auth-w1", "relay-full-w{top}")
+BASELINE_SUFFIX = "@base"
+
+
+def baseline_keys(workers: tuple[int, ...]) -> tuple[str, ...]:
+    top, low = max(workers), min(workers)
+    return tuple(dict.fromkeys(k.format(top=top, low=low) for k in BASELINE_KEYS))
+
+
+def with_baseline(
+    scenarios: list[Scenario], src: Path, rev: str, keys: tuple[str, ...]
+) -> list[Scenario]:
+    """Twins of ``keys`` that run another tree's relay (``src``) with the same config, so a
+    change is measured against the code before it in the same run (same load, same
+    rounds): a refactoring must not cost throughput."""
+    twins = [
+        replace(s, key=s.key + BASELINE_SUFFIX, title=f"{s.title} [baseline {rev}]", src=src)
+        for s in scenarios
+        if s.key in keys
+    ]
+    return scenarios + twins
+
+
+def baseline_comparisons(keys: tuple[str, ...], target: float = 0.95) -> list[Comparison]:
+    return [
+        Comparison(f"{k}: this tree / baseline", k, k + BASELINE_SUFFIX, target, "issue 14")
+        for k in keys
+    ]

@@ -123,9 +123,14 @@ class ServerProcess:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, port: int) -> ServerProcess:
+def _spawn(
+    name: str, argv: list[str], workdir: Path, port: int, src: Path | None = None
+) -> ServerProcess:
+    """``src``: another tree's ``src`` folder whose ``relay`` package runs instead of this
+    one (the bench's baseline); PYTHONPATH is searched before the editable install."""
     log = workdir / "server.log"
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    paths = (str(src) if src else "", str(REPO), os.environ.get("PYTHONPATH", ""))
+    path = os.pathsep.join(p for p in paths if p)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -183,6 +188,7 @@ def start_relay(
     *,
     workers: int,
     overrides: Mapping[str, Mapping[str, TomlValue]],
+    src: Path | None = None,
 ) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     port, metrics_port = free_port(), free_port()
@@ -191,7 +197,7 @@ def start_relay(
     )
     config_file = workdir / "relay.toml"
     config_file.write_text(toml_text(config))
-    argv = [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(config_file)]
-    server = _spawn(name, argv, workdir, port)
+    argv = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config_file)]
+    server = _spawn(name, argv, workdir, port, src)
     server.metrics_port = metrics_port
     return server

@@ -65,7 +65,7 @@ def _header_value(raw: bytes) -> str:
 
 async def stamped(auth: Authenticator, raw: bytes, **kw: Any) -> tuple[bytes, Facts]:
     message = incoming(raw, **kw)
-    facts = Facts(default_registry(), message, Services(auth))
+    facts = Facts(default_registry(), message, Services(authenticator=auth))
     out = await AuthResultsStamp(ID)(message, facts, ACCEPT_ALL)
     return out.raw, facts
 

@@ -9,7 +9,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from relay.delivery.transports import MaildirTransport
+from relay.delivery.maildir import MaildirTransport
 from relay.message import Envelope, Message, Peer
 from tests.support.relay import (
     RawClient,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
+from publicsuffixlist import PublicSuffixList
 
 from relay.errors import FactError
 from relay.facts import Facts, FactSpec, FactType, Services, default_registry
-from relay.facts.base import FactContext, FactRegistry
+from relay.facts.base import FactContext, FactRegistry, missing_services
+from relay.facts.services import AUTHENTICATOR, CLASSIFIER, PSL, STATE
 from relay.message import Envelope, Message, Peer
 from relay.verdict import Tier
 
@@ -112,17 +115,38 @@ def test_registry_rules(specs: list[tuple[str, Tier, tuple[str, ...]]], error: s
         FactRegistry(FactSpec(n, FactType.INT, t, compute, depends=d) for n, t, d in specs)
 
 
-def test_services_lookup_by_type() -> None:
-    class Resolver:
-        pass
+async def test_a_fact_gets_its_declared_service_typed_or_a_fact_error() -> None:
+    psl = PublicSuffixList()
 
-    r = Resolver()
-    services = Services(r, "text")
-    assert services.get(Resolver) is r
-    assert services.get(str) == "text"
-    assert services.find(int) is None
-    with pytest.raises(FactError, match="int is not configured"):
-        services.get(int)
+    async def org(ctx: FactContext) -> str:
+        return str(ctx.service(PSL).privatesuffix("a.b.example.co.uk"))
+
+    async def sneaky(ctx: FactContext) -> object:
+        return ctx.service(STATE)  # not declared
+
+    reg = FactRegistry(
+        [
+            FactSpec("org", FactType.STR, Tier.ENVELOPE, org, needs=(PSL,)),
+            FactSpec("sneaky", FactType.OBJECT, Tier.ENVELOPE, sneaky),
+        ]
+    )
+    assert await Facts(reg, message(), Services(psl=psl)).get("org") == "example.co.uk"
+    with pytest.raises(FactError, match="service psl is not configured"):
+        await Facts(reg, message(), Services()).get("org")
+    with pytest.raises(FactError, match="undeclared service 'state'"):
+        await Facts(reg, message(), Services(psl=psl)).get("sneaky")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Services().psl = psl  # type: ignore[misc]
+
+
+def test_missing_services_follow_dependencies_and_skip_lab_only_facts() -> None:
+    reg = default_registry()
+    none = Services()
+    assert ("spam_probability", "classifier", CLASSIFIER) in missing_services(
+        reg, ["spam_probability"], none
+    )
+    assert ("dmarc", "auth_results", AUTHENTICATOR) in missing_services(reg, ["dmarc"], none)
+    assert missing_services(reg, ["consent_listed", "recipient_count"], none) == []
 
 
 def test_fact_values_are_recorded_as_json_safe_copies() -> None:

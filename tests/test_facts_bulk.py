@@ -1,9 +1,15 @@
-"""Cross-message facts over a real SQLite state store: bulk fingerprint, volume, correspondents."""
+"""Cross-message facts over a real SQLite state store: bulk fingerprint, volume, correspondents.
+
+Facts only read; the pipeline's recorder writes after the action. The tests that watch
+counts grow record each message after reading its fact, as ``Pipeline.process`` does.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
+import sqlite3
 import string
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,10 +17,13 @@ from pathlib import Path
 import pytest
 from publicsuffixlist import PublicSuffixList
 
+from relay.contracts import Outcome
 from relay.facts import bulk, text
-from relay.facts.base import FactRegistry, Facts, Services
-from relay.facts.bulk import CorrespondentRecorder, fingerprint, normalise
+from relay.facts.base import FactRegistry, Facts
+from relay.facts.bulk import fingerprint, normalise
+from relay.facts.services import Services
 from relay.message import Message, Peer
+from relay.pipeline.recorder import Recorder
 from relay.state import SqliteState, StateStore
 from relay.verdict import Action, Tier, Verdict
 from tests.support.golden_facts import Case, check_case, covered, family_cases
@@ -38,7 +47,12 @@ async def state(tmp_path: Path) -> AsyncIterator[StateStore]:
 
 @pytest.fixture
 def services(state: StateStore, psl: PublicSuffixList) -> Services:
-    return Services(state, psl)
+    return Services(state=state, psl=psl)
+
+
+@pytest.fixture
+def recorder(state: StateStore, psl: PublicSuffixList) -> Recorder:
+    return Recorder(state, psl, [ipaddress.ip_network("10.0.0.0/8")])
 
 
 @pytest.mark.parametrize("case", family_cases(bulk.FACTS), ids=lambda c: c.file)
@@ -95,24 +109,65 @@ def _message(
     )
 
 
-async def _get(msg: Message, name: str, services: Services) -> object:
-    return await Facts(REGISTRY, msg, services).get(name)
+async def _get(
+    msg: Message,
+    name: str,
+    services: Services,
+    recorder: Recorder | None = None,
+    outcome: Outcome = Outcome.DELIVERED,
+) -> object:
+    """Read one fact; then, given a recorder, record the message as the pipeline does."""
+    facts = Facts(REGISTRY, msg, services)
+    value = await facts.get(name)
+    if recorder is not None:
+        await recorder.record(msg, facts, Verdict(Action.ACCEPT), outcome)
+    return value
+
+
+def _rows(path: Path) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [
+            *db.execute("SELECT * FROM window_members ORDER BY key, member"),
+            *db.execute("SELECT * FROM flags ORDER BY key"),
+        ]
 
 
 async def test_bulk_count_counts_distinct_recipients_of_similar_bodies(
-    services: Services,
+    services: Services, recorder: Recorder
 ) -> None:
     counts = []
     for i, rcpt in enumerate(["a@x.example", "b@x.example", "c@y.example", "a@x.example"]):
         personalised = f"Hello {rcpt}, " + BODY + f" ref {i}"
-        counts.append(await _get(_message(personalised, [rcpt], T0 + i), "bulk_count", services))
+        msg = _message(personalised, [rcpt], T0 + i)
+        counts.append(await _get(msg, "bulk_count", services, recorder))
     assert counts == [1, 2, 3, 3]  # a@x.example got it twice: one recipient
     many = _message(BODY, [f"r{i}@z.example" for i in range(10)], T0 + 10)
-    assert await _get(many, "bulk_count", services) == 13
+    assert await _get(many, "bulk_count", services, recorder) == 13
     other = _message(_words(3, 200), ["a@x.example"], T0 + 11)
-    assert await _get(other, "bulk_count", services) == 1
+    assert await _get(other, "bulk_count", services, recorder) == 1
     later = _message(BODY, ["late@x.example"], T0 + DAY + 20)  # the window has passed
-    assert await _get(later, "bulk_count", services) == 1
+    assert await _get(later, "bulk_count", services, recorder) == 1
+
+
+async def test_reading_counts_records_nothing(
+    services: Services, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A fact counts the message as if recorded, but only the recorder records it: reading
+    the same message twice gives the same count, and the store is unchanged."""
+    first = _message(BODY, ["a@x.example"], T0, msgid="first@shop")
+    await _get(first, "bulk_count", services, recorder)
+    before = _rows(tmp_path / "state.sqlite3")
+    msg = _message(BODY, ["b@x.example", "c@x.example"], T0 + 1, msgid="m@shop")
+    for _ in range(2):
+        facts = Facts(REGISTRY, msg, services)
+        assert await facts.get("bulk_count") == 3
+        assert await facts.get("sender_volume_24h") == 3
+        assert await facts.get("bulk_sender") is False
+        assert await facts.get("known_correspondent") is False
+    assert _rows(tmp_path / "state.sqlite3") == before
+    await recorder.record(msg, facts, Verdict(Action.ACCEPT), Outcome.DELIVERED)
+    assert _rows(tmp_path / "state.sqlite3") != before
+    assert await _get(msg, "bulk_count", services) == 3  # recorded: still counts once
 
 
 async def test_bulk_count_is_a_fingerprint_tier_fact(services: Services) -> None:
@@ -121,29 +176,37 @@ async def test_bulk_count_is_a_fingerprint_tier_fact(services: Services) -> None
     assert facts.highest_tier() is Tier.FINGERPRINT
 
 
-async def test_state_holds_no_text_or_addresses(services: Services, tmp_path: Path) -> None:
-    await _get(_message(BODY, ["secret.person@x.example"], T0), "bulk_count", services)
-    await _get(_message(BODY, ["secret.person@x.example"], T0), "sender_volume_24h", services)
+async def test_state_holds_no_text_or_addresses(
+    services: Services, recorder: Recorder, tmp_path: Path
+) -> None:
+    msg = _message(BODY, ["secret.person@x.example"], T0, ip="10.0.0.1")
+    await _get(msg, "bulk_count", services, recorder)
+    assert _rows(tmp_path / "state.sqlite3")  # bulk, volume, connection and pairs recorded
     dump = b"".join(p.read_bytes() for p in tmp_path.glob("state.sqlite3*"))
     assert b"secret.person" not in dump
     assert BODY.split()[0].encode() not in dump
 
 
-async def test_sender_volume_per_organisational_domain(services: Services) -> None:
+async def test_sender_volume_per_organisational_domain(
+    services: Services, recorder: Recorder
+) -> None:
     a = _message("x", ["r1@x.example", "r2@x.example"], T0, msgid="m1@shop")
     b = _message("y", ["r3@x.example"], T0 + 1, sender="info@shop.example.co.uk", msgid="m2@s")
-    assert await _get(a, "sender_volume_24h", services) == 2
-    assert await _get(b, "sender_volume_24h", services) == 3  # same organisation
-    assert await _get(a, "sender_volume_24h", services) == 3  # a retry counts once
+    assert await _get(a, "sender_volume_24h", services, recorder) == 2
+    assert await _get(b, "sender_volume_24h", services, recorder) == 3  # same organisation
+    assert await _get(a, "sender_volume_24h", services, recorder) == 3  # a retry counts once
     other = _message("z", ["r1@x.example"], T0 + 2, sender="me@elsewhere.example", msgid="m3")
-    assert await _get(other, "sender_volume_24h", services) == 1
+    assert await _get(other, "sender_volume_24h", services, recorder) == 1
 
 
-async def test_bulk_sender_status_is_sticky(services: Services, state: StateStore) -> None:
+async def test_bulk_sender_status_is_sticky(
+    services: Services, state: StateStore, recorder: Recorder
+) -> None:
     members = [f"earlier-{i}" for i in range(bulk.BULK_SENDER_VOLUME - 1)]
     await state.incr_window_many("volume:example.co.uk", members, DAY, T0 - 60)
     small = _message("x", ["r@x.example"], T0, sender="a@example.co.uk", msgid="b1")
-    assert await _get(small, "bulk_sender", services) is True
+    # The 5,000th counts itself; the recorder sets the sticky flag when it records it.
+    assert await _get(small, "bulk_sender", services, recorder) is True
     next_week = _message("x", ["r@x.example"], T0 + 7 * DAY, sender="a@example.co.uk", msgid="b2")
     facts = Facts(REGISTRY, next_week, services)
     assert await facts.get("sender_volume_24h") == 1
@@ -153,11 +216,11 @@ async def test_bulk_sender_status_is_sticky(services: Services, state: StateStor
 
 
 async def test_known_correspondent_learned_from_outbound_mail(
-    services: Services, state: StateStore
+    services: Services, recorder: Recorder
 ) -> None:
-    recorder = CorrespondentRecorder(state, [ipaddress.ip_network("10.0.0.0/8")])
     outbound = _message("hi", ["bob@ext.example"], T0, sender="alice@ours.example", ip="10.1.2.3")
-    assert await recorder(outbound, Facts(REGISTRY, outbound, services), Verdict(Action.ACCEPT))
+    facts = Facts(REGISTRY, outbound, services)
+    await recorder.record(outbound, facts, Verdict(Action.ACCEPT), Outcome.DELIVERED)
     reply = _message("re", ["alice@ours.example"], T0 + 60, sender="Bob@Ext.example")
     assert await _get(reply, "known_correspondent", services) is True
     stranger = _message("hi", ["alice@ours.example"], T0 + 60, sender="eve@ext.example")
@@ -169,13 +232,18 @@ async def test_known_correspondent_learned_from_outbound_mail(
 
 
 async def test_recorder_ignores_inbound_and_undelivered_mail(
-    services: Services, state: StateStore
+    services: Services, recorder: Recorder, tmp_path: Path
 ) -> None:
-    recorder = CorrespondentRecorder(state, [ipaddress.ip_network("10.0.0.0/8")])
     inbound = _message("hi", ["bob@ext.example"], T0, sender="alice@ours.example")
-    assert await recorder.record(inbound) == 0
-    rejected = _message("hi", ["bob@ext.example"], T0, sender="alice@ours.example", ip="10.0.0.9")
-    await recorder(rejected, Facts(REGISTRY, rejected, services), Verdict(Action.REJECT))
+    await _get(inbound, "known_correspondent", services, recorder, Outcome.DELIVERED)
+    for n, outcome in enumerate(
+        (Outcome.REJECTED, Outcome.TEMPFAILED, Outcome.QUARANTINED, Outcome.FAILED)
+    ):
+        ours = _message("hi", ["bob@ext.example"], T0 + n, sender="alice@ours.example",
+                        ip="10.0.0.9")  # fmt: skip
+        await _get(ours, "known_correspondent", services, recorder, outcome)
+    rows = _rows(tmp_path / "state.sqlite3")
+    assert rows and not [row for row in rows if str(row[0]).startswith("corr:")]
     reply = _message("re", ["alice@ours.example"], T0 + 60, sender="bob@ext.example")
     assert await _get(reply, "known_correspondent", services) is False
 
@@ -183,5 +251,6 @@ async def test_recorder_ignores_inbound_and_undelivered_mail(
 async def test_missing_state_service_is_a_missing_fact(psl: PublicSuffixList) -> None:
     from relay.errors import FactError
 
-    with pytest.raises(FactError, match="StateStore"):
-        await Facts(REGISTRY, _message(BODY, ["a@x.example"], T0), Services(psl)).get("bulk_count")
+    with pytest.raises(FactError, match="service state is not configured"):
+        message = _message(BODY, ["a@x.example"], T0)
+        await Facts(REGISTRY, message, Services(psl=psl)).get("bulk_count")

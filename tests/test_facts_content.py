@@ -18,7 +18,7 @@ REGISTRY = FactRegistry((*content.FACTS, *text.FACTS))
 
 @pytest.fixture(scope="module")
 def services() -> Services:
-    return Services(PublicSuffixList())
+    return Services(psl=PublicSuffixList())
 
 
 @pytest.mark.parametrize("case", family_cases(content.FACTS), ids=lambda c: c.file)

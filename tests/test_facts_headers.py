@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from publicsuffixlist import PublicSuffixList
 
@@ -25,7 +27,7 @@ def registry() -> FactRegistry:
 
 @pytest.fixture(scope="module")
 def services() -> Services:
-    return Services(PublicSuffixList())
+    return Services(psl=PublicSuffixList())
 
 
 @pytest.mark.parametrize("case", family_cases(headers.FACTS), ids=lambda c: c.file)
@@ -162,6 +164,8 @@ async def test_one_click_with_real_dkim_verification(
     with LocalDns({key.name: [("TXT", key.txt)]}) as dns:
         async with authenticator(dns, timeout=2.0) as auth:
             msg = incoming(raw, mail_from="news@news.example.com")
-            facts = Facts(default_registry(), msg, services.with_items(auth))
+            facts = Facts(
+                default_registry(), msg, dataclasses.replace(services, authenticator=auth)
+            )
             assert (await facts.get("dkim"))["result"] == "pass"
             assert await facts.get("has_one_click_unsubscribe") is one_click

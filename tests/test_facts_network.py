@@ -6,16 +6,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from publicsuffixlist import PublicSuffixList
 
 from relay.config import settings_from_mapping
+from relay.contracts import Outcome
 from relay.dns import Resolver
 from relay.errors import FactError
 from relay.facts import network
 from relay.facts.base import FactRegistry, Facts, Services
 from relay.facts.network import dnsbl_query, is_generic
 from relay.message import Message, Peer
+from relay.pipeline.recorder import Record, Recorder
 from relay.state import SqliteState, StateStore
-from relay.verdict import Tier
+from relay.verdict import Action, Tier, Verdict
 from tests.support.dnsserver import LocalDns
 from tests.support.golden_facts import Case, check_case, covered, family_cases
 
@@ -58,7 +61,7 @@ async def services(dns_server: LocalDns, tmp_path: Path) -> AsyncIterator[Servic
     )
     resolver = Resolver(settings.dns)
     state = await SqliteState(tmp_path / "state.sqlite3").open()
-    yield Services(resolver, state)
+    yield Services(resolver=resolver, state=state)
     await state.close()
     await resolver.close()
 
@@ -127,7 +130,7 @@ async def test_dnsbl_timeout_without_listing_is_missing(
     )
     resolver = Resolver(settings.dns)
     try:
-        services = Services(resolver)
+        services = Services(resolver=resolver)
         # listed elsewhere: the listing is certain even though slow.test timed out
         assert await _get(_msg("192.0.2.5"), "dnsbl_listed", services) == ["bl.test", "bl2.test"]
         with pytest.raises(FactError, match=r"slow\.test"):
@@ -140,7 +143,7 @@ async def test_no_zones_configured_asks_nothing(dns_server: LocalDns) -> None:
     resolver = Resolver(settings_from_mapping({"dns": {"nameservers": [dns_server.address]}}).dns)
     before = len(dns_server.queries)
     try:
-        assert await _get(_msg("192.0.2.5"), "dnsbl_listed", Services(resolver)) == []
+        assert await _get(_msg("192.0.2.5"), "dnsbl_listed", Services(resolver=resolver)) == []
     finally:
         await resolver.close()
     assert dns_server.queries[before:] == []
@@ -167,13 +170,23 @@ def test_generic_names(name: str, ip: str, generic: bool) -> None:
 
 
 async def test_connection_rate_counts_connections_per_minute(services: Services) -> None:
+    assert services.state is not None
+    recorder = Recorder(services.state, PublicSuffixList(), records={Record.CONNECTION})
     rates = []
     for port, when in ((1001, 0.0), (1002, 10.0), (1001, 20.0), (1003, 30.0), (1004, 85.0)):
         msg = _msg("198.51.100.7", port=port)
         msg = Message(msg.raw, msg.envelope, msg.peer, received_at=1_000_000.0 + when)
-        rates.append(await _get(msg, "connection_rate", services))
+        facts = Facts(REGISTRY, msg, services)
+        rates.append(await facts.get("connection_rate"))
+        assert await facts.get("connection_rate") == rates[-1]  # reading records nothing
+        # The pipeline records the connection after the action, whatever the policy read.
+        await recorder.record(msg, facts, Verdict(Action.ACCEPT), Outcome.DELIVERED)
     # the third message reuses connection 1001; at +85 s only 1003 is still in the window
     assert rates == [1.0, 2.0, 2.0, 3.0, 2.0]
+    # Stored mail has no source port: each message counts (as if recorded) once.
+    stored = Message(msg.raw, msg.envelope, Peer(ip="198.51.100.7"), received_at=1_000_090.0)
+    assert await _get(stored, "connection_rate", services) == 2.0  # 1004 and itself
+    assert await _get(stored, "connection_rate", services) == 2.0
 
 
 async def test_invalid_rcpt_ratio(services: Services) -> None:
@@ -184,7 +197,7 @@ async def test_invalid_rcpt_ratio(services: Services) -> None:
 
 
 async def test_state_service_needed_for_rate(dns_server: LocalDns) -> None:
-    with pytest.raises(FactError, match="StateStore"):
+    with pytest.raises(FactError, match="service state is not configured"):
         await _get(_msg("192.0.2.4", port=1), "connection_rate", Services())
 
 

@@ -9,7 +9,8 @@ import pytest
 from relay.errors import ConfigError, FactError
 from relay.facts import oracle
 from relay.facts.base import FactRegistry, Facts, Services
-from relay.facts.oracle import OracleLists, sender_keys
+from relay.facts.oracle import sender_keys
+from relay.facts.oraclelists import OracleLists
 from relay.message import Message
 from tests.support.golden_facts import GOLDEN, Case, check_case, covered, family_cases
 
@@ -18,7 +19,7 @@ REGISTRY = FactRegistry(oracle.FACTS)
 
 @pytest.fixture(scope="module")
 def services() -> Services:
-    return Services(OracleLists.load(GOLDEN / "oracle"))
+    return Services(oracle=OracleLists.load(GOLDEN / "oracle"))
 
 
 @pytest.mark.parametrize("case", family_cases(oracle.FACTS), ids=lambda c: c.file)
@@ -43,7 +44,7 @@ def _msg(sender: str, rcpt: list[str]) -> Message:
 
 async def test_absent_lists_make_facts_missing_not_false(tmp_path: Path) -> None:
     (tmp_path / "consent.tsv").write_text("a@x.example\tb@y.example\n")
-    services = Services(OracleLists.load(tmp_path))
+    services = Services(oracle=OracleLists.load(tmp_path))
     facts = Facts(REGISTRY, _msg("b@y.example", ["a@x.example"]), services)
     assert await facts.get("consent_listed") is True
     for name in ("customer_listed", "recipient_is_person", "opted_out", "sender_complaint_rate"):
@@ -53,13 +54,13 @@ async def test_absent_lists_make_facts_missing_not_false(tmp_path: Path) -> None
 
 async def test_no_oracle_service_is_missing() -> None:
     facts = Facts(REGISTRY, _msg("b@y.example", ["a@x.example"]), Services())
-    with pytest.raises(FactError, match="OracleLists"):
+    with pytest.raises(FactError, match="service oracle is not configured"):
         await facts.get("consent_listed")
 
 
 async def test_consent_needs_every_recipient(tmp_path: Path) -> None:
     (tmp_path / "consent.tsv").write_text("# comment\n\na@x.example\ty.example\n")
-    services = Services(OracleLists.load(tmp_path))
+    services = Services(oracle=OracleLists.load(tmp_path))
     one = _msg("news@mail.y.example", ["A@x.example"])
     two = _msg("news@mail.y.example", ["a@x.example", "c@x.example"])
     assert await Facts(REGISTRY, one, services).get("consent_listed") is True

@@ -109,7 +109,7 @@ def test_regime_header_names_source_encoding_and_limits(name: str) -> None:
 
 
 def test_lab_inputs_shipped_empty_and_readable() -> None:
-    from relay.facts.oracle import OracleLists
+    from relay.facts.oraclelists import OracleLists
 
     lists = OracleLists.load(REGIMES / "inputs")
     assert lists.consent == frozenset() and lists.customers == frozenset()

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import its own unit and units of lower layers; units that
 # share a layer do not import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("relay.errors", "relay.reply", "relay.verdict", "relay.idn"),  # value objects
+    ("relay.errors", "relay.reply", "relay.verdict", "relay.idn", "relay.intervals"),  # values
     ("relay.message", "relay.config"),
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure

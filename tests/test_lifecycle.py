@@ -48,7 +48,7 @@ async def test_sigterm_drains_in_flight_message_then_exits_zero(tmp_path: Path) 
     log_path = tmp_path / "relay.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(cfg)],
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
             cwd=tmp_path,
             stderr=log_file,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -91,7 +91,7 @@ def test_bad_config_fails_at_start_naming_file_and_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[smtp]\nmax_recipients = "many"\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
         cwd=tmp_path,
         capture_output=True,
         timeout=30,
@@ -131,7 +131,7 @@ async def test_workers_share_the_port_restart_and_drain(tmp_path: Path) -> None:
     log_path = tmp_path / "relay.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(cfg)],
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
             cwd=tmp_path,
             stderr=log_file,
         )
@@ -172,7 +172,7 @@ def test_worker_start_failure_stops_the_supervisor(tmp_path: Path) -> None:
     blocker.listen(1)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(cfg)],
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
             cwd=tmp_path,
             capture_output=True,
             timeout=60,

@@ -129,7 +129,7 @@ path = "var/state.sqlite3"
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with (tmp_path / "relay.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli.main", "serve", "--config", "relay.toml"],
+            [sys.executable, "-m", "relay.cli", "serve", "--config", "relay.toml"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 
 from relay.config import MetricsSettings
 from relay.ops.http import start_metrics_server
-from relay.ops.metrics import (
+from relay.ops.metrics import Metrics
+from relay.ops.multiprocess import (
     MULTIPROC_ENV,
-    Metrics,
     prepare_multiprocess_dir,
     scrape_registry,
     worker_exited,

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from relay.classifier.features import FeatureSettings
-from relay.classifier.model import Classifier, card_path, load_model
+from relay.classifier.model import card_path, load_model
+from relay.classifier.serving import Classifier
 from relay.errors import FactError, ModelError
 from relay.facts import default_registry
 from relay.facts.base import Facts, Services
@@ -135,7 +136,7 @@ async def test_classifier_pool_serves_facts_off_the_loop() -> None:
             classifier.info.version == json.loads(card_path(MODEL).read_text())["model_sha256"][:12]
         )
         registry = default_registry()
-        services = Services(classifier)
+        services = Services(classifier=classifier)
         spam = Facts(registry, _stored(SPAM), services)
         ham = Facts(registry, _stored(HAM), services)
         assert await spam.get("spam_probability") > 0.9
@@ -157,7 +158,7 @@ async def test_classifier_pool_serves_facts_off_the_loop() -> None:
 
 async def test_facts_without_a_classifier_are_errors_not_crashes() -> None:
     facts = Facts(default_registry(), _stored(HAM), Services())
-    with pytest.raises(FactError, match="Classifier is not configured"):
+    with pytest.raises(FactError, match="service classifier is not configured"):
         await facts.get("spam_probability")
 
 

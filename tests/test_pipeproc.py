@@ -12,13 +12,11 @@ import time
 
 import pytest
 
+from relay.errors import WorkerDied, WorkerError, WorkerTimeout
 from relay.proc.pipes import (
     ERROR,
     OK,
     PipeWorkers,
-    WorkerDied,
-    WorkerError,
-    WorkerTimeout,
     frame,
     split_frames,
 )

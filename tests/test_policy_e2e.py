@@ -17,6 +17,7 @@ import pytest
 from relay.config import Settings
 from relay.contracts import NullObserver
 from relay.delivery.quarantine import QuarantineStore
+from relay.errors import ConfigError
 from tests.support.relay import (
     RawClient,
     Sink,
@@ -252,8 +253,8 @@ async def test_reload_good_then_broken_file_while_mail_flows(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("mode", ["enforce", "shadow"])
 async def test_missing_fact_does_not_break_mail(tmp_path: Path, mode: str) -> None:
-    # dmarc needs the auth services, which are disabled here: the fact fails, the rule is
-    # skipped, mail still flows
+    # sender_complaint_rate is a lab-only fact (its list exists only in the lab), missing
+    # in a live relay by design: the fact fails, the rule is skipped, mail still flows
     policy = f"""
 [policy]
 name = "degraded"
@@ -261,8 +262,8 @@ mode = "{mode}"
 [policy.thresholds]
 tag = 1
 [[rule]]
-name = "dmarc_fail"
-when = 'dmarc == "fail"'
+name = "complaints"
+when = "sender_complaint_rate > 0.001"
 action = "reject"
 [[rule]]
 name = "tag_all"
@@ -276,6 +277,44 @@ score = 2
     assert code == 250
     assert len(sink.messages) == 1
     assert b"action=tag" in header_block(sink.messages[0].data)
+
+
+READS_DMARC = """
+[policy]
+name = "needs-auth"
+[[rule]]
+name = "dmarc_fail"
+when = 'dmarc == "fail"'
+action = "reject"
+"""
+
+
+@pytest.mark.parametrize("where", ["policy", "shadow"])
+async def test_a_policy_reading_a_fact_whose_service_is_off_stops_start_up(
+    tmp_path: Path, where: str
+) -> None:
+    # dmarc needs the authenticator, and [auth] enabled = false (make_settings): the relay
+    # refuses to start, naming the policy, the fact and the service, instead of finding
+    # the service missing on every message.
+    path = tmp_path / "needs-auth.toml"
+    path.write_text(READS_DMARC)
+    key = {"path": str(path)} if where == "policy" else {"path": "", "shadow": [str(path)]}
+    settings = make_settings(tmp_path, {"policy": key})
+    with pytest.raises(ConfigError, match=r"'dmarc' \(through 'auth_results'\).*authenticator"):
+        async with running_relay(settings):
+            pass
+
+
+async def test_a_reload_to_a_policy_whose_service_is_off_keeps_the_old_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(ACCEPT_ALL)
+    async with running_relay(make_settings(tmp_path, {"policy": {"path": str(path)}})) as relay:
+        before = relay.pipeline.policy.current
+        path.write_text(READS_DMARC)
+        assert relay.reload_policy() is False
+        assert relay.pipeline.policy.current is before
 
 
 async def test_sighup_from_relay_policy_reload_on_a_real_process(tmp_path: Path) -> None:
@@ -308,10 +347,10 @@ path = "{tmp_path / "quarantine"}"
     )
     log_path = tmp_path / "relay.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    reload_cmd = [sys.executable, "-m", "relay.cli.main", "policy", "reload", "--config", str(cfg)]
+    reload_cmd = [sys.executable, "-m", "relay.cli", "policy", "reload", "--config", str(cfg)]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli.main", "serve", "--config", str(cfg)],
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
             cwd=tmp_path,
             stderr=log_file,
             env=env,

@@ -27,7 +27,7 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def services() -> Services:
-    return Services(PublicSuffixList())
+    return Services(psl=PublicSuffixList())
 
 
 @pytest.mark.parametrize(("name", "case"), cases(), ids=[n for n, _ in cases()])

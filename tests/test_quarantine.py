@@ -13,8 +13,9 @@ import pytest
 
 from relay.cli.main import main
 from relay.contracts import Transaction, XForward
+from relay.delivery.memory import MemoryTransport
 from relay.delivery.quarantine import QuarantineStore
-from relay.delivery.transports import MemoryTransport, SmtpTransport
+from relay.delivery.smtp import SmtpTransport
 from relay.errors import QuarantineError
 from relay.message import Envelope, Message, Peer
 from relay.reply import Reply

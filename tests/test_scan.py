@@ -22,7 +22,7 @@ def test_scan_prints_facts_and_verdict_as_json(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "relay.cli.main",
+            "relay.cli",
             "scan",
             str(eml),
             "--config",
@@ -62,7 +62,7 @@ def test_scan_unknown_fact_is_a_clear_error(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "relay.cli.main",
+            "relay.cli",
             "scan",
             str(eml),
             "--config",
@@ -83,7 +83,7 @@ def test_scan_of_an_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
     cfg.write_text('[model]\nenabled = false\n[policy]\npath = ""\n')
     for target, reason in ((tmp_path / "missing.eml", "No such file"), (tmp_path, "directory")):
         out = subprocess.run(
-            [sys.executable, "-m", "relay.cli.main", "scan", str(target), "--config", str(cfg)],
+            [sys.executable, "-m", "relay.cli", "scan", str(target), "--config", str(cfg)],
             capture_output=True,
             timeout=60,
             cwd=tmp_path,

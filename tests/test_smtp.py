@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relay.smtp.server import smuggling_suspect
+from relay.smtp.smuggling import smuggling_suspect
 from tests.support.relay import (
     RawClient,
     free_port,

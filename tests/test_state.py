@@ -261,3 +261,91 @@ def test_workers_opening_a_new_state_file_together_all_succeed(tmp_path: Path) -
         for round_ in range(15):
             path = str(tmp_path / f"state-{round_}.db")
             assert pool.map(_open_together, [(path, start)] * 4, chunksize=1) == ["ok"] * 4
+
+
+async def test_counts_are_what_recording_would_return_and_record_nothing(
+    store: StateStore,
+) -> None:
+    """count_window* answers what incr_window* would, without recording: facts read with
+    it and count the message as if it were recorded already (random walk over members,
+    anonymous events, windows expiring and several keys)."""
+    import random
+
+    rng = random.Random(14)
+    now = 10_000.0
+    for _ in range(120):
+        now += rng.choice((0.0, 1.0, 7.0, 25.0))
+        keys = rng.sample(["a", "b", "c"], rng.randint(1, 3))
+        members = [f"m{rng.randint(0, 12)}" for _ in range(rng.randint(0, 3))]
+        predicted = await store.count_windows(keys, members, 60, now)
+        assert await store.count_windows(keys, members, 60, now) == predicted  # nothing moved
+        assert await store.incr_windows(keys, members, 60, now) == predicted
+        member = None if rng.random() < 0.2 else f"m{rng.randint(0, 12)}"
+        one = await store.count_window("a", member, 60, now)
+        assert await store.incr_window("a", member, 60, now) == one
+    assert await store.count_window_many("a", [], 60, now) == await store.incr_window_many(
+        "a", [], 60, now
+    )
+
+
+async def test_counting_a_member_in_the_future_keeps_its_later_time(store: StateStore) -> None:
+    await store.incr_window("k", "late", 60, now=1100.0)  # recorded out of order
+    assert await store.count_window("k", "late", 60, now=1000.0) == 1
+    assert await store.count_window("k", "new", 60, now=1000.0) == 2
+
+
+async def test_read_only_store_reads_and_refuses_writes(
+    opener: Opener, store: StateStore, tmp_path: Path
+) -> None:
+    await store.incr_window_many("k", ["a", "b"], 60, now=100.0)
+    await store.add("flag", now=100.0)
+    if isinstance(store, RedisState):
+        reader: StateStore = RedisState(store.url, readonly=True)
+    else:
+        assert isinstance(store, SqliteState)
+        reader = await SqliteState(store.path, readonly=True).open()
+    try:
+        assert await reader.count_window("k", "c", 60, now=110.0) == 3
+        assert await reader.count_window_many("k", [], 60, now=110.0) == 2
+        assert await reader.seen("flag", now=110.0)
+        with pytest.raises(StateError, match="read-only"):
+            await reader.incr_window("k", "c", 60, now=110.0)
+        with pytest.raises(StateError, match="read-only"):
+            await reader.add("other", now=110.0)
+    finally:
+        await reader.close()
+    assert await store.count_window_many("k", [], 60, now=110.0) == 2
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+async def test_read_only_sqlite_changes_no_file(tmp_path: Path) -> None:
+    """relay scan's store: nothing written, and no -wal or -shm created beside a closed
+    store (they would belong to whoever ran the scan)."""
+    path = tmp_path / "var" / "state.sqlite3"
+    writer = await SqliteState(path).open()
+    await writer.incr_window_many("k", ["a", "b"], 60, now=100.0)
+    await writer.close()
+    before = _files(path.parent)
+    assert list(before) == ["state.sqlite3"]
+    reader = await SqliteState(path, readonly=True).open()
+    assert await reader.count_window("k", "c", 60, now=110.0) == 3
+    await reader.close()
+    assert _files(path.parent) == before
+    # A store in use (a live relay has its -wal): read through it, still writing nothing.
+    writer = await SqliteState(path).open()
+    await writer.incr_window("k", "c", 60, now=105.0)  # in the WAL, not yet in the file
+    busy = _files(path.parent)
+    reader = await SqliteState(path, readonly=True).open()
+    assert await reader.count_window_many("k", [], 60, now=110.0) == 3
+    await reader.close()
+    assert _files(path.parent)["state.sqlite3"] == busy["state.sqlite3"]
+    assert _files(path.parent)["state.sqlite3-wal"] == busy["state.sqlite3-wal"]
+    await writer.close()
+    # No store yet: an empty one, and none created.
+    empty = await SqliteState(tmp_path / "none" / "state.sqlite3", readonly=True).open()
+    assert await empty.count_window("k", "a", 60, now=1.0) == 1
+    await empty.close()
+    assert not (tmp_path / "none").exists()

@@ -75,7 +75,7 @@ def test_labels_paths_are_relative_to_corpus(tiny_corpus: tuple[Path, Path]) -> 
     corpus, labels = tiny_corpus
     test = list(read_labels(corpus, labels, "test"))
     assert len(test) == 12 and {s.label for s in test} == {"ham", "spam"}
-    assert all(s.set == "test" and s.data.startswith(b"From ") for s in test)
+    assert all(s.set == "test" and s.load().startswith(b"From ") for s in test)
     with pytest.raises(CorpusError, match=r"labels\.tsv"):
         list(read_labels(corpus / "msgs", labels))
 
@@ -101,7 +101,7 @@ def test_sources_maildir_mbox_and_directory(tmp_path: Path) -> None:
     mb.close()
     assert len(list(read_source(tmp_path / "md", "ham"))) == 3
     boxed = list(read_source(tmp_path / "box.mbox", "spam"))
-    assert len(boxed) == 3 and all(b"Subject:" in s.data for s in boxed)
+    assert len(boxed) == 3 and all(b"Subject:" in s.load() for s in boxed)
     assert len(list(read_source(tmp_path / "dir", "ham"))) == 3  # cmds skipped
     with pytest.raises(CorpusError):
         list(read_source(tmp_path / "absent", "ham"))

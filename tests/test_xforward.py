@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.smtp.server import parse_xforward
+from relay.smtp.xforward import parse_xforward
 from tests.support.relay import RawClient, make_settings, running_relay, simple_message, sink_server
 
 

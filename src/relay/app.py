@@ -24,21 +24,32 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from relay.assembly import build_stamps, build_transport, load_decider, load_shadow, open_services
+from relay.assembly import (
+    build_recorder,
+    build_stamps,
+    build_transport,
+    check_services,
+    load_decider,
+    load_shadow,
+    open_services,
+)
 from relay.config import Settings, load_settings
 from relay.contracts import NullObserver, Observer, Transport
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import ConfigError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
 from relay.ops.http import MetricsServer, start_metrics_server
-from relay.ops.metrics import Metrics, multiprocess_dir, prepare_multiprocess_dir, worker_exited
+from relay.ops.metrics import Metrics
+from relay.ops.multiprocess import multiprocess_dir, prepare_multiprocess_dir, worker_exited
 from relay.ops.readiness import RelayReadiness, SupervisorReadiness, describe_model
 from relay.ops.shadowlog import ShadowLog
 from relay.pipeline.process import Pipeline
 from relay.policy import reload_policy
 from relay.policy.holder import DeciderHolder
+from relay.smtp.listen import listening_socket, server_tls_context, start_server
 from relay.smtp.relaycontrol import RelayControl
-from relay.smtp.server import Sessions, SmtpDeps, listening_socket, server_tls_context, start_server
+from relay.smtp.server import SmtpDeps
+from relay.smtp.sessions import Sessions
 from relay.smtp.supervisor import Supervisor
 
 log = logging.getLogger("relay")
@@ -92,7 +103,9 @@ class Runtime:
         if path is None:
             log.info("policy reload: no policy file configured")
             return False
-        return reload_policy(self.pipeline.policy, path, self.registry, self.observer)
+        return reload_policy(
+            self.pipeline.policy, path, self.registry, self.observer, self.services
+        )
 
 
 @contextlib.asynccontextmanager
@@ -104,19 +117,21 @@ async def lifespan(
 ) -> AsyncIterator[Runtime]:
     async with contextlib.AsyncExitStack() as stack:
         registry = default_registry()
-        items = await open_services(settings, stack)
-        services = Services(*items)
+        services = await open_services(settings, stack)
         transport = build_transport(settings)
         stack.push_async_callback(transport.close)
         holder = DeciderHolder(load_decider(settings, registry))
-        readiness = RelayReadiness(settings, holder, services=tuple(items))
+        shadow = load_shadow(settings, registry)
+        # A policy that reads a fact whose service is off stops start-up (ConfigError).
+        check_services(settings, registry, services, [holder.current, *shadow])
+        readiness = RelayReadiness(settings, holder, services=services)
         metrics: Metrics | None = None
         endpoint: MetricsServer | None = None
         if observer is None and settings.metrics.enabled:
             metrics_registry = CollectorRegistry()
             metrics = Metrics(metrics_registry)
             await stack.enter_async_context(metrics.flushing())
-            model = describe_model(items)
+            model = describe_model(services)
             if model is not None:
                 metrics.set_model_info(model)
             if multiprocess_dir() is None:  # with several workers the supervisor serves it
@@ -140,8 +155,9 @@ async def lifespan(
             observer=observer,
             stamps=build_stamps(settings, services),
             quarantine=quarantine,
-            shadow=load_shadow(settings, registry),
+            shadow=shadow,
             hostname=settings.smtp.hostname,
+            recorder=build_recorder(settings, services),
         )
         sessions = Sessions(limit=settings.smtp.max_connections)
         deps = SmtpDeps(

@@ -9,46 +9,77 @@ the server. May import everything below the front doors; nothing above.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 from publicsuffixlist import PublicSuffixList
 
 from relay.auth.checker import Authenticator
 from relay.config import Settings
 from relay.contracts import Decider, Stamp, Transport
-from relay.delivery.transports import MaildirTransport, SmtpTransport
+from relay.delivery.maildir import MaildirTransport
+from relay.delivery.smtp import SmtpTransport
 from relay.dns import Resolver
+from relay.errors import ConfigError
 from relay.facts import FactRegistry, Services
-from relay.facts.bulk import CorrespondentRecorder
 from relay.pipeline.authresults import AuthResultsStamp
+from relay.pipeline.recorder import Recorder
 from relay.policy import load_policy
+from relay.policy.engine import Policy
 from relay.policy.holder import NOOP
-from relay.state import StateStore, open_state
+from relay.policy.reload import service_problems
+from relay.state import open_state
 
 
-async def open_services(settings: Settings, stack: contextlib.AsyncExitStack) -> list[object]:
-    """Long-lived services handed to fact functions; each closes on the stack."""
-    services: list[object] = []
+async def open_services(
+    settings: Settings, stack: contextlib.AsyncExitStack, *, readonly_state: bool = False
+) -> Services:
+    """Long-lived services handed to fact functions; each closes on the stack. A service
+    that is configured but cannot start (a missing model, ...) fails here, at start-up.
+    ``readonly_state`` (``relay scan``): the configured state store is opened read-only,
+    so facts read the live counts and nothing is written, created or locked."""
     resolver = Resolver(settings.dns)  # the one DNS cache every check shares
     stack.push_async_callback(resolver.close)
-    services.append(resolver)
     psl = PublicSuffixList()  # organisational domains for auth, header and bulk facts
+    authenticator: Authenticator | None = None
     if settings.auth.enabled:
         authenticator = Authenticator.from_settings(resolver, settings.auth, psl)
         stack.push_async_callback(authenticator.close)
         await authenticator.start()
-        services.append(authenticator)
-    state = await open_state(settings.state)  # counters every worker shares (bulk, rates)
+    # Counters every worker shares (bulk, rates): facts read them, the recorder writes.
+    state = await open_state(settings.state, readonly=readonly_state)
     stack.push_async_callback(state.close)
-    services.append(state)
-    services.append(psl)
+    classifier = None
     if settings.model.enabled:
-        from relay.classifier.model import Classifier
+        from relay.classifier.serving import Classifier
 
         # Raises ModelError for a missing, changed or untrusted model: never serve without it.
         classifier = await Classifier.open(settings.model.path, workers=settings.model.workers)
         stack.push_async_callback(classifier.close)
-        services.append(classifier)
-    return services
+    return Services(
+        resolver=resolver,
+        state=state,
+        psl=psl,
+        authenticator=authenticator,
+        classifier=classifier,
+    )
+
+
+def check_services(
+    settings: Settings, registry: FactRegistry, services: Services, deciders: Iterable[Decider]
+) -> None:
+    """ConfigError naming the policy, the fact and the service when a policy (the one in
+    force or a shadow one) reads a fact whose service is not configured, e.g. the
+    classifier's facts with ``[model] enabled = false``: the relay refuses to start rather
+    than find the service missing on every message. Lab-only facts are exempt (see
+    ``facts.base.missing_services``)."""
+    problems = [
+        problem
+        for decider in deciders
+        if isinstance(decider, Policy)
+        for problem in service_problems(decider, registry, services)
+    ]
+    if problems:
+        raise ConfigError(settings.source, "policy", "; ".join(problems))
 
 
 def build_stamps(settings: Settings, services: Services | None = None) -> list[Stamp]:
@@ -56,11 +87,17 @@ def build_stamps(settings: Settings, services: Services | None = None) -> list[S
     stamps: list[Stamp] = []
     if settings.auth.enabled:
         stamps.append(AuthResultsStamp(settings.authserv_id))
-    state = services.find(StateStore) if services is not None else None
-    if state is not None and settings.relay.networks:
-        # Learns whom local users write to (known_correspondent); never changes the message.
-        stamps.append(CorrespondentRecorder(state, settings.relay.networks))
     return stamps
+
+
+def build_recorder(settings: Settings, services: Services) -> Recorder | None:
+    """The one writer of shared state, run after the action (pipeline/recorder.py); None
+    without a state store. ``relay scan`` and the lab's parallel pass build none."""
+    state = services.state
+    if state is None:
+        return None
+    psl = services.psl or PublicSuffixList()
+    return Recorder(state, psl, settings.relay.networks)
 
 
 def build_transport(settings: Settings) -> Transport:

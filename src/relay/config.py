@@ -1,5 +1,9 @@
 """The only reader of configuration files: TOML -> frozen, validated Settings.
 
+One module because every section is validated through one reader that names the file
+and the key; over 300 lines because each section's settings are declared and checked
+here, field by field.
+
 Every error names the file, the key and the reason. Unknown keys are errors too, because
 a misspelt limit silently falling back to its default is how gateways become open relays.
 Relative paths are taken from the working directory the relay is started in.

@@ -42,6 +42,11 @@ class Decider(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def fact_names(self) -> frozenset[str]:
+        """Every fact its rules can read (the recorder keeps the state they count)."""
+        ...
+
     async def decide(self, message: Message, facts: FactSource) -> Verdict: ...
 
 

@@ -1,16 +1,34 @@
 """One error tree for the whole relay.
 
     RelayError
-    ├── ConfigError            bad configuration file: file, key and reason
+    ├── ConfigError            bad configuration file: file, key and reason; also a policy
+    │                          that reads a fact whose service is off (assembly.check_services)
     ├── PolicyError            a policy file failed validation (holds every problem found)
     ├── ModelError             model file missing, corrupt, untrusted or version-mismatched
     ├── FactError              a fact could not be computed (the policy treats it as missing)
+    │   └── DnsTemporaryError        dns.py: SERVFAIL, timeout (the check says temperror)
     ├── MessageTimeError       a stored message has no usable date and none was given
+    ├── CorpusError            a labels file, message source or corpus member is unreadable
     ├── StateError             the shared-state backend failed
     ├── DeliveryError          the downstream did not take the message
     │   ├── TemporaryDeliveryError   4xx, refused connection, drop, timeout -> our 451
     │   └── PermanentDeliveryError   5xx from the downstream -> our 5xx
-    └── QuarantineError        quarantine store problems (unknown id, unreadable entry)
+    ├── QuarantineError        quarantine store problems (unknown id, unreadable entry)
+    ├── WorkerFailure          a child process (proc/pipes.py) did not answer a request
+    │   ├── WorkerDied               it exited first (callers retry once on its replacement)
+    │   ├── WorkerError              its handler failed on this request
+    │   └── WorkerTimeout            no answer within the caller's limit; it was killed
+    ├── BadRequest             ops/http.py: a malformed HTTP request to /metrics, /readyz
+    ├── BodyHashMismatch       auth/sigcrypto.py: a DKIM body hash differs; also a dkimpy
+    │                          ValidationError, so dkimpy's own handling still applies
+    └── _TooSlow               auth/scan.py (private): a From field too long to parse on
+                               the event loop
+
+Module-private errors stay beside the code that raises and catches them; everything
+else is defined here. One class is deliberately outside the tree: ``auth/spf.py``'s
+``_NeedAnswer`` is a BaseException used for control flow through pyspf (no ``except
+Exception`` on the way may mistake it for a failure), never an error.
+``tests/test_errors.py`` fails on any exception class in ``src/relay`` outside the tree.
 
 Every error carries a message fit for an operator's log: never a message body or a secret.
 """
@@ -52,6 +70,10 @@ class MessageTimeError(RelayError):
     """A stored message carries no usable date (Received, Date) and the caller gave none."""
 
 
+class CorpusError(RelayError):
+    """A labels file, message source or corpus member is unreadable or malformed."""
+
+
 class StateError(RelayError):
     """The shared-state backend failed."""
 
@@ -76,3 +98,20 @@ class TemporaryDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """The downstream refused for good (we answer its 5xx)."""
+
+
+class WorkerFailure(RelayError):
+    """A child process fed over pipes (proc/pipes.py) did not answer a request."""
+
+
+class WorkerDied(WorkerFailure):
+    """The child process serving the request exited before answering."""
+
+
+class WorkerError(WorkerFailure):
+    """The child's handler failed on this request (the child itself lives on)."""
+
+
+class WorkerTimeout(WorkerFailure):
+    """The child took longer than the caller's limit; it was killed (and is replaced), and
+    the other requests it held fail with WorkerDied."""

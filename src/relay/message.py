@@ -85,30 +85,101 @@ def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
     return raw, b""
 
 
-def _unfold_fields(header_block: bytes) -> list[bytes]:
-    """Header fields of a block, each with its continuation lines and line ends."""
-    fields: list[bytes] = []
-    for line in header_block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
-
-
+# A field name as RFC 5322 (ftext), the stdlib parser and dkimpy read it: printable ASCII
+# up to the first colon. A line starting with anything else is not a field.
+_FTEXT = bytes(range(0x21, 0x7F))  # deleted by translate: a name is all ftext if nothing is left
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+Fields = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSplit:
+    """A header block split into fields by ``split_fields``."""
+
+    fields: Fields  # (name as written, value: everything after the colon, CRLFs kept)
+    problem: str  # the first line that is not part of a field ("" when none)
+    end: int  # offset in the block where the fields end (a line that is no field)
+
+
+def split_fields(header_block: bytes) -> HeaderSplit:
+    """The one header splitter: the fields of a header block, byte-exact.
+
+    Each field is (name, value) with the name exactly as written before the first colon
+    and the value everything after it, continuation lines and CRLFs included, so
+    ``name + b":" + value`` is the field's bytes (dkimpy's ``rfc822_parse`` answer, which
+    auth/dkimparse.py relies on; tests/test_auth_dkimparse.py compares). A line ends at
+    LF (CRLF, or a bare LF in a file not yet made CRLF), its line end kept in the value;
+    a lone CR is part of its line, as dkimpy reads it.
+
+    Never raises. Where the stdlib parser (and so most mail readers) sees a line that is
+    no field, it ends the header: so does this (``end``, ``problem``). An mbox ``From ``
+    line is skipped; so is a continuation line before the first field (``problem`` says
+    so). DKIM treats any problem as a malformed message, as dkimpy does.
+    """
+    lines = header_block.splitlines(keepends=True)
+    ends = header_block.count(b"\n") + (not header_block.endswith(b"\n"))
+    if len(lines) > ends:  # a lone CR, which splitlines takes
+        lines = [line + b"\n" for line in header_block.split(b"\n")]  # for a line end
+        lines[-1] = lines[-1][:-1]
+        if not lines[-1]:
+            lines.pop()
+    names, values, problem, end = _split_lines(lines, check=False)
+    if b"".join(names).translate(None, _FTEXT):  # a name that is not ftext: not a field
+        names, values, problem, end = _split_lines(lines, check=True)
+    return HeaderSplit(
+        list(zip(names, values, strict=True)), problem, len(header_block) if end < 0 else end
+    )
+
+
+def _split_lines(lines: list[bytes], check: bool) -> tuple[list[bytes], list[bytes], str, int]:
+    """Names, values, problem and end offset (-1: all lines) of ``split_fields``.
+    Checking each name costs a fifth of the split, so the caller checks all names at
+    once and only then asks for ``check``."""
+    names: list[bytes] = []
+    values: list[bytes] = []
+    problem = ""
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if values:
+                values[-1] += line
+            elif not problem:
+                problem = "continuation line before the first field"
+            continue
+        colon = line.find(b":")
+        if colon > 0 and not (check and line[:colon].translate(None, _FTEXT)):
+            names.append(line[:colon])
+            values.append(line[colon + 1 :])
+        elif not line.startswith(b"From "):  # an mbox separator line is skipped
+            if line not in (b"\r\n", b"\n"):
+                problem = problem or "a line that is not a header field"
+            index = next(i for i, seen in enumerate(lines) if seen is line)
+            return names, values, problem, sum(map(len, lines[:index]))
+    return names, values, problem, -1
+
+
+def decode_8bit(raw: bytes) -> str:
+    """The one fallback for bytes of no declared charset (8-bit header bytes, bodies
+    labelled us-ascii or with a bogus charset): UTF-8 when they are valid UTF-8, else
+    Windows-1252 (what mail labelled Latin-1 or nothing almost always is; its five
+    unassigned bytes become U+FFFD)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", "replace")
+
+
+def undo_surrogates(text: str) -> str:
+    """Text read with ``surrogateescape`` (8-bit header bytes) decoded by ``decode_8bit``."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        return decode_8bit(text.encode("utf-8", "surrogateescape"))
+    return text
 
 
 def decode_header_value(value: object) -> str:
-    """A raw header value as text: unfolded, RFC 2047 words decoded, 8-bit bytes as UTF-8
-    (or Latin-1 when that fails); broken encodings fall back to the raw text."""
-    text = value if isinstance(value, str) else str(value)
-    if any("\udc80" <= c <= "\udcff" for c in text):  # 8-bit bytes kept as surrogates
-        raw = text.encode("ascii", "surrogateescape")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")
+    """The one header decoder: a raw header value as text, unfolded, RFC 2047 words
+    decoded, 8-bit bytes by ``decode_8bit``; broken encodings fall back to the raw text."""
+    text = undo_surrogates(value if isinstance(value, str) else str(value))
     text = _FOLD.sub("", text)
     if "=?" not in text:
         return text
@@ -133,9 +204,16 @@ def format_header(name: str, value: str) -> bytes:
 
 
 def parse_header_fields(header_block: bytes) -> tuple[tuple[str, str], ...]:
-    """(name, raw value) of every field of a header block, in order; never raises."""
-    head = BytesParser(policy=email_policy.compat32).parsebytes(header_block, headersonly=True)
-    return tuple(head.raw_items())  # raw text: 8-bit bytes kept as surrogates
+    """(name, raw value) of every field of a header block, in order (``split_fields``);
+    the value as the stdlib's compat32 ``raw_items`` gives it: leading blanks and the
+    final line end dropped, folding kept, 8-bit bytes as surrogates. Never raises."""
+    return tuple(
+        (
+            name.decode("ascii"),
+            value.lstrip(b" \t").rstrip(b"\r\n").decode("ascii", "surrogateescape"),
+        )
+        for name, value in split_fields(header_block).fields
+    )
 
 
 def _date_value(text: str) -> float | None:
@@ -280,14 +358,16 @@ class Message:
         Only the header block is touched; the body bytes stay exactly as they were.
         """
         head, rest = split_header_block(self.raw)
+        split = split_fields(head)
         kept: list[bytes] = []
         changed = False
-        for fld in _unfold_fields(head):
-            name = fld.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-            if b":" in fld and drop(name, fld):
+        for name, value in split.fields:
+            fld = name + b":" + value
+            if drop(name.decode("ascii").lower(), fld):
                 changed = True
                 continue
             kept.append(fld)
         if not changed:
             return self
+        kept.append(head[split.end :])  # from a line that is no field on, kept as it is
         return replace(self, raw=b"".join(kept) + rest)

@@ -2,14 +2,23 @@
 
 Facts that remember across messages (bulk fingerprints, sender volumes, connection rates,
 known correspondents) use this one small interface, never process memory, so several
-relay workers (or hosts, with Redis) see the same counts.
+relay workers (or hosts, with Redis) see the same counts. Facts only read it
+(``count_window*``, ``seen``); the pipeline's recorder (``pipeline/recorder.py``) is the
+one writer (``incr_window*``, ``add``).
 
 - ``incr_window(key, member, window, now)`` records ``member`` under ``key`` at time
   ``now`` and returns how many distinct members the key holds in the window
   ``(now - window, ...]``. A member seen again has its time moved forward, not counted
   twice; ``member=None`` records an anonymous event (each call counts once).
+- ``count_window(key, member, window, now)`` returns what ``incr_window`` would return,
+  recording nothing: the distinct members in the window, plus ``member`` when it is not
+  among them (``None``, an anonymous event, always adds one). ``member``-less counts
+  (``count_window_many(key, [], ...)``) are the window as it stands.
 - ``add(key, ttl, now)`` sets a flag (forever, or until ``now + ttl``); ``seen(key, now)``
   tells whether it is set.
+- ``open_state(settings, readonly=True)`` opens a store that only reads (``relay scan``):
+  SQLite without writing, creating or locking anything beside the file; writes raise
+  StateError.
 - ``now`` is always given, never read from the wall clock here: callers pass the message's
   ``received_at``, so the lab replaying a corpus in time order gets the counts a live relay
   would have seen, and tests pin time.
@@ -75,6 +84,24 @@ class StateStore:
         """Record several members at once and count as incr_window does."""
         return (await self.incr_windows((key,), members, window, now))[0]
 
+    async def count_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
+    ) -> list[int]:
+        """What ``incr_windows`` would return, recording nothing: per key in order, the
+        distinct members within ``window`` seconds before ``now``, ``members`` counted as
+        if they had been recorded at ``now``. Backends implement this one."""
+        raise NotImplementedError
+
+    async def count_window(self, key: str, member: str | None, window: float, now: float) -> int:
+        """What ``incr_window`` would return; ``None`` (an anonymous event) adds one."""
+        return (await self.count_windows((key,), (_event_member(member),), window, now))[0]
+
+    async def count_window_many(
+        self, key: str, members: Sequence[str], window: float, now: float
+    ) -> int:
+        """What ``incr_window_many`` would return, recording nothing."""
+        return (await self.count_windows((key,), members, window, now))[0]
+
     async def add(self, key: str, ttl: float | None = None, *, now: float) -> None:
         """Set flag ``key``, forever or for ``ttl`` seconds from ``now``."""
         raise NotImplementedError
@@ -92,16 +119,39 @@ def _event_member(member: str | None) -> str:
     return member if member is not None else "~" + secrets.token_hex(8)
 
 
+_TABLES = """
+CREATE TABLE IF NOT EXISTS window_members (
+    key TEXT NOT NULL, member TEXT NOT NULL,
+    ts REAL NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (key, member)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS window_members_ts ON window_members (key, ts);
+CREATE INDEX IF NOT EXISTS window_members_expires ON window_members (expires);
+CREATE TABLE IF NOT EXISTS flags (
+    key TEXT PRIMARY KEY, expires REAL) WITHOUT ROWID;
+"""
+
+
+def _read_only() -> StateError:
+    return StateError("state store is open read-only (relay scan): nothing is recorded")
+
+
 class SqliteState(StateStore):
     """Embedded backend: one SQLite file in WAL mode, shared by every worker on a host.
 
     All sqlite calls run on one worker thread owned by this object, so the event loop never
     blocks on disk; writes take the database lock (BEGIN IMMEDIATE) so concurrent processes
     serialise instead of losing updates.
+
+    ``readonly=True`` writes nothing anywhere. A store with a ``-wal`` file beside it is in
+    use (or was not closed cleanly): it is read through SQLite's read-only mode, sharing the
+    existing ``-shm``. Without one the file is complete and no relay has it open, so it is
+    opened immutable: SQLite then creates no ``-wal``/``-shm`` (a read-only connection
+    otherwise does, owned by whoever ran the scan). A missing file reads as an empty store.
     """
 
-    def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 5.0, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-state")
         self._db: sqlite3.Connection | None = None
@@ -112,6 +162,9 @@ class SqliteState(StateStore):
         return self
 
     def _open(self) -> None:
+        if self.readonly:
+            self._db = self._open_readonly()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Workers starting together on a new file race to switch it to WAL, and SQLite
         # answers "database is locked" at once, without waiting out the busy timeout (it
@@ -135,22 +188,21 @@ class SqliteState(StateStore):
             raise
         return db
 
+    def _open_readonly(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            db = sqlite3.connect(":memory:", isolation_level=None)
+            db.executescript(_TABLES)
+            return db
+        in_use = self.path.with_name(self.path.name + "-wal").exists()
+        mode = "mode=ro" if in_use else "mode=ro&immutable=1"
+        uri = self.path.resolve().as_uri() + "?" + mode
+        return sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, isolation_level=None)
+
     @staticmethod
     def _schema(db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable enough for counters
-        db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS window_members (
-                key TEXT NOT NULL, member TEXT NOT NULL,
-                ts REAL NOT NULL, expires REAL NOT NULL,
-                PRIMARY KEY (key, member)) WITHOUT ROWID;
-            CREATE INDEX IF NOT EXISTS window_members_ts ON window_members (key, ts);
-            CREATE INDEX IF NOT EXISTS window_members_expires ON window_members (expires);
-            CREATE TABLE IF NOT EXISTS flags (
-                key TEXT PRIMARY KEY, expires REAL) WITHOUT ROWID;
-            """
-        )
+        db.executescript(_TABLES)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -194,6 +246,33 @@ class SqliteState(StateStore):
             raise
         return counts
 
+    def _count(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
+    ) -> list[int]:
+        db = self._conn()
+        since = now - window
+        unique = list(dict.fromkeys(members))
+        counts: list[int] = []
+        db.execute("BEGIN")  # one snapshot for every key; reads take no write lock
+        try:
+            for key in keys:
+                (count,) = db.execute(
+                    "SELECT COUNT(*) FROM window_members WHERE key = ? AND ts > ?", (key, since)
+                ).fetchone()
+                new = sum(
+                    1
+                    for member in unique
+                    if db.execute(  # a primary-key lookup per member
+                        "SELECT 1 FROM window_members WHERE key = ? AND member = ? AND ts > ?",
+                        (key, member, since),
+                    ).fetchone()
+                    is None
+                )
+                counts.append(int(count) + new)
+        finally:
+            db.execute("COMMIT")
+        return counts
+
     def _add(self, key: str, expires: float | None) -> None:
         self._conn().execute(
             "INSERT INTO flags (key, expires) VALUES (?, ?) "
@@ -213,9 +292,18 @@ class SqliteState(StateStore):
     async def incr_windows(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float
     ) -> list[int]:
+        if self.readonly:
+            raise _read_only()
         return await self._run(self._incr, tuple(keys), tuple(members), window, now)
 
+    async def count_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
+    ) -> list[int]:
+        return await self._run(self._count, tuple(keys), tuple(members), window, now)
+
     async def add(self, key: str, ttl: float | None = None, *, now: float) -> None:
+        if self.readonly:
+            raise _read_only()
         await self._run(self._add, key, None if ttl is None else now + ttl)
 
     async def seen(self, key: str, now: float) -> bool:
@@ -235,13 +323,16 @@ class RedisState(StateStore):
     TTLs only collect garbage (window or ttl plus a grace period, in wall-clock seconds).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
         self.url = url
+        self.readonly = readonly  # writes raise StateError; reads are plain commands
         self._redis: aioredis.Redis[bytes] = aioredis.Redis.from_url(url)
 
     async def incr_windows(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float
     ) -> list[int]:
+        if self.readonly:
+            raise _read_only()
         since = now - window
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -259,7 +350,33 @@ class RedisState(StateStore):
             raise StateError(f"redis state: {exc}") from exc
         return [int(results[4 * i + 2]) for i in range(len(keys))]
 
+    async def count_windows(
+        self, keys: Sequence[str], members: Sequence[str], window: float, now: float
+    ) -> list[int]:
+        since = now - window
+        unique = list(dict.fromkeys(members))
+        try:
+            # MULTI: every key read at one instant, as incr_windows writes them.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key in keys:
+                    name = _PREFIX + "w:" + key
+                    pipe.zcount(name, f"({since!r}", "+inf")
+                    for member in unique:
+                        pipe.zscore(name, member)
+                results = await pipe.execute()
+        except RedisError as exc:
+            raise StateError(f"redis state: {exc}") from exc
+        counts: list[int] = []
+        step = 1 + len(unique)
+        for i in range(len(keys)):
+            scores = results[i * step + 1 : (i + 1) * step]
+            new = sum(1 for score in scores if score is None or float(score) <= since)
+            counts.append(int(results[i * step]) + new)
+        return counts
+
     async def add(self, key: str, ttl: float | None = None, *, now: float) -> None:
+        if self.readonly:
+            raise _read_only()
         value = "inf" if ttl is None else repr(now + ttl)
         expiry = None if ttl is None else math.ceil(ttl) + _REDIS_GRACE
         try:
@@ -285,14 +402,17 @@ class RedisState(StateStore):
         await self._redis.aclose()  # type: ignore[attr-defined]
 
 
-async def open_state(settings: StateSettings) -> StateStore:
-    """The configured backend, connected (SQLite file created, Redis pinged)."""
+async def open_state(settings: StateSettings, *, readonly: bool = False) -> StateStore:
+    """The configured backend, connected (SQLite file created, Redis pinged).
+
+    ``readonly=True`` (``relay scan``): a store that reads the configured one and never
+    writes to it; a SQLite file is neither created nor changed."""
     if settings.backend == "redis":
-        store = RedisState(settings.url)
+        store = RedisState(settings.url, readonly=readonly)
         try:
             await store.ping()
         except StateError:
             await store.close()
             raise
         return store
-    return await SqliteState(settings.path).open()
+    return await SqliteState(settings.path, readonly=readonly).open()

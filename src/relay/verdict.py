@@ -83,13 +83,6 @@ class Verdict:
     seconds: float = 0.0
     extra: tuple[tuple[str, str], ...] = field(default=())  # (key, value) notes, e.g. reload id
 
-    @property
-    def delivers(self) -> bool:
-        """Whether the message goes to the downstream transport (shadow mode always does)."""
-        if self.mode is Mode.SHADOW:
-            return True
-        return self.action in (Action.ACCEPT, Action.TAG)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy,

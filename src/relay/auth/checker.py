@@ -26,14 +26,15 @@ from relay.auth import dmarc
 from relay.auth.batch import Batcher
 from relay.auth.cryptoproc import decode_answer, encode_request
 from relay.auth.domains import OrgDomains
+from relay.auth.headerscan import HeaderScan, quick_scan, scan_headers
 from relay.auth.results import ArcResult, AuthResults, DkimResults, SpfResult
-from relay.auth.scan import HeaderScan, quick_scan, scan_headers
 from relay.auth.spf import SpfCache, check_spf, check_spf_cached
 from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
+from relay.errors import WorkerDied
 from relay.message import Message
-from relay.proc.pipes import PipeWorkers, WorkerDied
+from relay.proc.pipes import PipeWorkers
 
 log = logging.getLogger("relay.auth")
 

@@ -8,7 +8,8 @@ took. Here:
 
 - ``split_message``: a message whose every LF is part of a CRLF (all mail the relay
   receives: the SMTP layer normalises line ends) is split at its first empty line, the
-  body kept as it is; anything else goes to dkimpy's own ``rfc822_parse``;
+  header block by the relay's one splitter (``message.split_fields``), the body kept as
+  it is; anything else goes to dkimpy's own ``rfc822_parse``;
 - ``relaxed_header`` and ``relaxed_body``: RFC 6376 3.4.2 and 3.4.4 with one
   precompiled expression each, only for the fields a signature names;
 - ``without_b_value``: the signature field with its b= value removed, as dkimpy's
@@ -24,10 +25,8 @@ import re
 import dkim
 from dkim.canonicalization import correct_empty_body, strip_trailing_lines
 
-Fields = list[tuple[bytes, bytes]]
+from relay.message import Fields, split_fields
 
-# A header field's name as dkimpy reads it: printable ASCII up to the first colon.
-_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
 # A run of spaces and tabs other than one lone space: the only runs relaxed canonicalisation
 # changes. dkimpy's ``[\t ]+`` also "replaces" every single space with itself, which made
 # its relaxed body three times slower than this on ordinary prose.
@@ -51,23 +50,13 @@ def split_message(raw: bytes) -> tuple[Fields, bytes]:
     if raw.startswith(b"\r\n"):
         return [], raw[2:]
     end = raw.find(b"\r\n\r\n")
-    head, body = (raw, b"") if end < 0 else (raw[: end + 2], raw[end + 4 :])
-    lines = head.split(b"\r\n")
-    if lines[-1] == b"":
-        lines.pop()  # the CRLF that ends the last field
-    fields: list[list[bytes]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not fields:  # dkimpy fails here with an IndexError
-                raise dkim.MessageFormatError("header block starts with a continuation line")
-            fields[-1][1] += line + b"\r\n"
-            continue
-        match = _FIELD_NAME.match(line)
-        if match is not None:
-            fields.append([match.group(1), line[match.end() :] + b"\r\n"])
-        elif not line.startswith(b"From "):  # an mbox separator line is skipped
-            raise dkim.MessageFormatError("Unexpected characters in RFC822 header")
-    return [(name, value) for name, value in fields], body
+    head, body = (raw + b"\r\n", b"") if end < 0 else (raw[: end + 2], raw[end + 4 :])
+    split = split_fields(head)
+    if split.problem.startswith("continuation"):  # dkimpy fails here with an IndexError
+        raise dkim.MessageFormatError("header block starts with a continuation line")
+    elif split.problem:
+        raise dkim.MessageFormatError("Unexpected characters in RFC822 header")
+    return split.fields, body
 
 
 def relaxed_header(name: bytes, value: bytes) -> tuple[bytes, bytes]:

@@ -8,25 +8,39 @@ from __future__ import annotations
 
 from publicsuffixlist import PublicSuffixList
 
+from relay.idn import to_alabel
+
 RECENT_SIZE = 4096  # organisational-domain answers kept per OrgDomains
 
 
 def normalise_domain(text: str) -> str:
-    """Lower-case A-label form without the trailing dot; "" stays ""; ValueError if invalid."""
+    """Lower-case A-label form without the trailing dot; "" stays ""; ValueError if invalid.
+    Non-ASCII names are converted by ``idn.to_alabel`` (IDNA 2008, no mapping)."""
     domain = text.strip().rstrip(".").lower()
     if not domain:
         return ""
-    try:
-        domain.encode("ascii")
-    except UnicodeEncodeError:
+    if not domain.isascii():
+        # IDNA 2008 without mapping, as everywhere in the relay (idn.py). ASCII names stay
+        # lenient (an underscore or a long label in a From domain is not a crash).
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
+            domain = to_alabel(domain)
+        except ValueError as exc:
             raise ValueError(f"invalid domain {text!r}") from exc
     labels = domain.split(".")
     if len(domain) > 253 or any(not label or len(label) > 63 for label in labels):
         raise ValueError(f"invalid domain {text!r}")
     return domain
+
+
+def org_domain(psl: PublicSuffixList, domain: str) -> str:
+    """The organisational (registrable) domain: mail.example.co.uk -> example.co.uk; the
+    domain itself when it is a public suffix or empty. The one definition: DMARC alignment
+    (OrgDomains) and the header and bulk facts all use it."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        return ""
+    found = psl.privatesuffix(domain)
+    return str(found) if found else domain
 
 
 class OrgDomains:
@@ -44,8 +58,7 @@ class OrgDomains:
             return ""
         org = self._recent.get(domain)
         if org is None:
-            found = self._psl.privatesuffix(domain)
-            org = str(found) if found else domain
+            org = org_domain(self._psl, domain)
             if len(self._recent) >= RECENT_SIZE:
                 del self._recent[next(iter(self._recent))]  # oldest first: bounded memory
             self._recent[domain] = org

@@ -36,7 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPubli
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
-from relay.auth.dkimparse import Fields, relaxed_body, relaxed_header, without_b_value
+from relay.auth.dkimparse import relaxed_body, relaxed_header, without_b_value
+from relay.errors import RelayError
+from relay.message import Fields
 
 KEY_CACHE_SIZE = 1024  # distinct key records kept parsed per process (~1 KB each)
 
@@ -59,7 +61,7 @@ class PublicKey:
     tlsrpt: bool  # s=tlsrpt: a key only for TLS reports (RFC 8460)
 
 
-class BodyHashMismatch(dkim.ValidationError):  # type: ignore[misc]
+class BodyHashMismatch(RelayError, dkim.ValidationError):  # type: ignore[misc]
     """The bh= tag does not match the canonicalised body."""
 
 

@@ -28,10 +28,11 @@ from typing import Any
 import dkim
 from dkim.util import parse_tag_value
 
-from relay.auth.dkimparse import Fields, split_message
+from relay.auth.dkimparse import split_message
+from relay.auth.headerscan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD, key_name
 from relay.auth.results import ArcResult, DkimResults, DkimSignatureResult
-from relay.auth.scan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD, key_name
 from relay.auth.sigcrypto import KEY_CACHE_SIZE, load_key, verify_signature
+from relay.message import Fields
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2: smaller RSA keys MUST NOT be considered valid
 

@@ -2,7 +2,7 @@
 
 Positive class = spam. ``recall at FPR <= f`` is the highest spam recall over all
 thresholds that flag at most ``floor(f * n_ham)`` ham; a message is flagged when its score
-is >= the threshold. Intervals are Wilson score intervals at 95 %.
+is >= the threshold. Intervals are Wilson score intervals at 95 % (relay/intervals.py).
 """
 
 from __future__ import annotations
@@ -14,20 +14,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from relay.intervals import wilson as wilson
+
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 FPR_POINTS = (0.001, 0.01)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n ((0, 1) when n is 0)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def roc_auc(spam: BoolArray, scores: FloatArray) -> float:

@@ -1,5 +1,9 @@
 """Message -> classifier input, shared by training and serving so the two never drift.
 
+One module because training and serving must run the very same extraction code; over 300
+lines because the text and the meta tokens come from one pass over the parsed message
+(``Extractor``) and each token family is documented where it is made.
+
 The model sees two strings per message (one row of an ``(n, 2)`` object array):
 
 - ``text``: the decoded subject and the decoded text parts (HTML rendered to text by a
@@ -35,7 +39,7 @@ from urllib.parse import urlsplit
 from publicsuffixlist import PublicSuffixList
 from selectolax.lexbor import LexborHTMLParser as HTMLParser
 
-from relay.message import Message
+from relay.message import Message, decode_8bit, undo_surrogates
 
 FEATURE_VERSION = 1
 
@@ -136,13 +140,7 @@ def _bucket(n: int, edges: Iterable[int]) -> str:
 
 def _clean(text: str) -> str:
     """Undo surrogate escapes (raw 8-bit headers) and drop corpus artefacts."""
-    if any("\udc80" <= ch <= "\udcff" for ch in text):
-        raw = text.encode("utf-8", "surrogateescape")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("cp1252", "replace")
-    return _ARTEFACT.sub(" ", text)
+    return _ARTEFACT.sub(" ", undo_surrogates(text))
 
 
 def decode_payload(payload: bytes, charset: str | None) -> tuple[str, bool]:
@@ -152,11 +150,8 @@ def decode_payload(payload: bytes, charset: str | None) -> tuple[str, bool]:
         codecs.lookup(name)
     except LookupError:
         name = ""
-    if name in ("", "us-ascii", "ascii", "default"):
-        try:
-            return payload.decode("utf-8"), not name and charset is not None
-        except UnicodeDecodeError:
-            return payload.decode("cp1252", "replace"), not name and charset is not None
+    if name in ("", "us-ascii", "ascii", "default"):  # the one fallback (message.py)
+        return decode_8bit(payload), not name and charset is not None
     try:
         return payload.decode(name, "replace"), False
     except (LookupError, ValueError):  # codecs that reject 'replace' or the payload

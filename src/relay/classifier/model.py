@@ -5,24 +5,14 @@ missing, whose file digest differs from its card, whose untrusted types differ f
 card's pinned list, or that was saved with other major library versions (scikit-learn:
 other major.minor, since its estimators are only promised to load in the same release).
 
-Serving: ``Classifier`` runs feature extraction and prediction in a process pool (spawned
-workers, each loading the model once in its initializer) and sends raw bytes, so no CPU
-work runs on the event loop and the relay process itself never imports scikit-learn.
+Serving the loaded model to the relay is ``serving.py``'s job.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
-import functools
-import gc
 import hashlib
 import json
-import multiprocessing
-import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +21,6 @@ import numpy as np
 
 from relay.classifier.features import Extractor, Features, FeatureSettings
 from relay.errors import ModelError
-from relay.message import Message
-from relay.proc.lifetime import die_with_parent
-
-MAX_BATCH = 32  # messages per pool call
 
 # Library -> how many leading version components must match the card's.
 _VERSION_PARTS = {"scikit-learn": 2, "skops": 1, "numpy": 1, "scipy": 1}
@@ -182,133 +168,3 @@ def load_model(model_path: Path) -> LoadedModel:
 
 
 # -- serving -----------------------------------------------------------------------------
-
-# Per worker *process* state, written only by the pool initializer in that process; the
-# relay process never reads or writes it.
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(model_path: str, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    import sklearn
-
-    # Inputs are our own hashed counts: per-call finiteness checks are pure overhead here.
-    sklearn.set_config(assume_finite=True, skip_parameter_validation=True)
-    try:
-        _WORKER["model"] = load_model(Path(model_path))
-    except ModelError as exc:
-        _WORKER["error"] = str(exc)
-    _release_load_buffers()
-
-
-def _release_load_buffers() -> None:
-    """Hand the decompression buffers of loading back to the OS (~40 MB per worker)."""
-    gc.collect()
-    # Not glibc: nothing to trim, the memory is only reused.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _worker_probe() -> ModelInfo:
-    if "error" in _WORKER:
-        raise ModelError(_WORKER["error"])
-    model: LoadedModel = _WORKER["model"]
-    model.classify_bytes(b"Subject: warm-up\r\n\r\nwarm-up\r\n")  # first call builds caches
-    return model.info
-
-
-def _worker_classify(raws: list[bytes]) -> list[tuple[float, bool]]:
-    if "error" in _WORKER:
-        raise ModelError(_WORKER["error"])
-    model: LoadedModel = _WORKER["model"]
-    return model.classify_many(raws)
-
-
-@dataclass(frozen=True, slots=True)
-class Classification:
-    probability: float
-    degraded: bool
-
-
-class Classifier:
-    """Spam probability service: a process pool of workers, each holding the model once.
-
-    Create with ``await Classifier.open(path, workers=n)``; it raises ModelError when the
-    model is missing, corrupt or untrusted, so the relay never serves without it.
-    """
-
-    def __init__(
-        self, pool: ProcessPoolExecutor, info: ModelInfo, max_raw_bytes: int, workers: int
-    ) -> None:
-        self._pool = pool
-        self._info = info
-        self._max_raw = max_raw_bytes
-        self._workers = workers
-        # Micro-batching: at most one batch per worker in flight; what arrives meanwhile
-        # waits here and goes as the next batch. No added latency when the pool is idle.
-        self._pending: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]] = []
-        self._in_flight = 0
-
-    @classmethod
-    async def open(cls, path: Path, *, workers: int = 1) -> Classifier:
-        card = read_card(path)  # cheap checks first, in this process, for a clear error
-        settings = FeatureSettings.from_dict(card.get("features", {}))
-        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
-        pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(str(path), os.getpid()),
-        )
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.gather(
-                *(loop.run_in_executor(pool, _worker_probe) for _ in range(workers))
-            )
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        return cls(pool, infos[0], settings.max_raw_kb * 1024, workers)
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    async def classify(self, message: Message) -> Classification:
-        future: asyncio.Future[tuple[float, bool]] = asyncio.get_running_loop().create_future()
-        self._pending.append((message.raw[: self._max_raw], future))
-        self._pump()
-        probability, degraded = await future
-        return Classification(probability, degraded)
-
-    def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending and self._in_flight < self._workers:
-            batch = self._pending[:MAX_BATCH]
-            del self._pending[:MAX_BATCH]
-            self._in_flight += 1
-            done = loop.run_in_executor(self._pool, _worker_classify, [raw for raw, _ in batch])
-            done.add_done_callback(functools.partial(self._finished, batch))
-
-    def _finished(
-        self,
-        batch: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]],
-        done: asyncio.Future[list[tuple[float, bool]]],
-    ) -> None:
-        self._in_flight -= 1
-        for i, (_, future) in enumerate(batch):
-            if future.done():  # its caller gave up (cancelled)
-                continue
-            if done.cancelled():
-                future.cancel()
-            elif (error := done.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(done.result()[i])
-        self._pump()
-
-    async def predict(self, message: Message) -> float:
-        return (await self.classify(message)).probability
-
-    async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)

@@ -229,17 +229,18 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--quick", action="store_true", help="skip model selection (one candidate)")
 
     def run(args: argparse.Namespace) -> int:
-        from relay.classifier import training
+        from relay.classifier.selection import SEED
+        from relay.cli.classifier import train_command
 
         if args.labels is None and not (args.ham and args.spam):
             p.error("give --labels, or both --ham and --spam")
-        return training.train_command(
+        return train_command(
             out_dir=args.out,
             corpus=args.corpus,
             labels=args.labels,
             ham=args.ham,
             spam=args.spam,
-            seed=training.SEED if args.seed is None else args.seed,
+            seed=SEED if args.seed is None else args.seed,
             quick=args.quick,
         )
 
@@ -255,9 +256,9 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
 
     def run(args: argparse.Namespace) -> int:
-        from relay.classifier import training
+        from relay.cli.classifier import evaluate_command
 
-        return training.evaluate_command(
+        return evaluate_command(
             model_path=args.model,
             corpus=args.corpus,
             labels=args.labels,

@@ -6,6 +6,10 @@ envelope is not in a file: give it with --mail-from/--rcpt/--client-ip/--helo, o
 the Return-Path header and 127.0.0.1 stand in (SPF then says little). The message's time
 is --time, else its own (newest Received, else Date; ``header_time``); a file with neither
 is an error rather than a message arriving now, so a scan gives the same answer any day.
+
+A scan changes nothing: the state store is opened read-only (the counts shown are the
+live store's, plus this message as if it had arrived) and no recorder runs, so scanning a
+message never moves the running relay's counters.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 from relay.assembly import load_decider, open_services
 from relay.config import Settings
 from relay.errors import FactError, MessageTimeError, RelayError
-from relay.facts import Facts, Services, default_registry
+from relay.facts import Facts, default_registry
 from relay.message import Message, Peer
 
 
@@ -60,7 +64,7 @@ async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
     except MessageTimeError as exc:
         raise MessageTimeError(f"{req.path}: {exc} with --time") from None
     async with contextlib.AsyncExitStack() as stack:
-        services = Services(*await open_services(settings, stack))
+        services = await open_services(settings, stack, readonly_state=True)
         decider = load_decider(settings, registry)
         facts = Facts(registry, message, services)
         verdict = await decider.decide(message, facts)

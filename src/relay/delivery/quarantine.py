@@ -1,5 +1,9 @@
 """Quarantine: the exact raw message plus its Verdict and envelope, kept on disk.
 
+One module because writing, listing, showing, releasing and deleting entries share one
+on-disk layout; a few lines over 300 because release re-sends through the transport and
+keeps refused recipients queued.
+
 Layout under ``[quarantine] path`` (default var/quarantine), one directory per entry:
 
     <id>/message.eml   the raw bytes exactly as the pipeline handed them over
@@ -126,7 +130,7 @@ def _file_clock_now(directory: Path) -> float:
 
 
 class QuarantineStore:
-    """Implements pipeline.QuarantineStore plus list/show/release/delete."""
+    """Implements contracts.Quarantine (``put``) plus list/show/release/delete."""
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -1,4 +1,11 @@
-"""Fact families. Adding a family: one module exporting FACTS, one line below."""
+"""Facts: the registry and one module per fact family. Adding a family: one module
+exporting FACTS, one line below.
+
+Owns the named, typed, privacy-tiered values about one message and their lazy, once-per-
+message evaluation. Facts only read: nothing here writes shared state (the pipeline's
+recorder does). May import the value objects, config, contracts, infrastructure (dns,
+state), auth and classifier; never policy, pipeline or anything above.
+"""
 
 from __future__ import annotations
 

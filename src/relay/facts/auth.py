@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.auth.checker import Authenticator
 from relay.facts.base import FactContext, FactSpec, FactType
+from relay.facts.services import AUTHENTICATOR
 from relay.verdict import Tier
 
 RESULTS = "auth_results"
 
 
 async def _auth_results(ctx: FactContext) -> dict[str, Any]:
-    results = await ctx.services.get(Authenticator).check(ctx.message)
+    results = await ctx.service(AUTHENTICATOR).check(ctx.message)
     return results.to_dict()
 
 
@@ -94,6 +94,7 @@ FACTS = (
         FactType.OBJECT,
         Tier.ENVELOPE,
         _auth_results,
+        needs=(AUTHENTICATOR,),
         doc="every authentication result of the message (dkim, spf, spf_helo, dmarc, arc)",
     ),
     _view(

@@ -11,8 +11,10 @@ Rules of the registry, checked when it is built:
   never hide that it read the body.
 
 Services (DNS resolver, classifier client, state store, lists ...) reach compute functions
-through ``Services``, keyed by type, so families do not import each other and app.py stays
-the only place that builds them.
+through ``ctx.service(KEY)``: a fact declares the services it uses in ``needs`` (keys from
+``facts/services.py``), may use only those, and gets FactError when one is missing. The
+typed, frozen ``Services`` is built once, by ``assembly.open_services``, so families do not
+import each other and the relay can refuse a policy whose facts need a missing service.
 """
 
 from __future__ import annotations
@@ -25,10 +27,23 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 from relay.errors import FactError
+from relay.facts.services import Service, Services
 from relay.message import Message
 from relay.verdict import FactRead, Tier
 
-T = TypeVar("T")
+S = TypeVar("S")
+
+__all__ = [
+    "Compute",
+    "FactContext",
+    "FactRegistry",
+    "FactSpec",
+    "FactType",
+    "Facts",
+    "Service",
+    "Services",
+    "missing_services",
+]
 
 
 class FactType(StrEnum):
@@ -43,13 +58,12 @@ class FactType(StrEnum):
 
 
 class FactContext(Protocol):
-    """What a compute function sees: the message, services and its declared dependencies."""
+    """What a compute function sees: the message, its declared services and dependencies."""
 
     @property
     def message(self) -> Message: ...
 
-    @property
-    def services(self) -> Services: ...
+    def service(self, key: Service[S]) -> S: ...
 
     async def get(self, name: str) -> Any: ...
 
@@ -65,32 +79,9 @@ class FactSpec:
     compute: Compute
     depends: tuple[str, ...] = ()
     doc: str = ""
+    needs: tuple[Service[Any], ...] = ()  # the services it uses (facts/services.py)
     version: int = 1  # bump when the computation changes (keys the lab's fact cache)
     lab_only: bool = False  # oracle facts (consent, opt-out) a live receiver cannot know
-
-
-class Services:
-    """Immutable bag of service objects, looked up by type."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, *items: object) -> None:
-        self._items: tuple[object, ...] = tuple(items)
-
-    def get(self, kind: type[T]) -> T:
-        for item in self._items:
-            if isinstance(item, kind):
-                return item
-        raise FactError(f"service {kind.__name__} is not configured")
-
-    def find(self, kind: type[T]) -> T | None:
-        for item in self._items:
-            if isinstance(item, kind):
-                return item
-        return None
-
-    def with_items(self, *items: object) -> Services:
-        return Services(*items, *self._items)
 
 
 class FactRegistry:
@@ -130,8 +121,49 @@ class FactRegistry:
     def __iter__(self) -> Any:
         return iter(self._specs.values())
 
+    def closure(self, names: Iterable[str]) -> frozenset[str]:
+        """``names`` and every fact they depend on, transitively (unknown names kept)."""
+        seen: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in self._specs:
+                todo.extend(self._specs[name].depends)
+        return frozenset(seen)
+
     def names(self) -> list[str]:
         return sorted(self._specs)
+
+
+def missing_services(
+    registry: FactRegistry, names: Iterable[str], services: Services
+) -> list[tuple[str, str, Service[Any]]]:
+    """(fact read, fact that needs the service, service) for every fact in ``names`` that
+    needs, itself or through a dependency, a service that is not configured.
+
+    Lab-only facts are left out: a live relay never has their lists, and a regime that
+    reads them treats them as missing (FactError), by design (facts/oracle.py).
+    """
+    found: list[tuple[str, str, Service[Any]]] = []
+    for read in sorted(set(names)):
+        seen: set[str] = set()
+        stack = [read] if read in registry else []
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            spec = registry[name]
+            if spec.lab_only:
+                continue
+            found.extend(
+                (read, name, key) for key in spec.needs if getattr(services, key.field) is None
+            )
+            stack.extend(spec.depends)
+    return found
 
 
 def _jsonable(value: Any) -> Any:
@@ -240,9 +272,10 @@ class _Scoped:
     def message(self) -> Message:
         return self._facts.message
 
-    @property
-    def services(self) -> Services:
-        return self._facts.services
+    def service(self, key: Service[S]) -> S:
+        if key not in self._spec.needs:
+            raise FactError(f"fact {self._spec.name!r} used undeclared service {key.field!r}")
+        return self._facts.services.require(key)
 
     async def get(self, name: str) -> Any:
         if name not in self._spec.depends:

@@ -11,10 +11,12 @@
   sender's organisational domain (From, else envelope sender); ``bulk_sender`` (T1) stays
   true once a domain has reached 5,000 (Gmail's bulk status is permanent).
 - ``known_correspondent`` (T1): every recipient has written to the sender before, as
-  recorded by ``CorrespondentRecorder`` for mail relayed from ``[relay] networks``.
+  recorded for mail from ``[relay] networks`` that was delivered.
 
-Counts include the message itself and only messages for which the fact was computed: a
-policy that never asks for a fingerprint never hashes a body (docs/facts.md).
+These facts only read the state: a count is what the store holds plus this message, as if
+it had been recorded already (so a message counts itself, once). The writes are made by
+the pipeline's recorder (``pipeline/recorder.py``) after the action, for every message,
+with the keys and members the helpers below define, so reading and recording cannot drift.
 The clock is the message's ``received_at``, so the lab's time-ordered replay counts as the
 live relay would.
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import re
 from collections.abc import Sequence
 
@@ -31,16 +32,16 @@ import numpy as np
 import numpy.typing as npt
 from publicsuffixlist import PublicSuffixList
 
-from relay.config import IPNetwork
-from relay.contracts import FactSource
+from relay.auth.domains import org_domain
 from relay.errors import FactError
 from relay.facts.base import FactContext, FactSpec, FactType
 from relay.facts.envelope import address_domain
-from relay.facts.headers import from_address, header_recipients, org_domain
+from relay.facts.headers import from_address, header_recipients
+from relay.facts.services import PSL, STATE
 from relay.facts.text import BodyText
 from relay.message import Message
-from relay.state import StateStore, hashed
-from relay.verdict import Tier, Verdict
+from relay.state import hashed
+from relay.verdict import Tier
 
 BULK_WINDOW = 24 * 3600.0
 VOLUME_WINDOW = 24 * 3600.0
@@ -98,121 +99,95 @@ def _message_key(message: Message) -> str:
     return "raw:" + hashlib.blake2b(message.raw, digest_size=16).hexdigest()
 
 
-def _members(message: Message) -> list[str]:
+def bulk_members(message: Message) -> list[str]:
+    """Who a fingerprint is counted for: the hashed recipients (else the message)."""
     recipients = header_recipients(message)
     if not recipients:  # stored mail without envelope or To/Cc: count the message itself
         return [hashed("message", _message_key(message))]
     return [hashed("rcpt", r) for r in recipients]
 
 
-async def _bulk_count(ctx: FactContext) -> int:
-    body = await ctx.get("body_text")
+async def bulk_keys(body: object) -> list[str]:
+    """The state keys of a body's fingerprint bands (``body`` is ``body_text``'s value)."""
     if not isinstance(body, BodyText):
         raise FactError("body_text is not available for fingerprinting")
-    state = ctx.services.get(StateStore)
-    members = _members(ctx.message)
-    now = ctx.message.received_at
     # MinHash over every shingle: up to ~13 ms on large bodies, so off the event loop.
-    keys = ["bulk:" + key for key in await asyncio.to_thread(fingerprint, body.text)]
-    return max(await state.incr_windows(keys, members, BULK_WINDOW, now))
+    return ["bulk:" + key for key in await asyncio.to_thread(fingerprint, body.text)]
 
 
-def _sender_org(ctx: FactContext) -> str:
-    domain = address_domain(from_address(ctx.message)) or address_domain(
-        ctx.message.envelope.mail_from
-    )
+async def _bulk_count(ctx: FactContext) -> int:
+    body = await ctx.get("body_text")
+    state = ctx.service(STATE)  # before hashing: the lab's first pass has none
+    keys = await bulk_keys(body)
+    members = bulk_members(ctx.message)
+    return max(await state.count_windows(keys, members, BULK_WINDOW, ctx.message.received_at))
+
+
+def sender_org(message: Message, psl: PublicSuffixList) -> str:
+    """Organisational domain of the From address, else of the envelope sender."""
+    domain = address_domain(from_address(message)) or address_domain(message.envelope.mail_from)
     if not domain:
         raise FactError("no sender domain (no From address and a null envelope sender)")
-    return org_domain(ctx.services.get(PublicSuffixList), domain)
+    return org_domain(psl, domain)
+
+
+def volume_key(org: str) -> str:
+    return "volume:" + org
+
+
+def volume_members(message: Message) -> list[str]:
+    """(message, recipient) pairs, hashed: a retried message counts once."""
+    key = _message_key(message)
+    return [hashed(key, r) for r in header_recipients(message)] or [hashed(key)]
+
+
+def bulk_sender_flag(org: str) -> str:
+    return "bulk_sender:" + org
 
 
 async def _sender_volume_24h(ctx: FactContext) -> int:
-    org = _sender_org(ctx)
-    key = _message_key(ctx.message)
-    members = [hashed(key, r) for r in header_recipients(ctx.message)] or [hashed(key)]
-    state = ctx.services.get(StateStore)
-    return await state.incr_window_many(
-        "volume:" + org, members, VOLUME_WINDOW, ctx.message.received_at
+    org = sender_org(ctx.message, ctx.service(PSL))
+    state = ctx.service(STATE)
+    return await state.count_window_many(
+        volume_key(org), volume_members(ctx.message), VOLUME_WINDOW, ctx.message.received_at
     )
 
 
 async def _bulk_sender(ctx: FactContext) -> bool:
     volume = await ctx.get("sender_volume_24h")
-    state = ctx.services.get(StateStore)
-    flag = "bulk_sender:" + _sender_org(ctx)
-    now = ctx.message.received_at
-    if volume >= BULK_SENDER_VOLUME:
-        await state.add(flag, now=now)
+    if volume >= BULK_SENDER_VOLUME:  # the recorder sets the flag when it records this one
         return True
-    return await state.seen(flag, now=now)
+    org = sender_org(ctx.message, ctx.service(PSL))
+    state = ctx.service(STATE)
+    return await state.seen(bulk_sender_flag(org), now=ctx.message.received_at)
 
 
 def correspondent_key(writer: str, addressee: str) -> str:
     return "corr:" + hashed(writer.lower(), addressee.lower())
 
 
-def _senders(message: Message) -> set[str]:
+def senders(message: Message) -> set[str]:
+    """The From address and the envelope sender (lower-cased), where they are addresses."""
     found = {from_address(message), message.envelope.mail_from.lower()}
     return {s for s in found if "@" in s}
 
 
 async def _known_correspondent(ctx: FactContext) -> bool:
-    senders = _senders(ctx.message)
+    writers = senders(ctx.message)
     recipients = header_recipients(ctx.message)
-    if not senders or not recipients:
+    if not writers or not recipients:
         return False
-    state = ctx.services.get(StateStore)
+    state = ctx.service(STATE)
     now = ctx.message.received_at
     for rcpt in recipients:
         known = False
-        for sender in senders:
+        for sender in writers:
             if await state.seen(correspondent_key(rcpt, sender), now=now):
                 known = True
                 break
         if not known:
             return False
     return True
-
-
-class CorrespondentRecorder:
-    """A pipeline Stamp that learns who our users write to; it never changes the message.
-
-    For every delivered message whose client is in ``networks`` (our own users, as in
-    ``[relay] networks``), each (sender, recipient) pair is remembered for a year, for the
-    From address and the envelope sender. ``known_correspondent`` on later inbound mail
-    asks whether the recipient wrote to the sender.
-    """
-
-    def __init__(
-        self,
-        state: StateStore,
-        networks: Sequence[IPNetwork],
-        ttl: float = CORRESPONDENT_TTL,
-    ) -> None:
-        self.state = state
-        self.networks = tuple(networks)
-        self.ttl = ttl
-
-    def outbound(self, message: Message) -> bool:
-        try:
-            ip = ipaddress.ip_address(message.peer.ip)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.networks)
-
-    async def record(self, message: Message) -> int:
-        """Remember the message's pairs if it is outbound; returns how many were stored."""
-        if not self.outbound(message):
-            return 0
-        pairs = [(s, r) for s in _senders(message) for r in message.envelope.rcpt_to]
-        for sender, rcpt in pairs:
-            await self.state.add(correspondent_key(sender, rcpt), self.ttl, now=message.received_at)
-        return len(pairs)
-
-    async def __call__(self, message: Message, facts: FactSource, verdict: Verdict) -> Message:
-        if verdict.delivers:
-            await self.record(message)
-        return message
 
 
 FACTS = (
@@ -222,6 +197,7 @@ FACTS = (
         Tier.FINGERPRINT,
         _bulk_count,
         depends=("body_text",),
+        needs=(STATE,),
         doc="distinct recipients of a near-identical body in 24 h (MinHash bands; hashes only)",
     ),
     FactSpec(
@@ -229,6 +205,7 @@ FACTS = (
         FactType.INT,
         Tier.ENVELOPE,
         _sender_volume_24h,
+        needs=(PSL, STATE),
         doc="messages x recipients from the sender's organisational domain in 24 h",
     ),
     FactSpec(
@@ -237,6 +214,7 @@ FACTS = (
         Tier.ENVELOPE,
         _bulk_sender,
         depends=("sender_volume_24h",),
+        needs=(PSL, STATE),
         doc="the sender's organisational domain has ever reached 5,000 in 24 h (sticky)",
     ),
     FactSpec(
@@ -244,6 +222,7 @@ FACTS = (
         FactType.BOOL,
         Tier.ENVELOPE,
         _known_correspondent,
+        needs=(STATE,),
         doc="every recipient has written to the sender before (learned from outbound mail)",
     ),
 )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.classifier.model import Classifier
 from relay.facts.base import FactContext, FactSpec, FactType
+from relay.facts.services import CLASSIFIER
 from relay.verdict import Tier
 
 
 async def _classifier(ctx: FactContext) -> dict[str, Any]:
-    result = await ctx.services.get(Classifier).classify(ctx.message)
+    result = await ctx.service(CLASSIFIER).classify(ctx.message)
     return {"spam_probability": result.probability, "parse_degraded": result.degraded}
 
 
@@ -32,6 +32,7 @@ FACTS = (
         FactType.OBJECT,
         Tier.CONTENT,
         _classifier,
+        needs=(CLASSIFIER,),
         doc="classifier output: {spam_probability, parse_degraded}",
     ),
     FactSpec(

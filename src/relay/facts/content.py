@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from publicsuffixlist import PublicSuffixList
-
+from relay.auth.domains import org_domain
 from relay.facts.base import FactContext, FactSpec, FactType
 from relay.facts.envelope import address_domain
-from relay.facts.headers import addresses, org_domain
+from relay.facts.headers import addresses
+from relay.facts.services import PSL, Service
 from relay.facts.text import BodyText
 from relay.verdict import Tier
 
@@ -206,7 +206,7 @@ async def _body_sender_identified(ctx: FactContext) -> bool:
             return True
         domain = address_domain(address)
         if domain:
-            org = org_domain(ctx.services.get(PublicSuffixList), domain)
+            org = org_domain(ctx.service(PSL), domain)
             name = org.split(".")[0]
             if org in lowered or (len(name) >= 3 and re.search(rf"\b{re.escape(name)}\b", lowered)):
                 return True
@@ -256,8 +256,14 @@ async def _subject_body_mismatch(ctx: FactContext) -> float:
     return await asyncio.to_thread(mismatch, _subject(ctx), (await _body(ctx)).text)
 
 
-def _spec(name: str, kind: FactType, fn: Callable[[FactContext], Any], doc: str) -> FactSpec:
-    return FactSpec(name, kind, Tier.CONTENT, fn, depends=("body_text",), doc=doc)
+def _spec(
+    name: str,
+    kind: FactType,
+    fn: Callable[[FactContext], Any],
+    doc: str,
+    needs: tuple[Service[Any], ...] = (),
+) -> FactSpec:
+    return FactSpec(name, kind, Tier.CONTENT, fn, depends=("body_text",), doc=doc, needs=needs)
 
 
 FACTS = (
@@ -274,7 +280,7 @@ FACTS = (
     _spec("has_body_unsubscribe_link", FactType.BOOL, _has_body_unsubscribe_link,
           "a link whose text or target is an unsubscribe / opt-out"),
     _spec("body_sender_identified", FactType.BOOL, _body_sender_identified,
-          "the body names the sender (From name or domain) or a company"),
+          "the body names the sender (From name or domain) or a company", (PSL,)),
     _spec("meaningless_text", FactType.BOOL, _meaningless_text,
           "little meaningful text: < 5 words, mostly non-words, or one word repeated"),
     _spec("subject_body_mismatch", FactType.FLOAT, _subject_body_mismatch,

@@ -12,11 +12,11 @@ from collections import Counter
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
-from publicsuffixlist import PublicSuffixList
-
+from relay.auth.domains import org_domain
 from relay.errors import FactError
 from relay.facts.base import FactContext, FactSpec, FactType
 from relay.facts.envelope import address_domain
+from relay.facts.services import PSL, Service
 from relay.message import Message
 from relay.verdict import Tier
 
@@ -66,12 +66,6 @@ def from_address(message: Message) -> str:
     """The (first) From address, lower-cased, or ""."""
     found = addresses(message, "from")
     return found[0][1].lower() if found else ""
-
-
-def org_domain(psl: PublicSuffixList, domain: str) -> str:
-    """Organisational (registrable) domain: mail.example.co.uk -> example.co.uk."""
-    domain = domain.strip().rstrip(".").lower()
-    return str(psl.privatesuffix(domain) or domain)
 
 
 def _uris(message: Message) -> list[str]:
@@ -182,7 +176,7 @@ async def _from_display_spoof(ctx: FactContext) -> bool:
     if not found or not found[0][0]:
         return False
     display, address = found[0]
-    psl = ctx.services.get(PublicSuffixList)
+    psl = ctx.service(PSL)
     own = org_domain(psl, address_domain(address))
     named = [m.group(1) for m in _EMBEDDED_ADDRESS.finditer(display)]
     named += [m.group(1) for m in _EMBEDDED_DOMAIN.finditer(display)]
@@ -233,8 +227,15 @@ async def _rfc5322_errors(ctx: FactContext) -> list[str]:
     return rfc5322_problems(ctx.message)
 
 
-def _spec(name: str, kind: FactType, fn: Any, doc: str, depends: tuple[str, ...] = ()) -> FactSpec:
-    return FactSpec(name, kind, Tier.ENVELOPE, fn, depends=depends, doc=doc)
+def _spec(
+    name: str,
+    kind: FactType,
+    fn: Any,
+    doc: str,
+    depends: tuple[str, ...] = (),
+    needs: tuple[Service[Any], ...] = (),
+) -> FactSpec:
+    return FactSpec(name, kind, Tier.ENVELOPE, fn, depends=depends, doc=doc, needs=needs)
 
 
 FACTS = (
@@ -285,6 +286,7 @@ FACTS = (
         FactType.BOOL,
         _from_display_spoof,
         "From display name names another organisational domain than the From address",
+        needs=(PSL,),
     ),
     _spec(
         "fake_reply_subject",

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+from typing import Any
 
-from relay.dns import DnsTemporaryError, Resolver
+from relay.dns import DnsTemporaryError
 from relay.errors import FactError
 from relay.facts.base import Compute, FactContext, FactSpec, FactType
-from relay.state import StateStore, hashed
+from relay.facts.services import RESOLVER, STATE, Service
+from relay.message import Peer
+from relay.state import hashed
 from relay.verdict import Tier
 
 MAX_PTR_NAMES = 5  # a host with more PTR names than this is checked on the first five
@@ -38,14 +41,14 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 async def ptr_names(ctx: FactContext) -> list[str]:
     """PTR names of the client, lower-cased (shared through the resolver's cache)."""
     ip = _ip(ctx.message.peer.ip)
-    names = await ctx.services.get(Resolver).ptr(str(ip))
+    names = await ctx.service(RESOLVER).ptr(str(ip))
     return [n.lower().rstrip(".") for n in names]
 
 
 async def _fcrdns_ok(ctx: FactContext) -> bool:
     ip = _ip(ctx.message.peer.ip)
     names = (await ptr_names(ctx))[:MAX_PTR_NAMES]
-    resolver = ctx.services.get(Resolver)
+    resolver = ctx.service(RESOLVER)
     forward = await asyncio.gather(*(resolver.addresses(n) for n in names))
     return any(ip == ipaddress.ip_address(a) for addrs in forward for a in addrs)
 
@@ -88,7 +91,7 @@ def dnsbl_query(ip: str, zone: str) -> str:
 
 async def _dnsbl_listed(ctx: FactContext) -> list[str]:
     ip = str(_ip(ctx.message.peer.ip))
-    resolver = ctx.services.get(Resolver)
+    resolver = ctx.service(RESOLVER)
     zones = resolver.settings.dnsbl_zones
     answers = await asyncio.gather(
         *(resolver.query(dnsbl_query(ip, z), "A") for z in zones), return_exceptions=True
@@ -108,13 +111,23 @@ async def _dnsbl_listed(ctx: FactContext) -> list[str]:
     return listed
 
 
+def connection_key(peer: Peer) -> str:
+    """The state key counting connections from the client's address."""
+    return "conn:" + hashed(peer.ip)
+
+
+def connection_member(peer: Peer) -> str | None:
+    """A connection is (ip, source port); without a port (stored mail) each message counts
+    (None: an anonymous event)."""
+    return hashed(peer.ip, str(peer.port)) if peer.port else None
+
+
 async def _connection_rate(ctx: FactContext) -> float:
     peer = ctx.message.peer
-    state = ctx.services.get(StateStore)
-    # A connection is (ip, source port); without a port (stored mail) each message counts.
-    member = hashed(peer.ip, str(peer.port)) if peer.port else None
-    count = await state.incr_window(
-        "conn:" + hashed(peer.ip), member, RATE_WINDOW, ctx.message.received_at
+    state = ctx.service(STATE)
+    # Read only: this connection counts as if recorded (the recorder records it).
+    count = await state.count_window(
+        connection_key(peer), connection_member(peer), RATE_WINDOW, ctx.message.received_at
     )
     return float(count) * 60.0 / RATE_WINDOW
 
@@ -126,21 +139,27 @@ async def _invalid_rcpt_ratio(ctx: FactContext) -> float:
     return round(peer.rcpt_refused / peer.rcpt_attempted, 4)
 
 
-def _spec(name: str, kind: FactType, fn: Compute, doc: str) -> FactSpec:
-    return FactSpec(name, kind, Tier.CONNECTION, fn, doc=doc)
+def _spec(
+    name: str, kind: FactType, fn: Compute, doc: str, needs: tuple[Service[Any], ...] = ()
+) -> FactSpec:
+    return FactSpec(name, kind, Tier.CONNECTION, fn, doc=doc, needs=needs)
 
 
 FACTS = (
     _spec("fcrdns_ok", FactType.BOOL, _fcrdns_ok,
-          "forward-confirmed reverse DNS: a PTR name resolves back to the client address"),
+          "forward-confirmed reverse DNS: a PTR name resolves back to the client address",
+          (RESOLVER,)),
     _spec("ptr_generic", FactType.BOOL, _ptr_generic,
-          "the PTR name looks like a dynamic/residential pool (IP digits, pool words)"),
+          "the PTR name looks like a dynamic/residential pool (IP digits, pool words)",
+          (RESOLVER,)),
     _spec("helo_matches_ptr", FactType.BOOL, _helo_matches_ptr,
-          "the HELO name is one of the client's PTR names"),
+          "the HELO name is one of the client's PTR names", (RESOLVER,)),
     _spec("dnsbl_listed", FactType.STR_LIST, _dnsbl_listed,
-          "configured DNSBL zones ([dns] dnsbl_zones) listing the client address"),
+          "configured DNSBL zones ([dns] dnsbl_zones) listing the client address",
+          (RESOLVER,)),
     _spec("connection_rate", FactType.FLOAT, _connection_rate,
-          "connections from the client address in the last minute (shared state)"),
+          "connections from the client address in the last minute (shared state)",
+          (STATE,)),
     _spec("invalid_rcpt_ratio", FactType.FLOAT, _invalid_rcpt_ratio,
           "share of this session's RCPT commands that were refused"),
 )  # fmt: skip

@@ -21,105 +21,21 @@ its ``received_at``.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
 from typing import TypeVar
 
 import numpy as np
 
-from relay.errors import ConfigError, FactError
+from relay.errors import FactError
 from relay.facts.base import Compute, FactContext, FactSpec, FactType
 from relay.facts.headers import from_address, header_recipients
+from relay.facts.oraclelists import OracleLists, Pairs
+from relay.facts.services import ORACLE
 from relay.message import Message
 from relay.verdict import Tier
 
-Pairs = frozenset[tuple[str, str]]
 T = TypeVar("T")
-
-
-def _rows(path: Path, width: int) -> Iterator[tuple[int, list[str]]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        for number, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
-            cells = [c.strip() for c in row]
-            if not cells or not cells[0] or cells[0].startswith("#"):
-                continue
-            if len(cells) < width or any(not c for c in cells[:width]):
-                raise ConfigError(str(path), f"line {number}", f"expected {width} columns")
-            yield number, [c.lower() for c in cells[:width]]
-
-
-def _pairs(path: Path) -> Pairs:
-    return frozenset((r, s) for _, (r, s) in _rows(path, 2))
-
-
-def _persons(path: Path) -> Mapping[str, bool]:
-    out: dict[str, bool] = {}
-    for number, (address, kind) in _rows(path, 2):
-        if kind not in ("person", "organisation", "organization"):
-            raise ConfigError(str(path), f"line {number}", "kind must be person or organisation")
-        out[address] = kind == "person"
-    return out
-
-
-def _optouts(path: Path) -> Mapping[tuple[str, str], dt.date]:
-    out: dict[tuple[str, str], dt.date] = {}
-    for number, (rcpt, sender, day) in _rows(path, 3):
-        try:
-            date = dt.date.fromisoformat(day)
-        except ValueError:
-            raise ConfigError(str(path), f"line {number}", "date must be YYYY-MM-DD") from None
-        key = (rcpt, sender)
-        out[key] = min(date, out.get(key, date))  # the first opt-out is the one that counts
-    return out
-
-
-def _rates(path: Path) -> Mapping[str, float]:
-    out: dict[str, float] = {}
-    for number, (sender, rate) in _rows(path, 2):
-        try:
-            value = float(rate)
-        except ValueError:
-            value = -1.0
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(str(path), f"line {number}", "rate must be a number in 0..1")
-        out[sender] = value
-    return out
-
-
-@dataclass(frozen=True)
-class OracleLists:
-    """The lists of one experiment; ``None`` for a list that was not supplied."""
-
-    consent: Pairs | None = None
-    customers: Pairs | None = None
-    persons: Mapping[str, bool] | None = None
-    optouts: Mapping[tuple[str, str], dt.date] | None = None
-    complaints: Mapping[str, float] | None = None
-    source: str = field(default="")
-
-    @classmethod
-    def load(cls, directory: Path) -> OracleLists:
-        """Read whichever list files exist in ``directory``; ConfigError on a bad line."""
-        if not directory.is_dir():
-            raise ConfigError(str(directory), "", "oracle list directory not found")
-
-        def opt(name: str) -> Path | None:
-            path = directory / name
-            return path if path.is_file() else None
-
-        consent, customers = opt("consent.tsv"), opt("customers.tsv")
-        persons, optouts, complaints = opt("persons.tsv"), opt("optouts.tsv"), opt("complaints.tsv")
-        return cls(
-            consent=_pairs(consent) if consent else None,
-            customers=_pairs(customers) if customers else None,
-            persons=_persons(persons) if persons else None,
-            optouts=_optouts(optouts) if optouts else None,
-            complaints=_rates(complaints) if complaints else None,
-            source=str(directory),
-        )
 
 
 def sender_keys(message: Message) -> list[str]:
@@ -136,7 +52,7 @@ def sender_keys(message: Message) -> list[str]:
 
 
 def _lists(ctx: FactContext) -> OracleLists:
-    return ctx.services.get(OracleLists)
+    return ctx.service(ORACLE)
 
 
 def _need(value: T | None, name: str) -> T:
@@ -209,7 +125,9 @@ async def _sender_complaint_rate(ctx: FactContext) -> float:
 
 
 def _spec(name: str, kind: FactType, fn: Compute, doc: str, version: int = 1) -> FactSpec:
-    return FactSpec(name, kind, Tier.ENVELOPE, fn, doc=doc, lab_only=True, version=version)
+    return FactSpec(
+        name, kind, Tier.ENVELOPE, fn, doc=doc, lab_only=True, version=version, needs=(ORACLE,)
+    )
 
 
 FACTS = (

@@ -9,7 +9,9 @@ evaluate.py      every policy over the cached facts with the relay's own engine
 stats.py         the report's numbers (Wilson intervals) as one JSON mapping
 render.py, plots.py  Markdown, HTML and PNGs drawn from that JSON
 run.py           one study from options to files
-command.py       `relay lab` arguments -> LabOptions (and the shadow-log report)
+
+Its command body is cli/lab.py. May import everything up to the front doors' layer
+(assembly, pipeline, policy, facts, ops); never app or cli.
 """
 
 from __future__ import annotations

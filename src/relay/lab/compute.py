@@ -3,11 +3,13 @@
 Pass 1 spreads messages over worker processes, one share per worker (each builds its
 services, the model and suffix lists included, once); each computes every fact the
 policies can read, without the state store. A fact that needs the state store (or depends
-on one that does) fails there with "service StateStore is not configured" and is
+on one that does) fails there with "service state is not configured" and is
 deferred; the worker hands back the structured values it depends on (the decoded body,
 say), so pass 2 does not decode every body again.
 Pass 2 runs the deferred facts in the main process, one message after another in corpus
-time, with a fresh SQLite state store, so counts grow as they would have live.
+time, with a fresh SQLite state store of its own (never the relay's): facts only read it,
+and the relay's recorder records each message after its facts were read, so counts grow
+as they would have live.
 """
 
 from __future__ import annotations
@@ -23,13 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from publicsuffixlist import PublicSuffixList
+
+from relay.contracts import Outcome
 from relay.errors import FactError
 from relay.facts import FactRegistry, Facts, FactType, Services
+from relay.facts.services import STATE, not_configured
 from relay.lab.cache import Cached
 from relay.lab.corpus import CorpusMessage
 from relay.lab.env import LabEnv, lab_services
+from relay.pipeline.recorder import Recorder, records_for
+from relay.verdict import ACCEPT_ALL
 
-DEFERRED = "service StateStore is not configured"
+DEFERRED = not_configured(STATE)
 CONCURRENCY = 16  # messages in flight per worker (DNS-bound facts wait concurrently)
 TICK = 25  # messages between progress reports from a worker
 
@@ -166,12 +174,21 @@ async def sequential_pass(
     stateless dependencies are not computed again: cached scalars as they are, structured
     values as pass 1 carried them over (JSON is not their live form, so a structured value
     that was not carried is recomputed).
+
+    After its facts, each message is recorded as the relay records it after the action:
+    the records those facts read, and no correspondents (no client is one of ours).
     """
     registry = env.registry()
     out: dict[str, Outcomes] = {}
     with tempfile.TemporaryDirectory(prefix="relay-lab-state-") as tmp:
         # Stateful facts read headers and counters, never the classifier: skip the model.
         async with lab_services(env, Path(tmp), stateful=True, classifier=False) as services:
+            assert services.state is not None, "lab_services(stateful=True) has a state store"
+            recorder = Recorder(
+                services.state,
+                services.psl or PublicSuffixList(),
+                records=records_for(_closure(registry, names) | set(names)),
+            )
             for m in messages:
                 preset: dict[str, Any] = {
                     n: c.value
@@ -183,6 +200,8 @@ async def sequential_pass(
                 preset.update(carried.get(m.digest, {}))
                 facts = Facts(registry, m.to_message(), services, preset=preset)
                 got = await collect(facts, names)
+                # A mailbox corpus was delivered; without networks no pairs are recorded.
+                await recorder.record(facts.message, facts, ACCEPT_ALL, Outcome.DELIVERED)
                 out[m.digest] = {n: got[n] for n in names if n in got}
                 progress(1)
     return out

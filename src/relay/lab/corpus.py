@@ -1,4 +1,5 @@
-"""Reading a labelled corpus: a split file (TSV), or one Maildir / mbox / directory per label.
+"""A labelled corpus as the lab replays it. Listing and reading the messages (a split
+file, Maildir, mbox, directory or tar archive) is relay/corpus.py's, shared with training.
 
 Each message becomes a CorpusMessage with its exact bytes, digest and time. Messages that
 cannot be read or parsed become Unreadable entries, which the report counts and lists:
@@ -10,21 +11,17 @@ epoch), so a corpus always replays the same way, whatever day it is.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import ipaddress
-import mailbox
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parseaddr
-from pathlib import Path
-from typing import Literal
 
-from relay.errors import RelayError
+from relay.corpus import Item, Label, read, read_labels, read_source
 from relay.message import (
     Envelope,
     Message,
@@ -35,8 +32,6 @@ from relay.message import (
     to_crlf,
 )
 
-Label = Literal["ham", "spam"]
-LABELS: tuple[Label, ...] = ("ham", "spam")
 MAX_RCPTS = 100  # as many as the relay accepts by default
 
 _RECEIVED_FROM = re.compile(r"^\s*from\s+([^\s()]+)", re.IGNORECASE)
@@ -53,18 +48,11 @@ _INTERNAL = tuple(
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:", re.MULTILINE)
 
 
-class CorpusError(RelayError):
-    """The corpus description (labels file, directories) is unusable."""
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where one message comes from: a file, or a key inside a Maildir / mbox."""
-
-    id: str  # stable, human-readable: relative path, or "<box>#<key>"
-    label: Label
-    path: Path
-    key: str | None = None  # mailbox key (Maildir / mbox); None for a plain file
+# The one corpus reader (relay/corpus.py) lists and reads the messages; this module
+# turns them into CorpusMessages. The old names stay for the lab's callers.
+Source = Item
+sources_from_labels = read_labels
+sources_from_box = read_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,78 +99,6 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-def sources_from_labels(corpus: Path, labels: Path, subset: str | None) -> list[Source]:
-    """Sources listed in a split file: relative_path, label (ham|spam), optional set."""
-    out: list[Source] = []
-    try:
-        with labels.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh, delimiter="\t"))
-    except OSError as exc:
-        raise CorpusError(f"{labels}: cannot read labels: {exc.strerror}") from None
-    for lineno, row in enumerate(rows, 1):
-        if not row or row[0].startswith("#"):
-            continue
-        if lineno == 1 and row[0] == "relative_path":
-            continue
-        if len(row) < 2 or row[1] not in LABELS:
-            raise CorpusError(f"{labels}:{lineno}: expected relative_path<TAB>ham|spam[<TAB>set]")
-        if subset is not None and (len(row) < 3 or row[2] != subset):
-            continue
-        label: Label = "ham" if row[1] == "ham" else "spam"
-        out.append(Source(id=row[0], label=label, path=corpus / row[0]))
-    return out
-
-
-def sources_from_box(path: Path, label: Label) -> list[Source]:
-    """A Maildir (cur/ new/), an mbox file, or a directory of message files."""
-    if path.is_dir() and (path / "cur").is_dir():
-        box = mailbox.Maildir(path, factory=None, create=False)
-        return [
-            Source(id=f"{path.name}#{key}", label=label, path=path, key=key)
-            for key in sorted(box.keys())
-        ]
-    if path.is_file():
-        mbox = mailbox.mbox(path, factory=None, create=False)
-        try:
-            keys = list(mbox.keys())
-        finally:
-            mbox.close()
-        return [Source(id=f"{path.name}#{k}", label=label, path=path, key=str(k)) for k in keys]
-    if path.is_dir():
-        return [
-            Source(id=f"{path.name}/{p.relative_to(path)}", label=label, path=p)
-            for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != "cmds" and not p.name.startswith(".")
-        ]
-    raise CorpusError(f"{path}: not a Maildir, mbox file or directory")
-
-
-def _read_boxes(sources: Sequence[Source]) -> Iterator[tuple[Source, bytes | str]]:
-    """Raw bytes of each source, or the reason it could not be read."""
-    open_boxes: dict[Path, mailbox.Mailbox[mailbox.Message]] = {}
-    try:
-        for src in sources:
-            try:
-                if src.key is None:
-                    yield src, src.path.read_bytes()
-                    continue
-                box = open_boxes.get(src.path)
-                if box is None:
-                    box = (
-                        mailbox.Maildir(src.path, factory=None, create=False)
-                        if src.path.is_dir()
-                        else mailbox.mbox(src.path, factory=None, create=False)
-                    )
-                    open_boxes[src.path] = box
-                key: str | int = int(src.key) if isinstance(box, mailbox.mbox) else src.key
-                yield src, box.get_bytes(key)  # type: ignore[arg-type]
-            except (OSError, KeyError) as exc:
-                yield src, f"cannot read: {getattr(exc, 'strerror', None) or exc}"
-    finally:
-        for box in open_boxes.values():
-            box.close()
-
-
 def parse_problem(raw: bytes) -> str | None:
     """Why bytes are not a message at all (then the lab lists them), or None."""
     if not raw.strip():
@@ -202,7 +118,7 @@ def load_corpus(sources: Sequence[Source], description: str) -> Corpus:
     """Read every source; order readable messages by their time, then file order."""
     staged: list[tuple[float | None, int, Source, bytes, EmailMessage]] = []
     unreadable: list[Unreadable] = []
-    for index, (src, data) in enumerate(_read_boxes(sources)):
+    for index, (src, data) in enumerate(read(sources)):
         if isinstance(data, str):
             unreadable.append(Unreadable(src.id, src.label, data))
             continue

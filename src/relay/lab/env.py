@@ -19,11 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from publicsuffixlist import PublicSuffixList
-
 from relay.config import ModelSettings, Settings, StateSettings
 from relay.facts import FactRegistry, Services, default_registry
-from relay.facts.oracle import OracleLists
+from relay.facts.oraclelists import OracleLists
 from relay.lab.offline_auth import HeaderAuth, offline_registry
 
 # Bump when the lab changes how it rebuilds a message (envelope, peer, time) or a fact
@@ -70,7 +68,11 @@ class LabEnv:
 
     def registry(self) -> FactRegistry:
         base = default_registry()
-        return offline_registry(base) if self.offline else base
+        if not self.offline:
+            return base
+        return offline_registry(
+            base, HeaderAuth(frozenset(i.lower() for i in self.trusted_authserv_ids))
+        )
 
     def key(self) -> str:
         """Digest of everything besides the message that fact values depend on."""
@@ -104,12 +106,6 @@ def lab_settings(env: LabEnv, state_dir: Path, *, classifier: bool = True) -> Se
     )
 
 
-def _is_resolver(item: object) -> bool:
-    from relay.dns import Resolver
-
-    return isinstance(item, Resolver)
-
-
 @contextlib.asynccontextmanager
 async def lab_services(
     env: LabEnv, state_dir: Path, *, stateful: bool, classifier: bool = True
@@ -122,26 +118,18 @@ async def lab_services(
     fact will need it: the ordered pass and the start-up check.
     """
     from relay.assembly import open_services
-    from relay.state import StateStore, open_state
 
+    # lab_settings points the state at the lab's own fresh SQLite store (never the
+    # relay's, maybe Redis); the parallel pass drops it.
     settings = lab_settings(env, state_dir, classifier=classifier)
     async with contextlib.AsyncExitStack() as stack:
-        items: list[object] = list(await open_services(settings, stack))
-        kept = [
-            item
-            for item in items
-            if not (env.offline and _is_resolver(item)) and not isinstance(item, StateStore)
-        ]
-        if stateful:
-            # Always the lab's own fresh SQLite store, never the relay's (maybe Redis).
-            state = await open_state(settings.state)
-            stack.push_async_callback(state.close)
-            kept.append(state)
-        if not any(isinstance(i, PublicSuffixList) for i in kept):
-            kept.append(PublicSuffixList())
-        if env.inputs is not None:
-            kept.append(OracleLists.load(env.inputs))
-        yield Services(HeaderAuth(frozenset(i.lower() for i in env.trusted_authserv_ids)), *kept)
+        services = await open_services(settings, stack)
+        yield dataclasses.replace(
+            services,
+            resolver=None if env.offline else services.resolver,
+            state=services.state if stateful else None,
+            oracle=None if env.inputs is None else OracleLists.load(env.inputs),
+        )
 
 
 async def check_services(env: LabEnv) -> None:

@@ -46,7 +46,10 @@ class Regime:
 
 
 @dataclass(frozen=True, slots=True)
-class RegimeError:
+class RegimeProblem:
+    """A regime file that could not be loaded, with every problem found (a value in the
+    report, not an exception: the lab runs the other regimes and lists these)."""
+
     path: Path
     problems: tuple[str, ...]
 
@@ -99,18 +102,18 @@ def default_loader(path: Path, registry: FactRegistry) -> LabPolicy:
 
 def load_regimes(
     paths: Sequence[Path], registry: FactRegistry, loader: PolicyLoader = default_loader
-) -> tuple[list[Regime], list[RegimeError]]:
+) -> tuple[list[Regime], list[RegimeProblem]]:
     """Every policy file that validates; the others with their problems (file, line, rule)."""
     regimes: list[Regime] = []
-    errors: list[RegimeError] = []
+    errors: list[RegimeProblem] = []
     for path in paths:
         try:
             policy = loader(path, registry)
         except PolicyError as exc:
-            errors.append(RegimeError(path, tuple(exc.problems)))
+            errors.append(RegimeProblem(path, tuple(exc.problems)))
             continue
         except (RelayError, OSError) as exc:
-            errors.append(RegimeError(path, (f"{path}: {exc}",)))
+            errors.append(RegimeProblem(path, (f"{path}: {exc}",)))
             continue
         name = policy.name
         if any(r.name == name for r in regimes):
@@ -127,32 +130,14 @@ def needed_facts(regimes: Iterable[Regime], registry: FactRegistry) -> list[str]
     and the body text has no business in a cache or a report.
     """
     read = {n for r in regimes for n in r.policy.fact_names if n in registry}
-    seen: set[str] = set()
-    stack = list(read)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        stack.extend(registry[name].depends)
+    seen = registry.closure(read)
     return sorted(n for n in seen if n in read or registry[n].type is not FactType.OBJECT)
-
-
-@dataclass(frozen=True, slots=True)
-class CachedFacts:
-    """Service of the evaluation registry: one message's cached fact outcomes."""
-
-    outcomes: Mapping[str, Cached]
 
 
 def _from_cache(spec: FactSpec) -> FactSpec:
     async def compute(ctx: FactContext) -> Any:
-        cached = ctx.services.get(CachedFacts).outcomes.get(spec.name)
-        if cached is None:
-            raise FactError(f"{spec.name}: not computed by the lab")
-        if cached.error is not None:
-            raise FactError(cached.error)
-        return cached.value
+        # LabFacts answers every cached fact itself; only an uncached one gets here.
+        raise FactError(f"{spec.name}: not computed by the lab")
 
     # No dependencies: asking for a fact records it alone, and its tier already covers them.
     return dataclasses.replace(spec, compute=compute, depends=())
@@ -237,7 +222,7 @@ async def evaluate(
     out: dict[str, dict[str, Decision]] = {}
     for m in messages:
         known = outcomes.get(m.digest, {})
-        services = Services(CachedFacts(known))
+        services = Services()  # nothing is computed here: every fact is cached
         message = _light_message(m)
         decisions: dict[str, Decision] = {}
         for regime in regimes:

@@ -21,6 +21,7 @@ from typing import Any
 
 import authres
 
+from relay.auth.headerscan import scan_headers
 from relay.auth.results import (
     ArcResult,
     AuthResults,
@@ -29,7 +30,6 @@ from relay.auth.results import (
     DmarcResult,
     SpfResult,
 )
-from relay.auth.scan import scan_headers
 from relay.facts.base import FactContext, FactRegistry
 from relay.message import Message
 
@@ -100,15 +100,20 @@ class HeaderAuth:
         )
 
 
-async def _offline_auth_results(ctx: FactContext) -> dict[str, Any]:
-    return ctx.services.get(HeaderAuth).results(ctx.message).to_dict()
+def offline_registry(registry: FactRegistry, auth: HeaderAuth) -> FactRegistry:
+    """The registry with ``auth_results`` read from trusted Authentication-Results fields
+    (by ``auth``, which needs no service)."""
 
+    async def offline_auth_results(ctx: FactContext) -> dict[str, Any]:
+        return auth.results(ctx.message).to_dict()
 
-def offline_registry(registry: FactRegistry) -> FactRegistry:
-    """The registry with ``auth_results`` read from trusted Authentication-Results fields."""
     return FactRegistry(
         dataclasses.replace(
-            s, compute=_offline_auth_results, depends=(), doc=s.doc + " (lab: offline)"
+            s,
+            compute=offline_auth_results,
+            depends=(),
+            needs=(),
+            doc=s.doc + " (lab: offline)",
         )
         if s.name == AUTH_RESULTS
         else s

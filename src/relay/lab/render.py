@@ -1,5 +1,9 @@
 """Markdown and HTML renderings of the report JSON, and the per-message fact pages.
 
+One module because the Markdown, HTML and per-message renderings read the same report
+fields through shared helpers; over 300 lines because the HTML report is mostly template
+text.
+
 Both renderings take the report mapping only (as written to report.json), so every
 number a person reads is one a machine can check. Everything interpolated into HTML is
 escaped: message ids and rule reasons come from the corpus and the policy files.

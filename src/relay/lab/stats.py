@@ -11,31 +11,19 @@ Rates carry 95% Wilson score intervals.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from relay.intervals import wilson as wilson  # re-exported: the lab reports use it
 from relay.lab.corpus import CorpusMessage, Unreadable
-from relay.lab.evaluate import Decision, Regime, RegimeError
+from relay.lab.evaluate import Decision, Regime, RegimeProblem
 
-Z95 = 1.959963984540054
 TIERS = ("none", "T0", "T1", "T2", "T3")
 HARD = frozenset({"reject", "tempfail"})
 SOFT = frozenset({"tag", "quarantine"})
 BLOCKED = frozenset({"reject", "tempfail", "quarantine"})
 ACTIONS = ("accept", "tag", "quarantine", "tempfail", "reject")
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n; (0, 1) when n is 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def proportion(k: int, n: int) -> dict[str, Any]:
@@ -170,7 +158,7 @@ def build_report(
     messages: Sequence[CorpusMessage],
     unreadable: Sequence[Unreadable],
     regimes: Sequence[Regime],
-    regime_errors: Sequence[RegimeError],
+    regime_errors: Sequence[RegimeProblem],
     decisions: Mapping[str, Mapping[str, Decision]],
     dns: Mapping[str, Any],
     inputs: Mapping[str, Any],

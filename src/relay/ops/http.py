@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from relay.config import MetricsSettings
-from relay.errors import ConfigError
-from relay.ops.metrics import scrape_registry
+from relay.errors import ConfigError, RelayError
+from relay.ops.multiprocess import scrape_registry
 
 log = logging.getLogger("relay.ops.metrics")
 
@@ -66,8 +66,8 @@ class Request:
     headers: Mapping[str, str]  # lower-case names
 
 
-class BadRequest(Exception):
-    pass
+class BadRequest(RelayError):
+    """A malformed or unsupported HTTP request (the endpoint answers 400)."""
 
 
 def _text(status: int, text: str, *extra: tuple[str, str]) -> Response:

@@ -11,25 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from relay.config import DeliverySettings, Settings
+from relay.facts.services import Services
 from relay.policy.holder import NOOP, DeciderHolder
 
 DOWNSTREAM_TIMEOUT = 2.0  # seconds for the downstream's 220 greeting
 
 
-def describe_model(services: Iterable[object]) -> dict[str, str] | None:
-    """The loaded classifier's version and training date, from the service that has them
-    (``Classifier.info``); looked up by shape so this module never imports the model code."""
-    for item in services:
-        info = getattr(item, "info", None)
-        version = getattr(info, "version", None)
-        trained_at = getattr(info, "trained_at", None)
-        if isinstance(version, str) and isinstance(trained_at, str):
-            return {"version": version, "trained_at": trained_at}
-    return None
+def describe_model(services: Services) -> dict[str, str] | None:
+    """The loaded classifier's version and training date (``Classifier.info``); None
+    without a classifier."""
+    if services.classifier is None:
+        return None
+    info = services.classifier.info
+    return {"version": info.version, "trained_at": info.trained_at}
 
 
 async def downstream_reachable(settings: DeliverySettings) -> bool:
@@ -63,7 +61,7 @@ class RelayReadiness:
     settings: Settings
     policy: DeciderHolder
     server: asyncio.Server | None = None
-    services: tuple[object, ...] = ()
+    services: Services = field(default_factory=Services)
 
     async def __call__(self) -> dict[str, bool]:
         s = self.settings

@@ -1,15 +1,30 @@
-"""Action -> what happens to the message: headers to add and the refusal replies.
+"""The action table: for each Action, its headers, where the mail goes, the reply and the
+typed Outcome. Adding an action is one entry in ``TABLE`` and its function.
 
-accept:     delivered unchanged (plus Authentication-Results from the auth stamp).
-tag:        delivered with X-Spam-* headers: score, action and the rules that fired.
-quarantine: stored with its Verdict under var/quarantine; the client gets 250.
-reject:     550 5.7.1 with the forcing rule's reason only (never the other rules).
-tempfail:   451 4.7.1.
-shadow:     everything computed and recorded, headers added, always delivered.
+    action      headers            goes to      reply                          outcome
+    accept      sender's X-Spam-*  deliver      the downstream's               delivered
+                removed
+    tag         + X-Spam-Score,    deliver      the downstream's               delivered
+                -Status, -Rules
+    quarantine  removed            quarantine   250 2.0.0 Ok: queued as <id>   quarantined
+    reject      removed            nowhere      550 5.7.1 + the forcing reason rejected
+    tempfail    removed            nowhere      451 4.7.1 + the forcing reason tempfailed
+    (shadow)    as tag             deliver      the downstream's               delivered
+
+Shadow mode (``Verdict.mode``) overrides the action: everything is computed and
+recorded, the headers added, and the message always delivered. A refusal discloses only
+the deciding rule's reason, never the other rules. ``pipeline/process.py`` looks the
+entry up and calls its destination; a delivery that fails answers the downstream's
+failure (Outcome.FAILED) whatever the entry says.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from relay.contracts import Outcome
 from relay.message import Message
 from relay.reply import Reply
 from relay.verdict import Action, Mode, Verdict
@@ -20,6 +35,32 @@ RULES_HEADER = "X-Spam-Rules"
 OUR_HEADERS = frozenset(h.lower() for h in (SCORE_HEADER, STATUS_HEADER, RULES_HEADER))
 
 
+class Destination(StrEnum):
+    """Where the message goes; each has one call in ``Pipeline._act``."""
+
+    DELIVER = "deliver"  # the transaction's downstream (or Maildir)
+    QUARANTINE = "quarantine"  # the quarantine store, with its Verdict
+    NOWHERE = "nowhere"  # refused: the transaction is aborted, the entry's reply sent
+
+
+Headers = Callable[[Message, Verdict], Message]
+Refusal = Callable[[Verdict], Reply]
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """One row of the action table."""
+
+    headers: Headers  # rewrites the header block (after the other stamps)
+    destination: Destination
+    outcome: Outcome  # when the destination succeeds
+    reply: Refusal | None = None  # the refusal reply; only (and always) for NOWHERE
+
+    def __post_init__(self) -> None:
+        if (self.reply is None) != (self.destination is not Destination.NOWHERE):
+            raise TypeError("an action table entry has a reply exactly when it refuses")
+
+
 def _rules_value(verdict: Verdict) -> str:
     parts = [
         f"{h.rule}={h.score:+g}" if h.action is None else f"{h.rule}={h.action.value}"
@@ -28,13 +69,14 @@ def _rules_value(verdict: Verdict) -> str:
     return ",\r\n\t".join(parts) if parts else "none"
 
 
-def stamp(message: Message, verdict: Verdict) -> Message:
-    """Removes any X-Spam-* field the sender wrote (downstream filters trust ours), then
-    adds ours for tag and for shadow mode."""
-    cleaned = message.without_headers(lambda name, _field: name in OUR_HEADERS)
-    if verdict.mode is Mode.ENFORCE and verdict.action is not Action.TAG:
-        return cleaned
-    return cleaned.with_prepended(
+def clean(message: Message, verdict: Verdict) -> Message:
+    """Removes any X-Spam-* field the sender wrote (downstream filters trust ours)."""
+    return message.without_headers(lambda name, _field: name in OUR_HEADERS)
+
+
+def spam_headers(message: Message, verdict: Verdict) -> Message:
+    """``clean``, then adds our X-Spam-Score, X-Spam-Status and X-Spam-Rules."""
+    return clean(message, verdict).with_prepended(
         [
             (SCORE_HEADER, f"{verdict.score:.2f}"),
             (
@@ -47,9 +89,38 @@ def stamp(message: Message, verdict: Verdict) -> Message:
     )
 
 
-def refusal(verdict: Verdict) -> Reply:
-    """The reply for reject and tempfail; only the deciding reason is disclosed."""
-    reason = " ".join(verdict.reason.split())[:200]
-    if verdict.action is Action.TEMPFAIL:
-        return Reply(451, "4.7.1", reason or "Try again later")
-    return Reply(550, "5.7.1", reason or "Message rejected as spam")
+def _reason(verdict: Verdict) -> str:
+    return " ".join(verdict.reason.split())[:200]
+
+
+def reject_reply(verdict: Verdict) -> Reply:
+    return Reply(550, "5.7.1", _reason(verdict) or "Message rejected as spam")
+
+
+def tempfail_reply(verdict: Verdict) -> Reply:
+    return Reply(451, "4.7.1", _reason(verdict) or "Try again later")
+
+
+TABLE: Mapping[Action, Effect] = {
+    Action.ACCEPT: Effect(clean, Destination.DELIVER, Outcome.DELIVERED),
+    Action.TAG: Effect(spam_headers, Destination.DELIVER, Outcome.DELIVERED),
+    Action.QUARANTINE: Effect(clean, Destination.QUARANTINE, Outcome.QUARANTINED),
+    Action.REJECT: Effect(clean, Destination.NOWHERE, Outcome.REJECTED, reject_reply),
+    Action.TEMPFAIL: Effect(clean, Destination.NOWHERE, Outcome.TEMPFAILED, tempfail_reply),
+}
+SHADOW = Effect(spam_headers, Destination.DELIVER, Outcome.DELIVERED)
+
+
+def effect(verdict: Verdict) -> Effect:
+    """The table entry for a verdict (shadow mode: always ``SHADOW``)."""
+    return SHADOW if verdict.mode is Mode.SHADOW else TABLE[verdict.action]
+
+
+def stamp(message: Message, verdict: Verdict) -> Message:
+    """The entry's headers: X-Spam-* removed, ours added for tag and for shadow mode."""
+    return effect(verdict).headers(message, verdict)
+
+
+def delivers(verdict: Verdict) -> bool:
+    """Whether the message goes to the downstream transport (shadow mode always does)."""
+    return effect(verdict).destination is Destination.DELIVER

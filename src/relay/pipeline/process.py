@@ -1,4 +1,4 @@
-"""One pass over one message: facts -> verdict -> stamps -> action -> delivery -> reply.
+"""One pass over one message: facts -> verdict -> stamps -> action -> record -> reply.
 
 smtp.py calls ``Pipeline.process`` once per DATA and knows nothing of policies, facts or
 headers; ``relay scan``, the lab and quarantine release reuse the same pieces. The seams:
@@ -8,6 +8,7 @@ headers; ``relay scan``, the lab and quarantine release reuse the same pieces. T
            spam score headers); prepends to the raw bytes, never re-serialises.
 - Observer: metrics and logs watch SMTP events and finished messages.
 - Quarantine: stores the exact raw message with its Verdict.
+- Recorder: after the action, the one write of shared state per message (counts, pairs).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from relay.errors import DeliveryError, PermanentDeliveryError
 from relay.facts.base import FactRegistry, Facts, Services
 from relay.message import Message
 from relay.pipeline import actions
+from relay.pipeline.actions import Destination, Effect
+from relay.pipeline.recorder import Record, Recorder, records_for
 from relay.policy.holder import DeciderHolder
 from relay.reply import INTERNAL_ERROR, Reply
-from relay.verdict import ACCEPT_ALL, Action, Verdict
+from relay.verdict import ACCEPT_ALL, Verdict
 
 log = logging.getLogger("relay.message")
 
@@ -51,6 +54,10 @@ class Pipeline:
     observer: Observer = field(default_factory=NullObserver)
     shadow: Sequence[Decider] = ()
     hostname: str = "relay.localhost"
+    recorder: Recorder | None = None  # the one writer of shared state (pipeline/recorder.py)
+    _records_cache: dict[tuple[int, ...], frozenset[Record]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     async def process(
         self, message: Message, transaction: Transaction, decider: Decider | None = None
@@ -80,6 +87,11 @@ class Pipeline:
             log.exception("queue_id=%s pipeline failure", message.queue_id)
             await transaction.abort()
             reply, outcome = INTERNAL_ERROR, Outcome.FAILED
+        records = self._records(decider)
+        if self.recorder is not None and records:  # once per message, whatever it read
+            t = time.perf_counter()
+            await self.recorder.record(facts.message, facts, verdict, outcome, records)
+            timings.append(("record", time.perf_counter() - t))
         timings.append(("total", time.perf_counter() - start))
         report = MessageReport(
             queue_id=message.queue_id,
@@ -96,6 +108,21 @@ class Pipeline:
         self.observer.message_done(report)
         return reply
 
+    def _records(self, decider: Decider) -> frozenset[Record]:
+        """The records the loaded policies (this one and the shadows) can read, directly or
+        through dependencies: fixed per policy, never by how far evaluation got, so counts
+        do not depend on where a policy stopped; a relay whose policies read no counts
+        pays nothing (a bulk record decodes and hashes the body)."""
+        key = (id(decider), *(id(d) for d in self.shadow))
+        found = self._records_cache.get(key)
+        if found is None:
+            names = decider.fact_names.union(*(d.fact_names for d in self.shadow))
+            found = records_for(self.registry.closure(names))
+            if len(self._records_cache) > 16:  # a reload leaves the old policy's entry
+                self._records_cache.clear()
+            self._records_cache[key] = found
+        return found
+
     async def _shadow(self, message: Message, facts: Facts) -> tuple[Verdict, ...]:
         if not self.shadow:
             return ()
@@ -107,21 +134,32 @@ class Pipeline:
     async def _act(
         self, message: Message, transaction: Transaction, verdict: Verdict
     ) -> tuple[Reply, Outcome, str]:
-        if verdict.delivers:
-            try:
-                return await transaction.send(message), Outcome.DELIVERED, "ok"
-            except DeliveryError as exc:
-                kind = "permanent" if isinstance(exc, PermanentDeliveryError) else "temporary"
-                return Reply(exc.code, exc.status, exc.text), Outcome.FAILED, kind
+        """Looks the verdict up in the action table and calls its destination."""
+        effect = actions.effect(verdict)
+        if effect.destination is Destination.DELIVER:
+            return await self._deliver(message, transaction, effect)
         await transaction.abort()
-        if verdict.action is Action.QUARANTINE:
-            if self.quarantine is None:
-                raise RuntimeError("quarantine action without a quarantine store")
-            qid = await self.quarantine.put(message, verdict)
-            return Reply(250, "2.0.0", f"Ok: queued as {qid}"), Outcome.QUARANTINED, "none"
-        reply = actions.refusal(verdict)
-        outcome = Outcome.REJECTED if verdict.action is Action.REJECT else Outcome.TEMPFAILED
-        return reply, outcome, "none"
+        if effect.destination is Destination.QUARANTINE:
+            return await self._quarantine(message, verdict, effect)
+        assert effect.reply is not None  # Effect checks: NOWHERE entries carry a reply
+        return effect.reply(verdict), effect.outcome, "none"
+
+    async def _deliver(
+        self, message: Message, transaction: Transaction, effect: Effect
+    ) -> tuple[Reply, Outcome, str]:
+        try:
+            return await transaction.send(message), effect.outcome, "ok"
+        except DeliveryError as exc:
+            kind = "permanent" if isinstance(exc, PermanentDeliveryError) else "temporary"
+            return Reply(exc.code, exc.status, exc.text), Outcome.FAILED, kind
+
+    async def _quarantine(
+        self, message: Message, verdict: Verdict, effect: Effect
+    ) -> tuple[Reply, Outcome, str]:
+        if self.quarantine is None:
+            raise RuntimeError("quarantine action without a quarantine store")
+        qid = await self.quarantine.put(message, verdict)
+        return Reply(250, "2.0.0", f"Ok: queued as {qid}"), effect.outcome, "none"
 
 
 _UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.:_\[\]-]")

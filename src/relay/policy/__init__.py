@@ -7,6 +7,9 @@
     reload_policy(holder, path, registry, observer) -> bool   SIGHUP handler body
 
 The file format, evaluation order and early stop are described in docs/policy.md.
+
+May import the value objects, config, contracts and facts (the registry it validates
+against); never the pipeline, the SMTP layer or anything above.
 """
 
 from __future__ import annotations

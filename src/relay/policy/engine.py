@@ -1,5 +1,9 @@
 """The compiled policy and its decision: facts pulled tier by tier, early stop.
 
+One module because the compiled form and the early-stop bounds it precomputes only make
+sense next to the evaluation that reads them; over 300 lines because that bookkeeping
+(remaining scores per tier group, forced actions still possible) is the engine.
+
 Rules run grouped by the highest tier of the facts they read (T0, then T1, T2, T3; file
 order within a tier). Before each rule the engine asks whether any remaining rule could
 still change the action; if none can, it stops, so facts of later tiers are never

@@ -9,6 +9,7 @@ from relay.verdict import ACCEPT_ALL, Verdict
 
 class _Noop:
     name = "noop"
+    fact_names: frozenset[str] = frozenset()
 
     async def decide(self, message: Message, facts: FactSource) -> Verdict:
         return ACCEPT_ALL

@@ -1,5 +1,9 @@
 """Policy files: TOML -> validated, compiled Policy, or PolicyError listing every problem.
 
+One module because a single pass over a policy file collects every problem with its
+line; over 300 lines because each section (thresholds, rules, overrides) is checked with
+its own messages.
+
 Each problem names the file, the line and (for rules) the rule, e.g.
 ``config/policy.toml:42: rule 'dmarc_reject': unknown fact 'dmark' (did you mean 'dmarc'?)``.
 """
@@ -15,6 +19,7 @@ from typing import Any
 
 from relay.errors import PolicyError
 from relay.facts.base import FactRegistry, FactType
+from relay.idn import to_alabel
 from relay.policy.engine import Policy
 from relay.policy.expr import compile_condition
 from relay.policy.lines import LineIndex
@@ -128,8 +133,8 @@ def _domain(text: str) -> str | None:
     name = text[2:] if wildcard else text
     name = name.strip().rstrip(".").lower()
     try:
-        name = name.encode("idna").decode("ascii") if not name.isascii() else name
-    except UnicodeError:
+        name = to_alabel(name) if not name.isascii() else name
+    except ValueError:
         return None
     if not name or any(c in name for c in " @[]*/"):
         return None

@@ -14,20 +14,43 @@ from pathlib import Path
 
 from relay.contracts import Observer
 from relay.errors import PolicyError
-from relay.facts.base import FactRegistry
+from relay.facts.base import FactRegistry, missing_services
+from relay.facts.services import Services
+from relay.policy.engine import Policy
 from relay.policy.holder import DeciderHolder
 from relay.policy.loader import load_policy
 
 log = logging.getLogger("relay.policy")
 
 
+def service_problems(policy: Policy, registry: FactRegistry, services: Services) -> list[str]:
+    """One line per fact ``policy`` reads (itself or through a dependency) whose service
+    is not configured; empty when every service it needs is there."""
+    return [
+        f"policy {policy.name!r} ({policy.source}) reads {read!r}"
+        + ("" if needer == read else f" (through {needer!r})")
+        + f", whose {key.field} service is not configured"
+        + (f" ({key.setting})" if key.setting else "")
+        for read, needer, key in missing_services(registry, policy.fact_names, services)
+    ]
+
+
 def reload_policy(
-    holder: DeciderHolder, path: Path, registry: FactRegistry, observer: Observer
+    holder: DeciderHolder,
+    path: Path,
+    registry: FactRegistry,
+    observer: Observer,
+    services: Services | None = None,
 ) -> bool:
-    """Load ``path`` and swap it into ``holder``; on PolicyError log every problem, count
-    the failure and keep the running policy. Returns whether the swap happened."""
+    """Load ``path`` and swap it into ``holder``; on PolicyError (or, given ``services``,
+    a fact whose service is not configured) log every problem, count the failure and keep
+    the running policy. Returns whether the swap happened."""
     try:
         policy = load_policy(path, registry)
+        if services is not None:
+            problems = service_problems(policy, registry, services)
+            if problems:
+                raise PolicyError(problems)
     except PolicyError as exc:
         for problem in exc.problems:
             log.error("policy reload failed, keeping %s: %s", holder.current.name, problem)

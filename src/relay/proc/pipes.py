@@ -1,6 +1,11 @@
 """Child processes fed over pipes by the event loop itself: CPU work off the loop without
 a helper thread in the relay process.
 
+One module because both ends of one wire protocol (the frames, the parent's
+``PipeWorkers``, the child's ``serve``) must change together; over 300 lines because of
+the parent's failure handling (a dead child fails its callers, who retry once on its
+replacement).
+
 Why not ``ProcessPoolExecutor`` (or a thread): both put helper threads in the relay
 process (a feeder and a result thread, or the worker itself) that take the GIL from the
 event loop. Every socket call the loop makes releases the GIL, a waiting helper takes it,
@@ -29,6 +34,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from relay.errors import WorkerDied, WorkerError, WorkerTimeout
 from relay.proc.lifetime import die_with_parent
 
 log = logging.getLogger("relay.proc.pipes")
@@ -38,19 +44,6 @@ MAX_FRAME = 1 << 31  # a sanity bound: the relay's own size limits are far below
 _READ_SIZE = 1 << 20
 _JOIN_BELOW = 64 * 1024  # request pieces smaller than this leave joined in one write
 START_TIMEOUT = 60.0  # seconds for a child to import and say hello (a cold disk is slow)
-
-
-class WorkerDied(Exception):
-    """The child process serving the request exited before answering."""
-
-
-class WorkerError(Exception):
-    """The child's handler failed on this request (the child itself lives on)."""
-
-
-class WorkerTimeout(Exception):
-    """The child took longer than the caller's limit; it was killed (and is replaced), and
-    the other requests it held fail with WorkerDied."""
 
 
 def frame(status: int, payload: bytes) -> bytes:

@@ -1,4 +1,6 @@
-"""The SMTP front door: server protocol, MAIL/RCPT parsing, relay control, worker supervisor.
+"""The SMTP front door: the protocol (``server``) and its aiosmtpd hooks (``handler``),
+MAIL/RCPT parsing (``paths``), relay control, the smuggling watch, XFORWARD, the open
+sessions, the listening socket and the worker supervisor.
 
 Owns everything that speaks SMTP to clients and the processes that share the port. May
 import the value objects, config, contracts, delivery and pipeline; never ops, lab, app

@@ -219,3 +219,27 @@ def check_sender(path: str) -> Reply | None:
     except ValueError:
         return BAD_SENDER
     return None
+
+
+def check_mail(parsed: PathArgument, *, esmtp: bool, size_limit: int | None) -> Reply | None:
+    """None when a MAIL argument is acceptable: its parameters (BODY, SIZE, SMTPUTF8 only,
+    and only after EHLO), SMTPUTF8 for a non-ASCII path, and the reverse-path itself."""
+    if parsed.params and not esmtp:
+        return SYNTAX_MAIL  # parameters need EHLO (RFC 5321 4.1.1.11)
+    for key, value in parsed.params:
+        if key == "BODY":
+            if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                return Reply(501, "5.5.4", "BODY is one of 7BIT, 8BITMIME")
+        elif key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                return Reply(501, "5.5.4", "SIZE takes a number")
+            if size_limit and int(value) > size_limit:
+                return Reply(552, "5.3.4", "Message size exceeds fixed limit")
+        elif key == "SMTPUTF8":
+            if value is not None:
+                return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+        else:
+            return UNKNOWN_PARAMETER
+    if not parsed.ascii and not parsed.has("SMTPUTF8"):
+        return NEEDS_SMTPUTF8
+    return check_sender(parsed.path)

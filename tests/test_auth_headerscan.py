@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from relay.auth.scan import (
+from relay.auth.headerscan import (
     _SIMPLE_FROM,
     FROM_PARSE_ON_LOOP,
     from_domain,

@@ -1,18 +1,11 @@
-"""Transports: where accepted mail goes.
+"""The SMTP downstream: pooled aiosmtplib connections, one downstream transaction per
+client transaction.
 
-A transport opens a Transaction per SMTP transaction. Recipients are added one by one and
-the downstream's answer to each is mirrored to our client at RCPT time (the same model as
-Postfix's before-queue proxy filter), so a 250 after DATA never covers a recipient the
-downstream refused. ``send`` answers only after the downstream answered (or the Maildir
-file is fsynced and renamed into new/):
-
-- downstream 2xx            -> our 250
-- downstream 5xx            -> our 5xx (its code and enhanced status)
-- downstream 4xx, refused
-  connection, drop, timeout -> our 451 4.4.x, so the sender retries and nothing is lost
-
-Implementations: SmtpTransport (aiosmtplib, pooled connections), MaildirTransport (the
-embedded default) and MemoryTransport (unit tests).
+Recipients are added one by one and the downstream's answer to each is mirrored to our
+client at RCPT time (the same model as Postfix's before-queue proxy filter), so a 250
+after DATA never covers a recipient the downstream refused; ``replies.py`` maps its
+answers to ours. MAIL and RCPT go out as raw commands with the path exactly as our client
+sent it; XFORWARD attributes are passed on when the downstream offers XFORWARD.
 """
 
 from __future__ import annotations
@@ -20,149 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiosmtplib
 
 from relay.contracts import Transaction, XForward
-from relay.delivery.durable import fsync_dir, write_new_file
+from relay.delivery.replies import downstream_failure, status_of
 from relay.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from relay.message import Message
 from relay.reply import Reply
+
+log = logging.getLogger("relay.delivery.smtp")
 
 MAX_IDLE_SECONDS = 30.0  # reuse a pooled connection only if it idled less than this
 # RFC 6531 3.2: a message that needs SMTPUTF8 is refused, never downgraded, when the next
 # hop does not offer it.
 NO_SMTPUTF8_TEXT = "Non-ASCII addresses not permitted: the next hop does not support SMTPUTF8"
-
-
-def _status_of(text: str, code: int) -> tuple[str, str]:
-    """Split an enhanced status code off a reply text, or make one from the basic code."""
-    head, _, rest = text.strip().partition(" ")
-    parts = head.split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(code // 100):
-        return head, rest
-    return f"{code // 100}.0.0", text.strip()
-
-
-def downstream_failure(code: int, text: str) -> DeliveryError:
-    """Map a downstream non-2xx answer to the error we answer our client with."""
-    status, rest = _status_of(text, code)
-    if 500 <= code < 600:
-        return PermanentDeliveryError(code, status, f"Downstream refused: {rest}"[:400])
-    return TemporaryDeliveryError(451, "4.4.0", "Downstream deferred, try again later")
-
-
-# --- Maildir ---------------------------------------------------------------------------
-
-
-class MaildirTransport:
-    """Delivers into one local Maildir (tmp/ -> fsync -> rename into new/ -> fsync dir)."""
-
-    name = "maildir"
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        for sub in ("tmp", "new", "cur"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-        self._seq = 0
-
-    def _unique(self) -> str:
-        self._seq += 1
-        now = time.time()
-        return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{self._seq}.{self._host}"
-
-    def write(self, data: bytes) -> str:
-        """Blocking write; run off the event loop."""
-        name = self._unique()
-        tmp = self.root / "tmp" / name
-        write_new_file(tmp, data)
-        tmp.rename(self.root / "new" / name)
-        fsync_dir(self.root / "new")
-        return name
-
-    async def begin(
-        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
-    ) -> Transaction:
-        return _MaildirTransaction(self, mail_from)
-
-    async def probe(self) -> bool:
-        return os.access(self.root / "new", os.W_OK)
-
-    async def close(self) -> None:
-        return None
-
-
-class _MaildirTransaction:
-    def __init__(self, transport: MaildirTransport, mail_from: str) -> None:
-        self._transport = transport
-        self._mail_from = mail_from
-
-    async def add_recipient(self, address: str) -> Reply:
-        return Reply(250, "2.1.5", "Ok")
-
-    async def send(self, message: Message) -> Reply:
-        data = message.with_prepended([("Return-Path", f"<{self._mail_from}>")]).raw
-        try:
-            await asyncio.to_thread(self._transport.write, data)
-        except OSError as exc:
-            raise TemporaryDeliveryError(451, "4.3.0", "Local mailbox unavailable") from exc
-        return Reply(250, "2.0.0", f"Ok: queued as {message.queue_id}")
-
-    async def abort(self) -> None:
-        return None
-
-
-# --- in memory (unit tests) ------------------------------------------------------------
-
-
-@dataclass
-class MemoryTransport:
-    """Keeps delivered messages in a list; refuses recipients listed in ``refuse``."""
-
-    name: str = "memory"
-    refuse: frozenset[str] = frozenset()
-    delivered: list[tuple[str, tuple[str, ...], bytes]] = field(default_factory=list)
-
-    async def begin(
-        self, mail_from: str, options: Sequence[str] = (), xforward: XForward | None = None
-    ) -> Transaction:
-        return _MemoryTransaction(self, mail_from)
-
-    async def probe(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        return None
-
-
-class _MemoryTransaction:
-    def __init__(self, transport: MemoryTransport, mail_from: str) -> None:
-        self._t = transport
-        self._mail_from = mail_from
-        self._rcpts: list[str] = []
-
-    async def add_recipient(self, address: str) -> Reply:
-        if address in self._t.refuse:
-            return Reply(550, "5.1.1", "No such user")
-        self._rcpts.append(address)
-        return Reply(250, "2.1.5", "Ok")
-
-    async def send(self, message: Message) -> Reply:
-        self._t.delivered.append((self._mail_from, tuple(self._rcpts), message.raw))
-        return Reply(250, "2.0.0", f"Ok: queued as {message.queue_id}")
-
-    async def abort(self) -> None:
-        self._rcpts.clear()
-
-
-# --- SMTP downstream -------------------------------------------------------------------
 
 
 class SmtpTransport:
@@ -326,9 +193,7 @@ async def _send_xforward(client: aiosmtplib.SMTP, xforward: XForward) -> None:
         return
     response = await client.execute_command(b"XFORWARD", *args)
     if response.code != 250:  # the downstream refused it: deliver anyway, unannotated
-        logging.getLogger("relay.delivery.transports").warning(
-            "downstream refused XFORWARD: %d", response.code
-        )
+        log.warning("downstream refused XFORWARD: %d", response.code)
 
 
 class _SmtpTransaction:
@@ -367,7 +232,7 @@ class _SmtpTransaction:
         except Exception:
             # A bug or a library surprise: the connection is closed, never leaked, and the
             # client is told to retry.
-            logging.getLogger("relay.delivery.transports").exception("downstream RCPT failed")
+            log.exception("downstream RCPT failed")
             self._drop()
             return Reply(451, "4.3.0", "Temporary local problem, try again later")
         if response.code not in (250, 251):
@@ -401,7 +266,7 @@ class _SmtpTransaction:
             client.close()
             raise TemporaryDeliveryError(451, "4.4.2", "Downstream connection lost") from exc
         self._t.checkin(client)
-        _, text = _status_of(response.message, response.code)
+        _, text = status_of(response.message, response.code)
         return Reply(250, "2.0.0", f"Ok: queued as {message.queue_id} ({text[:120]})")
 
     async def abort(self) -> None:

@@ -15,6 +15,8 @@ from email.headerregistry import AddressHeader
 from dkim.util import parse_tag_value
 
 from relay.auth.domains import normalise_domain
+from relay.errors import RelayError
+from relay.message import split_fields
 
 MAX_SIGNATURE_FIELD = 16 * 1024  # a DKIM-Signature larger than this is refused unread
 MAX_ARC_INSTANCES = 50  # RFC 8617 5.1.1.1: i= is at most 50
@@ -26,7 +28,7 @@ FROM_PARSE_ON_LOOP = 128
 # a field): ``local@domain`` and ``Display Name <local@domain>``, dot-atoms only, with no
 # comment, quoted string, escape, group, second address or non-ASCII byte anywhere. Any
 # other field, however ordinary, goes to the full parser; both give the same domain
-# (tests/test_auth_scan.py compares them).
+# (tests/test_auth_headerscan.py compares them).
 _ATOM = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ADDR = _ATOM + rb"(?:\." + _ATOM + rb")*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
 _FOLD = rb"(?:[ \t]|\r\n[ \t])*"  # whitespace, folding only as CRLF + WSP
@@ -50,17 +52,9 @@ class HeaderScan:
 
 
 def unfold_fields(header_block: bytes) -> list[tuple[bytes, bytes]]:
-    """(lower-cased name, value with folding) for each header field of the block."""
-    fields: list[list[bytes]] = []
-    for line in header_block.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1] += line
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon:
-            continue  # not a header field (the blank separator line, or garbage)
-        fields.append([name.strip().lower(), value])
-    return [(name, value) for name, value in fields]
+    """(lower-cased name, value with folding) for each header field of the block, split
+    by the relay's one splitter (``message.split_fields``)."""
+    return [(name.lower(), value) for name, value in split_fields(header_block).fields]
 
 
 def key_name(tags: dict[bytes, bytes]) -> bytes | None:
@@ -92,7 +86,7 @@ def parsed_from_domains(value: bytes) -> list[str]:
     return [a.domain for a in header.addresses]
 
 
-class _TooSlow(Exception):
+class _TooSlow(RelayError):
     """The From field needs the full parser and is too long to parse on the event loop."""
 
 
@@ -148,13 +142,14 @@ def quick_scan(header_block: bytes, max_signatures: int, limit: int) -> HeaderSc
 
 
 def _scan(header_block: bytes, max_signatures: int, from_limit: int | None) -> HeaderScan | None:
-    fields = unfold_fields(header_block)
+    fields = split_fields(header_block).fields
     dkim_keys: list[bytes] = []
     arc_keys: list[bytes] = []
     dkim_total = 0
     arc_sets = 0
     from_values: list[bytes] = []
-    for name, value in fields:
+    for raw_name, value in fields:
+        name = raw_name.lower()
         if name == b"dkim-signature":
             dkim_total += 1
             if dkim_total > max_signatures or len(value) > MAX_SIGNATURE_FIELD:

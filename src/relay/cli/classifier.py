@@ -1,0 +1,77 @@
+"""`relay train` and `relay evaluate` from parsed arguments (defined in cli/main.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from relay.classifier import dataset, evaluation, selection, training
+from relay.classifier.model import load_model
+from relay.errors import CorpusError
+
+
+def train_command(
+    *,
+    out_dir: Path,
+    corpus: Path | None = None,
+    labels: Path | None = None,
+    ham: Sequence[Path] = (),
+    spam: Sequence[Path] = (),
+    seed: int = selection.SEED,
+    quick: bool = False,
+) -> int:
+    """`relay train`: from a labels file (train rows; test rows only scored) or sources."""
+    if labels is not None:
+        base = corpus if corpus is not None else labels.parent
+        rows = list(training.read_labels(base, labels))
+        samples = [s for s in rows if s.set == "train"]
+        tests = [s for s in rows if s.set == "test"]
+    else:
+        samples = [s for src in ham for s in training.read_source(src, "ham")]
+        samples += [s for src in spam for s in training.read_source(src, "spam")]
+        tests = []
+    if not samples:
+        raise CorpusError("no training messages (give --labels, or --ham and --spam)")
+    # --quick: one candidate, for smoke tests and small corpora.
+    training.train(
+        samples,
+        out_dir,
+        labels_file=labels,
+        test_samples=tests,
+        seed=seed,
+        candidates=selection.CANDIDATES[-1:] if quick else selection.CANDIDATES,
+    )
+    return 0
+
+
+def evaluate_command(
+    *, model_path: Path, corpus: Path | None, labels: Path, set_name: str | None, out: Path | None
+) -> int:
+    """`relay evaluate`: score a labelled corpus with a verified model; print and write JSON."""
+    model = load_model(model_path)
+    base = corpus if corpus is not None else labels.parent
+    samples = list(training.read_labels(base, labels, set_name))
+    if not samples:
+        raise CorpusError(f"{labels}: no messages" + (f" in set {set_name!r}" if set_name else ""))
+    data = dataset.featurise(samples, model.extractor)
+    start = time.perf_counter()
+    scores = model.predict_rows(data.rows)
+    seconds = time.perf_counter() - start
+    report = {
+        "model": {**dataclasses.asdict(model.info), "path": model_path.name},
+        "labels_file": labels.name,
+        "labels_sha256": training.sha256_file(labels),
+        "set": set_name,
+        "degraded": data.degraded,
+        "predict_seconds": round(seconds, 3),
+        **evaluation.figures(data.spam, scores, model.info.thresholds),
+    }
+    print(evaluation.render(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0

@@ -1,0 +1,261 @@
+"""The one reader of labelled corpora, shared by `relay train`, `relay evaluate` and the lab.
+
+A corpus is a list of ``Item``: where one message is (a file, a Maildir or mbox key, or a
+member of a tar archive), its label, its set, and how to load its exact bytes. Items come
+from
+
+- a labels (split) file: TSV, an optional header row ``relative_path  label  [set]``,
+  label ``ham`` or ``spam``; paths are relative to the corpus root, which is a directory
+  or a ``.tar``/``.tar.gz``/``.tar.bz2``/``.tar.xz`` archive (read in place: the archive
+  is streamed once, nothing is extracted);
+- one source per label: a Maildir (has ``cur/``), an mbox file, a directory of message
+  files (searched recursively; ``cmds`` and dotfiles skipped), or a tar archive of them.
+
+Decisions (docs/classifier.md, docs/lab.md):
+
+- a row without a set column (or with an empty one) is in set ``train`` (DEFAULT_SET);
+  a source given per label is all ``train`` too;
+- an id is the message's path relative to the corpus root: the labels row's path; for a
+  source, the path under the source's parent (``spam/1.eml``), so a directory and the
+  same directory listed in a labels file beside it give the same ids; an archive member
+  is its member name (``easy_ham/00001.…``, as if extracted beside the archive); a
+  Maildir or mbox message is ``<box name>#<key>`` (the key is not a path).
+- archive members are read under a size limit (MAX_MEMBER_BYTES); a member whose name
+  is absolute or climbs out with ``..`` is never read: it becomes an item that fails to
+  load with a clear reason. Links, devices and directories are skipped.
+
+Loading can fail per item (missing file, oversized member): ``Item.load`` raises
+``CorpusError`` and ``read`` yields the reason instead, so the lab can list unreadable
+messages while training stops on the first one.
+
+Imports only the value objects and ``relay.message``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import mailbox
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from relay.errors import CorpusError
+from relay.message import header_time, parse_header_fields, split_header_block, strip_mbox_from
+
+Label = Literal["ham", "spam"]
+LABELS: tuple[Label, ...] = ("ham", "spam")
+DEFAULT_SET = "train"
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # far above any message the relay accepts
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz")
+SKIPPED_NAMES = frozenset({"cmds"})  # SpamAssassin's list of mv commands
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One labelled message of a corpus, not yet read (archive members come pre-read)."""
+
+    id: str  # path relative to the corpus root (see the module docstring)
+    label: Label
+    path: Path  # the file itself, or the Maildir / mbox / archive holding it
+    key: str | None = None  # Maildir / mbox key or archive member name; None: a plain file
+    set: str = DEFAULT_SET
+    origin: str = ""  # where it was listed, for errors ("labels.tsv:12")
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    error: str | None = None  # why it cannot be loaded, known before reading
+
+    def load(self) -> bytes:
+        """The exact bytes as stored; CorpusError (naming the item) when unreadable."""
+        [(_, data)] = read([self])
+        if isinstance(data, str):
+            raise CorpusError(self.describe(data))
+        return data
+
+    def describe(self, reason: str) -> str:
+        where = f"{self.origin}: " if self.origin else ""
+        return f"{where}{self.id}: {reason}"
+
+
+def message_time(raw: bytes) -> float | None:
+    """A stored message's own time (``message.header_time``: newest Received date, else
+    Date), or None when it has neither."""
+    return header_time(parse_header_fields(split_header_block(strip_mbox_from(raw))[0]))
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+# -- labels files ------------------------------------------------------------------------
+
+
+def read_labels(root: Path, labels: Path, only_set: str | None = None) -> list[Item]:
+    """Items of a labels file, in its order; paths relative to ``root`` (a directory or an
+    archive). ``only_set``: keep rows of that set (rows without one are DEFAULT_SET)."""
+    try:
+        with labels.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh, delimiter="\t"))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise CorpusError(f"{labels}: cannot read labels: {reason}") from None
+    items: list[Item] = []
+    for lineno, row in enumerate(rows, 1):
+        if not row or row[0].startswith("#") or (lineno == 1 and row[0] == "relative_path"):
+            continue
+        if len(row) < 2 or row[1] not in LABELS:
+            raise CorpusError(f"{labels}:{lineno}: expected 'path<TAB>ham|spam[<TAB>set]'")
+        set_name = row[2] if len(row) > 2 and row[2] else DEFAULT_SET
+        if only_set is not None and set_name != only_set:
+            continue
+        label: Label = "ham" if row[1] == "ham" else "spam"
+        origin = f"{labels.name}:{lineno}"
+        items.append(Item(row[0], label, root / row[0], set=set_name, origin=origin))
+    if is_archive(root):
+        return _from_archive(root, items)
+    return items
+
+
+def _from_archive(archive: Path, items: list[Item]) -> list[Item]:
+    """The labels rows' members of ``archive``, read in one streaming pass."""
+    wanted = {_member_key(i.id): i for i in items}
+    found: dict[str, Item] = {}
+    for member in stream_archive(archive, "ham", select=wanted.__contains__):  # row's label
+        row = wanted.get(_member_key(member.id))
+        if row is not None:
+            found[row.id] = dataclasses.replace(
+                row, path=archive, key=member.key, data=member.data, error=member.error
+            )
+    missing = f"cannot read: not a member of {archive.name}"
+    return [
+        found.get(i.id) or dataclasses.replace(i, path=archive, key=i.id, error=missing)
+        for i in items
+    ]
+
+
+def _member_key(name: str) -> str:
+    return name[2:] if name.startswith("./") else name
+
+
+# -- sources: Maildir, mbox, directory, archive -------------------------------------------
+
+
+def read_source(path: Path, label: Label) -> list[Item]:
+    """Items of one source holding messages of one label."""
+    if path.is_dir() and (path / "cur").is_dir():
+        box = mailbox.Maildir(path, factory=None, create=False)
+        return [Item(f"{path.name}#{key}", label, path, key=key) for key in sorted(box.keys())]
+    if is_archive(path):
+        return list(stream_archive(path, label))
+    if path.is_file():
+        mbox = mailbox.mbox(path, factory=None, create=False)
+        try:
+            keys = list(mbox.keys())
+        finally:
+            mbox.close()
+        return [Item(f"{path.name}#{k}", label, path, key=str(k)) for k in keys]
+    if path.is_dir():
+        return [
+            Item(f"{path.name}/{p.relative_to(path).as_posix()}", label, p)
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and _is_message_name(p.name)
+        ]
+    raise CorpusError(f"{path}: not a Maildir, mbox file, directory or tar archive")
+
+
+def _is_message_name(name: str) -> bool:
+    return name not in SKIPPED_NAMES and not name.startswith(".")
+
+
+def unsafe_member_name(name: str) -> bool:
+    """An absolute member name, or one with a ``..`` component (path traversal)."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    return pure.is_absolute() or ".." in pure.parts or "\0" in name
+
+
+def stream_archive(
+    archive: Path,
+    label: Label,
+    *,
+    limit: int = MAX_MEMBER_BYTES,
+    select: Callable[[str], bool] | None = None,
+) -> Iterator[Item]:
+    """Every message member of a tar archive (those whose name ``select`` accepts), read
+    in one streaming pass (``r|*``: no seeking, no extraction). Unsafe names and members
+    over ``limit`` bytes are not read: they come out as items carrying the reason."""
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg() or not _is_message_name(PurePosixPath(member.name).name):
+                    continue
+                name = _member_key(member.name)
+                if select is not None and not select(name):
+                    continue
+                item = Item(name, label, archive, key=member.name)
+                if unsafe_member_name(member.name):
+                    reason = f"refused: unsafe member name {member.name!r} (path traversal)"
+                    yield dataclasses.replace(item, error=reason)
+                elif member.size > limit:
+                    reason = f"refused: member is {member.size} bytes, over {limit}"
+                    yield dataclasses.replace(item, error=reason)
+                else:
+                    handle = tar.extractfile(member)
+                    data = handle.read(limit + 1) if handle is not None else b""
+                    yield dataclasses.replace(item, data=data)
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise CorpusError(f"{archive}: unreadable archive: {exc}") from None
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def read(items: Iterable[Item]) -> Iterator[tuple[Item, bytes | str]]:
+    """Each item with its bytes, or the reason it cannot be read (``cannot read: …`` /
+    ``refused: …``); opens each Maildir / mbox once."""
+    boxes: dict[Path, mailbox.Mailbox[mailbox.Message]] = {}
+    try:
+        for item in items:
+            if item.error is not None:
+                yield item, item.error
+            elif item.data is not None:
+                yield item, item.data
+            else:
+                yield item, _read_one(item, boxes)
+    finally:
+        for box in boxes.values():
+            box.close()
+
+
+def _read_one(item: Item, boxes: dict[Path, mailbox.Mailbox[mailbox.Message]]) -> bytes | str:
+    try:
+        if item.key is None:
+            return item.path.read_bytes()
+        if is_archive(item.path):  # an archive item listed without its bytes
+            want = _member_key(item.key)
+            for member in stream_archive(item.path, item.label, select=want.__eq__):
+                return member.error or member.data or b""
+            return f"cannot read: not a member of {item.path.name}"
+        box = boxes.get(item.path)
+        if box is None:
+            box = (
+                mailbox.Maildir(item.path, factory=None, create=False)
+                if item.path.is_dir()
+                else mailbox.mbox(item.path, factory=None, create=False)
+            )
+            boxes[item.path] = box
+        key: str | int = int(item.key) if isinstance(box, mailbox.mbox) else item.key
+        return box.get_bytes(key)  # type: ignore[arg-type]
+    except (OSError, KeyError, ValueError, CorpusError) as exc:
+        return f"cannot read: {getattr(exc, 'strerror', None) or exc}"
+
+
+def load_all(items: Iterable[Item]) -> list[Item]:
+    """The items with their bytes loaded (``data``); CorpusError naming the first that
+    cannot be read."""
+    out: list[Item] = []
+    for item, data in read(items):
+        if isinstance(data, str):
+            raise CorpusError(item.describe(data))
+        out.append(item if item.data is not None else dataclasses.replace(item, data=data))
+    return out

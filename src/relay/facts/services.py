@@ -1,0 +1,75 @@
+"""The services fact functions use, as one frozen, typed object.
+
+``assembly.open_services`` builds ``Services`` once per process (the relay's lifespan,
+``relay scan`` and the lab alike); a field is None when that service is not configured
+(``[auth] enabled = false``, ``[model] enabled = false``, the lab's offline or parallel
+pass, the oracle lists outside the lab).
+
+A fact declares the services it uses (``FactSpec.needs``, a tuple of the keys below) and
+asks for them with ``ctx.service(KEY)``, which returns the typed service or raises
+FactError. Declaring them lets the relay refuse to start when its policy reads a fact
+whose service is not configured (``facts.base.missing_services``), instead of finding out message
+by message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from relay.errors import FactError
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
+
+    from relay.auth.checker import Authenticator
+    from relay.classifier.serving import Classifier
+    from relay.dns import Resolver
+    from relay.facts.oraclelists import OracleLists
+    from relay.state import StateStore
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Long-lived services handed to fact functions; None when not configured."""
+
+    resolver: Resolver | None = None  # the one DNS cache every check shares
+    state: StateStore | None = None  # counters every worker shares (bulk, rates)
+    psl: PublicSuffixList | None = None  # organisational domains
+    authenticator: Authenticator | None = None  # DKIM/SPF/DMARC/ARC ([auth] enabled)
+    classifier: Classifier | None = None  # the audited model ([model] enabled)
+    oracle: OracleLists | None = None  # the lab's address lists (lab only)
+
+    def require(self, key: Service[S]) -> S:
+        """The service, or FactError naming it when it is not configured."""
+        value = getattr(self, key.field)
+        if value is None:
+            raise FactError(not_configured(key))
+        return cast(S, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Service(Generic[S]):
+    """A typed key naming one field of ``Services`` (what a FactSpec ``needs``)."""
+
+    field: str
+    setting: str = ""  # why it can be missing, for start-up errors
+
+    def __post_init__(self) -> None:
+        if self.field not in Services.__dataclass_fields__:
+            raise ValueError(f"Services has no field {self.field!r}")
+
+
+def not_configured(key: Service[Any]) -> str:
+    """The FactError text for a missing service (the lab defers facts that say it)."""
+    return f"service {key.field} is not configured"
+
+
+RESOLVER: Service[Resolver] = Service("resolver")
+STATE: Service[StateStore] = Service("state")
+PSL: Service[PublicSuffixList] = Service("psl")
+AUTHENTICATOR: Service[Authenticator] = Service("authenticator", "[auth] enabled = false")
+CLASSIFIER: Service[Classifier] = Service("classifier", "[model] enabled = false")
+ORACLE: Service[OracleLists] = Service("oracle", "lab only: relay lab --inputs")
