@@ -5,6 +5,10 @@ raw bytes, because DKIM verification needs them and because headers we add are p
 to the raw bytes instead of re-serialising the message (which would break downstream
 DKIM). The parsed form is computed lazily, once, on first use.
 
+Over 300 lines on purpose: the one header splitter (``split_fields``, byte-exact, used
+by DKIM and the header scan too) and the one header decoder live beside the object they
+parse, so nobody is tempted to write a second one.
+
 Time is explicit: whoever builds a Message gives its ``received_at``. The SMTP layer gives
 the arrival time; file readers give the message's own time (``header_time``) or one the
 caller was told, and never the wall clock.

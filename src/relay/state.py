@@ -1,5 +1,9 @@
 """Shared state: sliding-window counters and expiring flags, in SQLite or Redis.
 
+One module, over 300 lines, on purpose: the interface and its two backends sit side by
+side so that their window semantics (what a count includes, when a member expires) can be
+read and kept equal in one place; tests/test_state.py runs every case on both.
+
 Facts that remember across messages (bulk fingerprints, sender volumes, connection rates,
 known correspondents) use this one small interface, never process memory, so several
 relay workers (or hosts, with Redis) see the same counts. Facts only read it
