@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from relay.pipeline.process import Pipeline
 from relay.policy.holder import DeciderHolder
 from relay.reply import Reply
 from relay.verdict import Action, Mode, Verdict
+from tests.support.relay import make_settings, running_relay, send, simple_message
 
 
 def test_every_action_has_one_table_entry() -> None:
@@ -128,3 +130,77 @@ async def test_the_pipeline_carries_out_each_entry(
     for raw in [d[2] for d in transport.delivered] + [k[0] for k in quarantine.kept]:
         assert b"forged" not in raw  # the sender's X-Spam-* never passes
         assert (b"X-Spam-Status: action=" in raw) is headers
+
+
+# What downstream filters, Sieve scripts and SpamAssassin-aware readers trust.
+FORGED_SPAM = (
+    b"X-Spam-Flag: YES\r\n"
+    b"X-Spam-Level: *****\r\n"
+    b"x-spam-level: ******\r\n"
+    b"X-SPAM-Checker-Version: forged\r\n"
+    b"X-Spam-Status: forged\r\n"
+    b"X-Spam-Report:\r\n\tforged report\r\n"
+)
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_every_sender_x_spam_field_is_removed(action: Action) -> None:
+    """Issue 15, finding 2: not only the three fields we write, every X-Spam-* one."""
+    raw = FORGED_SPAM + b"X-Spammy: kept\r\nSubject: hi\r\n\r\nX-Spam-Flag: YES\r\n"
+    message = Message(
+        raw,
+        Envelope("a@sender.test", ("b@example.org",)),
+        Peer("192.0.2.7"),
+        received_at=1_795_000_000.0,
+    )
+    out = actions.stamp(message, Verdict(action=action, reason="why")).raw
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert b"forged" not in head and b"X-Spam-Flag" not in head and b"*" not in head
+    assert b"X-Spam-Level" not in head and b"x-spam-level" not in head
+    assert head.endswith(b"X-Spammy: kept\r\nSubject: hi")  # the rest is untouched
+    assert body == b"X-Spam-Flag: YES\r\n"  # the body is no header
+
+
+E2E_POLICY = """
+[policy]
+name = "e2e"
+mode = "{mode}"
+
+[[rule]]
+name = "tag_me"
+when = 'mail_from_domain == "tag.test"'
+action = "tag"
+reason = "tag sender"
+
+[[rule]]
+name = "reject_me"
+when = 'mail_from_domain == "reject.test"'
+action = "reject"
+reason = "reject sender"
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "sender", "ours"),
+    [
+        ("enforce", "a@plain.test", False),  # accept
+        ("enforce", "a@tag.test", True),  # tag
+        ("shadow", "a@reject.test", True),  # shadow: a reject delivered with our headers
+    ],
+)
+async def test_forged_spam_verdicts_never_reach_the_mailbox(
+    tmp_path: Path, mode: str, sender: str, ours: bool
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(E2E_POLICY.format(mode=mode))
+    settings = make_settings(tmp_path, {"policy": {"path": str(policy)}})
+    message = FORGED_SPAM + simple_message(sender=sender)
+    async with running_relay(settings) as relay:
+        await send(relay.port, ["bob@example.org"], message, sender=sender)
+    (delivered,) = sorted((tmp_path / "maildir" / "new").glob("*"))
+    data = delivered.read_bytes()
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert b"forged" not in data and b"*" not in head
+    assert b"X-Spam-Flag" not in data and b"x-spam-level" not in head.lower()
+    assert (b"X-Spam-Status: action=" in head) is ours
+    assert data.endswith(simple_message(sender=sender))

@@ -16,7 +16,7 @@ import pytest
 from relay.auth.checker import Authenticator
 from relay.facts import Facts, Services, default_registry
 from relay.facts.auth import FACTS
-from relay.pipeline.authresults import AuthResultsStamp, authserv_id_of, format_value
+from relay.pipeline.authresults import AuthResultsStamp, authserv_id_of, format_value, is_ours
 from relay.verdict import ACCEPT_ALL, Tier
 from tests.support.authenv import authenticator, incoming
 from tests.support.dkimkeys import SigningKey, make_message, rsa_key, sign
@@ -108,6 +108,76 @@ async def test_forged_headers_with_our_id_are_removed(auth: Authenticator) -> No
     assert raw.count(b"Authentication-Results:") == 2
     assert b"mx.other.example; spf=fail" in raw  # someone else's results are kept
     assert b"bank.example" not in raw and b'"relay.test" 1' not in raw
+
+
+async def test_forged_headers_in_disguise_are_removed(auth: Authenticator) -> None:
+    """Issue 15, finding 2: a trailing dot or an RFC 2047 encoded word once hid our id."""
+    forged = (
+        b"Authentication-Results: relay.test.; dkim=pass header.d=dot.example\r\n"
+        b"Authentication-Results: =?utf-8?q?relay.test?=; dkim=pass header.d=word.example\r\n"
+        b"Authentication-Results: =?UTF-8?B?UkVMQVkudGVzdA==?=; spf=pass header.d=b.example\r\n"
+        b"Authentication-Results:\r\n (x) RELAY.test ; dmarc=pass header.d=fold.example\r\n"
+        b"Authentication-Results: mail.relay.test; spf=fail\r\n"
+    )
+    raw, _ = await stamped(auth, forged + make_message())
+    assert raw.count(b"Authentication-Results:") == 2
+    assert b"Authentication-Results: mail.relay.test; spf=fail\r\n" in raw
+    for domain in (b"dot", b"word", b"b", b"fold"):
+        assert domain + b".example" not in raw
+
+
+IDN = "b\u00fccher.example"  # an internationalised authserv-id, U-label
+IDN_A = "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    ("value", "authserv_id"),
+    [
+        (" relay.test; dkim=pass", ID),  # plain
+        (" RELAY.Test; dkim=pass", ID),  # upper case
+        (" relay.test.; dkim=pass", ID),  # trailing dot
+        (" =?utf-8?q?relay.test?=; dkim=pass", ID),  # encoded word, Q
+        (" =?UTF-8?B?cmVsYXkudGVzdA==?=; dkim=pass", ID),  # encoded word, B
+        (" =?utf-8?q?relay?= =?utf-8?q?.test?=; x", ID),  # two words, one id
+        (" =?utf-8?q?relay?=.test; x", ID),  # a word glued to text
+        (" (x) relay.test; dkim=pass", ID),  # comment before
+        (" (a (nested) \\) comment)relay.test;", ID),  # nested and quoted-pair comment
+        ("\r\n\trelay.test;\r\n\tdkim=pass", ID),  # leading fold
+        ("relay.test   ; dkim=pass", ID),  # extra blanks before ;
+        (" relay.test 1; dkim=pass", ID),  # version suffix
+        (' "relay.test"; dkim=pass', ID),  # quoted
+        (" relay.test", ID),  # no results at all
+        (f" {IDN_A}; dkim=pass", IDN),  # A-label claim, U-label id
+        (f" {IDN}; dkim=pass", IDN_A),  # U-label claim, A-label id
+        (" =?utf-8?q?b=C3=BCcher.example?=; x", IDN_A),  # U-label in an encoded word
+        (f" {IDN.upper()}.; x", IDN_A),  # U-label in upper case, trailing dot
+        (" relay.test; x", "RELAY.TEST."),  # our configured id written otherwise
+    ],
+)
+def test_is_ours(value: str, authserv_id: str) -> None:
+    assert is_ours(value, authserv_id)
+
+
+@pytest.mark.parametrize(
+    ("value", "authserv_id"),
+    [
+        (" mx.other.example; spf=fail", ID),  # another domain
+        (" mail.relay.test; spf=pass", ID),  # a subdomain of ours is someone else
+        (" relay.test.evil; spf=pass", ID),  # ours as a prefix
+        (" xrelay.test; spf=pass", ID),  # ours as a suffix
+        (" (relay.test) other.example; x", ID),  # ours only in a comment
+        (" other.example; dkim=pass header.d=relay.test", ID),  # ours as a property
+        (" =?utf-8?q?mail.relay.test?=; x", ID),  # someone else, encoded
+        (" =?bogus?q?relay.test?=; x", "other.example"),  # broken charset: not ours either
+        (" ; dkim=pass", ID),  # no id
+        ("", ID),
+        (f" {IDN_A}.evil; x", IDN),
+        (" xn--bcher-kva; x", IDN),  # a label of ours only
+        (" relay.test; x", ""),  # no id of ours: nothing is ours
+    ],
+)
+def test_is_not_ours(value: str, authserv_id: str) -> None:
+    assert not is_ours(value, authserv_id)
 
 
 @pytest.mark.parametrize(

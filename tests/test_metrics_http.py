@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,9 @@ from relay.config import MetricsSettings
 from relay.errors import ConfigError
 from relay.ops.http import MetricsServer, Readiness, start_metrics_server
 from relay.ops.metrics import Metrics
+from relay.ops.readiness import DownstreamProbe, RelayReadiness
+from relay.policy.holder import DeciderHolder
+from tests.support.relay import make_settings, sink_server
 
 LOOPBACK = MetricsSettings(listen=("127.0.0.1", 0))
 
@@ -210,3 +214,36 @@ async def test_a_slow_scrape_does_not_block_the_event_loop() -> None:
     assert status == 200 and b"slow_thing 1.0" in body
     # the loop kept running while the exposition was rendered (0.5 s => ~50 ticks)
     assert ticks >= 20
+
+
+async def test_readyz_shares_and_caches_the_downstream_probe(tmp_path: Path) -> None:
+    """Issue 15: /readyz is unauthenticated; N concurrent requests open one downstream
+    connection, and a request within the cache window opens none."""
+    async with sink_server() as sink:
+        settings = make_settings(
+            tmp_path, {"delivery": {"mode": "smtp", "downstream": sink.address}}
+        )
+        readiness = RelayReadiness(settings, DeciderHolder())
+        server = await start_metrics_server(LOOPBACK, CollectorRegistry(), readiness)
+        try:
+            answers = await asyncio.gather(*(http(server.port, get("/readyz")) for _ in range(20)))
+            assert all(b'"downstream_reachable": true' in body for _, _, body in answers)
+            assert sink.connections == 1
+            _, _, body = await http(server.port, get("/readyz"))
+            assert b'"downstream_reachable": true' in body
+            assert sink.connections == 1
+        finally:
+            await server.close()
+
+
+async def test_downstream_probe_runs_again_after_the_cache_window(tmp_path: Path) -> None:
+    async with sink_server() as sink:
+        settings = make_settings(
+            tmp_path, {"delivery": {"mode": "smtp", "downstream": sink.address}}
+        )
+        probe = DownstreamProbe(settings.delivery, ttl=0.05)
+        assert list(await asyncio.gather(probe(), probe(), probe())) == [True, True, True]
+        assert sink.connections == 1
+        await asyncio.sleep(0.1)
+        assert await probe()
+        assert sink.connections == 2

@@ -227,7 +227,7 @@ score = -5
 async def test_policy_with_nothing_to_decide_reads_no_fact() -> None:
     text = """
 [policy]
-name = "scores only"
+name = "scores_only"
 [[rule]]
 name = "content"
 when = "spam_probability > 0.5"
@@ -729,6 +729,39 @@ def test_check_files_collects_all_files(tmp_path: Path) -> None:
         paths.append(path)
     problems = check_files(paths, default_registry())
     assert [p.split(":")[0] for p in problems] == [str(p) for p in paths]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '"x\\r\\nX-Injected: 1"',
+        '"t1\\n"',
+        '"two words"',
+        '"x;y"',
+        '"-lead"',
+        '"' + "a" * 65 + '"',
+        '"""t1\nsecond"""',
+    ],
+)
+def test_policy_and_rule_names_are_limited_to_a_safe_set(tmp_path: Path, bad: str) -> None:
+    """Issue 15: a policy name goes into X-Spam-Status and log lines; CR/LF (or any other
+    character outside the safe set) must fail `relay policy check` and reload, with file and
+    line, instead of a 451 and a traceback on every tagged message."""
+    as_policy = GOOD_T1.replace('name = "t1"', f"name = {bad}")
+    problems = problems_of(as_policy)
+    assert len(problems) == 1 and problems[0].startswith("p.toml:3: [policy]: name "), problems
+    assert "\n" not in problems[0] and "must be 1-64 letters" in problems[0]
+    as_rule = GOOD_T1.replace('name = "many"', f"name = {bad}")
+    (problem,) = problems_of(as_rule)
+    assert problem.startswith("p.toml:") and "name must be 1-64 letters" in problem
+    assert "\n" not in problem
+
+    path = tmp_path / "p.toml"
+    path.write_text(as_policy)
+    holder = DeciderHolder()
+    assert not reload_policy(holder, path, default_registry(), CountingObserver())
+    assert holder.generation == 0
+    assert main(["policy", "check", str(path)]) == 1
 
 
 class CountingObserver(NullObserver):

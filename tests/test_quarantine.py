@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from relay.cli.main import main
+from relay.cli.quarantine import release_check
+from relay.config import RelaySettings, Settings
 from relay.contracts import Transaction, XForward
 from relay.delivery.memory import MemoryTransport
 from relay.delivery.quarantine import QuarantineStore
@@ -27,6 +29,7 @@ RAW = (
     b"X-Odd:  spacing kept \t\r\n\r\nbody line\r\n\xff raw 8-bit byte\r\n"
 )
 RECEIVED_AT = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
+LOCAL_ONLY = release_check(Settings(relay=RelaySettings(domains=("example.org",))))
 
 
 def message(rcpts: tuple[str, ...] = ("bob@example.org", "carol@example.org")) -> Message:
@@ -114,7 +117,7 @@ async def test_release_delivers_exact_bytes_and_removes(tmp_path: Path) -> None:
     store = QuarantineStore(tmp_path)
     qid = await store.put(message(), VERDICT)
     transport = MemoryTransport()
-    result = await store.release(qid, transport)
+    result = await store.release(qid, transport, check=LOCAL_ONLY)
     assert result.removed and result.reply is not None and result.reply.ok
     assert [(r, a.code) for r, a in result.recipients] == [
         ("bob@example.org", 250),
@@ -156,7 +159,7 @@ async def test_release_keeps_the_arrival_time(tmp_path: Path) -> None:
     qid = await store.put(message(), VERDICT)
     assert (await store.show(qid))[0].received_at == RECEIVED_AT
     transport = _TimedTransport()
-    assert (await store.release(qid, transport)).removed
+    assert (await store.release(qid, transport, check=LOCAL_ONLY)).removed
     assert transport.times == [RECEIVED_AT]  # the stored time, not the time of release
 
 
@@ -164,7 +167,7 @@ async def test_partial_release_keeps_refused_recipients(tmp_path: Path) -> None:
     store = QuarantineStore(tmp_path)
     qid = await store.put(message(), VERDICT)
     transport = MemoryTransport(refuse=frozenset({"carol@example.org"}))
-    result = await store.release(qid, transport)
+    result = await store.release(qid, transport, check=LOCAL_ONLY)
     assert not result.removed
     assert dict((r, a.code) for r, a in result.recipients) == {
         "bob@example.org": 250,
@@ -175,7 +178,7 @@ async def test_partial_release_keeps_refused_recipients(tmp_path: Path) -> None:
     assert entry.rcpt_to == ("carol@example.org",) and raw == RAW
 
     # nobody takes it: nothing sent, entry kept as it was
-    result = await store.release(qid, transport)
+    result = await store.release(qid, transport, check=LOCAL_ONLY)
     assert result.reply is None and not result.removed
     assert len(transport.delivered) == 1
 
@@ -186,7 +189,7 @@ async def test_release_over_smtp_to_a_real_downstream(tmp_path: Path) -> None:
     async with sink_server(refuse=frozenset({"carol@example.org"})) as sink:
         transport = SmtpTransport("127.0.0.1", sink.port, hostname="relay.test", timeout=5)
         try:
-            result = await store.release(qid, transport)
+            result = await store.release(qid, transport, check=LOCAL_ONLY)
         finally:
             await transport.close()
     assert result.reply is not None and result.reply.ok
@@ -202,7 +205,7 @@ async def test_downstream_failure_keeps_entry(tmp_path: Path) -> None:
     async with sink_server(mode="tempfail") as sink:
         transport = SmtpTransport("127.0.0.1", sink.port, hostname="relay.test", timeout=5)
         try:
-            result = await store.release(qid, transport)
+            result = await store.release(qid, transport, check=LOCAL_ONLY)
         finally:
             await transport.close()
     assert result.reply is not None and result.reply.code == 451
@@ -215,6 +218,7 @@ def _config(tmp_path: Path) -> Path:
     config.write_text(
         f'[quarantine]\npath = "{tmp_path / "q"}"\n'
         f'[delivery]\nmode = "maildir"\nmaildir = "{tmp_path / "maildir"}"\n'
+        '[relay]\ndomains = ["example.org"]\nnetworks = ["0.0.0.0/0"]\n'
     )
     return config
 
@@ -272,3 +276,52 @@ def test_sweep_removes_only_stale_half_written_entries(tmp_path: Path) -> None:
     assert not old.exists()
     assert fresh.exists()  # another process may still be writing it
     assert [p.name for p in (tmp_path / "q" / ".tmp").iterdir()] == ["fresh-entry"]
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", "/", "/../x"])
+async def test_id_must_match_in_full(tmp_path: Path, suffix: str) -> None:
+    """Issue 15: "^...$" let an id with a trailing newline through; ids match in full."""
+    store = QuarantineStore(tmp_path)
+    qid = await store.put(message(), VERDICT)
+    for op in (store.show, store.delete):
+        with pytest.raises(QuarantineError, match="invalid quarantine id"):
+            await op(qid + suffix)
+    assert [e.id for e in await store.list()] == [qid]
+
+
+async def test_release_rechecks_relay_control_on_edited_meta(tmp_path: Path) -> None:
+    """Issue 15: an edited meta.json adding an outside recipient must not deliver to it."""
+    store = QuarantineStore(tmp_path)
+    qid = await store.put(message(("bob@example.org",)), VERDICT)
+    meta_path = tmp_path / qid / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["envelope"]["rcpt_to"].append("mallory@outside.test")
+    meta_path.write_text(json.dumps(meta))
+    transport = MemoryTransport()
+    result = await store.release(qid, transport, check=LOCAL_ONLY)
+    assert transport.delivered == [("s@spam.test", ("bob@example.org",), RAW)]
+    answers = dict((r, a) for r, a in result.recipients)
+    assert answers["bob@example.org"].code == 250
+    assert (answers["mallory@outside.test"].code, answers["mallory@outside.test"].status) == (
+        550,
+        "5.7.1",
+    )
+    assert not result.removed  # the refused recipient stays, for the operator to see
+    assert (await store.show(qid))[0].rcpt_to == ("mallory@outside.test",)
+    # Only outside recipients left: nothing is sent at all.
+    result = await store.release(qid, transport, check=LOCAL_ONLY)
+    assert result.reply is None and not result.removed and len(transport.delivered) == 1
+
+
+def test_cli_release_ignores_networks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """At release the client is unknown: [relay] networks (here everyone) grant nothing."""
+
+    async def fill() -> str:
+        return await QuarantineStore(tmp_path / "q").put(message(("x@outside.test",)), VERDICT)
+
+    qid = asyncio.run(fill())
+    config = ["quarantine", "--config", str(_config(tmp_path))]
+    assert main([*config, "release", qid]) == 1
+    out = capsys.readouterr().out
+    assert "x@outside.test: 550 5.7.1" in out and "kept in quarantine" in out
+    assert not any(p.is_file() for p in (tmp_path / "maildir").rglob("*"))

@@ -349,3 +349,45 @@ async def test_read_only_sqlite_changes_no_file(tmp_path: Path) -> None:
     assert await empty.count_window("k", "a", 60, now=1.0) == 1
     await empty.close()
     assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)  # the usual umask: files 0644 unless created otherwise
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_sqlite_state_files_are_private(tmp_path: Path, umask_022: None) -> None:
+    """Issue 15: the state (address hashes, counters) was world-readable (0644)."""
+    path = tmp_path / "var" / "state.sqlite3"
+    store = await SqliteState(path).open()
+    try:
+        await store.incr_window("k", "m", 60.0, time.time())
+        sidecars = [path.with_name(path.name + s) for s in ("-wal", "-shm")]
+        assert all(p.exists() for p in sidecars)
+        assert {p.name: _mode(p) for p in (path, *sidecars)} == {
+            p.name: 0o600 for p in (path, *sidecars)
+        }
+    finally:
+        await store.close()
+
+
+async def test_sqlite_state_tightens_a_world_readable_file(tmp_path: Path, umask_022: None) -> None:
+    path = tmp_path / "state.sqlite3"
+    store = await SqliteState(path).open()
+    await store.incr_window("k", "m", 60.0, time.time())
+    await store.close()
+    path.chmod(0o644)  # as an older version left it
+    store = await SqliteState(path).open()
+    try:
+        assert await store.count_window("k", "m", 60.0, time.time()) == 1  # data kept
+        assert _mode(path) == 0o600
+    finally:
+        await store.close()

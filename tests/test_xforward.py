@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.smtp.xforward import parse_xforward
+from relay.smtp.xforward import UNKNOWN_ADDR, client_address, parse_xforward
 from tests.support.relay import RawClient, make_settings, running_relay, simple_message, sink_server
 
 
@@ -79,3 +79,40 @@ def test_bad_xforward_is_refused(arg: str) -> None:
 def test_xforward_decoding() -> None:
     got = parse_xforward("NAME=[UNAVAILABLE] ADDR=IPv6:2001:DB8::1 HELO=a+2Bb IDENT=x")
     assert got == {"ADDR": "2001:db8::1", "HELO": "a+b", "IDENT": "x"}
+
+
+def test_unavailable_addr_is_kept_as_unknown() -> None:
+    for value in ("[UNAVAILABLE]", "[TEMPUNAVAIL]", ""):
+        assert parse_xforward(f"ADDR={value} NAME=x") == {"ADDR": UNKNOWN_ADDR, "NAME": "x"}
+    assert client_address(UNKNOWN_ADDR) == ""
+    assert client_address("192.0.2.1") == "192.0.2.1"
+
+
+@pytest.mark.parametrize("value", ["[UNAVAILABLE]", "[TEMPUNAVAIL]"])
+async def test_unavailable_addr_never_judges_the_proxy(tmp_path: Path, value: str) -> None:
+    """Issue 15: the proxy is trusted for XFORWARD and (overlapping) in [relay] networks; an
+    unavailable ADDR must mean an unknown client, not the proxy, so no relaying out."""
+    async with sink_server(xforward=True) as sink:
+        settings = make_settings(
+            tmp_path,
+            {
+                "smtp": {"xforward_hosts": ["127.0.0.0/8"]},
+                "relay": {"networks": ["127.0.0.0/8"]},
+                "delivery": {"mode": "smtp", "downstream": sink.address},
+            },
+        )
+        async with running_relay(settings) as relay:
+            c = await RawClient.connect(relay.port)
+            await ehlo_lines(c)
+            assert (await c.cmd(f"XFORWARD ADDR={value} HELO=mx.remote.test")).startswith("250")
+            await c.cmd("MAIL FROM:<alice@sender.test>")
+            assert (await c.cmd("RCPT TO:<carol@elsewhere.test>")).startswith("550 5.7.1")
+            assert (await c.cmd("RCPT TO:<bob@example.org>")).startswith("250")
+            await c.cmd("DATA")
+            assert (await c.cmd(simple_message() + b".\r\n")).startswith("250")
+            await c.close()
+    (msg,) = sink.messages
+    assert msg.rcpt_tos == ("bob@example.org",)
+    assert msg.data.startswith(b"Received: from mx.remote.test\r\n")  # no address: unknown
+    assert b"127.0.0.1" not in msg.data.split(b"\r\n\r\n", 1)[0]
+    assert any("ADDR=[UNAVAILABLE]" in x for x in sink.xforwards)

@@ -58,6 +58,8 @@ class SmtpSettings:
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 600.0  # whole DATA phase, so slow-drip senders are cut off
     max_connections: int = 500
+    max_errors: int = 20  # 4xx/5xx replies in one session before 421 (Postfix hard_error_limit)
+    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP/EHLO/HELO per session before 421
     max_line_length: int = 998  # RFC 5322 2.1.1, without CRLF
     workers: int = 1  # processes sharing the listening socket (SO_REUSEPORT)
     drain_timeout: float = 30.0  # on SIGTERM, how long in-flight sessions may finish
@@ -281,6 +283,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         command_timeout=r.positive(t, "smtp", "command_timeout", d.command_timeout),
         data_timeout=r.positive(t, "smtp", "data_timeout", d.data_timeout),
         max_connections=r.count(t, "smtp", "max_connections", d.max_connections),
+        max_errors=r.count(t, "smtp", "max_errors", d.max_errors),
+        max_junk_commands=r.count(t, "smtp", "max_junk_commands", d.max_junk_commands),
         max_line_length=r.count(t, "smtp", "max_line_length", d.max_line_length),
         workers=r.count(t, "smtp", "workers", d.workers),
         drain_timeout=r.positive(t, "smtp", "drain_timeout", d.drain_timeout),

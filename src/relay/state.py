@@ -34,8 +34,10 @@ addresses only in hashed form; callers hash them (see ``hashed``). Errors are St
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
+import os
 import secrets
 import sqlite3
 import time
@@ -139,6 +141,10 @@ def _read_only() -> StateError:
     return StateError("state store is open read-only (relay scan): nothing is recorded")
 
 
+PRIVATE_MODE = 0o600  # the SQLite state file and its -wal/-shm
+_SIDECARS = ("-wal", "-shm")
+
+
 class SqliteState(StateStore):
     """Embedded backend: one SQLite file in WAL mode, shared by every worker on a host.
 
@@ -170,6 +176,7 @@ class SqliteState(StateStore):
             self._db = self._open_readonly()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._private_files()
         # Workers starting together on a new file race to switch it to WAL, and SQLite
         # answers "database is locked" at once, without waiting out the busy timeout (it
         # failed one start in four of a 2-worker relay): try again until the timeout.
@@ -182,6 +189,20 @@ class SqliteState(StateStore):
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(0.05)  # the state's own thread, never the event loop
+
+    def _private_files(self) -> None:
+        """The store holds address hashes and counters: owner-only (0600), never 0644.
+
+        The file is created 0600 before SQLite opens it (an empty file is a new database);
+        SQLite gives ``-wal`` and ``-shm`` the database file's mode. No umask change: it is
+        process-wide, and other threads create files meanwhile. Files an older version
+        created are tightened; another owner's files are left as they are."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+        os.close(fd)
+        for path in (self.path, *(self.path.with_name(self.path.name + x) for x in _SIDECARS)):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                if path.stat().st_mode & 0o777 != PRIVATE_MODE:
+                    path.chmod(PRIVATE_MODE)
 
     def _setup(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)

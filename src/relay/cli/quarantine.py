@@ -6,11 +6,27 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from relay.assembly import build_transport
 from relay.config import Settings
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import QuarantineError
+from relay.reply import Reply
+from relay.smtp.relaycontrol import RelayControl
+
+
+def release_check(settings: Settings) -> Callable[[str], Reply | None]:
+    """Relay control for a release: the original client is unknown at release time (and
+    meta.json could have been edited), so no network grants relaying: every recipient
+    must be in ``[relay] domains``."""
+    control = RelayControl(settings.relay.domains, networks=())
+
+    def check(rcpt: str) -> Reply | None:
+        judged = control.check(rcpt, "")
+        return judged if isinstance(judged, Reply) else None
+
+    return check
 
 
 async def _command(settings: Settings, command: str, qid: str, as_json: bool, raw: bool) -> int:
@@ -46,7 +62,7 @@ async def _command(settings: Settings, command: str, qid: str, as_json: bool, ra
     if command == "release":
         transport = build_transport(settings)
         try:
-            result = await store.release(qid, transport)
+            result = await store.release(qid, transport, check=release_check(settings))
         finally:
             await transport.close()
         for rcpt, reply in result.recipients:

@@ -13,6 +13,10 @@ An entry is written into ``.tmp/<id>/``, each file fsynced, then renamed into pl
 the directory fsynced, so a crash leaves either a whole entry or none. File I/O runs in a
 thread, never on the event loop. Release re-sends through the normal transport; the entry
 is removed once every recipient has it (recipients the downstream refused stay queued).
+
+Release re-checks relay control on the stored recipients (the caller's ``check``): meta.json
+is plain data on disk, and an edited one must not deliver to an outside domain. Recipients
+the check refuses are reported with its reply, never sent, and stay in the entry.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ from relay.reply import Reply
 from relay.verdict import Verdict
 
 FORMAT_VERSION = 1
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # always fullmatch: "$" would let "id\n" through
 _MESSAGE = "message.eml"
 _META = "meta.json"
 
@@ -86,6 +91,10 @@ class QuarantineEntry:
             "peer": {"ip": self.peer_ip, "helo": self.peer_helo},
             "verdict": self.verdict,
         }
+
+
+# A recipient path -> the refusal, or None when it may be delivered (relay control at release).
+RecipientCheck = Callable[[str], Reply | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +168,7 @@ class QuarantineStore:
         (self.root / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _entry_dir(self, qid: str) -> Path:
-        if not _ID.match(qid):
+        if not _ID.fullmatch(qid):
             raise QuarantineError(f"invalid quarantine id {qid!r}")
         return self.root / qid
 
@@ -231,7 +240,7 @@ class QuarantineStore:
             return []
         entries: list[QuarantineEntry] = []
         for child in self.root.iterdir():
-            if child.name.startswith(".") or not _ID.match(child.name):
+            if child.name.startswith(".") or not _ID.fullmatch(child.name):
                 continue
             try:
                 entries.append(_entry_from(self._read_meta(child.name)))
@@ -278,22 +287,34 @@ class QuarantineStore:
     async def delete(self, qid: str) -> None:
         await asyncio.to_thread(self._delete_sync, qid)
 
-    async def release(self, qid: str, transport: Transport) -> ReleaseResult:
-        """Deliver an entry through ``transport``; remove it once every recipient has it."""
+    async def release(
+        self, qid: str, transport: Transport, *, check: RecipientCheck
+    ) -> ReleaseResult:
+        """Deliver an entry through ``transport``; remove it once every recipient has it.
+
+        ``check`` judges each stored recipient first (relay control); the ones it refuses
+        are answered with its reply, not sent, and kept in the entry."""
         entry, raw = await self.show(qid)
+        judged = [(r, check(r)) for r in entry.rcpt_to]
+        denied = [(r, refusal) for r, refusal in judged if refusal is not None]
+        allowed = tuple(r for r, refusal in judged if refusal is None)
         message = Message(
             raw=raw,
-            envelope=Envelope(entry.mail_from, entry.rcpt_to, entry.mail_options),
+            envelope=Envelope(entry.mail_from, allowed, entry.mail_options),
             peer=Peer(ip=entry.peer_ip, helo=entry.peer_helo),
             queue_id=entry.queue_id or qid,
             received_at=entry.received_at,  # released mail keeps its arrival time
         )
+        if not allowed:
+            return ReleaseResult(qid, tuple(denied), None, False)
         options = [o for o in entry.mail_options if o.upper().split("=", 1)[0] in ("SIZE", "BODY")]
         transaction = await transport.begin(entry.mail_from, options)
         answers: list[tuple[str, Reply]] = []
-        for rcpt in entry.rcpt_to:
+        for rcpt in allowed:
             answers.append((rcpt, await transaction.add_recipient(rcpt)))
         refused = tuple(r for r, reply in answers if not reply.ok)
+        answers.extend(denied)
+        refused += tuple(r for r, _ in denied)
         if len(refused) == len(answers):
             await transaction.abort()
             return ReleaseResult(qid, tuple(answers), None, False)

@@ -23,7 +23,13 @@ async def _tls_version(ctx: FactContext) -> str:
 
 
 FACTS = (
-    FactSpec("client_ip", FactType.STR, Tier.CONNECTION, _client_ip, doc="SMTP client address"),
+    FactSpec(
+        "client_ip",
+        FactType.STR,
+        Tier.CONNECTION,
+        _client_ip,
+        doc='SMTP client address, "" when unknown',
+    ),
     FactSpec("helo", FactType.STR, Tier.CONNECTION, _helo, doc="HELO/EHLO name given"),
     FactSpec("tls_used", FactType.BOOL, Tier.CONNECTION, _tls_used, doc="STARTTLS in use"),
     FactSpec("tls_version", FactType.STR, Tier.CONNECTION, _tls_version, doc="TLS version or ''"),

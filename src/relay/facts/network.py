@@ -124,6 +124,8 @@ def connection_member(peer: Peer) -> str | None:
 
 async def _connection_rate(ctx: FactContext) -> float:
     peer = ctx.message.peer
+    if not peer.ip:  # unknown client (XFORWARD ADDR=[UNAVAILABLE]): not one shared counter
+        raise FactError("client address unknown")
     state = ctx.service(STATE)
     # Read only: this connection counts as if recorded (the recorder records it).
     count = await state.count_window(

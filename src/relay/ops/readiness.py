@@ -3,7 +3,8 @@
 A worker is ready when it listens, runs the configured policy, has its model loaded (if
 enabled) and reaches its downstream within a bound. The supervisor of several workers is
 ready when every worker reported ready and the downstream answers. Each check is a name
-and a bool, so the 503 body tells the operator which one failed.
+and a bool, so the 503 body tells the operator which one failed. The downstream probe is
+cached for PROBE_CACHE_SECONDS and shared by concurrent requests (``DownstreamProbe``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from relay.facts.services import Services
 from relay.policy.holder import NOOP, DeciderHolder
 
 DOWNSTREAM_TIMEOUT = 2.0  # seconds for the downstream's 220 greeting
+# /readyz is unauthenticated: each request must not open a downstream connection. The probe's
+# answer is reused for this long (probers poll every few seconds; 2 s keeps it current), and
+# concurrent requests share the one probe in flight.
+PROBE_CACHE_SECONDS = 2.0
 
 
 def describe_model(services: Services) -> dict[str, str] | None:
@@ -54,6 +59,33 @@ async def downstream_reachable(settings: DeliverySettings) -> bool:
                 await writer.wait_closed()
 
 
+class DownstreamProbe:
+    """``downstream_reachable`` at most once per PROBE_CACHE_SECONDS, never twice at once."""
+
+    def __init__(self, settings: DeliverySettings, ttl: float = PROBE_CACHE_SECONDS) -> None:
+        self._settings = settings
+        self._ttl = ttl
+        self._answer: tuple[float, bool] | None = None  # (loop time probed, reachable)
+        self._inflight: asyncio.Task[bool] | None = None
+
+    async def __call__(self) -> bool:
+        loop = asyncio.get_running_loop()
+        if self._answer is not None and loop.time() - self._answer[0] < self._ttl:
+            return self._answer[1]
+        if self._inflight is None:
+            self._inflight = loop.create_task(self._probe())
+        # shield: a caller that times out (or disconnects) leaves the probe to the others.
+        return await asyncio.shield(self._inflight)
+
+    async def _probe(self) -> bool:
+        try:
+            ok = await downstream_reachable(self._settings)
+            self._answer = (asyncio.get_running_loop().time(), ok)
+            return ok
+        finally:
+            self._inflight = None
+
+
 @dataclass
 class RelayReadiness:
     """Readiness of one relay process; ``server`` and ``services`` are set as they come up."""
@@ -62,6 +94,10 @@ class RelayReadiness:
     policy: DeciderHolder
     server: asyncio.Server | None = None
     services: Services = field(default_factory=Services)
+    downstream: DownstreamProbe = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.downstream = DownstreamProbe(self.settings.delivery)
 
     async def __call__(self) -> dict[str, bool]:
         s = self.settings
@@ -69,7 +105,7 @@ class RelayReadiness:
             "listening": self.server is not None and self.server.is_serving(),
             "policy_loaded": s.policy.path is None or self.policy.current is not NOOP,
             "model_loaded": not s.model.enabled or describe_model(self.services) is not None,
-            "downstream_reachable": await downstream_reachable(s.delivery),
+            "downstream_reachable": await self.downstream(),
         }
 
 
@@ -79,9 +115,13 @@ class SupervisorReadiness:
 
     settings: Settings
     workers_ready: Callable[[], bool]
+    downstream: DownstreamProbe = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.downstream = DownstreamProbe(self.settings.delivery)
 
     async def __call__(self) -> dict[str, bool]:
         return {
             "workers_ready": self.workers_ready(),
-            "downstream_reachable": await downstream_reachable(self.settings.delivery),
+            "downstream_reachable": await self.downstream(),
         }

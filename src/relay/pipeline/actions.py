@@ -11,6 +11,10 @@ typed Outcome. Adding an action is one entry in ``TABLE`` and its function.
     tempfail    removed            nowhere      451 4.7.1 + the forcing reason tempfailed
     (shadow)    as tag             deliver      the downstream's               delivered
 
+Every action first removes every field whose name starts with ``X-Spam-`` (any case),
+not only the three we write: downstream filters, Sieve scripts and SpamAssassin-aware mail
+readers trust X-Spam-Flag and X-Spam-Level as well, so none a sender wrote may pass.
+
 Shadow mode (``Verdict.mode``) overrides the action: everything is computed and
 recorded, the headers added, and the message always delivered. A refusal discloses only
 the deciding rule's reason, never the other rules. ``pipeline/process.py`` looks the
@@ -32,7 +36,7 @@ from relay.verdict import Action, Mode, Verdict
 SCORE_HEADER = "X-Spam-Score"
 STATUS_HEADER = "X-Spam-Status"
 RULES_HEADER = "X-Spam-Rules"
-OUR_HEADERS = frozenset(h.lower() for h in (SCORE_HEADER, STATUS_HEADER, RULES_HEADER))
+SPAM_PREFIX = "x-spam-"  # every field named so is removed from the input (``clean``)
 
 
 class Destination(StrEnum):
@@ -70,8 +74,9 @@ def _rules_value(verdict: Verdict) -> str:
 
 
 def clean(message: Message, verdict: Verdict) -> Message:
-    """Removes any X-Spam-* field the sender wrote (downstream filters trust ours)."""
-    return message.without_headers(lambda name, _field: name in OUR_HEADERS)
+    """Removes every X-Spam-* field the sender wrote, whatever follows the prefix
+    (X-Spam-Flag, X-Spam-Level, ...): downstream filters trust them as ours."""
+    return message.without_headers(lambda name, _field: name.startswith(SPAM_PREFIX))
 
 
 def spam_headers(message: Message, verdict: Verdict) -> Message:

@@ -5,6 +5,17 @@ field that claims our authserv-id (RFC 8601 5: senders must not be able to forge
 verdicts), then prepends one field built from the ``auth_results`` fact. The raw bytes
 are never re-serialised, so downstream DKIM still verifies.
 
+Whether a field claims our id is ``is_ours(value, authserv_id)``, one pure function, and
+it errs towards "ours": downstream filters and mail readers trust a field under our id,
+and each reads the id a little differently. The value is read as it is written, with its
+RFC 2047 encoded words decoded in place, and as the stdlib decoder gives it; in each
+reading, folding, whitespace and comments before the id are skipped, a quoted id is
+unquoted, then the id is cut at whitespace, ``;`` or ``(`` (so a version, ``ours 1;``,
+does not hide it), trailing dots are dropped and it is compared case-insensitively with
+ours; when either is non-ASCII, their A-label forms (``idn.to_alabel``) are compared.
+``ours.``, ``OURS``, ``=?utf-8?q?ours?=``, ``(x) ours`` and the U-label of an IDN id are
+ours; ``mail.ours`` or ``ours.evil`` are someone else's and are kept.
+
     Authentication-Results: mx.example.org;
         dkim=pass header.d=example.com header.s=sel header.a=rsa-sha256 header.b="AbCdEfGh";
         spf=pass smtp.mailfrom=alice@example.com;
@@ -21,7 +32,8 @@ from typing import Any
 
 from relay.contracts import FactSource
 from relay.errors import FactError
-from relay.message import Message
+from relay.idn import to_alabel
+from relay.message import Message, decode_8bit, decode_header_value
 from relay.verdict import Verdict
 
 log = logging.getLogger("relay.auth")
@@ -32,6 +44,9 @@ FOLD_AT = 200  # a resinfo longer than this is folded between its properties
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+$")  # RFC 2045 token
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*$")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
+_ID_TOKEN = re.compile(r"[^\s;()\"]+")  # an authserv-id ends at blanks, ';' or a comment
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=")
+_BETWEEN_WORDS = re.compile(r"(?<=\?=)\s+(?==\?[^?\s]+\?[BbQq]\?)")
 
 
 def _quoted(text: str) -> str:
@@ -181,22 +196,61 @@ def _skip_cfws(text: str, i: int) -> int:
     return i
 
 
-def authserv_id_of(field: bytes) -> str:
-    """The authserv-id an Authentication-Results field claims (lower-cased), or ""."""
-    text = field.decode("utf-8", "replace")
-    _name, _, rest = text.partition(":")
-    i = _skip_cfws(rest, 0)
-    if i < len(rest) and rest[i] == '"':
+def _claimed_id(text: str) -> str:
+    """The authserv-id at the start of a field value, as written (quotes removed)."""
+    i = _skip_cfws(text, 0)
+    if i < len(text) and text[i] == '"':
         out: list[str] = []
         i += 1
-        while i < len(rest) and rest[i] != '"':
-            if rest[i] == "\\" and i + 1 < len(rest):
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\" and i + 1 < len(text):
                 i += 1
-            out.append(rest[i])
+            out.append(text[i])
             i += 1
-        return "".join(out).strip().lower()
-    match = re.match(r"[^\s;()\"]+", rest[i:])
-    return match.group(0).lower() if match else ""
+        return "".join(out).strip()
+    match = _ID_TOKEN.match(text, i)
+    return match.group(0) if match else ""
+
+
+def _canonical(name: str) -> str:
+    """A domain name for comparison: no surrounding blanks or trailing dots, lower case,
+    the A-label form when it is non-ASCII (as written when it is no valid name)."""
+    name = name.strip().rstrip(".").lower()
+    if name.isascii():
+        return name
+    try:
+        return to_alabel(name)
+    except ValueError:
+        return name
+
+
+def _decode_words(text: str) -> str:
+    """RFC 2047 encoded words decoded in place, as a lax reader shows them: no blank added
+    around a word, the blanks between two adjacent words dropped (RFC 2047 6.2)."""
+    text = _BETWEEN_WORDS.sub("", text)
+    return _ENCODED_WORD.sub(lambda m: decode_header_value(m.group(0)), text)
+
+
+def _readings(value: str) -> set[str]:
+    """The ways a reader may see a field value: raw, words decoded in place, the stdlib's."""
+    readings = {value}
+    if "=?" in value:
+        readings |= {_decode_words(value), decode_header_value(value)}
+    return readings
+
+
+def is_ours(value: str, authserv_id: str) -> bool:
+    """Whether an Authentication-Results value (everything after the colon, raw or
+    unfolded) claims ``authserv_id`` in any reading (see the module docstring)."""
+    ours = _canonical(authserv_id)
+    return bool(ours) and any(_canonical(_claimed_id(text)) == ours for text in _readings(value))
+
+
+def authserv_id_of(field: bytes) -> str:
+    """The authserv-id an Authentication-Results field claims as written (lower-cased,
+    RFC 2047 not decoded), or ""."""
+    _name, _, rest = field.decode("utf-8", "replace").partition(":")
+    return _claimed_id(rest).lower()
 
 
 class AuthResultsStamp:
@@ -208,9 +262,10 @@ class AuthResultsStamp:
         self.authserv_id = authserv_id
 
     def forged(self, name: str, field: bytes) -> bool:
-        return name == "authentication-results" and (
-            authserv_id_of(field) == self.authserv_id.lower()
-        )
+        """An Authentication-Results field that claims our authserv-id (``is_ours``)."""
+        if name != "authentication-results":
+            return False
+        return is_ours(decode_8bit(field.partition(b":")[2]), self.authserv_id)
 
     async def __call__(self, message: Message, facts: FactSource, verdict: Verdict) -> Message:
         cleaned = message.without_headers(self.forged)

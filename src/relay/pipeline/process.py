@@ -170,13 +170,14 @@ def received(message: Message, hostname: str) -> str:
     peer = message.peer
     helo = _UNSAFE_HELO.sub("?", peer.helo or "unknown")[:255]  # client-chosen text
     literal = f"IPv6:{peer.ip}" if ":" in peer.ip else peer.ip
+    tcp_info = f" ([{literal}])" if peer.ip else ""  # "": XFORWARD said the client is unknown
     proto = ("ESMTP" if peer.esmtp else "SMTP") + ("S" if peer.tls_version else "")
     tls = f" ({peer.tls_version})" if peer.tls_version else ""
     rcpts = message.envelope.rcpt_to
     for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
     stamp = email.utils.formatdate(message.received_at, localtime=False)
     return (
-        f"from {helo} ([{literal}])\r\n\tby {hostname} (relay) with {proto}{tls}"
+        f"from {helo}{tcp_info}\r\n\tby {hostname} (relay) with {proto}{tls}"
         f" id {message.queue_id}{for_clause};\r\n\t{stamp}"
     )
 

@@ -149,6 +149,8 @@ class Recorder:
 
     async def _connection(self, message: Message) -> None:
         peer = message.peer
+        if not peer.ip:  # unknown client: counted under no address
+            return
         await self.state.incr_window(
             network.connection_key(peer),
             network.connection_member(peer),

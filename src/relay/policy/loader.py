@@ -26,7 +26,10 @@ from relay.policy.lines import LineIndex
 from relay.policy.model import Override, RuleSpec, Thresholds
 from relay.verdict import Action, Mode, Tier
 
-RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Policy and rule names go into headers (X-Spam-Status), log lines and metric labels: a safe
+# set only, always matched with fullmatch ("$" alone would accept a trailing newline).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 MAX_REASON = 200
 TOP_KEYS = frozenset({"policy", "rule", "override"})
 POLICY_KEYS = frozenset({"name", "mode", "description", "thresholds"})
@@ -160,12 +163,8 @@ def _rule(
     if not name:
         p.add(line, where, "'name' is missing or not a string")
         ok = False
-    elif not RULE_NAME.match(name):
-        p.add(
-            p.lines.key(*path, "name"),
-            where,
-            "name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-        )
+    elif not NAME.fullmatch(name):
+        p.add(p.lines.key(*path, "name"), where, f"name must be {NAME_RULE}")
         ok = False
     elif name in seen:
         p.add(
@@ -308,8 +307,14 @@ def compile_policy(text: str, registry: FactRegistry, source: str = "<policy>") 
         raw_name = head.get("name")
         if not isinstance(raw_name, str) or not raw_name.strip():
             p.add(lines.key("policy", "name"), "[policy]", "'name' is missing or empty")
+        elif not NAME.fullmatch(raw_name):
+            p.add(
+                lines.key("policy", "name"),
+                "[policy]",
+                f"name {raw_name[:80]!r} must be {NAME_RULE}",
+            )
         else:
-            name = raw_name.strip()
+            name = raw_name
         if "mode" in head:
             parsed = _mode(head["mode"])
             if parsed is None:

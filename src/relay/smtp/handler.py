@@ -17,7 +17,7 @@ from relay.message import Envelope as MsgEnvelope
 from relay.message import Message, Peer, to_crlf
 from relay.reply import INTERNAL_ERROR, NUL_IN_DATA, SMUGGLING, TOO_MANY_RCPTS
 from relay.smtp.server import RelaySMTP
-from relay.smtp.xforward import EHLO_KEYWORD
+from relay.smtp.xforward import EHLO_KEYWORD, client_address
 
 
 class Handler:
@@ -138,7 +138,7 @@ def build_message(server: RelaySMTP, session: Session, envelope: Envelope, raw: 
             smtputf8=server.smtputf8,
         ),
         peer=Peer(
-            ip=server.client_ip(),
+            ip=client_address(server.client_ip()),  # "": XFORWARD said unavailable
             port=port,
             helo=helo,
             rcpt_attempted=server.attempted_rcpts,

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, syntax
 
 from relay.config import Settings
 from relay.contracts import Decider, Observer, Transaction, Transport
@@ -38,6 +39,7 @@ from relay.reply import (
     Reply,
     with_enhanced_status,
 )
+from relay.smtp.logsafe import printable
 from relay.smtp.paths import (
     NEEDS_SMTPUTF8,
     SYNTAX_MAIL,
@@ -53,6 +55,16 @@ from relay.smtp.smuggling import DataLines
 from relay.smtp.xforward import parse_xforward
 
 log = logging.getLogger("relay.smtp.server")
+
+# Session limits (Postfix smtpd_hard_error_limit, smtpd_junk_command_limit): a client that
+# only earns errors, or only chats, is cut off instead of being answered a thousand times.
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many junk commands, closing connection")
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO"})
+# RFC 3207 4.2: STARTTLS is an ESMTP extension (EHLO first) and is never offered again
+# once TLS is up; a client that sends it anyway gets 503.
+STARTTLS_BEFORE_EHLO = "503 5.5.1 Error: send EHLO first"
+STARTTLS_AGAIN = "503 5.5.1 Error: TLS already active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,15 @@ class RelaySMTP(SMTP):
         self.xforward: dict[str, str] = {}  # original client as told by a trusted proxy
         self.smtputf8 = False  # the transaction's MAIL carried SMTPUTF8
         self._plain_replies = False  # EHLO/HELO lines carry no enhanced status (RFC 2034)
+        self.errors = 0  # 4xx/5xx replies since the session began or last delivered
+        self.junk_commands = 0  # NOOP/RSET/VRFY/HELP/EHLO/HELO, counted the same way
+        self._last_code = 0  # the code of the last reply line pushed
+        # aiosmtpd dispatches through this table: the junk commands are counted on the way
+        # in, whichever method (ours or aiosmtpd's) answers them.
+        self._smtp_methods = {
+            name: self._counted(method) if name in JUNK_COMMANDS else method
+            for name, method in self._smtp_methods.items()
+        }
 
     # --- connection lifecycle -----------------------------------------------------------
 
@@ -139,12 +160,51 @@ class RelaySMTP(SMTP):
             self.deps.observer.smtp_reply(reply.code)
             self.transport.close()
 
+    def hang_up(self, reply: Reply, why: str) -> None:
+        """A session limit was hit: say ``reply``, close, and stop reading commands (a
+        pipelined rest is never acted on)."""
+        log.info(
+            "closing session peer=%s helo=%s: %s",
+            self._socket_ip() or "-",
+            printable(self.session.host_name or "-") if self.session else "-",
+            why,
+        )
+        self.close_with(reply)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
     async def push(self, status: AnyStr) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # hung up: nothing more is said
+        code = 0
         with contextlib.suppress(ValueError):
-            self.deps.observer.smtp_reply(int(status[:3]))
+            code = int(status[:3])
+            self.deps.observer.smtp_reply(code)
         if isinstance(status, str) and not self._plain_replies:
             status = with_enhanced_status(status)
         await super().push(status)
+        final = len(status) < 4 or status[3:4] not in ("-", b"-")
+        if final:
+            self._last_code = code
+        if final and code >= 400 and code != 421:
+            self.errors += 1
+            if self.errors >= self.deps.settings.smtp.max_errors:
+                self.hang_up(TOO_MANY_ERRORS, f"{self.errors} errors")
+
+    def _counted(
+        self, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        """``method`` (a junk command) behind the junk command limit."""
+
+        @functools.wraps(method)
+        async def counted(arg: str | None) -> None:
+            self.junk_commands += 1
+            if self.junk_commands > self.deps.settings.smtp.max_junk_commands:
+                self.hang_up(TOO_MANY_JUNK, f"{self.junk_commands} junk commands")
+                return
+            await method(arg)
+
+        return counted
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug or an unexpected library error: 451, the transaction dropped, never
@@ -310,10 +370,27 @@ class RelaySMTP(SMTP):
                 self.deps.settings.smtp.data_timeout, self._data_timed_out
             )
         self.data_lines.watch(self._reader)
+        self._last_code = 0
         try:
             await super().smtp_DATA(arg)
         finally:
             self.stop_data_timer()
+        if 200 <= self._last_code < 300:  # a message accepted: the client is a mailer
+            self.errors = 0
+            self.junk_commands = 0
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207: once, after EHLO. aiosmtpd would start a nested handshake inside TLS
+        and accept STARTTLS before EHLO."""
+        if self.tls_context is not None:
+            if self._tls_protocol is not None:
+                await self.push(STARTTLS_AGAIN)
+                return
+            if self.session is None or not self.session.extended_smtp:
+                await self.push(STARTTLS_BEFORE_EHLO)
+                return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_XFORWARD(self, arg: str) -> None:
         """Postfix XFORWARD (XFORWARD_README): original client attributes from a proxy."""

@@ -12,6 +12,11 @@ import re
 XFORWARD_ATTRIBUTES = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE"})
 EHLO_KEYWORD = "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"
 _UNAVAILABLE = frozenset({"[UNAVAILABLE]", "[TEMPUNAVAIL]"})
+# ADDR=[UNAVAILABLE] (or [TEMPUNAVAIL], or empty) means the original client is unknown. It is
+# kept as this marker, never dropped: dropping it would make the proxy's own address the
+# client, and relay control would grant the proxy's network (issue 15). The marker is not an
+# IP address, so no network matches it; the Message gets Peer(ip="") (``client_address``).
+UNKNOWN_ADDR = "[UNAVAILABLE]"
 
 
 def _xtext_decode(text: str) -> str:
@@ -19,7 +24,8 @@ def _xtext_decode(text: str) -> str:
 
 
 def parse_xforward(arg: str) -> dict[str, str]:
-    """``NAME=x ADDR=y ...`` -> attributes; unavailable values are dropped."""
+    """``NAME=x ADDR=y ...`` -> attributes; unavailable values are dropped, except ADDR,
+    which becomes ``UNKNOWN_ADDR`` (the client is unknown, not the proxy)."""
     attrs: dict[str, str] = {}
     items = arg.split()
     if not items or len(items) > len(XFORWARD_ATTRIBUTES):
@@ -31,6 +37,8 @@ def parse_xforward(arg: str) -> dict[str, str]:
             raise ValueError(f"unknown XFORWARD attribute {name[:20]!r}")
         value = _xtext_decode(value)
         if value.upper() in _UNAVAILABLE or not value:
+            if name == "ADDR":
+                attrs[name] = UNKNOWN_ADDR
             continue
         if any(c.isspace() or not c.isprintable() for c in value) or len(value) > 255:
             raise ValueError(f"bad XFORWARD value for {name}")
@@ -42,3 +50,8 @@ def parse_xforward(arg: str) -> dict[str, str]:
                 raise ValueError("XFORWARD ADDR is not an IP address") from None
         attrs[name] = value
     return attrs
+
+
+def client_address(ip: str) -> str:
+    """The client address a Message carries: "" (unknown) for ``UNKNOWN_ADDR``."""
+    return "" if ip == UNKNOWN_ADDR else ip
