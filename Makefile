@@ -8,7 +8,7 @@ CONFIG ?= config/relay.toml
 # Debian packages the tests and benchmarks talk to for real (never started as system services here).
 SYSTEM_PACKAGES := redis-server prometheus postfix faketime
 
-.PHONY: run test setup system-deps lint typecheck unit unit-future bench clean
+.PHONY: run test setup system-deps lint typecheck unit unit-future fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ unit-future: setup system-deps
 	PYTHONPATH="$(CURDIR)/tests/future_clock$${PYTHONPATH:+:$$PYTHONPATH}" faketime -f '+5y' $(BIN)/pytest
 
 test: lint typecheck unit unit-future
+
+# The property tests of tests/test_properties.py with a large budget (CI runs them small).
+# A failure prints the input: add it to tests/fuzz/corpus.json so every run replays it.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_properties.py -q
 
 bench: setup system-deps
 	$(BIN)/python -m bench.run

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -211,3 +212,79 @@ def test_shipped_model_beats_the_anchors_on_the_test_split(tmp_path: Path) -> No
     # The card's test figures are reproducible from the shipped file.
     card = json.loads(card_path(MODEL).read_text())
     assert report["roc_auc"] == pytest.approx(card["evaluation"]["test"]["roc_auc"], abs=1e-9)
+
+
+def _crafted(tmp_path: Path, func: Any, trusted: list[str] | None = None) -> Path:
+    """A skops Pipeline(FunctionTransformer(func)) with a digest-correct card trusting it."""
+    import skops.io as sio
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    path = tmp_path / "evil.skops"
+    sio.dump(Pipeline([("x", FunctionTransformer(func=func))]), path)
+    card = json.loads(card_path(MODEL).read_text())
+    card["model_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    card["trusted_types"] = (
+        sorted(sio.get_untrusted_types(file=path)) if trusted is None else trusted
+    )
+    card_path(path).write_text(json.dumps(card))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("func", "named"),
+    [
+        (__import__("builtins").exec, "builtins.exec"),
+        (__import__("builtins").eval, "builtins.eval"),
+        (__import__("os").system, "system"),
+        (__import__("operator").attrgetter("__class__"), "operator.attrgetter"),
+        (__import__("functools").partial(__import__("numpy").log1p), "functools.partial"),
+    ],
+)
+def test_refuses_a_crafted_model_whose_card_trusts_a_dangerous_callable(
+    tmp_path: Path, func: Any, named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import skops.io as sio
+
+    path = _crafted(tmp_path, func)
+    assert any(named in t for t in json.loads(card_path(path).read_text())["trusted_types"])
+    called: list[object] = []
+    monkeypatch.setattr(sio, "load", lambda *a, **k: called.append(a))
+    with pytest.raises(ModelError, match=rf"type \S*{re.escape(named)}\S* is not allowed"):
+        load_model(path)
+    assert called == []  # refused before skops.io.load
+
+
+def test_refuses_a_card_that_widens_the_allowlist(tmp_path: Path) -> None:
+    # The card alone naming a type outside the allowlist is refused, before the file is parsed.
+    from relay.classifier.model import read_card
+
+    path = _copy(tmp_path)
+    card = json.loads(card_path(path).read_text())
+    _edit_card(path, trusted_types=[*card["trusted_types"], "subprocess.Popen"])
+    with pytest.raises(ModelError, match=r"type subprocess\.Popen is not allowed"):
+        read_card(path)
+
+
+def test_refuses_denied_callables_re_exported_under_allowed_prefixes(tmp_path: Path) -> None:
+    from relay.classifier.model import check_allowed_types, type_refusal
+
+    assert type_refusal("sklearn.calibration._SigmoidCalibration") is None
+    assert type_refusal("numpy.log1p") is None
+    for name in ("numpy.load", "numpy.lib.npyio.load", "sklearn.utils.fixes.partial",
+                 "builtins.exec", "importlib.import_module", "operator.methodcaller",
+                 "os.system", "subprocess.run", "evil.Thing", "sklearnx.Thing"):  # fmt: skip
+        assert type_refusal(name) is not None, name
+    # A name the name rules pass but whose object lives elsewhere (inspect.signature).
+    assert type_refusal("sklearn.utils.validation.signature") is None
+    with pytest.raises(ModelError, match=r"sklearn\.utils\.validation\.signature.*inspect"):
+        check_allowed_types(tmp_path, ["sklearn.utils.validation.signature"], resolve=True)
+
+
+def test_allowlist_can_be_narrowed_not_widened() -> None:
+    model = load_model(MODEL, allowed=["sklearn.calibration."])
+    assert model.spam_column == list(model.pipeline.classes_).index("spam")
+    with pytest.raises(ModelError, match=r"type sklearn\.calibration\._CalibratedClassifier"):
+        load_model(MODEL, allowed=["numpy."])
+    with pytest.raises(ModelError, match="only be narrowed"):
+        load_model(MODEL, allowed=["sklearn.", "os."])

@@ -818,3 +818,111 @@ def test_default_policy_is_valid() -> None:
     policy = load_policy(path, registry)  # PolicyError, never a skip, on an unknown fact
     assert policy.name == "default"
     assert policy.max_tier is Tier.CONTENT
+
+
+# --- cost budget (issue 15, finding 6) -----------------------------------------------
+
+
+def _literal_list(n: int) -> str:
+    return "[" + ", ".join(str(i) for i in range(1, n + 1)) + "]"
+
+
+def _cube(n: int) -> str:
+    """CEL has no range syntax (`[1..40]` does not parse): a written-out list instead."""
+    items = _literal_list(n)
+    return f"{items}.all(a, {items}.all(b, {items}.all(c, true)))"
+
+
+def _policy_with(when: str, extra: str = "") -> str:
+    return GOOD_T1 + f"{extra}[[rule]]\nname = \"costly\"\nwhen = '{when}'\nscore = 1\n"
+
+
+@pytest.mark.parametrize("n", [40, 100])
+def test_costly_comprehension_is_rejected_at_load(tmp_path: Path, n: int) -> None:
+    """Issue 15: 40x40x40 cost 342 ms per message on the event loop, 100x100x100 33 s in
+    `relay policy check` (the load-time probes run the program): rejected before running."""
+    text = _policy_with(_cube(n))
+    (problem,) = problems_of(text)
+    line = line_of(text, 'name = "costly"')
+    assert problem.startswith(f"p.toml:{line + 1}: rule 'costly': too costly: "), problem
+    assert "nested 3 deep, at most 2" in problem
+
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path, default_registry())
+    assert info.value.problems[0].startswith(f"{path}:{line + 1}: rule 'costly': too costly")
+    assert main(["policy", "check", str(path)]) == 1
+
+
+def test_cli_policy_check_reports_cost(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(_policy_with(_cube(100)))
+    assert main(["policy", "check", str(path)]) == 1
+    assert "rule 'costly': too costly" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        # two levels are allowed, but not 150 x 150 steps
+        (f"{_literal_list(150)}.all(a, {_literal_list(150)}.all(b, a != b))", "steps per message"),
+        # a list fact counts as 1,000 elements: nested over two of them is too much
+        ("rcpt_domains.exists(a, rcpt_domains.exists(b, a == b))", "steps per message"),
+        # map and filter copy their partial result per element: quadratic in the binding
+        ("rcpt_domains.filter(d, true).size() > 1", "steps per message"),
+        # chaining counts as nesting: each stage may grow the values (x + x doubles)
+        ('["a"].map(x, x + x).map(y, y + y).map(z, z + z).size() > 0', "nested 3 deep"),
+        # a comprehension over another's result counts too
+        ("[[1]].all(a, a.map(x, x).exists(y, [1].all(z, true)))", "nested 3 deep"),
+        ("recipient_count > 0" + " || recipient_count > 0" * 100, "too long"),
+    ],
+)
+def test_cost_budget_rejects(when: str, expected: str) -> None:
+    (problem,) = problems_of(_policy_with(when))
+    assert "rule 'costly'" in problem and expected in problem, problem
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        'rcpt_domains.exists(d, d.endsWith(".ru") || d.endsWith(".cn"))',
+        'rcpt_domains.all(d, d != "")',
+        f"{_literal_list(40)}.all(a, {_literal_list(40)}.all(b, a + b > 0))",
+        "[1, 2, 3].map(x, x * 2).exists(y, y > 4)",
+        '{"a": 1, "b": 2}.all(k, k != "")',
+        # macro names inside strings and comments are text, not comprehensions
+        '"x.all(a, [1].all(b, [1].all(c, true)))" != list_id',
+    ],
+)
+def test_cost_budget_accepts_ordinary_conditions(when: str) -> None:
+    policy = compile_policy(_policy_with(when), World({}).registry, "p.toml")
+    assert [r.name for r in policy.rules] == ["many", "costly"]
+
+
+def test_condition_cost_estimate() -> None:
+    from relay.policy.expr import LIST_FACT_MAX, MAX_COST, condition_cost
+
+    assert condition_cost('dmarc == "fail" && dmarc_policy == "reject"').steps == 7
+    assert condition_cost("dmarc == 'x.all(a, true)'").depth == 0
+    flat = condition_cost("[1, 2, 3].all(x, x > 0)")
+    assert flat.depth == 1 and flat.steps == 3 + 3 * (3 + 1)
+    assert condition_cost("rcpt_domains.exists(d, true)").steps >= LIST_FACT_MAX
+    assert condition_cost(_cube(40)).steps > MAX_COST
+    assert condition_cost(_cube(40)).depth == 3
+    # a raw string ends at its first quote; a triple-quoted one may hold quotes
+    assert condition_cost('r"\\" + """".all(""" == "" && [1].all(x, true)').depth == 1
+
+
+def test_shipped_policies_are_within_the_cost_budget() -> None:
+    from relay.policy.expr import MAX_COST, MAX_DEPTH, MAX_LENGTH, condition_cost
+
+    registry = default_registry()
+    for path in [
+        REPO / "config" / "policy.toml",
+        *sorted((REPO / "config/regimes").glob("*.toml")),
+    ]:
+        for rule in load_policy(path, registry).rules:
+            cost = condition_cost(rule.when)
+            assert cost.steps <= MAX_COST and cost.depth <= MAX_DEPTH, (path, rule.name)
+            assert len(rule.when) <= MAX_LENGTH

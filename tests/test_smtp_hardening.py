@@ -218,3 +218,19 @@ async def test_rcpt_to_a_configured_single_label_domain_is_accepted(tmp_path: Pa
         assert (await client.cmd("RCPT TO:<user@localhost>")).startswith("250")
         assert (await client.cmd("RCPT TO:<user@otherhost>")).startswith("550 5.7.1")
         await client.close()
+
+
+async def test_data_starting_with_a_blank_is_refused(tmp_path: Path) -> None:
+    """Found by fuzzing: a first DATA line starting with a blank is a continuation of no
+    field; prepended, it would join our Received or Authentication-Results field, letting
+    the sender write into our verdict. Refused with 550 5.6.0; nothing is delivered."""
+    async with running_relay(make_settings(tmp_path)) as relay:
+        c = await RawClient.connect(relay.port)
+        await c.cmd("EHLO client.test")
+        await c.cmd("MAIL FROM:<alice@sender.test>")
+        await c.cmd("RCPT TO:<bob@example.org>")
+        assert (await c.cmd("DATA")).startswith("354")
+        reply = await c.cmd(b" dkim=pass header.d=bank.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        assert reply.startswith("550 5.6.0"), reply
+        await c.close()
+    assert not list((tmp_path / "maildir" / "new").glob("*"))

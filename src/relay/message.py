@@ -33,7 +33,7 @@ from functools import cached_property
 from relay.errors import MessageTimeError
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII except ':'
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
 
 
 def new_queue_id() -> str:
@@ -64,6 +64,12 @@ class Envelope:
     rcpt_to: tuple[str, ...]
     mail_options: tuple[str, ...] = ()
     smtputf8: bool = False
+
+
+def starts_with_continuation(raw: bytes) -> bool:
+    """Whether the first line starts with a blank: a continuation of no field (RFC 5322
+    2.2.3), which would join any field put above it."""
+    return raw[:1] in (b" ", b"\t")
 
 
 def to_crlf(data: bytes) -> bytes:
@@ -198,7 +204,7 @@ def format_header(name: str, value: str) -> bytes:
 
     ``value`` may already be folded with CRLF followed by a space or tab.
     """
-    if not _HEADER_NAME.match(name):
+    if not _HEADER_NAME.fullmatch(name):  # "$" would let a final newline through
         raise ValueError(f"invalid header name {name!r}")
     lines = value.split("\r\n")
     for i, line in enumerate(lines):
@@ -349,10 +355,16 @@ class Message:
         return list(self._decoded_headers.get(name.lower(), ()))
 
     def with_prepended(self, headers: Iterable[tuple[str, str]]) -> Message:
-        """A new Message with ``headers`` prepended to the raw bytes (in the given order)."""
+        """A new Message with ``headers`` prepended to the raw bytes (in the given order).
+
+        ValueError when the message starts with a blank: that line would continue the last
+        field we add (a sender could append to our Authentication-Results); the SMTP layer
+        refuses such DATA before it gets here."""
         prefix = b"".join(format_header(name, value) for name, value in headers)
         if not prefix:
             return self
+        if starts_with_continuation(self.raw):
+            raise ValueError("message starts with a continuation line")
         return replace(self, raw=prefix + self.raw)
 
     def without_headers(self, drop: Callable[[str, bytes], bool]) -> Message:

@@ -29,6 +29,9 @@ class Reply:
 RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
 BAD_ADDRESS = Reply(553, "5.1.3", "Bad recipient address syntax")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+LEADING_CONTINUATION = Reply(
+    550, "5.6.0", "Message must not start with a continuation line (RFC 5322 2.2.3)"
+)
 NUL_IN_DATA = Reply(550, "5.6.0", "NUL characters are not allowed in message data (RFC 6152)")
 SMUGGLING = Reply(550, "5.5.2", "Bare CR or LF around a lone dot is not allowed (RFC 5321 2.3.8)")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")

@@ -2,8 +2,11 @@
 
 Loading refuses, with a ModelError naming the file and the reason, a model that is
 missing, whose file digest differs from its card, whose untrusted types differ from the
-card's pinned list, or that was saved with other major library versions (scikit-learn:
-other major.minor, since its estimators are only promised to load in the same release).
+card's pinned list, that holds a type outside the code's allowlist
+(``ALLOWED_TYPE_PREFIXES`` minus ``DENIED_PREFIXES`` / ``DENIED_NAMES``; the card can
+narrow it, never widen it), or that was saved with other major library versions
+(scikit-learn: other major.minor, since its estimators are only promised to load in the
+same release).
 
 Serving the loaded model to the relay is ``serving.py``'s job.
 """
@@ -11,6 +14,7 @@ Serving the loaded model to the relay is ``serving.py``'s job.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +28,121 @@ from relay.errors import ModelError
 
 # Library -> how many leading version components must match the card's.
 _VERSION_PARTS = {"scikit-learn": 2, "skops": 1, "numpy": 1, "scipy": 1}
+
+
+# The code-side allowlist of the types a model may hold beyond skops' own defaults: the
+# names skops reports as untrusted (and the card pins) must start with one of these
+# prefixes or be one of the exact builtins. The shipped model needs only two private
+# scikit-learn classes and no builtins. A card can narrow this (it pins an exact list),
+# never widen it.
+ALLOWED_TYPE_PREFIXES: tuple[str, ...] = ("sklearn.", "numpy.", "scipy.")
+ALLOWED_EXACT_TYPES: frozenset[str] = frozenset()
+
+# Defense in depth: refused even when an allowlist rule matches (re-exports such as
+# ``sklearn.utils.validation.wraps`` and numpy's file readers sit under allowed prefixes).
+DENIED_PREFIXES: tuple[str, ...] = (
+    "builtins.",
+    "os.",
+    "posix.",
+    "nt.",
+    "subprocess.",
+    "importlib.",
+    "runpy.",
+    "sys.",
+    "shutil.",
+    "pickle.",
+    "marshal.",
+    "ctypes.",
+    "socket.",
+    "code.",
+    "codeop.",
+    "pty.",
+    "operator.attrgetter",
+    "operator.methodcaller",
+    "operator.itemgetter",
+    "functools.",
+    "numpy.f2py",
+    "numpy.distutils",
+    "numpy.testing",
+    "numpy.ctypeslib",
+    "numpy.lib.npyio",
+    "numpy.lib._npyio_impl",
+    "numpy.lib.format",
+    "scipy.io.",
+    "scipy._lib.",
+    "sklearn.datasets.",
+    "sklearn.externals.",
+    "sklearn.utils._testing",
+)
+# Final name components refused wherever they appear (``<anything>.exec``, ``numpy.load``).
+DENIED_NAMES: frozenset[str] = frozenset(
+    {
+        "exec", "eval", "compile", "__import__", "open", "getattr", "setattr", "delattr",
+        "globals", "locals", "vars", "breakpoint", "input", "system", "popen", "Popen",
+        "run", "call", "check_call", "check_output", "spawn", "fork", "execv", "execve",
+        "import_module", "partial", "partialmethod", "reduce", "wraps", "attrgetter",
+        "methodcaller", "itemgetter", "load", "loads", "save", "savez", "savez_compressed",
+        "savetxt", "loadtxt", "genfromtxt", "fromfile", "fromregex", "tofile", "memmap",
+    }
+)  # fmt: skip
+
+
+def type_refusal(name: str, allowed: Sequence[str] = ALLOWED_TYPE_PREFIXES) -> str | None:
+    """Why the dotted type name may not be loaded, or None when it may (by name only)."""
+    if name.rpartition(".")[2] in DENIED_NAMES:
+        return "denied"
+    if name in ALLOWED_EXACT_TYPES:
+        return None
+    if any(name.startswith(p) for p in DENIED_PREFIXES):
+        return "denied"
+    if any(name.startswith(p) for p in allowed):
+        return None
+    return "outside the allowlist"
+
+
+def _resolved_refusal(name: str, allowed: Sequence[str]) -> str | None:
+    """Import the named object as skops would (module + one attribute; only modules the
+    name check already allowed) and refuse modules and objects whose real home is outside
+    the allowlist, e.g. ``functools.partial`` re-exported by a scikit-learn module."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except Exception:
+        return "not importable"
+    if isinstance(obj, type(importlib)):
+        return "a module"
+    home = getattr(obj, "__module__", None)
+    if isinstance(home, str):
+        real = f"{home}.{getattr(obj, '__qualname__', attr)}"
+        reason = type_refusal(real, allowed)
+        if reason is not None:
+            return f"{reason} (it is {real})"
+    return None
+
+
+def check_allowed_types(
+    where: Path,
+    names: Sequence[str],
+    allowed: Sequence[str] = ALLOWED_TYPE_PREFIXES,
+    *,
+    resolve: bool = False,
+) -> None:
+    """Raise ModelError naming the first type outside the allowlist (or denied)."""
+    for name in sorted(names):
+        reason = type_refusal(str(name), allowed)
+        if reason is None and resolve:
+            reason = _resolved_refusal(str(name), allowed)
+        if reason is not None:
+            raise ModelError(f"{where}: type {name} is not allowed in a model: {reason}")
+
+
+def _narrowed(allowed: Sequence[str] | None) -> tuple[str, ...]:
+    if allowed is None:
+        return ALLOWED_TYPE_PREFIXES
+    wider = [p for p in allowed if not any(p.startswith(a) for a in ALLOWED_TYPE_PREFIXES)]
+    if wider:
+        raise ModelError(f"type allowlist can only be narrowed, not widened: {', '.join(wider)}")
+    return tuple(allowed)
 
 
 def card_path(model_path: Path) -> Path:
@@ -71,6 +190,7 @@ def read_card(model_path: Path) -> dict[str, Any]:
         raise ModelError(f"{cpath}: unreadable model card: {exc}") from None
     if not isinstance(card, dict) or not isinstance(card.get("trusted_types"), list):
         raise ModelError(f"{cpath}: model card lacks trusted_types")
+    check_allowed_types(cpath, [str(t) for t in card["trusted_types"]])
     digest = hashlib.sha256(data).hexdigest()
     if card.get("model_sha256") != digest:
         raise ModelError(
@@ -135,16 +255,21 @@ class LoadedModel:
         return [(float(p), f.degraded) for p, f in zip(probs, feats, strict=True)]
 
 
-def load_model(model_path: Path) -> LoadedModel:
-    """Load and verify a model; raises ModelError with the reason."""
+def load_model(model_path: Path, *, allowed: Sequence[str] | None = None) -> LoadedModel:
+    """Load and verify a model; raises ModelError with the reason.
+
+    ``allowed`` narrows ``ALLOWED_TYPE_PREFIXES`` (each entry must lie within one of them)."""
     import skops.io as sio
 
+    prefixes = _narrowed(allowed)
     card = read_card(model_path)
+    check_allowed_types(card_path(model_path), [str(t) for t in card["trusted_types"]], prefixes)
     check_versions(card, _installed_versions())
     try:
         untrusted = sorted(sio.get_untrusted_types(file=model_path))
     except Exception as exc:
         raise ModelError(f"{model_path}: not a readable skops file: {exc}") from None
+    check_allowed_types(model_path, untrusted, prefixes, resolve=True)
     if untrusted != sorted(card["trusted_types"]):
         extra = sorted(set(untrusted) - set(card["trusted_types"]))
         raise ModelError(

@@ -12,6 +12,12 @@ parses but does not type-check, so a condition is checked here in three steps:
    large numbers, the empty string and every string literal in the condition), so
    operator errors such as ``spam_probability > "high"`` or a non-boolean result are
    caught at load, not on the first message that reaches them.
+
+Before any of that, the condition's worst-case cost is bounded (issue 15, finding 6): CEL
+has no loops, but comprehension macros (``all``, ``exists``, ``exists_one``, ``map``,
+``filter``) nest, and conditions run on the event loop. The binding exposes no AST or cost
+estimator, so ``condition_cost`` estimates over the tokens: a comprehension costs the size
+of the list it ranges over times its body; see ``MAX_COST`` and docs/policy.md.
 """
 
 from __future__ import annotations
@@ -36,6 +42,30 @@ _LITERAL = (
 )
 MAX_PROBES = 512
 
+# Cost budget (docs/policy.md, "Cost budget"). A step is one operand or operator of the
+# condition; a comprehension costs (size of its range) x (its body + 1), and map or filter
+# also (size)^2 / 4, as the binding copies the partial result at each element (measured:
+# 1,000 elements take 0.15 ms with all, 22 ms with map).
+MAX_LENGTH = 2_000  # characters of one condition
+MAX_DEPTH = 2  # comprehensions inside a comprehension's body or range, counting itself
+MAX_COST = 20_000  # estimated steps of one evaluation, worst case
+LIST_FACT_MAX = 1_000  # assumed length of a list fact (or of any list not written out)
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+_TOKEN = re.compile(
+    r"(?P<ws>\s+|//[^\n]*)"
+    # strings: raw ones (r or R prefix, maybe with b) have no escapes; triple quotes first
+    r"|(?P<str>(?:[bB]?[rR]|[rR][bB])(?:'''.*?'''|\"\"\".*?\"\"\"|'[^'\n]*'|\"[^\"\n]*\")"
+    r"|[bB]?(?:'''(?:\\.|[^\\])*?'''|\"\"\"(?:\\.|[^\\])*?\"\"\""
+    r"|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\"))"
+    r"|(?P<num>0[xX][0-9a-fA-F]+[uU]?|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[uU]?)"
+    r"|(?P<id>[A-Za-z_]\w*)"
+    r"|(?P<op>&&|\|\||==|!=|<=|>=|.)",
+    re.DOTALL,
+)
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+_CLOSE = frozenset(_OPEN.values())
+_FREE = frozenset("()[]{},.:")  # punctuation: no step of its own
+
 _PROBES: dict[FactType, tuple[Any, ...]] = {
     FactType.BOOL: (False, True),
     FactType.INT: (0, 1_000_000),
@@ -57,6 +87,146 @@ class Condition:
     source: str
     program: Any  # cel.Program (the binding ships no usable stubs for mypy's path)
     reads: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """Worst-case estimate of one evaluation: steps and comprehension nesting depth."""
+
+    steps: int
+    depth: int
+
+
+class _CostModel:
+    """Token-level estimate; the text has already been parsed by CEL, so it is valid."""
+
+    def __init__(self, source: str) -> None:
+        self.kinds: list[str] = []
+        self.texts: list[str] = []
+        for match in _TOKEN.finditer(source):
+            kind = match.lastgroup or "op"
+            if kind != "ws":
+                self.kinds.append(kind)
+                self.texts.append(match.group())
+        self.match: dict[int, int] = {}
+        stack: list[int] = []
+        for i, text in enumerate(self.texts):
+            if self.kinds[i] != "op":
+                continue
+            if text in _OPEN:
+                stack.append(i)
+            elif text in _CLOSE and stack:
+                self.match[i] = stack.pop()
+                self.match[self.match[i]] = i
+        self.depth_at: dict[int, int] = {}  # '.' index of a comprehension -> its depth
+        self.size_of: dict[int, int] = {}  # '.' index of a map or filter -> result size
+
+    def _ends_operand(self, i: int) -> bool:
+        kind, text = self.kinds[i], self.texts[i]
+        if kind == "id":
+            return text != "in"
+        return kind in ("str", "num") or (kind == "op" and text in _CLOSE)
+
+    def _receiver_start(self, end: int) -> int:
+        """First token of the postfix expression ending at ``end`` (what ``.all`` ranges over)."""
+        p = end
+        while True:
+            if self.kinds[p] == "op" and self.texts[p] in _CLOSE and p in self.match:
+                opened = self.match[p]
+                before = opened - 1
+                if (
+                    before >= 0
+                    and self._ends_operand(before)
+                    and (self.texts[p] != ")" or self.kinds[before] == "id")
+                ):
+                    p = before  # call arguments, index or message fields: keep walking
+                    continue
+                p = opened  # a group, list or map literal
+            if p >= 2 and self.texts[p - 1] == "." and self.kinds[p - 1] == "op":
+                p -= 2
+                continue
+            return p
+
+    def _range_size(self, start: int, end: int) -> int:
+        """Elements of the range ``tokens[start:end+1]``: counted for a list or map literal,
+        that of the range for a ``map`` or ``filter`` result, else ``LIST_FACT_MAX``."""
+        opened = self.match.get(end, -1)
+        if opened == start and self.texts[start] in "[{" and self.kinds[start] == "op":
+            level, elements = 0, 0 if end == start + 1 else 1
+            for i in range(start + 1, end):
+                if self.kinds[i] == "op" and self.texts[i] in _OPEN:
+                    level += 1
+                elif self.kinds[i] == "op" and self.texts[i] in _CLOSE:
+                    level -= 1
+                elif level == 0 and self.texts[i] == "," and self.kinds[i] == "op":
+                    elements += 1
+            return elements
+        if self.texts[end] == ")" and opened >= 2 and (opened - 2) in self.size_of:
+            return self.size_of[opened - 2]
+        return LIST_FACT_MAX  # a fact, a bound variable, a member, a call
+
+    def _is_macro(self, i: int, end: int) -> bool:
+        return (
+            i + 2 < end
+            and self.texts[i] == "."
+            and self.kinds[i + 1] == "id"
+            and self.texts[i + 1] in _MACROS
+            and self.texts[i + 2] == "("
+            and (i + 2) in self.match
+        )
+
+    def span(self, start: int, end: int) -> Cost:
+        """Cost of tokens[start:end]."""
+        steps = depth = 0
+        i = start
+        while i < end:
+            if self._is_macro(i, end):
+                close = self.match[i + 2]
+                body = i + 3
+                # skip the bound variable and its comma: ``x,`` (and ``k, v,`` for two)
+                while body < close and self.texts[body] != ",":
+                    body += 1
+                inner = self.span(body + 1, close)
+                first = self._receiver_start(i - 1) if i > start else i
+                ranged = max((d for k, d in self.depth_at.items() if first <= k < i), default=0)
+                here = 1 + max(inner.depth, ranged)
+                self.depth_at[i] = here
+                size = self._range_size(first, i - 1) if i > start else LIST_FACT_MAX
+                if self.texts[i + 1] in ("map", "filter"):
+                    self.size_of[i] = size
+                steps += size * (inner.steps + 1)
+                if self.texts[i + 1] in ("map", "filter"):
+                    # the binding copies the list built so far at each element: quadratic
+                    steps += size * size // 4
+                depth = max(depth, here)
+                i = close + 1
+                continue
+            if self.kinds[i] != "op" or self.texts[i] not in _FREE:
+                steps += 1
+            i += 1
+        return Cost(steps, depth)
+
+
+def condition_cost(source: str) -> Cost:
+    """Worst-case steps and comprehension depth of a condition (valid CEL text)."""
+    model = _CostModel(source)
+    return model.span(0, len(model.texts))
+
+
+def _cost_problems(source: str) -> list[str]:
+    cost = condition_cost(source)
+    if cost.depth > MAX_DEPTH:
+        return [
+            f"too costly: comprehensions (all, exists, exists_one, map, filter) nested "
+            f"{cost.depth} deep, at most {MAX_DEPTH}"
+        ]
+    if cost.steps > MAX_COST:
+        return [
+            f"too costly: worst case about {cost.steps:,} steps per message, at most "
+            f"{MAX_COST:,} (a comprehension costs its list's length times its body; a list "
+            f"fact counts as {LIST_FACT_MAX:,} elements)"
+        ]
+    return []
 
 
 def _syntax_problem(exc: Exception) -> str:
@@ -150,10 +320,15 @@ def compile_condition(source: str, registry: FactRegistry) -> tuple[Condition | 
     """Compile and check one condition; returns the condition or the problems found."""
     if not source.strip():
         return None, ["'when' is empty"]
+    if len(source) > MAX_LENGTH:
+        return None, [f"condition is too long ({len(source)} characters, at most {MAX_LENGTH})"]
     try:
         program = cel.compile(source)
     except ValueError as exc:
         return None, [_syntax_problem(exc)]
+    problems = _cost_problems(source)  # before the probes, which run the program
+    if problems:
+        return None, problems
     bound = set(_BOUND.findall(source))
     reads = tuple(n for n in program.variables() if n not in bound)
     unknown = [n for n in reads if n not in registry]

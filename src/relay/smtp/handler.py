@@ -14,8 +14,14 @@ from collections.abc import Sequence
 from aiosmtpd.smtp import Envelope, Session
 
 from relay.message import Envelope as MsgEnvelope
-from relay.message import Message, Peer, to_crlf
-from relay.reply import INTERNAL_ERROR, NUL_IN_DATA, SMUGGLING, TOO_MANY_RCPTS
+from relay.message import Message, Peer, starts_with_continuation, to_crlf
+from relay.reply import (
+    INTERNAL_ERROR,
+    LEADING_CONTINUATION,
+    NUL_IN_DATA,
+    SMUGGLING,
+    TOO_MANY_RCPTS,
+)
 from relay.smtp.server import RelaySMTP
 from relay.smtp.xforward import EHLO_KEYWORD, client_address
 
@@ -91,6 +97,8 @@ class Handler:
             refusal = SMUGGLING if server.data_lines.smuggling else None
             if refusal is None and b"\0" in raw:
                 refusal = NUL_IN_DATA
+            if refusal is None and starts_with_continuation(raw):
+                refusal = LEADING_CONTINUATION  # it would extend the header we add above it
             if refusal is not None:
                 if txn is not None:
                     await txn.abort()
