@@ -73,6 +73,7 @@ def train(
     samples: Sequence[Item],
     out_dir: Path,
     *,
+    trained_at: datetime,
     labels_file: Path | None = None,
     test_samples: Sequence[Item] = (),
     seed: int = SEED,
@@ -80,7 +81,9 @@ def train(
     settings: FeatureSettings | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Choose by CV, fit on all of ``samples``, save model + card in ``out_dir``; the card."""
+    """Choose by CV, fit on all of ``samples``, save model + card in ``out_dir``; the card.
+
+    ``trained_at`` is given by the caller (the command's start), never read here."""
     import skops.io as sio
 
     started = time.perf_counter()
@@ -127,7 +130,7 @@ def train(
         "model_file": MODEL_NAME,
         "model_sha256": sha256_file(model_path),
         "model_bytes": model_path.stat().st_size,
-        "trained_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        "trained_at": trained_at.astimezone(UTC).replace(microsecond=0).isoformat(),
         "libraries": _versions(),
         "trusted_types": trusted,
         "classes": [str(c) for c in pipeline.classes_],

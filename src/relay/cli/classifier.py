@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from relay.classifier import dataset, evaluation, selection, training
@@ -39,6 +40,7 @@ def train_command(
     training.train(
         samples,
         out_dir,
+        trained_at=datetime.now(UTC),  # the command's clock: the card says when it ran
         labels_file=labels,
         test_samples=tests,
         seed=seed,

@@ -115,10 +115,13 @@ async def bulk_keys(body: object) -> list[str]:
     return ["bulk:" + key for key in await asyncio.to_thread(fingerprint, body.text)]
 
 
+async def _bulk_fingerprint(ctx: FactContext) -> list[str]:
+    return await bulk_keys(await ctx.get("body_text"))
+
+
 async def _bulk_count(ctx: FactContext) -> int:
-    body = await ctx.get("body_text")
     state = ctx.service(STATE)  # before hashing: the lab's first pass has none
-    keys = await bulk_keys(body)
+    keys = await ctx.get("bulk_fingerprint")
     members = bulk_members(ctx.message)
     return max(await state.count_windows(keys, members, BULK_WINDOW, ctx.message.received_at))
 
@@ -192,11 +195,20 @@ async def _known_correspondent(ctx: FactContext) -> bool:
 
 FACTS = (
     FactSpec(
+        "bulk_fingerprint",
+        FactType.STR_LIST,
+        Tier.FINGERPRINT,
+        _bulk_fingerprint,
+        depends=("body_text",),
+        doc="internal: the state keys of the body's MinHash bands (hashes only), computed "
+        "once for bulk_count and the recorder",
+    ),
+    FactSpec(
         "bulk_count",
         FactType.INT,
         Tier.FINGERPRINT,
         _bulk_count,
-        depends=("body_text",),
+        depends=("bulk_fingerprint",),
         needs=(STATE,),
         doc="distinct recipients of a near-identical body in 24 h (MinHash bands; hashes only)",
     ),

@@ -27,9 +27,9 @@ The counts measure what reached the relay, so rejected, quarantined, tempfailed 
 messages count too (a campaign we refuse is still a campaign). Correspondents are what our
 own users actually wrote to, so only mail that was delivered teaches them.
 
-The recorder reads what it needs through the message's own Facts (``body_text`` for the
-fingerprint): computed once, shared with the policy, and after the Verdict was built, so
-it never changes a decision. Each record is independent; a message without the input (no
+The recorder reads what it needs through the message's own Facts (``bulk_fingerprint``:
+hashed once, shared with ``bulk_count``), after the Verdict was built, so it never changes
+a decision. Each record is independent; a message without the input (no
 sender domain, an undecodable body) skips that record, and a failure is logged with the
 queue id and the reason (never the body) and never changes the client's reply.
 """
@@ -134,7 +134,7 @@ class Recorder:
                 raise result
 
     async def _bulk(self, message: Message, facts: FactSource) -> None:
-        keys = await bulk.bulk_keys(await facts.get("body_text"))
+        keys = await facts.get("bulk_fingerprint")  # hashed once, shared with bulk_count
         members = bulk.bulk_members(message)
         await self.state.incr_windows(keys, members, bulk.BULK_WINDOW, message.received_at)
 

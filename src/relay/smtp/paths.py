@@ -55,12 +55,6 @@ class PathArgument:
     def ascii(self) -> bool:
         return self.path.isascii()
 
-    def param(self, keyword: str) -> str | None:
-        for key, value in self.params:
-            if key == keyword:
-                return value
-        return None
-
     def has(self, keyword: str) -> bool:
         return any(key == keyword for key, _ in self.params)
 
@@ -152,31 +146,18 @@ def parse_argument(arg: str | None, keyword: str, syntax: Reply) -> PathArgument
     return PathArgument(path=path, params=params)
 
 
-def split_mailbox(path: str) -> tuple[str, str] | None:
-    """(local part, domain) at the one '@' outside a quoted string, or None."""
-    if path.startswith('"'):
-        end = _close_quote(path)
-        if end < 0 or path[end + 1 : end + 2] != "@":
-            return None
-        local, domain = path[: end + 1], path[end + 2 :]
-    else:
-        local, at, domain = path.partition("@")
-        if not at:
-            return None
-    return local, domain
-
-
-def _close_quote(path: str) -> int:
-    escaped = False
-    for i in range(1, len(path)):
-        ch = path[i]
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            return i
-    return -1
+def split_at(path: str) -> list[str]:
+    """Split at every '@' outside a quoted string (a mailbox has exactly two parts)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    for ch, outside in unquoted(path):
+        if ch == "@" and outside:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
 
 
 def valid_local_part(local: str) -> bool:
@@ -206,8 +187,8 @@ def check_sender(path: str) -> Reply | None:
         return None
     if path.startswith("@"):
         return SOURCE_ROUTE
-    parts = split_mailbox(path)
-    if parts is None:
+    parts = split_at(path)
+    if len(parts) != 2:
         return BAD_SENDER
     local, domain = parts
     if not valid_local_part(local):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from relay.config import IPNetwork
 from relay.idn import to_alabel
 from relay.reply import BAD_ADDRESS, RELAY_DENIED, Reply
-from relay.smtp.paths import unquoted, valid_local_part
+from relay.smtp.paths import split_at, unquoted, valid_local_part
 
 _TRICK_CHARS = ("@", "%", "!")
 
@@ -36,20 +36,6 @@ class Recipient:
         return f"{self.local}@{self.domain}" if self.domain else self.local
 
 
-def _split_unquoted(path: str) -> list[str]:
-    """Split at every '@' outside a quoted string."""
-    parts: list[str] = []
-    cur: list[str] = []
-    for ch, outside in unquoted(path):
-        if ch == "@" and outside:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
 def parse_recipient(path: str) -> Recipient | Reply:
     """A Recipient, or the refusal for a relay trick (550) or bad syntax (553).
 
@@ -58,7 +44,7 @@ def parse_recipient(path: str) -> Recipient | Reply:
     """
     if path.startswith("@") or _looks_routed(path):
         return RELAY_DENIED
-    parts = _split_unquoted(path)
+    parts = split_at(path)
     if len(parts) == 1:
         # RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
         return Recipient("postmaster", "") if path.lower() == "postmaster" else BAD_ADDRESS
