@@ -33,6 +33,7 @@ from relay.facts import bulk, content, headers, text
 from relay.facts.base import FactRegistry, Facts, Services
 from relay.lab.corpus import load_corpus, sources_from_labels
 from relay.pipeline.recorder import Recorder
+from relay.secretkey import SecretKey
 from relay.state import SqliteState
 from relay.verdict import ACCEPT_ALL
 
@@ -66,7 +67,7 @@ async def run(scratch: Path, corpus_dir: Path) -> dict[str, Any]:
         spec for family in FAMILIES for spec in family if spec.name != "has_one_click_unsubscribe"
     )
     names = [s.name for family in FAMILIES for s in family if s.name not in SKIP]
-    state = await SqliteState(scratch / "state.sqlite3").open()
+    state = await SqliteState(scratch / "state.sqlite3", key=SecretKey.generate()).open()
     psl = PublicSuffixList()
     services = Services(state=state, psl=psl)
     recorder = Recorder(state, psl)  # facts only read: record each message, as the relay does

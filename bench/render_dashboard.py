@@ -195,6 +195,7 @@ async def relay_process(
         "metrics": {"enabled": True, "listen": f"127.0.0.1:{metrics_port}"},
         "state": {"path": str(workdir / "state.sqlite3")},
         "quarantine": {"path": str(workdir / "quarantine")},
+        "security": {"key_file": str(workdir / "relay.key")},
         "log": {"level": "warning"},
     }
     (workdir / "relay.toml").write_text(toml_text(config))

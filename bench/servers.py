@@ -174,6 +174,7 @@ def relay_config(
         "metrics": {"enabled": False, "listen": f"127.0.0.1:{metrics_port}"},
         "state": {"path": str(workdir / "state.sqlite3")},
         "quarantine": {"path": str(workdir / "quarantine")},
+        "security": {"key_file": str(workdir / "relay.key")},
         "log": {"level": "info"},
     }
     for section, values in overrides.items():

@@ -69,6 +69,35 @@ def test_errors_name_key_and_reason(doc: dict[str, object], key: str, reason: st
     assert str(err.value).startswith(f"relay.toml: {key}: ")
 
 
+@pytest.mark.parametrize(
+    "key_file",
+    ["q/relay.key", "q", "q/sub/../relay.key", "./q/x/relay.key", "link/relay.key"],
+)
+def test_the_key_file_must_be_outside_the_quarantine(tmp_path: Path, key_file: str) -> None:
+    """Issue 15: whoever may edit quarantine entries must not read the key sealing them
+    (``..`` and symlinks resolved)."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "q")
+    doc = {
+        "quarantine": {"path": str(tmp_path / "q")},
+        "security": {"key_file": str(tmp_path / key_file)},
+    }
+    with pytest.raises(ConfigError) as err:
+        settings_from_mapping(doc, "relay.toml")
+    assert err.value.key == "security.key_file"
+    assert "outside the quarantine folder" in err.value.reason
+
+
+def test_the_key_file_beside_the_quarantine_is_accepted(tmp_path: Path) -> None:
+    doc = {
+        "quarantine": {"path": str(tmp_path / "var" / "quarantine")},
+        "security": {"key_file": str(tmp_path / "var" / "quarantine.key")},  # a sibling
+    }
+    assert settings_from_mapping(doc).security.key_file == tmp_path / "var" / "quarantine.key"
+    shipped = load_settings(REPO / "config" / "relay.toml")
+    assert shipped.security.key_file == Path("var/relay.key")
+
+
 def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_settings(tmp_path / "missing.toml")

@@ -24,6 +24,7 @@ from relay.facts.bulk import fingerprint, normalise
 from relay.facts.services import Services
 from relay.message import Message, Peer
 from relay.pipeline.recorder import Recorder
+from relay.secretkey import SecretKey
 from relay.state import SqliteState, StateStore
 from relay.verdict import Action, Tier, Verdict
 from tests.support.golden_facts import Case, check_case, covered, family_cases
@@ -40,7 +41,7 @@ def psl() -> PublicSuffixList:
 
 @pytest.fixture
 async def state(tmp_path: Path) -> AsyncIterator[StateStore]:
-    store = await SqliteState(tmp_path / "state.sqlite3").open()
+    store = await SqliteState(tmp_path / "state.sqlite3", key=SecretKey.generate()).open()
     yield store
     await store.close()
 

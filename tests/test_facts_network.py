@@ -17,6 +17,7 @@ from relay.facts.base import FactRegistry, Facts, Services
 from relay.facts.network import dnsbl_query, is_generic
 from relay.message import Message, Peer
 from relay.pipeline.recorder import Record, Recorder
+from relay.secretkey import SecretKey
 from relay.state import SqliteState, StateStore
 from relay.verdict import Action, Tier, Verdict
 from tests.support.dnsserver import LocalDns
@@ -60,7 +61,7 @@ async def services(dns_server: LocalDns, tmp_path: Path) -> AsyncIterator[Servic
         {"dns": {"nameservers": [dns_server.address], "timeout": 1.0, "dnsbl_zones": ZONES[:2]}}
     )
     resolver = Resolver(settings.dns)
-    state = await SqliteState(tmp_path / "state.sqlite3").open()
+    state = await SqliteState(tmp_path / "state.sqlite3", key=SecretKey.generate()).open()
     yield Services(resolver=resolver, state=state)
     await state.close()
     await resolver.close()

@@ -138,9 +138,116 @@ def test_sender_shape_tokens(extractor: Extractor) -> None:
         "from:domain_hyphen",
         "from:reply_elsewhere",
     } <= tokens
-    assert {"from:tld_net", "hops:2", "rcpts:2-3", "mailer:none"} <= tokens
+    assert {"from:tld_net", "rcpts:2-3", "mailer:none"} <= tokens
+    # Received fields describe the collection path (the relay sees fewer than the final
+    # mailbox does): not a feature since features version 2.
+    assert not any(t.startswith("hops:") for t in tokens)
 
 
 def test_settings_round_trip_through_the_card() -> None:
     s = FeatureSettings(max_text_kb=8, max_raw_kb=100)
     assert FeatureSettings.from_dict({**s.as_dict(), "unrelated": 1}) == s
+
+
+def test_log_line_before_the_header_is_skipped(extractor: Extractor) -> None:
+    # modern-dev: a tool's log line was written into 126 files before the header.
+    raw = "\u2705 Loading configuration: x.toml\n".encode() + _mail(
+        "From: Shop <news@shop.test>\nSubject: weekly deals\n", b"hello\r\n"
+    )
+    feats = extractor.extract_bytes(raw)
+    assert feats.text.startswith("weekly deals") and not feats.degraded
+    assert feats.sender_site == "shop.test"
+
+
+def test_hidden_text_tricks_and_zero_width_characters(extractor: Extractor) -> None:
+    html = (
+        '<div style="display:none">hidden preheader</div>'
+        '<span style="font-size:0px;">x</span><p style="color:#ffffff">white</p>'
+        "<p>Pay\u200bPal acc\u200bount</p>"
+    ).encode()
+    raw = _mail("From: a@b.test\nSubject: s\nContent-Type: text/html; charset=utf-8\n", html)
+    feats = extractor.extract_bytes(raw)
+    tokens = set(feats.meta.split())
+    assert {"html:hidden", "html:tiny_font", "html:white_text", "text:zero_width_1-3"} <= tokens
+    assert "PayPal account" in feats.text  # the word filter sees the words again
+    plain = extractor.extract_bytes(
+        _mail("Subject: s\nContent-Type: text/html\n", b'<p style="color:#333">x</p>')
+    )
+    assert not {"html:hidden", "html:white_text", "html:tiny_font"} & set(plain.meta.split())
+
+
+def test_url_domains_relative_to_the_sender(extractor: Extractor) -> None:
+    html = (
+        b'<a href="https://click.news.shop.co.uk/t/1">Shop</a>'
+        b'<a href="https://bit.ly/abc">here</a>'
+        b'<a href="https://evil.web.app/login">login</a>'
+    )
+    raw = _mail("From: Shop <news@mail.shop.co.uk>\nSubject: s\nContent-Type: text/html\n", html)
+    feats = extractor.extract_bytes(raw)
+    tokens = set(feats.meta.split())
+    assert feats.sender_site == "shop.co.uk"
+    assert {"url:site_shop.co.uk", "url:shortener", "url:free_host", "url:to_sender"} <= tokens
+    assert {"url:sites_3-4", "url:site_bit.ly", "url:site_evil.web.app"} <= tokens
+    lure = extractor.extract_bytes(
+        _mail(
+            "From: Bank <info@bank.test>\nSubject: s\n",
+            b"log in at http://198.51.100.7/bank now\r\n",
+        )
+    )
+    assert {"url:ip", "url:all_http"} <= set(lure.meta.split())
+    assert "url:to_sender" not in lure.meta.split()
+
+
+def test_attachment_types_are_tokens_and_never_read(extractor: Extractor) -> None:
+    secret = base64.b64encode(b"<html>smuggled secretword</html>")
+    raw = _mail(
+        'Subject: invoice\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="b"\n',
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b'--b\r\nContent-Type: text/html; name="Invoice.HTM"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="Invoice.HTM"\r\n\r\n'
+        + secret
+        + b"\r\n--b\r\nContent-Type: application/pdf\r\n"
+        b'Content-Disposition: attachment; filename="statement.pdf"\r\n\r\nJVBERi0=\r\n--b--\r\n',
+    )
+    feats = extractor.extract_bytes(raw)
+    tokens = set(feats.meta.split())
+    assert {"att_ext:htm", "att:risky", "att_type:text/html"} <= tokens
+    assert {"att_ext:pdf", "att_type:application/pdf"} <= tokens
+    assert "secretword" not in feats.text
+
+
+def test_bulk_headers_dkim_alignment_and_display_name(extractor: Extractor) -> None:
+    newsletter = _mail(
+        "From: Shop News <news@shop.test>\nSubject: s\n"
+        "List-Unsubscribe: <https://shop.test/u?x=1>, <mailto:u@shop.test>\n"
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\nFeedback-ID: 1:2:esp\n"
+        "DKIM-Signature: v=1; a=rsa-sha256; d=mail.shop.test; s=k; bh=x; b=y\n",
+        b"hi\r\n",
+    )
+    tokens = set(extractor.extract_bytes(newsletter).meta.split())
+    assert {"list:unsubscribe", "list:unsubscribe_web", "list:unsubscribe_mailto"} <= tokens
+    assert {"list:one_click", "bulk:feedback_id", "dkim:aligned", "from:name_in_address"} <= tokens
+    lure = _mail(
+        "From: PayPal.com Support <a1@random-host.test>\nSubject: s\n"
+        "Reply-To: x@gmail.com\n"
+        "DKIM-Signature: v=1; a=rsa-sha1; d=other.test; s=k; bh=x; b=y\n",
+        b"hi\r\n",
+    )
+    tokens = set(extractor.extract_bytes(lure).meta.split())
+    assert {"from:name_other_domain", "from:name_not_in_address", "from:reply_freemail"} <= tokens
+    assert {"dkim:other", "dkim:sha1"} <= tokens and "list:unsubscribe" not in tokens
+    bare = set(
+        extractor.extract_bytes(_mail("From: a@b.test\nSubject: s\n", b"x\r\n")).meta.split()
+    )
+    assert "dkim:none" in bare
+
+
+def test_styled_letters_in_subject_and_name(extractor: Extractor) -> None:
+    raw = _mail(
+        "From: =?utf-8?b?8J2XpvCdl7XwnZe2?= <a@b.test>\n"
+        "Subject: =?utf-8?b?8J2XpvCdl7XwnZe28J2XvfCdl73wnZey8J2XuyDwn5qa?=\n",
+        b"x\r\n",
+    )
+    tokens = set(extractor.extract_bytes(raw).meta.split())
+    assert {"subj:styled_letters", "subj:emoji", "from:name_styled_letters"} <= tokens

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # share a layer do not import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.errors", "relay.reply", "relay.verdict", "relay.idn", "relay.intervals"),  # values
-    ("relay.message", "relay.config"),
+    ("relay.message", "relay.config", "relay.secretkey"),
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure
     ("relay.auth", "relay.classifier"),  # the checks facts are made of

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from relay.classifier.features import FeatureSettings
+from relay.classifier.features import FEATURE_VERSION, FeatureSettings
 from relay.classifier.model import card_path, load_model
 from relay.classifier.serving import Classifier
 from relay.errors import FactError, ModelError
 from relay.facts import default_registry
 from relay.facts.base import Facts, Services
 from relay.message import Message
+from relay.secretkey import SecretKey
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "spam.skops"
 SHARED = Path(os.environ.get("RELAY_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -80,10 +81,25 @@ def test_shipped_model_loads_and_matches_its_card() -> None:
     assert card["classes"] == ["ham", "spam"]
     assert model.spam_column == list(model.pipeline.classes_).index("spam")
     assert model.extractor.settings == FeatureSettings.from_dict(card["features"])
-    assert card["training"]["messages"] == 4829  # the SpamAssassin train split
+    # The SpamAssassin train split and today's mail, each with its digest and held-out figures.
+    sets = {s["name"]: s for s in card["training"]["sets"]}
+    assert sets["spamassassin/split.tsv"]["messages"] == 4829
+    assert sets["modern-dev/labels.tsv"]["messages"] == 574
+    assert all(len(s["labels_sha256"]) == 64 for s in sets.values())
+    held_out = card["evaluation"]["cross_validation"]["by_set"]
+    assert set(held_out) == set(sets)
+    assert card["features"]["version"] == FEATURE_VERSION
     spam_p, _ = model.classify_bytes(SPAM)
     ham_p, _ = model.classify_bytes(HAM)
     assert spam_p > 0.9 > 0.1 > ham_p
+
+
+def test_refuses_a_model_of_another_feature_version(tmp_path: Path) -> None:
+    path = _copy(tmp_path)
+    card = json.loads(card_path(path).read_text())
+    _edit_card(path, features={**card["features"], "version": FEATURE_VERSION - 1})
+    with pytest.raises(ModelError, match="features version"):
+        load_model(path)
 
 
 def test_refuses_a_changed_model_file(tmp_path: Path) -> None:
@@ -188,7 +204,7 @@ async def test_relay_refuses_to_start_without_its_model(tmp_path: Path) -> None:
     )
     async with contextlib.AsyncExitStack() as stack:
         with pytest.raises(ModelError, match="model file not found"):
-            await open_services(settings, stack)
+            await open_services(settings, stack, key=SecretKey.generate())
 
 
 @pytest.mark.corpus
@@ -282,7 +298,10 @@ def test_refuses_denied_callables_re_exported_under_allowed_prefixes(tmp_path: P
 
 
 def test_allowlist_can_be_narrowed_not_widened() -> None:
-    model = load_model(MODEL, allowed=["sklearn.calibration."])
+    # The shipped model's untrusted types: the calibration and its grouped folds.
+    model = load_model(MODEL, allowed=["sklearn.calibration.", "sklearn.model_selection._split."])
+    with pytest.raises(ModelError, match=r"PredefinedSplit is not allowed"):
+        load_model(MODEL, allowed=["sklearn.calibration."])
     assert model.spam_column == list(model.pipeline.classes_).index("spam")
     with pytest.raises(ModelError, match=r"type sklearn\.calibration\._CalibratedClassifier"):
         load_model(MODEL, allowed=["numpy."])

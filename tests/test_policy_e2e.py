@@ -18,6 +18,7 @@ from relay.config import Settings
 from relay.contracts import NullObserver
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import ConfigError
+from relay.secretkey import load_key
 from tests.support.relay import (
     RawClient,
     Sink,
@@ -133,8 +134,8 @@ async def test_every_action_in_enforce_mode(tmp_path: Path) -> None:
     assert b"X-Spam-Rules: tag_me=+6" in tagged
 
     # quarantine: the client got 250 with the entry id; the message is kept with its verdict
-    store = QuarantineStore(tmp_path / "quarantine")
-    entries = await store.list()
+    store = QuarantineStore(tmp_path / "quarantine", key=load_key(settings.security.key_file))
+    entries = (await store.list()).entries
     assert len(entries) == 1
     entry = entries[0]
     assert entry.id in quarantine[1]
@@ -163,7 +164,10 @@ async def test_shadow_mode_delivers_everything_with_headers(tmp_path: Path) -> N
         head = header_block(message.data)
         assert b"action=" + action + b" policy=e2e mode=shadow" in head
     assert b"reject_me=reject" in header_block(sink.messages[3].data)
-    assert await QuarantineStore(tmp_path / "quarantine").list() == []
+    listing = await QuarantineStore(
+        tmp_path / "quarantine", key=load_key(settings.security.key_file)
+    ).list()
+    assert listing.entries == () and listing.refused == ()
 
 
 class CountingObserver(NullObserver):

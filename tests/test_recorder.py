@@ -27,6 +27,7 @@ from relay.errors import StateError
 from relay.facts import bulk
 from relay.message import Message
 from relay.pipeline.recorder import ALL, Record, Recorder
+from relay.secretkey import SecretKey, load_key
 from relay.state import SqliteState, StateStore
 from relay.verdict import Verdict
 from tests.support.relay import make_settings, running_relay, send
@@ -111,9 +112,14 @@ def _contents(path: Path) -> dict[str, Any]:
     return out
 
 
-async def _run(tmp_path: Path, policy: str) -> tuple[list[int], dict[str, Any]]:
+async def _run(
+    tmp_path: Path, policy: str, key_file: Path | None = None
+) -> tuple[list[int], dict[str, Any]]:
     (tmp_path / "policy.toml").write_text(policy)
-    settings = make_settings(tmp_path, {"policy": {"path": str(tmp_path / "policy.toml")}})
+    overrides: dict[str, dict[str, Any]] = {"policy": {"path": str(tmp_path / "policy.toml")}}
+    if key_file is not None:  # runs compared record by record hash under one key
+        overrides["security"] = {"key_file": str(key_file)}
+    settings = make_settings(tmp_path, overrides)
     codes: list[int] = []
     async with running_relay(settings) as runtime:
         for sender, rcpts, data in MAIL:
@@ -128,8 +134,9 @@ async def _run(tmp_path: Path, policy: str) -> tuple[list[int], dict[str, Any]]:
 async def test_counts_do_not_depend_on_what_the_policy_read(tmp_path: Path) -> None:
     (tmp_path / "early").mkdir()
     (tmp_path / "reads").mkdir()
-    early_codes, early = await _run(tmp_path / "early", STOPS_EARLY)
-    read_codes, read = await _run(tmp_path / "reads", READS_STATE)
+    key_file = tmp_path / "relay.key"
+    early_codes, early = await _run(tmp_path / "early", STOPS_EARLY, key_file)
+    read_codes, read = await _run(tmp_path / "reads", READS_STATE, key_file)
     assert early_codes == [550] * len(MAIL)  # decided on a T0 fact: never asked for counts
     assert read_codes == [250] * len(MAIL)  # read bulk_count, sender_volume_24h, rate
     assert early == read
@@ -177,12 +184,14 @@ async def test_recorder_runs_once_per_message_after_the_action(tmp_path: Path) -
     assert [o for _, o in recorder.calls] == [Outcome.DELIVERED] * 3 + [Outcome.REJECTED]
     assert len({q for q, _ in recorder.calls}) == len(MAIL)
     # Correspondents: only from mail of ours that was delivered.
-    store = await SqliteState(tmp_path / "state.sqlite3", readonly=True).open()
+    key = load_key(settings.security.key_file)  # the relay's: its hashes are keyed
+    store = await SqliteState(tmp_path / "state.sqlite3", key=key, readonly=True).open()
     try:
         now = time.time()  # the relay stamped arrivals with the clock; pairs last a year
-        assert await store.seen(bulk.correspondent_key("alice@sender.test", "bob@example.org"), now)
-        assert await store.seen(bulk.correspondent_key("news@other.test", "bob@example.org"), now)
-        refused = bulk.correspondent_key("info@sender.test", "dave@example.org")
+        pair = bulk.correspondent_key
+        assert await store.seen(pair(store, "alice@sender.test", "bob@example.org"), now)
+        assert await store.seen(pair(store, "news@other.test", "bob@example.org"), now)
+        refused = pair(store, "info@sender.test", "dave@example.org")
         assert not await store.seen(refused, now)
         assert await store.count_window_many(bulk.volume_key("sender.test"), [], 1e10, now) == 4
     finally:
@@ -221,7 +230,7 @@ async def test_a_recorder_failure_never_changes_the_reply(
     )
     async with running_relay(settings) as runtime:
         assert runtime.pipeline.recorder is not None
-        runtime.pipeline.recorder.state = _Broken()
+        runtime.pipeline.recorder.state = _Broken(SecretKey.generate())
         sender, rcpts, data = MAIL[0]
         with caplog.at_level(logging.WARNING, logger="relay.recorder"):
             replies, _ = await send(runtime.port, rcpts, data, sender=sender)
@@ -244,7 +253,8 @@ def _files(directory: Path) -> dict[str, bytes]:
 async def test_scan_leaves_the_live_state_store_untouched(tmp_path: Path) -> None:
     state = tmp_path / "var" / "state.sqlite3"
     now = 1_795_435_200.0  # 2026-11-23T10:00:00Z, the scan's --time
-    store = await SqliteState(state).open()
+    key_file = tmp_path / "relay.key"  # the relay's key, outside the state's folder
+    store = await SqliteState(state, key=load_key(key_file, create=True)).open()
     seeded = ["earlier-1", "earlier-2"]
     await store.incr_window_many(bulk.volume_key("sender.test"), seeded, 3600, now - 60)
     await store.close()
@@ -256,6 +266,7 @@ async def test_scan_leaves_the_live_state_store_untouched(tmp_path: Path) -> Non
     cfg.write_text(
         '[model]\nenabled = false\n[policy]\npath = ""\n[auth]\nenabled = false\n'
         f"[state]\npath = {json.dumps(str(state))}\n"
+        f"[security]\nkey_file = {json.dumps(str(key_file))}\n"
     )
     names = "sender_volume_24h,bulk_count,connection_rate,bulk_sender,known_correspondent"
     for _ in range(2):

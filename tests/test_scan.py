@@ -51,6 +51,9 @@ def test_scan_prints_facts_and_verdict_as_json(tmp_path: Path) -> None:
     }
     assert doc["verdict"]["action"] == "accept"
     assert doc["envelope"]["mail_from"] == "alice@sender.test"
+    # No key file yet (no relay ran here): the scan reads counts as empty, creates none.
+    assert not (tmp_path / "var" / "relay.key").exists()
+    assert "state counts read as empty" in out.stderr.decode()
 
 
 def test_scan_unknown_fact_is_a_clear_error(tmp_path: Path) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,9 +21,11 @@ import pytest
 
 from relay.config import StateSettings
 from relay.errors import StateError
-from relay.state import RedisState, SqliteState, StateStore, hashed, open_state
+from relay.secretkey import SecretKey
+from relay.state import RedisState, SqliteState, StateStore, open_state
 
 Opener = Callable[[], Awaitable[StateStore]]
+KEY = SecretKey(bytes(range(32)))  # one relay's key; clients of one store share it
 
 
 def _free_port() -> int:
@@ -81,7 +86,7 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
         settings = StateSettings(backend="redis", url=url.rsplit("/", 1)[0] + f"/{db}")
 
     async def open_one() -> StateStore:
-        return await open_state(settings)
+        return await open_state(settings, KEY)
 
     return open_one
 
@@ -177,10 +182,11 @@ async def test_concurrent_writers_lose_nothing(opener: Opener, store: StateStore
 _WRITER = """
 import asyncio, sys
 from pathlib import Path
+from relay.secretkey import SecretKey
 from relay.state import SqliteState
 
 async def main() -> None:
-    store = await SqliteState(Path(sys.argv[1])).open()
+    store = await SqliteState(Path(sys.argv[1]), key=SecretKey(bytes(32))).open()
     for i in range(150):
         await store.incr_window("procs", f"{sys.argv[2]}-{i}", 3600, now=100.0)
     await store.close()
@@ -196,22 +202,88 @@ async def test_sqlite_is_safe_across_processes(tmp_path: Path) -> None:
         for name in ("a", "b", "c")
     ]
     assert [await p.wait() for p in procs] == [0, 0, 0]
-    store = await SqliteState(path).open()
+    store = await SqliteState(path, key=KEY).open()
     try:
         assert await store.incr_window("procs", "a-0", 3600, now=100.0) == 450
     finally:
         await store.close()
 
 
-def test_hashed_hides_addresses() -> None:
-    key = hashed("alice@example.org", "bob@example.net")
+async def test_hashed_hides_addresses(store: StateStore) -> None:
+    key = store.hashed("alice@example.org", "bob@example.net")
     assert "alice" not in key and "example" not in key
-    assert key == hashed("alice@example.org", "bob@example.net")
-    assert key != hashed("alice@example.orgbob@example.net", "")
+    assert key == store.hashed("alice@example.org", "bob@example.net")
+    assert key != store.hashed("alice@example.orgbob@example.net", "")
+
+
+async def test_address_hashes_are_keyed(tmp_path: Path) -> None:
+    """Issue 15, finding 10: one key, one hash per address (several relays sharing a
+    store count together); another key, other hashes (without the key, a guessed address
+    cannot be confirmed)."""
+    other = SecretKey(bytes(range(1, 33)))
+    one = SqliteState(tmp_path / "a.db", key=KEY)
+    same = RedisState("redis://127.0.0.1:1/0", key=KEY)  # never connected: hashing only
+    different = SqliteState(tmp_path / "b.db", key=other)
+    address = "alice@example.org"
+    try:
+        assert one.hashed(address) == same.hashed(address)
+        assert one.hashed(address) != different.hashed(address)
+        pair = (address, "bob@example.net")
+        assert one.hashed(*pair) == same.hashed(*pair) != different.hashed(*pair)
+    finally:
+        await same.close()
+        await one.close()
+        await different.close()
+
+
+async def test_the_state_file_holds_no_unkeyed_address_hash(tmp_path: Path) -> None:
+    """What the relay records for a recipient, a connection and a correspondent pair is
+    not the unkeyed BLAKE2b anyone could compute from a guessed address."""
+    from relay.facts import bulk, network
+    from relay.message import Envelope, Message, Peer
+
+    def unkeyed(*parts: str) -> str:  # what state.hashed computed before the key
+        digest = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            digest.update(part.encode() + b"\x00")
+        return digest.hexdigest()
+
+    path = tmp_path / "state.sqlite3"
+    store = await SqliteState(path, key=KEY).open()
+    message = Message(
+        raw=b"To: bob@example.org\r\n\r\nhi\r\n",
+        envelope=Envelope("alice@example.net", ("bob@example.org",)),
+        peer=Peer(ip="192.0.2.7", port=40000),
+        received_at=1000.0,
+    )
+    try:
+        await store.incr_window_many("bulk:x", bulk.bulk_members(store, message), 60, 1000.0)
+        peer = message.peer
+        member = network.connection_member(store, peer)
+        await store.incr_window(network.connection_key(store, peer), member, 60, 1000.0)
+        await store.add(
+            bulk.correspondent_key(store, "alice@example.net", "bob@example.org"), now=1000.0
+        )
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        stored = " ".join(
+            [k + " " + m for k, m in db.execute("SELECT key, member FROM window_members")]
+            + [k for (k,) in db.execute("SELECT key FROM flags")]
+        )
+    assert stored.count("rcpt") == 0 and "example" not in stored and "192.0.2.7" not in stored
+    for guess in (
+        unkeyed("rcpt", "bob@example.org"),
+        unkeyed("192.0.2.7"),
+        unkeyed("192.0.2.7", "40000"),
+        unkeyed("alice@example.net", "bob@example.org"),
+    ):
+        assert guess not in stored
+    assert f"conn:{store.hashed('192.0.2.7')}" in stored  # the keyed one is what is kept
 
 
 async def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
-    store = await SqliteState(tmp_path / "s.db").open()
+    store = await SqliteState(tmp_path / "s.db", key=KEY).open()
     await store.close()
     import sqlite3
 
@@ -222,11 +294,11 @@ async def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
 async def test_unreachable_redis_is_a_state_error() -> None:
     settings = StateSettings(backend="redis", url=f"redis://127.0.0.1:{_free_port()}/0")
     with pytest.raises(StateError):
-        await open_state(settings)
+        await open_state(settings, KEY)
 
 
 async def test_closed_sqlite_store_raises_state_error(tmp_path: Path) -> None:
-    store = SqliteState(tmp_path / "s.db")  # never opened
+    store = SqliteState(tmp_path / "s.db", key=KEY)  # never opened
     with pytest.raises(StateError):
         await store.seen("x", now=1.0)
     await store.close()
@@ -237,7 +309,7 @@ def _open_together(args: tuple[str, threading.Barrier]) -> str:
     path, start = args
 
     async def go() -> None:
-        store = await SqliteState(Path(path)).open()
+        store = await SqliteState(Path(path), key=KEY).open()
         await store.close()
 
     start.wait(timeout=60)  # no clock race: a slow spawn delays the start, never misses it
@@ -300,10 +372,10 @@ async def test_read_only_store_reads_and_refuses_writes(
     await store.incr_window_many("k", ["a", "b"], 60, now=100.0)
     await store.add("flag", now=100.0)
     if isinstance(store, RedisState):
-        reader: StateStore = RedisState(store.url, readonly=True)
+        reader: StateStore = RedisState(store.url, key=KEY, readonly=True)
     else:
         assert isinstance(store, SqliteState)
-        reader = await SqliteState(store.path, readonly=True).open()
+        reader = await SqliteState(store.path, key=KEY, readonly=True).open()
     try:
         assert await reader.count_window("k", "c", 60, now=110.0) == 3
         assert await reader.count_window_many("k", [], 60, now=110.0) == 2
@@ -325,39 +397,30 @@ async def test_read_only_sqlite_changes_no_file(tmp_path: Path) -> None:
     """relay scan's store: nothing written, and no -wal or -shm created beside a closed
     store (they would belong to whoever ran the scan)."""
     path = tmp_path / "var" / "state.sqlite3"
-    writer = await SqliteState(path).open()
+    writer = await SqliteState(path, key=KEY).open()
     await writer.incr_window_many("k", ["a", "b"], 60, now=100.0)
     await writer.close()
     before = _files(path.parent)
     assert list(before) == ["state.sqlite3"]
-    reader = await SqliteState(path, readonly=True).open()
+    reader = await SqliteState(path, key=KEY, readonly=True).open()
     assert await reader.count_window("k", "c", 60, now=110.0) == 3
     await reader.close()
     assert _files(path.parent) == before
     # A store in use (a live relay has its -wal): read through it, still writing nothing.
-    writer = await SqliteState(path).open()
+    writer = await SqliteState(path, key=KEY).open()
     await writer.incr_window("k", "c", 60, now=105.0)  # in the WAL, not yet in the file
     busy = _files(path.parent)
-    reader = await SqliteState(path, readonly=True).open()
+    reader = await SqliteState(path, key=KEY, readonly=True).open()
     assert await reader.count_window_many("k", [], 60, now=110.0) == 3
     await reader.close()
     assert _files(path.parent)["state.sqlite3"] == busy["state.sqlite3"]
     assert _files(path.parent)["state.sqlite3-wal"] == busy["state.sqlite3-wal"]
     await writer.close()
     # No store yet: an empty one, and none created.
-    empty = await SqliteState(tmp_path / "none" / "state.sqlite3", readonly=True).open()
+    empty = await SqliteState(tmp_path / "none" / "state.sqlite3", key=KEY, readonly=True).open()
     assert await empty.count_window("k", "a", 60, now=1.0) == 1
     await empty.close()
     assert not (tmp_path / "none").exists()
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    old = os.umask(0o022)  # the usual umask: files 0644 unless created otherwise
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def _mode(path: Path) -> int:
@@ -367,7 +430,7 @@ def _mode(path: Path) -> int:
 async def test_sqlite_state_files_are_private(tmp_path: Path, umask_022: None) -> None:
     """Issue 15: the state (address hashes, counters) was world-readable (0644)."""
     path = tmp_path / "var" / "state.sqlite3"
-    store = await SqliteState(path).open()
+    store = await SqliteState(path, key=KEY).open()
     try:
         await store.incr_window("k", "m", 60.0, time.time())
         sidecars = [path.with_name(path.name + s) for s in ("-wal", "-shm")]
@@ -381,11 +444,11 @@ async def test_sqlite_state_files_are_private(tmp_path: Path, umask_022: None) -
 
 async def test_sqlite_state_tightens_a_world_readable_file(tmp_path: Path, umask_022: None) -> None:
     path = tmp_path / "state.sqlite3"
-    store = await SqliteState(path).open()
+    store = await SqliteState(path, key=KEY).open()
     await store.incr_window("k", "m", 60.0, time.time())
     await store.close()
     path.chmod(0o644)  # as an older version left it
-    store = await SqliteState(path).open()
+    store = await SqliteState(path, key=KEY).open()
     try:
         assert await store.count_window("k", "m", 60.0, time.time()) == 1  # data kept
         assert _mode(path) == 0o600

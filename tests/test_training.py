@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mailbox
 import random
@@ -14,6 +15,7 @@ from relay.classifier import evaluation
 from relay.classifier.model import card_path, load_model
 from relay.classifier.training import CorpusError, read_labels, read_source
 from relay.cli.main import main
+from relay.corpus import Item
 
 HAM_WORDS = [
     "meeting",
@@ -140,6 +142,18 @@ def test_relay_train_and_evaluate_end_to_end(
     assert card["training"]["messages"] == 36 and card["training"]["spam"] == 18
     assert card["evaluation"]["test"]["messages"] == 12
     assert set(card["thresholds"]) == {"fpr_0.1%", "fpr_1%", "p_0.5"}
+    # Every training set is named with its digest, and held-out figures per set.
+    (one,) = card["training"]["sets"]
+    assert one["name"] == "tmp/labels.tsv" or one["name"].endswith("/labels.tsv")
+    assert one["labels_sha256"] == hashlib.sha256(labels.read_bytes()).hexdigest()
+    assert (one["messages"], one["ham"], one["spam"]) == (36, 18, 18)
+    held_out = card["evaluation"]["cross_validation"]["by_set"][one["name"]]
+    assert set(held_out["at_policy_cuts"]) == {"0.1", "0.5", "0.7", "0.9", "0.99"}
+    assert len(held_out["roc_auc_by_fold"]) == 5 and len(held_out["roc_auc_ci95"]) == 2
+    assert held_out["calibration"]["bins"] and 0 <= held_out["calibration"]["brier"] <= 1
+    assert "sigmoid" in card["estimator"]["calibration"]
+    # The tiny corpus's ham all comes from one sender domain: too coarse for 5 folds.
+    assert card["selection"]["grouping"] == "body"
     model = load_model(model_path)
     assert model.info.version == card["model_sha256"][:12]
 
@@ -168,10 +182,50 @@ def test_relay_train_from_sources_is_deterministic(tmp_path: Path) -> None:
         argv = ["train", "--ham", str(tmp_path / "ham.mbox"), "--spam", str(tmp_path / "spam.mbox")]
         assert main([*argv, "--out", str(out), "--quick"]) == 0
         card = json.loads((out / "spam.card.json").read_text())
-        assert card["training"]["labels_sha256"] is None and card["training"]["ham"] == 12
+        assert card["training"]["sets"][0]["labels_sha256"] is None
+        assert card["training"]["ham"] == 12
         probs = load_model(out / "spam.skops").predict_rows(
             np.array([["free money winner casino", "subj:free"]], dtype=object)
         )
         digests.append((card["training"]["messages_sha256"], round(float(probs[0]), 9)))
     assert digests[0] == digests[1]
     assert digests[0][1] > 0.5
+
+
+def _labelled(label: str, site: str, i: int) -> Item:
+    raw = f"From: a{i}@mail.{site}\nSubject: s{i}\n\nbody {i} {label}\n".encode()
+    return Item(id=f"{label}/{i}", label=label, path=Path("mem"), data=raw)  # type: ignore[arg-type]
+
+
+def test_folds_never_split_a_sender_domain_and_keep_every_set_in_every_fold() -> None:
+    from relay.classifier import dataset, selection
+    from relay.classifier.features import Extractor
+
+    extractor = Extractor()
+    old = [_labelled(lab, f"s{i % 23}.test", i) for i, lab in enumerate(["ham", "spam"] * 60)]
+    new = [_labelled(lab, f"n{i % 11}.org", i) for i, lab in enumerate(["ham", "spam"] * 20)]
+    data = dataset.concat(
+        [dataset.featurise(old, extractor, "old"), dataset.featurise(new, extractor, "new")]
+    )
+    assert data.groups[0] == "site:s0.test" and data.groups[-1].startswith("site:n")
+    ids, grouping = selection.fold_ids(data, seed=1)
+    assert grouping == "sender"
+    for group in set(data.groups):
+        assert len(set(ids[data.groups == group])) == 1, group  # never straddles folds
+    for k in range(selection.CV_FOLDS):
+        fold = ids == k
+        assert {"old", "new"} <= set(data.sources[fold])
+        assert {"ham", "spam"} <= set(data.labels[fold])
+    weights = selection.sample_weights(data, balance=1.0)
+    assert weights[data.sources == "old"].max() == 1.0
+    assert weights[data.sources == "new"].min() == pytest.approx(120 / 40)
+
+
+def test_cluster_bootstrap_interval_brackets_the_auc() -> None:
+    rng = np.random.default_rng(4)
+    spam = rng.random(200) < 0.5
+    scores = rng.random(200) + spam * 0.8
+    groups = np.array([f"g{i // 4}" for i in range(200)])
+    auc = evaluation.roc_auc(spam, scores)
+    low, high = evaluation.auc_interval(spam, scores, groups, resamples=300, seed=1)
+    assert low < auc < high and high - low < 0.2

@@ -31,6 +31,7 @@ from relay.assembly import (
     check_services,
     load_decider,
     load_shadow,
+    open_sandbox,
     open_services,
 )
 from relay.config import Settings, load_settings
@@ -46,6 +47,9 @@ from relay.ops.shadowlog import ShadowLog
 from relay.pipeline.process import Pipeline
 from relay.policy import reload_policy
 from relay.policy.holder import DeciderHolder
+from relay.proc.celsandbox import ConditionSandbox
+from relay.secretkey import load_key
+from relay.smtp.budget import DataBudget
 from relay.smtp.listen import listening_socket, server_tls_context, start_server
 from relay.smtp.relaycontrol import RelayControl
 from relay.smtp.server import SmtpDeps
@@ -97,6 +101,7 @@ class Runtime:
     server: asyncio.Server
     observer: Observer
     metrics: MetricsServer | None = None  # the /metrics endpoint this process serves
+    sandbox: ConditionSandbox | None = None  # runs conditions with comprehensions
 
     @property
     def port(self) -> int:
@@ -109,7 +114,7 @@ class Runtime:
             log.info("policy reload: no policy file configured")
             return False
         return reload_policy(
-            self.pipeline.policy, path, self.registry, self.observer, self.services
+            self.pipeline.policy, path, self.registry, self.observer, self.services, self.sandbox
         )
 
 
@@ -122,11 +127,14 @@ async def lifespan(
 ) -> AsyncIterator[Runtime]:
     async with contextlib.AsyncExitStack() as stack:
         registry = default_registry()
-        services = await open_services(settings, stack)
+        # Created on a fresh machine; refused when others may read it (secretkey.py).
+        key = load_key(settings.security.key_file, create=True)
+        services = await open_services(settings, stack, key=key)
         transport = build_transport(settings)
         stack.push_async_callback(transport.close)
-        holder = DeciderHolder(load_decider(settings, registry))
-        shadow = load_shadow(settings, registry)
+        sandbox = open_sandbox(settings, stack)
+        holder = DeciderHolder(load_decider(settings, registry, sandbox))
+        shadow = load_shadow(settings, registry, sandbox)
         # A policy that reads a fact whose service is off stops start-up (ConfigError).
         check_services(settings, registry, services, [holder.current, *shadow])
         readiness = RelayReadiness(settings, holder, services=services)
@@ -149,7 +157,7 @@ async def lifespan(
             shadow_log = ShadowLog(settings.policy.shadow_log, inner=observer)
             stack.callback(shadow_log.close)
             observer = shadow_log
-        quarantine = QuarantineStore(settings.quarantine.path)
+        quarantine = QuarantineStore(settings.quarantine.path, key=key)
         swept = quarantine.sweep_stale()
         if swept:
             log.warning("quarantine: removed %d half-written entries left by a crash", swept)
@@ -164,7 +172,10 @@ async def lifespan(
             hostname=settings.smtp.hostname,
             recorder=build_recorder(settings, services),
         )
-        sessions = Sessions(limit=settings.smtp.max_connections)
+        sessions = Sessions(
+            limit=settings.smtp.max_connections,
+            data_budget=DataBudget.from_settings(settings.smtp),
+        )
         deps = SmtpDeps(
             settings=settings,
             pipeline=pipeline,
@@ -196,6 +207,7 @@ async def lifespan(
             server=server,
             observer=observer,
             metrics=endpoint,
+            sandbox=sandbox,
         )
         try:
             yield runtime

@@ -27,14 +27,21 @@ from relay.policy import load_policy
 from relay.policy.engine import Policy
 from relay.policy.holder import NOOP
 from relay.policy.reload import service_problems
+from relay.proc.celsandbox import ConditionSandbox
+from relay.secretkey import SecretKey
 from relay.state import open_state
 
 
 async def open_services(
-    settings: Settings, stack: contextlib.AsyncExitStack, *, readonly_state: bool = False
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    *,
+    key: SecretKey,
+    readonly_state: bool = False,
 ) -> Services:
     """Long-lived services handed to fact functions; each closes on the stack. A service
     that is configured but cannot start (a missing model, ...) fails here, at start-up.
+    ``key`` (the relay's secret key) keys the state store's address hashes.
     ``readonly_state`` (``relay scan``): the configured state store is opened read-only,
     so facts read the live counts and nothing is written, created or locked."""
     resolver = Resolver(settings.dns)  # the one DNS cache every check shares
@@ -46,7 +53,7 @@ async def open_services(
         stack.push_async_callback(authenticator.close)
         await authenticator.start()
     # Counters every worker shares (bulk, rates): facts read them, the recorder writes.
-    state = await open_state(settings.state, readonly=readonly_state)
+    state = await open_state(settings.state, key, readonly=readonly_state)
     stack.push_async_callback(state.close)
     classifier = None
     if settings.model.enabled:
@@ -115,13 +122,25 @@ def build_transport(settings: Settings) -> Transport:
     return MaildirTransport(d.maildir)
 
 
-def load_decider(settings: Settings, registry: FactRegistry) -> Decider:
+def load_decider(
+    settings: Settings, registry: FactRegistry, sandbox: ConditionSandbox | None = None
+) -> Decider:
     """The configured policy, or the no-op decision when no policy file is set."""
     if settings.policy.path is None:
         return NOOP
-    return load_policy(settings.policy.path, registry)
+    return load_policy(settings.policy.path, registry, sandbox)
 
 
-def load_shadow(settings: Settings, registry: FactRegistry) -> list[Decider]:
+def load_shadow(
+    settings: Settings, registry: FactRegistry, sandbox: ConditionSandbox | None = None
+) -> list[Decider]:
     """Extra regimes evaluated in shadow next to the policy (their verdicts are recorded)."""
-    return [load_policy(path, registry) for path in settings.policy.shadow]
+    return [load_policy(path, registry, sandbox) for path in settings.policy.shadow]
+
+
+def open_sandbox(settings: Settings, stack: contextlib.AsyncExitStack) -> ConditionSandbox:
+    """The child that runs conditions with comprehensions, closed with ``stack`` (it only
+    starts when a policy has such a condition)."""
+    sandbox = ConditionSandbox(settings.policy.condition_time_limit)
+    stack.push_async_callback(sandbox.close)
+    return sandbox

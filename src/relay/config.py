@@ -54,6 +54,10 @@ class SmtpSettings:
     listen: tuple[str, int] = ("127.0.0.1", 2525)
     hostname: str = "relay.localhost"
     max_message_size: int = 25 * 1024 * 1024
+    # DATA beyond large_message_size must reserve its SIZE= (else max_message_size) out of
+    # large_message_memory, per worker (relay/smtp/budget.py); no room: 452/451 4.3.1.
+    large_message_size: int = 256 * 1024
+    large_message_memory: int = 100 * 1024 * 1024  # four messages of the largest size
     max_recipients: int = 100
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 600.0  # whole DATA phase, so slow-drip senders are cut off
@@ -111,6 +115,9 @@ class PolicySettings:
     path: Path | None = Path("config/policy.toml")  # None: accept everything (no-op)
     shadow: tuple[Path, ...] = ()  # extra regimes evaluated in shadow next to the policy
     shadow_log: Path | None = None  # JSON lines of shadow verdicts for `relay lab`
+    # Seconds per message for the conditions with comprehensions, which run in a child
+    # process (relay.proc.celsandbox); a message that overruns them is deferred (4xx).
+    condition_time_limit: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +139,12 @@ class QuarantineSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    # The secret key (relay/secretkey.py): seals quarantine entries, keys address hashes.
+    key_file: Path = Path("var/relay.key")
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -148,6 +161,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     state: StateSettings = field(default_factory=StateSettings)
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     log: LogSettings = field(default_factory=LogSettings)
     source: str = "<defaults>"
 
@@ -264,6 +278,12 @@ def _domain(reader: _Reader, key: str, text: str) -> str:
     return "." + domain if suffix else domain
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it, symlinks and ``..`` resolved (neither needs to
+    exist yet)."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> Settings:
     """Validate an already-parsed TOML document (tests build settings this way)."""
     r = _Reader(path)
@@ -279,6 +299,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         listen=r.hostport(t, "smtp", "listen", d.listen),
         hostname=r.get(t, "smtp", "hostname", str, d.hostname),
         max_message_size=r.count(t, "smtp", "max_message_size", d.max_message_size),
+        large_message_size=r.count(t, "smtp", "large_message_size", d.large_message_size),
+        large_message_memory=r.count(t, "smtp", "large_message_memory", d.large_message_memory),
         max_recipients=r.count(t, "smtp", "max_recipients", d.max_recipients),
         command_timeout=r.positive(t, "smtp", "command_timeout", d.command_timeout),
         data_timeout=r.positive(t, "smtp", "data_timeout", d.data_timeout),
@@ -296,6 +318,9 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         raise r.fail("smtp.tls_key", "tls_cert and tls_key go together")
     if smtp.max_line_length < 78:
         raise r.fail("smtp.max_line_length", "must be at least 78")
+    if smtp.large_message_memory < smtp.max_message_size:
+        # else a message of the largest size could never be taken, whatever the load
+        raise r.fail("smtp.large_message_memory", "must be at least max_message_size")
 
     t = r.table(data, "relay")
     r.check_keys("relay", t, RelaySettings)
@@ -363,6 +388,9 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         path=Path(policy_path) if policy_path else None,
         shadow=tuple(Path(p) for p in r.strings(t, "policy", "shadow", ())),
         shadow_log=Path(shadow_log) if shadow_log else None,
+        condition_time_limit=r.positive(
+            t, "policy", "condition_time_limit", PolicySettings().condition_time_limit
+        ),
     )
 
     t = r.table(data, "metrics")
@@ -389,6 +417,20 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         path=Path(r.get(t, "quarantine", "path", str, str(QuarantineSettings().path)))
     )
 
+    t = r.table(data, "security")
+    r.check_keys("security", t, SecuritySettings)
+    key_file = r.get(t, "security", "key_file", str, str(SecuritySettings().key_file))
+    if not key_file:
+        raise r.fail("security.key_file", "must name a file")
+    security = SecuritySettings(key_file=Path(key_file))
+    if _inside(security.key_file, quarantine.path):
+        # Whoever may edit quarantine entries must not also read the key that seals them.
+        raise r.fail(
+            "security.key_file",
+            f"{key_file!r} is inside [quarantine] path {str(quarantine.path)!r}; "
+            "keep the key outside the quarantine folder",
+        )
+
     t = r.table(data, "log")
     r.check_keys("log", t, LogSettings)
     log = LogSettings(
@@ -409,6 +451,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         metrics=metrics,
         state=state,
         quarantine=quarantine,
+        security=security,
         log=log,
         source=path,
     )

@@ -17,7 +17,9 @@
     ├── WorkerFailure          a child process (proc/pipes.py) did not answer a request
     │   ├── WorkerDied               it exited first (callers retry once on its replacement)
     │   ├── WorkerError              its handler failed on this request
-    │   └── WorkerTimeout            no answer within the caller's limit; it was killed
+    │   ├── WorkerTimeout            no answer within the caller's limit; it was killed
+    │   └── ConditionTimeout         proc/celsandbox.py: a message's policy conditions
+    │                                gave no result in time (the message is deferred)
     ├── BadRequest             ops/http.py: a malformed HTTP request to /metrics, /readyz
     ├── BodyHashMismatch       auth/sigcrypto.py: a DKIM body hash differs; also a dkimpy
     │                          ValidationError, so dkimpy's own handling still applies
@@ -115,3 +117,8 @@ class WorkerError(WorkerFailure):
 class WorkerTimeout(WorkerFailure):
     """The child took longer than the caller's limit; it was killed (and is replaced), and
     the other requests it held fail with WorkerDied."""
+
+
+class ConditionTimeout(WorkerFailure):
+    """The policy conditions run in the sandbox child (proc/celsandbox.py) gave no result
+    within the message's time limit, or the child died twice; the message is deferred."""

@@ -39,6 +39,10 @@ IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "DATA phase timed out, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")
+# A large message finds no room in the DATA memory budget (smtp/budget.py): 452 at MAIL for
+# its SIZE= (RFC 1870 6.1), 451 after the end of data when it outgrew what it reserved.
+NO_ROOM_AT_MAIL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+NO_ROOM_FOR_DATA = Reply(451, "4.3.1", "Insufficient system resources, try again later")
 
 
 # RFC 2034: once ENHANCEDSTATUSCODES is advertised, every reply but the greeting, the EHLO

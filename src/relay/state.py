@@ -27,8 +27,12 @@ one writer (``incr_window*``, ``add``).
   ``received_at``, so the lab replaying a corpus in time order gets the counts a live relay
   would have seen, and tests pin time.
 
-Both backends have the same semantics (the test suite runs against both). Keys may hold
-addresses only in hashed form; callers hash them (see ``hashed``). Errors are StateError.
+Both backends have the same semantics (the test suite runs against both). Keys and
+members may hold addresses only in hashed form, hashed with the store's own ``hashed``:
+BLAKE2b keyed with a subkey of the relay's secret key (``secretkey.py``), which every store
+is built with. Unkeyed, anyone who can read the file (or the Redis) could confirm a guessed
+address by hashing it; keyed, only holders of the key can. Relays sharing one Redis need
+the same key file. Errors are StateError.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from redis.exceptions import RedisError
 
 from relay.config import StateSettings
 from relay.errors import StateError
+from relay.secretkey import SecretKey
 
 T = TypeVar("T")
 
@@ -59,18 +64,25 @@ _REDIS_GRACE = 60  # Redis: seconds of wall-clock TTL beyond the window, for clo
 _PREFIX = "relay:"
 
 
-def hashed(*parts: str) -> str:
-    """A short stable digest of ``parts``, so state never holds addresses in clear."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        digest.update(part.encode("utf-8", "surrogateescape"))
-        digest.update(b"\x00")
-    return digest.hexdigest()
+_HASH_PURPOSE = "state address hash"
 
 
 class StateStore:
     """Interface of the shared-state backends (a plain base class, so ``Services.get``
-    can look it up by type)."""
+    can look it up by type). Built with the relay's key: it owns the keyed hashing, so
+    no caller can hash an address without it."""
+
+    def __init__(self, key: SecretKey) -> None:
+        self._hash_key = key.derive(_HASH_PURPOSE)
+
+    def hashed(self, *parts: str) -> str:
+        """A short digest of ``parts`` under the relay's key, so state never holds
+        addresses in clear, nor hashes anyone without the key can recompute."""
+        digest = hashlib.blake2b(digest_size=16, key=self._hash_key)
+        for part in parts:
+            digest.update(part.encode("utf-8", "surrogateescape"))
+            digest.update(b"\x00")
+        return digest.hexdigest()
 
     async def incr_windows(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float
@@ -159,7 +171,10 @@ class SqliteState(StateStore):
     otherwise does, owned by whoever ran the scan). A missing file reads as an empty store.
     """
 
-    def __init__(self, path: Path, *, busy_timeout: float = 5.0, readonly: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, key: SecretKey, busy_timeout: float = 5.0, readonly: bool = False
+    ) -> None:
+        super().__init__(key)
         self.path = path
         self.readonly = readonly
         self._busy_timeout = busy_timeout
@@ -348,7 +363,8 @@ class RedisState(StateStore):
     TTLs only collect garbage (window or ttl plus a grace period, in wall-clock seconds).
     """
 
-    def __init__(self, url: str, *, readonly: bool = False) -> None:
+    def __init__(self, url: str, *, key: SecretKey, readonly: bool = False) -> None:
+        super().__init__(key)
         self.url = url
         self.readonly = readonly  # writes raise StateError; reads are plain commands
         self._redis: aioredis.Redis[bytes] = aioredis.Redis.from_url(url)
@@ -427,17 +443,20 @@ class RedisState(StateStore):
         await self._redis.aclose()  # type: ignore[attr-defined]
 
 
-async def open_state(settings: StateSettings, *, readonly: bool = False) -> StateStore:
-    """The configured backend, connected (SQLite file created, Redis pinged).
+async def open_state(
+    settings: StateSettings, key: SecretKey, *, readonly: bool = False
+) -> StateStore:
+    """The configured backend, connected (SQLite file created, Redis pinged), hashing
+    addresses under ``key``.
 
     ``readonly=True`` (``relay scan``): a store that reads the configured one and never
     writes to it; a SQLite file is neither created nor changed."""
     if settings.backend == "redis":
-        store = RedisState(settings.url, readonly=readonly)
+        store = RedisState(settings.url, key=key, readonly=readonly)
         try:
             await store.ping()
         except StateError:
             await store.close()
             raise
         return store
-    return await SqliteState(settings.path, readonly=readonly).open()
+    return await SqliteState(settings.path, key=key, readonly=readonly).open()

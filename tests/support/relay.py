@@ -54,6 +54,7 @@ def make_settings(tmp: Path, overrides: Mapping[str, Mapping[str, Any]] | None =
         "auth": {"enabled": False},
         "state": {"path": str(tmp / "state.sqlite3")},
         "quarantine": {"path": str(tmp / "quarantine")},
+        "security": {"key_file": str(tmp / "relay.key")},
     }
     for section, values in (overrides or {}).items():
         base.setdefault(section, {}).update(values)

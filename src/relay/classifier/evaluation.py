@@ -113,3 +113,49 @@ def _pct(value: float | None) -> str:
 
 def _ci(bounds: list[float]) -> str:
     return f"[{bounds[0]:.2%}, {bounds[1]:.2%}]"
+
+
+def auc_interval(
+    spam: BoolArray,
+    scores: FloatArray,
+    groups: npt.NDArray[np.str_],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % percentile interval of the ROC AUC by a cluster bootstrap: whole groups (one
+    sender's messages) are resampled, since messages of one sender are not independent."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(resamples):
+        picked = rng.integers(0, len(members), len(members))
+        idx = np.concatenate([members[g] for g in picked])
+        auc = roc_auc(spam[idx], scores[idx])
+        if not math.isnan(auc):
+            aucs.append(auc)
+    if not aucs:
+        return float("nan"), float("nan")
+    low, high = np.percentile(aucs, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def reliability(spam: BoolArray, probs: FloatArray, bins: int = 10) -> dict[str, Any]:
+    """Calibration of probabilities: Brier score and, per probability bin, the number of
+    messages, their mean probability and the observed fraction of spam."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    which = np.clip(np.digitize(probs, edges[1:-1]), 0, bins - 1)
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            rows.append(
+                {
+                    "bin": [float(edges[b]), float(edges[b + 1])],
+                    "messages": int(inside.sum()),
+                    "mean_probability": float(probs[inside].mean()),
+                    "spam_fraction": float(spam[inside].mean()),
+                }
+            )
+    return {"brier": float(np.mean((probs - spam) ** 2)), "bins": rows}

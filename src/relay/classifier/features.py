@@ -41,18 +41,60 @@ from selectolax.lexbor import LexborHTMLParser as HTMLParser
 
 from relay.message import Message, decode_8bit, undo_surrogates
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 
 # Corpus masking and the era's collector hosts: present in both classes, meaningless later.
+# (baddomain.com is modern-dev's masking of the recipient's own domain.)
 _ARTEFACT = re.compile(
-    r"\S*taint\.org\S*|\b(?:zzzz|yyyy|xxxx)[\w.+-]*@\S*|"
+    r"\S*taint\.org\S*|\S*baddomain\.com\S*|\b(?:zzzz|yyyy|xxxx)[\w.+-]*@\S*|"
     r"\b[\w.+-]*@(?:[\w-]+\.)*(?:jmason\.org|example\.com)\b",
     re.IGNORECASE,
 )
 _MASKED_LOCALS = frozenset({"zzzz", "yyyy", "xxxx"})
-_MASKED_DOMAINS = ("taint.org", "jmason.org", "example.com")
+_MASKED_DOMAINS = ("taint.org", "jmason.org", "example.com", "baddomain.com")
 _URL = re.compile(r"""\b(?:https?://|www\.)[^\s<>"'()\[\]{}]+""", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+# Invisible characters put inside words to break word-based filters: removed from the text
+# (the words come back) and counted as a token.
+_ZERO_WIDTH = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff]")
+# A header field line; a first line that is not one, followed by one, is a tool's log line.
+_FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
+# Inline-style tricks that hide text from the reader but not from a filter. Newsletters hide
+# their preheader the same way, so which class uses them is for training to weigh.
+_HIDDEN = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden|mso-hide\s*:\s*all", re.I)
+_TINY_FONT = re.compile(r"font-size\s*:\s*[01](?:\.\d+)?(?:px|pt|em)?\s*[;\"'!]", re.I)
+_WHITE_TEXT = re.compile(
+    r"(?<![-\w])color\s*:\s*(?:#fff(?:fff)?\b|white\b|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\))", re.I
+)
+_NO_HEIGHT = re.compile(r"(?:max-)?height\s*:\s*0(?:px)?\s*[;\"']|opacity\s*:\s*0\s*[;\"']", re.I)
+_DOMAIN_LIKE = re.compile(r"\b((?:[a-z0-9-]+\.)+[a-z]{2,})\b", re.I)
+# Link shorteners and free hosting hide where a link goes (phishing pages, lures).
+_SHORTENERS = frozenset(
+    {
+        "bit.ly", "t.co", "tinyurl.com", "goo.gl", "ow.ly", "is.gd", "buff.ly", "rebrand.ly",
+        "cutt.ly", "shorturl.at", "rb.gy", "t.ly", "tiny.cc", "s.id", "lnkd.in", "bl.ink",
+    }
+)  # fmt: skip
+_FREE_HOSTS = frozenset(
+    {
+        "firebaseapp.com", "web.app", "blogspot.com", "googleapis.com", "appspot.com",
+        "wixsite.com", "weebly.com", "netlify.app", "pages.dev", "r2.dev", "workers.dev",
+        "github.io", "azurewebsites.net", "windows.net", "amazonaws.com", "ngrok.io",
+        "ngrok-free.app", "000webhostapp.com", "glitch.me", "vercel.app", "herokuapp.com",
+        "sharepoint.com", "ipfs.io", "dweb.link", "godaddysites.com", "square.site",
+    }
+)  # fmt: skip
+# Hosts under a listed private suffix (evil.web.app) are their own registrable domain.
+_FREE_HOST_SUFFIXES = tuple("." + host for host in _FREE_HOSTS)
+# Attachment types of HTML smuggling, containers, scripts and macro documents.
+_RISKY_EXTENSIONS = frozenset(
+    {
+        "htm", "html", "shtml", "xhtml", "svg", "zip", "rar", "7z", "gz", "iso", "img", "vhd",
+        "exe", "scr", "js", "vbs", "wsf", "hta", "lnk", "bat", "cmd", "jar", "msi", "docm",
+        "xlsm", "pptm", "one", "cab", "ace",
+    }
+)  # fmt: skip
+_EXTENSION = re.compile(r"\.([a-z0-9]{1,5})$")
 _FREEMAIL = frozenset(
     {
         "aol.com", "gmail.com", "googlemail.com", "hotmail.com", "outlook.com", "live.com",
@@ -105,6 +147,9 @@ class Features:
     text: str
     meta: str
     degraded: bool
+    # Registrable domain of the From address ("" when none): the cross-validation group,
+    # so one sender's mail never sits on both sides of a fold. Not a model input.
+    sender_site: str = ""
 
     def row(self) -> tuple[str, str]:
         return (self.text, self.meta)
@@ -119,13 +164,17 @@ class _Collector:
     tokens: list[str] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)  # url -> anchor text
     degraded: bool = False
+    site: str = ""  # registrable domain of the From address
+    zero_width: int = 0
 
     def add_text(self, chunk: str) -> None:
         if self.budget <= 0 or not chunk:
             return
         chunk = chunk[: self.budget]
         self.budget -= len(chunk)
-        self.text.append(chunk)
+        cleaned, hits = _ZERO_WIDTH.subn("", chunk)
+        self.zero_width += hits
+        self.text.append(cleaned)
 
 
 def _bucket(n: int, edges: Iterable[int]) -> str:
@@ -179,6 +228,16 @@ def _headers(msg: EmailPart, name: str) -> list[str]:
     return values
 
 
+def _skip_log_line(raw: bytes) -> bytes:
+    """Drop a first line that is not a header field when the next one is: a tool's log line
+    written into the file (modern-dev has 126 such files). Without this the whole header
+    would be read as body text, in training and in a relay fed such files alike."""
+    first, sep, rest = raw.partition(b"\n")
+    if sep and not _FIELD_LINE.match(first) and _FIELD_LINE.match(rest):
+        return rest
+    return raw
+
+
 def _defective(part: EmailPart, truncated: bool) -> bool:
     """MIME defects, except the missing end boundary our own truncation causes."""
     return any(
@@ -190,6 +249,16 @@ def _defective(part: EmailPart, truncated: bool) -> bool:
 def _header(msg: EmailPart, name: str) -> str:
     values = _headers(msg, name)
     return values[0] if values else ""
+
+
+def _symbol_kinds(text: str) -> list[str]:
+    """Styled letters (mathematical bold, fullwidth) that dodge word filters, and emoji."""
+    kinds = []
+    if any("\U0001d400" <= ch <= "\U0001d7ff" or "\uff01" <= ch <= "\uff5e" for ch in text):
+        kinds.append("styled_letters")
+    if any(ch >= "\U0001f000" or "\u2600" <= ch <= "\u27bf" for ch in text):
+        kinds.append("emoji")
+    return kinds
 
 
 def _charset_family(charset: str) -> str:
@@ -233,7 +302,7 @@ class Extractor:
         try:
             # compat32, not the Message's modern-policy parse: it is several times faster
             # and has no quadratic header parser a hostile Content-Type can trigger.
-            msg = BytesParser(policy=compat32).parsebytes(message.raw)
+            msg = BytesParser(policy=compat32).parsebytes(_skip_log_line(message.raw))
             self._headers(msg, out)
             self._body(msg, out, truncated)
         except Exception:
@@ -241,10 +310,14 @@ class Extractor:
         if out.degraded and not out.text:
             out.add_text(_clean(message.body.decode("cp1252", "replace")))
         self._url_tokens(out)
+        if out.zero_width:
+            out.tokens.append("text:zero_width_" + _bucket(out.zero_width, (3, 30)))
         if out.degraded:
             out.tokens.append("parse:degraded")
         text = " ".join(" ".join(out.text).split())
-        return Features(text=text, meta=" ".join(out.tokens), degraded=out.degraded)
+        return Features(
+            text=text, meta=" ".join(out.tokens), degraded=out.degraded, sender_site=out.site
+        )
 
     # -- headers ---------------------------------------------------------------------
 
@@ -259,13 +332,14 @@ class Extractor:
         letters = [ch for ch in subject if ch.isalpha()]
         if len(letters) >= 8 and sum(ch.isupper() for ch in letters) / len(letters) > 0.7:
             out.tokens.append("subj:shouting")
+        out.tokens.extend("subj:" + kind for kind in _symbol_kinds(subject))
 
         self._sender(msg, out)
         mailer = (_header(msg, "x-mailer") or _header(msg, "user-agent")).lower()
         family = next((fam for needle, fam in _MAILERS if needle in mailer), None)
         out.tokens.append(f"mailer:{family or ('other' if mailer else 'none')}")
-        hops = len(msg.get_all("received") or [])
-        out.tokens.append("hops:" + _bucket(hops, (0, 1, 2, 3, 5, 8)))
+        self._bulk(msg, out)
+        self._dkim(msg, out)
         rcpts = getaddresses(_headers(msg, "to") + _headers(msg, "cc"))
         out.tokens.append("rcpts:" + _bucket(len([a for _, a in rcpts if a]), (0, 1, 3, 10)))
 
@@ -278,14 +352,16 @@ class Extractor:
             return
         if local.lower() in _MASKED_LOCALS or domain.endswith(_MASKED_DOMAINS) or not domain:
             return  # masked by the corpus: no honest signal left in the address
+        site = self._site(domain)
+        out.site = site
         if name.strip():
             out.tokens.append("from:named")
             if "@" in name:
                 out.tokens.append("from:name_has_address")
+            out.tokens.extend(self._display_name(name, local, site))
         if sum(ch.isdigit() for ch in local) >= 3:
             out.tokens.append("from:local_digits")
         out.tokens.append("from:local_len_" + _bucket(len(local), (4, 8, 16, 32)))
-        site = self._site(domain)
         out.tokens.append("from:tld_" + domain.rsplit(".", 1)[-1])
         out.tokens.append("from:free" if site in _FREEMAIL else "from:own")
         if any(ch.isdigit() for ch in site.split(".")[0]):
@@ -296,6 +372,64 @@ class Extractor:
         _, reply = parseaddr(_header(msg, "reply-to"))
         if reply and self._site(reply.rpartition("@")[2].lower()) != site:
             out.tokens.append("from:reply_elsewhere")
+            if self._site(reply.rpartition("@")[2].lower()) in _FREEMAIL:
+                out.tokens.append("from:reply_freemail")
+
+    def _display_name(self, name: str, local: str, site: str) -> list[str]:
+        """Brand impersonation: a display name naming a domain other than the sender's, or
+        none of whose words appear in the address ("PayPal Support" <x@random.biz>)."""
+        tokens = [f"from:name_{kind}" for kind in _symbol_kinds(name)]
+        for shown in _DOMAIN_LIKE.findall(name):
+            if "@" not in name and self._site(shown.lower()) != site:
+                tokens.append("from:name_other_domain")
+                break
+        address = (local + "." + site).lower().replace("-", "")
+        words = [w.lower() for w in _WORD.findall(name) if len(w) >= 3]
+        if words:
+            matched = any(w in address for w in words)
+            tokens.append("from:name_in_address" if matched else "from:name_not_in_address")
+        return tokens
+
+    def _bulk(self, msg: EmailPart, out: _Collector) -> None:
+        """Bulk-sender headers: RFC 2369/8058 unsubscribe, Feedback-ID, Precedence. Wanted
+        newsletters carry them (the 2024 bulk-sender rules require one-click unsubscribe)."""
+        unsubscribe = _header(msg, "list-unsubscribe").lower()
+        if unsubscribe:
+            out.tokens.append("list:unsubscribe")
+            if "https://" in unsubscribe or "http://" in unsubscribe:
+                out.tokens.append("list:unsubscribe_web")
+            if "mailto:" in unsubscribe:
+                out.tokens.append("list:unsubscribe_mailto")
+            if "one-click" in _header(msg, "list-unsubscribe-post").lower():
+                out.tokens.append("list:one_click")
+        if msg.get("list-id") is not None:
+            out.tokens.append("list:id")
+        if msg.get("feedback-id") is not None:
+            out.tokens.append("bulk:feedback_id")
+        precedence = _header(msg, "precedence").strip().lower()
+        if precedence in ("bulk", "list", "junk"):
+            out.tokens.append("bulk:precedence_" + precedence)
+
+    def _dkim(self, msg: EmailPart, out: _Collector) -> None:
+        """Who signed, relative to the From domain (aligned, a third party such as an ESP, or
+        nobody). Read from DKIM-Signature fields, which the relay sees as the classifier
+        does; whether a signature verifies is the dkim/dmarc facts' job in the policy."""
+        signers: set[str] = set()
+        sha1 = False
+        for value in _headers(msg, "dkim-signature")[:8]:
+            tags = dict(
+                (k.strip().lower(), v.strip())
+                for k, _, v in (t.partition("=") for t in value.split(";"))
+            )
+            if tags.get("d"):
+                signers.add(self._site(tags["d"].lower().strip(".")))
+            sha1 = sha1 or tags.get("a", "").lower() == "rsa-sha1"
+        if not signers:
+            out.tokens.append("dkim:none")
+            return
+        out.tokens.append("dkim:aligned" if out.site in signers else "dkim:other")
+        if sha1:
+            out.tokens.append("dkim:sha1")
 
     def _site(self, host: str) -> str:
         """Registrable domain (example.co.uk) of a host name."""
@@ -328,13 +462,30 @@ class Extractor:
                 out.tokens.append("mime:part_defect")
                 out.degraded = True
             if ctype not in ("text/plain", "text/html") or disposition == "attachment":
-                out.tokens.append("att:" + ctype.split("/")[0])
+                self._attachment(part, ctype, out)
                 continue  # attachments are never read
             kinds.add(ctype)
             self._text_part(part, ctype, out)
         out.tokens.append("parts:" + _bucket(leaves, (1, 2, 4, 8)))
         if "text/html" in kinds and "text/plain" not in kinds:
             out.tokens.append("html:only")
+
+    def _attachment(self, part: EmailPart, ctype: str, out: _Collector) -> None:
+        """An attachment's type from its headers (never its content): MIME type, file
+        extension, and whether the extension is one phishing and malware use."""
+        out.tokens.append("att:" + ctype.split("/")[0])
+        out.tokens.append("att_type:" + ctype)
+        try:
+            filename = (part.get_filename() or "").strip().lower()
+        except Exception:  # a malformed RFC 2231 parameter
+            filename = ""
+        found = _EXTENSION.search(filename)
+        if found:
+            out.tokens.append("att_ext:" + found.group(1))
+            if found.group(1) in _RISKY_EXTENSIONS:
+                out.tokens.append("att:risky")
+        elif ctype in ("text/html", "image/svg+xml", "application/zip"):
+            out.tokens.append("att:risky")
 
     def _text_part(self, part: EmailPart, ctype: str, out: _Collector) -> None:
         payload = part.get_payload(decode=True)
@@ -360,6 +511,15 @@ class Extractor:
             out.add_text("\n")
 
     def _html(self, html: str, out: _Collector) -> None:
+        # Hidden-text tricks, searched in the markup (inline styles and <style> blocks).
+        for name, pattern in (
+            ("hidden", _HIDDEN),
+            ("tiny_font", _TINY_FONT),
+            ("white_text", _WHITE_TEXT),
+            ("no_height", _NO_HEIGHT),
+        ):
+            if pattern.search(html):
+                out.tokens.append("html:" + name)
         tree = HTMLParser(html)
         tree.strip_tags(["script", "style", "head", "noscript"])
         links = tree.css("a[href]")
@@ -374,6 +534,7 @@ class Extractor:
         out.tokens.append("html:links_" + _bucket(len(links), (0, 1, 3, 10, 30)))
         if tree.css_first("form") is not None:
             out.tokens.append("html:form")
+        out.tokens.append("html:tables_" + _bucket(len(tree.css("table")), (0, 2, 10)))
         root = tree.body or tree.root
         text = root.text(separator=" ") if root is not None else ""
         if images and len(text.split()) < 20:
@@ -387,6 +548,8 @@ class Extractor:
         urls = list(out.urls.items())[: self.settings.max_urls]
         out.tokens.append("urls:" + _bucket(len(urls), (0, 1, 3, 10, 30)))
         seen: set[str] = set()
+        sites: set[str] = set()
+        insecure = 0
         for url, anchor in urls:
             try:
                 parts = urlsplit(url if "://" in url else "http://" + url)
@@ -401,14 +564,21 @@ class Extractor:
                 out.tokens.append("url:port")
             if parts.username is not None:
                 out.tokens.append("url:userinfo")
+            insecure += parts.scheme == "http"
             try:
                 ipaddress.ip_address(host)
                 out.tokens.append("url:ip")
+                sites.add(host)
                 continue
             except ValueError:
                 pass
             site = self._site(host)
+            sites.add(site)
             tokens = {f"url:site_{site}", "url:tld_" + host.rsplit(".", 1)[-1]}
+            if site in _SHORTENERS:
+                tokens.add("url:shortener")
+            if site in _FREE_HOSTS or host.endswith(_FREE_HOST_SUFFIXES):
+                tokens.add("url:free_host")
             if host.startswith(("xn--",)) or ".xn--" in host:
                 tokens.add("url:punycode")
             if anchor and _URL.match(anchor.strip()):
@@ -417,3 +587,10 @@ class Extractor:
                     tokens.add("url:anchor_mismatch")
             seen.update(tokens)
         out.tokens.extend(sorted(seen))
+        if sites:
+            # Newsletters link to their own site; lures link anywhere but the sender's.
+            own = out.site in sites
+            out.tokens.append("url:to_sender" if own else "url:not_to_sender")
+            out.tokens.append("url:sites_" + _bucket(len(sites), (1, 2, 4, 8)))
+            if insecure == len(urls):
+                out.tokens.append("url:all_http")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from relay.classifier.features import Extractor, Features, FeatureSettings
+from relay.classifier.features import FEATURE_VERSION, Extractor, Features, FeatureSettings
 from relay.errors import ModelError
 
 # Library -> how many leading version components must match the card's.
@@ -283,6 +283,12 @@ def load_model(model_path: Path, *, allowed: Sequence[str] | None = None) -> Loa
     if "spam" not in classes or not hasattr(pipeline, "predict_proba"):
         raise ModelError(f"{model_path}: not a spam classifier (classes {classes})")
     settings = FeatureSettings.from_dict(card.get("features", {}))
+    if settings.version != FEATURE_VERSION:
+        # Another extraction would feed the model tokens it never saw: refuse, never drift.
+        raise ModelError(
+            f"{model_path}: trained on features version {settings.version}, this relay "
+            f"extracts version {FEATURE_VERSION}: retrain with `relay train`"
+        )
     return LoadedModel(
         path=model_path,
         pipeline=pipeline,

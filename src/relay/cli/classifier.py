@@ -14,34 +14,47 @@ from relay.classifier.model import load_model
 from relay.errors import CorpusError
 
 
+def set_name(labels: Path) -> str:
+    """A training set's name in the card: the labels file's folder and name
+    (``spamassassin/split.tsv``, ``modern-dev/labels.tsv``), machine-independent."""
+    return f"{labels.parent.name}/{labels.name}" if labels.parent.name else labels.name
+
+
 def train_command(
     *,
     out_dir: Path,
-    corpus: Path | None = None,
-    labels: Path | None = None,
+    corpus: Sequence[Path] = (),
+    labels: Sequence[Path] = (),
     ham: Sequence[Path] = (),
     spam: Sequence[Path] = (),
     seed: int = selection.SEED,
     quick: bool = False,
 ) -> int:
-    """`relay train`: from a labels file (train rows; test rows only scored) or sources."""
-    if labels is not None:
-        base = corpus if corpus is not None else labels.parent
-        rows = list(training.read_labels(base, labels))
-        samples = [s for s in rows if s.set == "train"]
-        tests = [s for s in rows if s.set == "test"]
-    else:
+    """`relay train`: from labels files (train rows; test rows only scored) or sources.
+
+    Each ``--labels`` is one training set; ``--corpus`` gives, in the same order, the root
+    its paths are relative to (default: the labels file's directory)."""
+    if corpus and len(corpus) != len(labels):
+        raise CorpusError("give one --corpus per --labels (in the same order), or none")
+    sets: list[training.TrainingSet] = []
+    tests = []
+    for i, labels_file in enumerate(labels):
+        base = corpus[i] if corpus else labels_file.parent
+        rows = list(training.read_labels(base, labels_file))
+        train_rows = [s for s in rows if s.set == "train"]
+        sets.append(training.TrainingSet(set_name(labels_file), train_rows, labels_file))
+        tests += [s for s in rows if s.set == "test"]
+    if ham or spam:
         samples = [s for src in ham for s in training.read_source(src, "ham")]
         samples += [s for src in spam for s in training.read_source(src, "spam")]
-        tests = []
-    if not samples:
+        sets.append(training.TrainingSet("sources", samples))
+    if not any(ts.samples for ts in sets):
         raise CorpusError("no training messages (give --labels, or --ham and --spam)")
     # --quick: one candidate, for smoke tests and small corpora.
     training.train(
-        samples,
+        [ts for ts in sets if ts.samples],
         out_dir,
         trained_at=datetime.now(UTC),  # the command's clock: the card says when it ran
-        labels_file=labels,
         test_samples=tests,
         seed=seed,
         candidates=selection.CANDIDATES[-1:] if quick else selection.CANDIDATES,

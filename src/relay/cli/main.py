@@ -130,7 +130,7 @@ def _add_policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _add_quarantine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("quarantine", help="list, show, release or delete quarantined mail")
+    p = sub.add_parser("quarantine", help="list, show, release, delete or reseal quarantined mail")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
     cmds = p.add_subparsers(dest="quarantine_command", required=True)
     ls = cmds.add_parser("list", help="one line per quarantined message")
@@ -142,6 +142,12 @@ def _add_quarantine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     release.add_argument("id")
     delete = cmds.add_parser("delete", help="remove a message for good")
     delete.add_argument("id")
+    reseal = cmds.add_parser(
+        "reseal",
+        help="vouch for an entry whose seal fails (from an older version or an old key): "
+        "read its meta.json first",
+    )
+    reseal.add_argument("id")
 
     def run(args: argparse.Namespace) -> int:
         from relay.cli.quarantine import run_command
@@ -220,8 +226,20 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train the spam classifier and write model + card")
-    p.add_argument("--corpus", type=Path, help="directory the labels file's paths are under")
-    p.add_argument("--labels", type=Path, help="TSV: relative_path, ham|spam, [train|test]")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory or tar archive the labels file's paths are under (one per --labels)",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        default=[],
+        help="TSV: relative_path, ham|spam, [train|test]; repeat for several training sets",
+    )
     p.add_argument("--ham", type=Path, action="append", default=[], help="Maildir/mbox/dir")
     p.add_argument("--spam", type=Path, action="append", default=[], help="Maildir/mbox/dir")
     p.add_argument("--out", type=Path, default=Path("models"), help="output directory")
@@ -232,7 +250,7 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         from relay.classifier.selection import SEED
         from relay.cli.classifier import train_command
 
-        if args.labels is None and not (args.ham and args.spam):
+        if not args.labels and not (args.ham and args.spam):
             p.error("give --labels, or both --ham and --spam")
         return train_command(
             out_dir=args.out,

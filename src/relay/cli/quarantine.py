@@ -1,4 +1,9 @@
-"""`relay quarantine list|show|release|delete`: the command bodies."""
+"""`relay quarantine list|show|release|delete|reseal`: the command bodies.
+
+The commands read the relay's key file (``[security] key_file``) and never create it: run
+as another user than the relay, they would leave behind a key the relay cannot read.
+Entries whose seal fails are refused with a QuarantineError (exit 2) and left as they are;
+``list`` shows the good ones, names the refused ones on stderr and exits 1."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from relay.config import Settings
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import QuarantineError
 from relay.reply import Reply
+from relay.secretkey import load_key
 from relay.smtp.relaycontrol import RelayControl
 
 
@@ -30,10 +36,11 @@ def release_check(settings: Settings) -> Callable[[str], Reply | None]:
 
 
 async def _command(settings: Settings, command: str, qid: str, as_json: bool, raw: bool) -> int:
-    store = QuarantineStore(settings.quarantine.path)
+    store = QuarantineStore(settings.quarantine.path, key=load_key(settings.security.key_file))
     out = sys.stdout
     if command == "list":
-        entries = await store.list()
+        listing = await store.list()
+        entries = listing.entries
         for e in entries:
             if as_json:
                 out.write(json.dumps(e.to_dict()) + "\n")
@@ -46,7 +53,9 @@ async def _command(settings: Settings, command: str, qid: str, as_json: bool, ra
                 )
         if not as_json:
             out.write(f"{len(entries)} message(s) in {settings.quarantine.path}\n")
-        return 0
+        for _, reason in listing.refused:
+            print(f"refused: {reason}", file=sys.stderr)
+        return 1 if listing.refused else 0
     if command == "show":
         entry, data = await store.show(qid)
         if raw:
@@ -54,6 +63,11 @@ async def _command(settings: Settings, command: str, qid: str, as_json: bool, ra
             sys.stdout.flush()
         else:
             out.write(json.dumps(entry.to_dict(), indent=2) + "\n")
+        return 0
+    if command == "reseal":
+        entry = await store.reseal(qid)
+        out.write(json.dumps(entry.to_dict(), indent=2) + "\n")
+        out.write(f"resealed {qid} as shown above: it can be released now\n")
         return 0
     if command == "delete":
         await store.delete(qid)
@@ -75,5 +89,5 @@ async def _command(settings: Settings, command: str, qid: str, as_json: bool, ra
 
 
 def run_command(settings: Settings, command: str, qid: str, *, as_json: bool, raw: bool) -> int:
-    """Entry point of `relay quarantine list|show|release|delete`."""
+    """Entry point of `relay quarantine list|show|release|delete|reseal`."""
     return asyncio.run(_command(settings, command, qid, as_json, raw))

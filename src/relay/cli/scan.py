@@ -8,14 +8,16 @@ is --time, else its own (newest Received, else Date; ``header_time``); a file wi
 is an error rather than a message arriving now, so a scan gives the same answer any day.
 
 A scan changes nothing: the state store is opened read-only (the counts shown are the
-live store's, plus this message as if it had arrived) and no recorder runs, so scanning a
-message never moves the running relay's counters.
+live store's, plus this message as if it had arrived), no recorder runs and the key file
+is only read, never created, so scanning a message never moves the running relay's
+counters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from email.utils import parseaddr
@@ -27,6 +29,9 @@ from relay.config import Settings
 from relay.errors import FactError, MessageTimeError, RelayError
 from relay.facts import Facts, default_registry
 from relay.message import Message, Peer
+from relay.secretkey import SecretKey, load_key
+
+log = logging.getLogger("relay.scan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,17 @@ def _message(req: ScanRequest, data: bytes) -> Message:
     return replace(message, envelope=replace(message.envelope, mail_from=mail_from))
 
 
+def _scan_key(settings: Settings) -> SecretKey:
+    """The relay's key, to read its keyed counts. A scan creates nothing: without a key
+    file no relay has counted anything under it here, so a throwaway key reads the
+    counts as empty (a relay sharing Redis from another host needs its key file here)."""
+    path = settings.security.key_file
+    if not path.exists():
+        log.warning("%s does not exist: state counts read as empty", path)
+        return SecretKey.generate()
+    return load_key(path)
+
+
 async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
     registry = default_registry()
     try:
@@ -64,7 +80,9 @@ async def scan(settings: Settings, req: ScanRequest) -> dict[str, Any]:
     except MessageTimeError as exc:
         raise MessageTimeError(f"{req.path}: {exc} with --time") from None
     async with contextlib.AsyncExitStack() as stack:
-        services = await open_services(settings, stack, readonly_state=True)
+        services = await open_services(
+            settings, stack, key=_scan_key(settings), readonly_state=True
+        )
         decider = load_decider(settings, registry)
         facts = Facts(registry, message, services)
         verdict = await decider.decide(message, facts)

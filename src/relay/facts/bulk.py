@@ -6,7 +6,7 @@
   into a key, and the count is the largest number of distinct recipients seen under any of
   the message's band keys (locality-sensitive hashing: bodies with high shingle overlap
   share at least one band with high probability). Only hashes are stored, never text, and
-  recipients are hashed too.
+  recipients are hashed too (keyed: ``StateStore.hashed``).
 - ``sender_volume_24h`` (T1): messages x recipients sent in the last 24 hours by the
   sender's organisational domain (From, else envelope sender); ``bulk_sender`` (T1) stays
   true once a domain has reached 5,000 (Gmail's bulk status is permanent).
@@ -40,7 +40,7 @@ from relay.facts.headers import from_address, header_recipients
 from relay.facts.services import PSL, STATE
 from relay.facts.text import BodyText
 from relay.message import Message
-from relay.state import hashed
+from relay.state import StateStore
 from relay.verdict import Tier
 
 BULK_WINDOW = 24 * 3600.0
@@ -99,12 +99,12 @@ def _message_key(message: Message) -> str:
     return "raw:" + hashlib.blake2b(message.raw, digest_size=16).hexdigest()
 
 
-def bulk_members(message: Message) -> list[str]:
+def bulk_members(state: StateStore, message: Message) -> list[str]:
     """Who a fingerprint is counted for: the hashed recipients (else the message)."""
     recipients = header_recipients(message)
     if not recipients:  # stored mail without envelope or To/Cc: count the message itself
-        return [hashed("message", _message_key(message))]
-    return [hashed("rcpt", r) for r in recipients]
+        return [state.hashed("message", _message_key(message))]
+    return [state.hashed("rcpt", r) for r in recipients]
 
 
 async def bulk_keys(body: object) -> list[str]:
@@ -122,7 +122,7 @@ async def _bulk_fingerprint(ctx: FactContext) -> list[str]:
 async def _bulk_count(ctx: FactContext) -> int:
     state = ctx.service(STATE)  # before hashing: the lab's first pass has none
     keys = await ctx.get("bulk_fingerprint")
-    members = bulk_members(ctx.message)
+    members = bulk_members(state, ctx.message)
     return max(await state.count_windows(keys, members, BULK_WINDOW, ctx.message.received_at))
 
 
@@ -138,10 +138,10 @@ def volume_key(org: str) -> str:
     return "volume:" + org
 
 
-def volume_members(message: Message) -> list[str]:
+def volume_members(state: StateStore, message: Message) -> list[str]:
     """(message, recipient) pairs, hashed: a retried message counts once."""
     key = _message_key(message)
-    return [hashed(key, r) for r in header_recipients(message)] or [hashed(key)]
+    return [state.hashed(key, r) for r in header_recipients(message)] or [state.hashed(key)]
 
 
 def bulk_sender_flag(org: str) -> str:
@@ -152,7 +152,7 @@ async def _sender_volume_24h(ctx: FactContext) -> int:
     org = sender_org(ctx.message, ctx.service(PSL))
     state = ctx.service(STATE)
     return await state.count_window_many(
-        volume_key(org), volume_members(ctx.message), VOLUME_WINDOW, ctx.message.received_at
+        volume_key(org), volume_members(state, ctx.message), VOLUME_WINDOW, ctx.message.received_at
     )
 
 
@@ -165,8 +165,8 @@ async def _bulk_sender(ctx: FactContext) -> bool:
     return await state.seen(bulk_sender_flag(org), now=ctx.message.received_at)
 
 
-def correspondent_key(writer: str, addressee: str) -> str:
-    return "corr:" + hashed(writer.lower(), addressee.lower())
+def correspondent_key(state: StateStore, writer: str, addressee: str) -> str:
+    return "corr:" + state.hashed(writer.lower(), addressee.lower())
 
 
 def senders(message: Message) -> set[str]:
@@ -185,7 +185,7 @@ async def _known_correspondent(ctx: FactContext) -> bool:
     for rcpt in recipients:
         known = False
         for sender in writers:
-            if await state.seen(correspondent_key(rcpt, sender), now=now):
+            if await state.seen(correspondent_key(state, rcpt, sender), now=now):
                 known = True
                 break
         if not known:

@@ -17,7 +17,7 @@ from relay.errors import FactError
 from relay.facts.base import Compute, FactContext, FactSpec, FactType
 from relay.facts.services import RESOLVER, STATE, Service
 from relay.message import Peer
-from relay.state import hashed
+from relay.state import StateStore
 from relay.verdict import Tier
 
 MAX_PTR_NAMES = 5  # a host with more PTR names than this is checked on the first five
@@ -111,15 +111,15 @@ async def _dnsbl_listed(ctx: FactContext) -> list[str]:
     return listed
 
 
-def connection_key(peer: Peer) -> str:
-    """The state key counting connections from the client's address."""
-    return "conn:" + hashed(peer.ip)
+def connection_key(state: StateStore, peer: Peer) -> str:
+    """The state key counting connections from the client's address (hashed, keyed)."""
+    return "conn:" + state.hashed(peer.ip)
 
 
-def connection_member(peer: Peer) -> str | None:
+def connection_member(state: StateStore, peer: Peer) -> str | None:
     """A connection is (ip, source port); without a port (stored mail) each message counts
     (None: an anonymous event)."""
-    return hashed(peer.ip, str(peer.port)) if peer.port else None
+    return state.hashed(peer.ip, str(peer.port)) if peer.port else None
 
 
 async def _connection_rate(ctx: FactContext) -> float:
@@ -129,7 +129,10 @@ async def _connection_rate(ctx: FactContext) -> float:
     state = ctx.service(STATE)
     # Read only: this connection counts as if recorded (the recorder records it).
     count = await state.count_window(
-        connection_key(peer), connection_member(peer), RATE_WINDOW, ctx.message.received_at
+        connection_key(state, peer),
+        connection_member(state, peer),
+        RATE_WINDOW,
+        ctx.message.received_at,
     )
     return float(count) * 60.0 / RATE_WINDOW
 

@@ -23,6 +23,7 @@ from relay.config import ModelSettings, Settings, StateSettings
 from relay.facts import FactRegistry, Services, default_registry
 from relay.facts.oraclelists import OracleLists
 from relay.lab.offline_auth import HeaderAuth, offline_registry
+from relay.secretkey import SecretKey
 
 # Bump when the lab changes how it rebuilds a message (envelope, peer, time) or a fact
 # override, so cached values from the old reconstruction are not reused.
@@ -123,7 +124,8 @@ async def lab_services(
     # relay's, maybe Redis); the parallel pass drops it.
     settings = lab_settings(env, state_dir, classifier=classifier)
     async with contextlib.AsyncExitStack() as stack:
-        services = await open_services(settings, stack)
+        # A throwaway key: the lab's store is its own, fresh and private to this run.
+        services = await open_services(settings, stack, key=SecretKey.generate())
         yield dataclasses.replace(
             services,
             resolver=None if env.offline else services.resolver,

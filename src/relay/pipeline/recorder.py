@@ -135,14 +135,14 @@ class Recorder:
 
     async def _bulk(self, message: Message, facts: FactSource) -> None:
         keys = await facts.get("bulk_fingerprint")  # hashed once, shared with bulk_count
-        members = bulk.bulk_members(message)
+        members = bulk.bulk_members(self.state, message)
         await self.state.incr_windows(keys, members, bulk.BULK_WINDOW, message.received_at)
 
     async def _volume(self, message: Message) -> None:
         org = bulk.sender_org(message, self.psl)
         now = message.received_at
         volume = await self.state.incr_window_many(
-            bulk.volume_key(org), bulk.volume_members(message), bulk.VOLUME_WINDOW, now
+            bulk.volume_key(org), bulk.volume_members(self.state, message), bulk.VOLUME_WINDOW, now
         )
         if volume >= bulk.BULK_SENDER_VOLUME:
             await self.state.add(bulk.bulk_sender_flag(org), now=now)
@@ -152,8 +152,8 @@ class Recorder:
         if not peer.ip:  # unknown client: counted under no address
             return
         await self.state.incr_window(
-            network.connection_key(peer),
-            network.connection_member(peer),
+            network.connection_key(self.state, peer),
+            network.connection_member(self.state, peer),
             network.RATE_WINDOW,
             message.received_at,
         )
@@ -172,5 +172,5 @@ class Recorder:
         now = message.received_at
         for sender in bulk.senders(message):
             for rcpt in message.envelope.rcpt_to:
-                key = bulk.correspondent_key(sender, rcpt)
+                key = bulk.correspondent_key(self.state, sender, rcpt)
                 await self.state.add(key, self.correspondent_ttl, now=now)

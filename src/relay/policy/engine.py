@@ -17,6 +17,12 @@ computed. A remaining rule can change the action when
 
 A fact whose computation fails is missing: the rules reading it do not fire and the
 Verdict lists them as skipped with the reason.
+
+Conditions with a comprehension run in the sandbox child (``relay.proc.celsandbox``)
+when the relay gives one; together they may take ``[policy] condition_time_limit``
+seconds per message. A message that overruns it is deferred (tempfail, forced by the
+rule that overran): skipping the rule instead would let a sender craft mail that slips
+past a slow reject rule.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import cel
 
 from relay.contracts import FactSource
+from relay.errors import ConditionTimeout
 from relay.message import Message
 from relay.policy.model import (
     SEVERITY,
@@ -41,12 +48,14 @@ from relay.policy.model import (
     Thresholds,
     most_severe,
 )
+from relay.proc.celsandbox import ConditionSandbox
 from relay.verdict import Action, Mode, RuleHit, RuleSkip, Tier, Verdict
 
 THRESHOLD_REASONS = {
     Action.REJECT: "Message rejected: spam score too high",
     Action.TEMPFAIL: "Message deferred by policy, try again later",
 }
+OVERRUN_REASON = "Message deferred: policy checks took too long, try again later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,7 @@ class Policy:
         "_order",
         "_pos_rest",
         "_regimes",
+        "_sandbox",
         "_wildcards",
         "fact_names",
         "max_tier",
@@ -102,8 +112,10 @@ class Policy:
         overrides: Sequence[Override] = (),
         float_facts: frozenset[str] = frozenset(),
         source: str = "<policy>",
+        sandbox: ConditionSandbox | None = None,
     ) -> None:
         self.name = name
+        self._sandbox = sandbox
         self.mode = mode
         self.source = source
         self.rules: tuple[RuleSpec, ...] = tuple(rules)
@@ -256,6 +268,8 @@ class Policy:
         forced: Action | None = None
         forced_rule: RuleSpec | None = None
         evaluated = 0
+        overrun: RuleSpec | None = None
+        sandbox_until: float | None = None  # the message's time limit, from its first use
         order = self._order
         groups = self._groups
         # One context per message; CEL asks the resolver for each fact a rule touches, so
@@ -274,7 +288,19 @@ class Policy:
                     break
                 rule, program = order[i]
                 evaluated += 1
-                result = _evaluate(rule, program, context, missing)
+                if rule.isolated and self._sandbox is not None:
+                    if sandbox_until is None:
+                        sandbox_until = time.monotonic() + self._sandbox.time_limit
+                    result = await _evaluate_isolated(
+                        rule, self._sandbox, values, missing, sandbox_until
+                    )
+                    if isinstance(result, ConditionTimeout):
+                        overrun = rule
+                        skipped.append(RuleSkip(rule.name, f"condition: {result}"))
+                        stop = True
+                        break
+                else:
+                    result = _evaluate(rule, program, context, missing)
                 if isinstance(result, RuleSkip):
                     skipped.append(result)
                     continue
@@ -290,7 +316,9 @@ class Policy:
             if stop:
                 break
 
-        if forced is not None and forced_rule is not None:
+        if overrun is not None:
+            action, forced_rule, reason = Action.TEMPFAIL, overrun, OVERRUN_REASON
+        elif forced is not None and forced_rule is not None:
             action = forced
             reason = forced_rule.reason or THRESHOLD_REASONS.get(forced, "")
         else:
@@ -312,6 +340,27 @@ class Policy:
             seconds=time.perf_counter() - start,
             extra=(("rules_evaluated", f"{evaluated}/{len(order)}"),),
         )
+
+
+async def _evaluate_isolated(
+    rule: RuleSpec,
+    sandbox: ConditionSandbox,
+    values: dict[str, Any],
+    missing: dict[str, str],
+    until: float,
+) -> bool | RuleSkip | ConditionTimeout:
+    """As ``_evaluate``, in the sandbox; ConditionTimeout when it gave no result in time."""
+    for name in rule.reads:
+        if name in missing:
+            return RuleSkip(rule.name, f"fact {name} unavailable: {missing[name]}")
+    try:
+        return await sandbox.run(
+            rule.when, {n: values.get(n) for n in rule.reads}, until - time.monotonic()
+        )
+    except ConditionTimeout as exc:
+        return exc
+    except ValueError as exc:
+        return RuleSkip(rule.name, f"condition failed: {exc}")
 
 
 def _evaluate(

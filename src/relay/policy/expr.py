@@ -17,7 +17,10 @@ Before any of that, the condition's worst-case cost is bounded (issue 15, findin
 has no loops, but comprehension macros (``all``, ``exists``, ``exists_one``, ``map``,
 ``filter``) nest, and conditions run on the event loop. The binding exposes no AST or cost
 estimator, so ``condition_cost`` estimates over the tokens: a comprehension costs the size
-of the list it ranges over times its body; see ``MAX_COST`` and docs/policy.md.
+of the list it ranges over times its body; see ``MAX_COST`` and docs/policy.md. Steps
+are not time (a step's work grows with the values it reads), so ``matches`` must take a
+literal pattern and a condition with a comprehension is marked ``isolated``: the relay
+runs it in ``relay.proc.celsandbox`` with a per-message time limit.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class Condition:
     source: str
     program: Any  # cel.Program (the binding ships no usable stubs for mypy's path)
     reads: tuple[str, ...]
+    # Has a comprehension: run in the sandbox child with a time limit, not on the loop
+    # (relay.proc.celsandbox says why the step budget alone does not bound the time).
+    isolated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +219,41 @@ def condition_cost(source: str) -> Cost:
     return model.span(0, len(model.texts))
 
 
+def _regex_problems(model: _CostModel) -> list[str]:
+    """``matches`` must take a string literal: a pattern built from message data is
+    compiled for every message (60 such calls on a 20 KB header took 0.96 s)."""
+    texts, kinds = model.texts, model.kinds
+    for i, text in enumerate(texts):
+        if kinds[i] != "id" or text != "matches" or i + 1 >= len(texts) or texts[i + 1] != "(":
+            continue
+        close = model.match.get(i + 1)
+        if close is None:
+            continue
+        method = i > 0 and texts[i - 1] == "." and kinds[i - 1] == "op"
+        args: list[list[int]] = [[]]
+        level = 0
+        for k in range(i + 2, close):
+            if kinds[k] == "op" and texts[k] in _OPEN:
+                level += 1
+            elif kinds[k] == "op" and texts[k] in _CLOSE:
+                level -= 1
+            if level == 0 and kinds[k] == "op" and texts[k] == ",":
+                args.append([])
+            else:
+                args[-1].append(k)
+        pattern = args[0] if method else args[-1]
+        if len(pattern) != 1 or kinds[pattern[0]] != "str":
+            return [
+                "matches() takes a string literal as its pattern, not one built from facts "
+                "(a pattern from message data would be compiled for every message)"
+            ]
+    return []
+
+
 def _cost_problems(source: str) -> list[str]:
+    problems = _regex_problems(_CostModel(source))
+    if problems:
+        return problems
     cost = condition_cost(source)
     if cost.depth > MAX_DEPTH:
         return [
@@ -344,4 +384,4 @@ def compile_condition(source: str, registry: FactRegistry) -> tuple[Condition | 
     problems += _probe_problems(program, reads, registry, source)
     if problems:
         return None, problems
-    return Condition(source, program, reads), []
+    return Condition(source, program, reads, isolated=condition_cost(source).depth > 0), []

@@ -24,6 +24,7 @@ from relay.policy.engine import Policy
 from relay.policy.expr import compile_condition
 from relay.policy.lines import LineIndex
 from relay.policy.model import Override, RuleSpec, Thresholds
+from relay.proc.celsandbox import ConditionSandbox
 from relay.verdict import Action, Mode, Tier
 
 # Policy and rule names go into headers (X-Spam-Status), log lines and metric labels: a safe
@@ -180,6 +181,7 @@ def _rule(
     when = table.get("when")
     program: Any = None
     reads: tuple[str, ...] = ()
+    isolated = False
     if not isinstance(when, str):
         p.add(line, where, "'when' is missing or not a string")
         ok = False
@@ -190,7 +192,7 @@ def _rule(
         if condition is None:
             ok = False
         else:
-            program, reads = condition.program, condition.reads
+            program, reads, isolated = condition.program, condition.reads, condition.isolated
 
     has_score, has_action = "score" in table, "action" in table
     score = 0.0
@@ -226,7 +228,15 @@ def _rule(
         return None
     tier = max((registry[n].tier for n in reads), default=Tier.CONNECTION)
     spec = RuleSpec(
-        name, when if isinstance(when, str) else "", reads, tier, score, action, reason, line
+        name,
+        when if isinstance(when, str) else "",
+        reads,
+        tier,
+        score,
+        action,
+        reason,
+        line,
+        isolated,
     )
     return spec, program
 
@@ -285,8 +295,15 @@ def _overrides(items: Any, base: Thresholds, mode: Mode, p: _Problems) -> list[O
     return out
 
 
-def compile_policy(text: str, registry: FactRegistry, source: str = "<policy>") -> Policy:
-    """Validate and compile policy text; raises PolicyError with every problem found."""
+def compile_policy(
+    text: str,
+    registry: FactRegistry,
+    source: str = "<policy>",
+    sandbox: ConditionSandbox | None = None,
+) -> Policy:
+    """Validate and compile policy text; raises PolicyError with every problem found.
+    ``sandbox`` runs the conditions with comprehensions (None: on the caller's thread, as
+    the lab and the command line do, where no event loop serves clients)."""
     lines = LineIndex(text)
     p = _Problems(source, lines)
     try:
@@ -356,10 +373,13 @@ def compile_policy(text: str, registry: FactRegistry, source: str = "<policy>") 
         overrides=overrides,
         float_facts=float_facts,
         source=source,
+        sandbox=sandbox,
     )
 
 
-def load_policy(path: Path, registry: FactRegistry) -> Policy:
+def load_policy(
+    path: Path, registry: FactRegistry, sandbox: ConditionSandbox | None = None
+) -> Policy:
     """Read, validate and compile a policy file; raises PolicyError naming file and line.
 
     This is also the reload entry point: on PolicyError the caller keeps its old policy.
@@ -372,7 +392,7 @@ def load_policy(path: Path, registry: FactRegistry) -> Policy:
         raise PolicyError([f"{path}:0: not UTF-8 text ({exc.reason})"]) from None
     except OSError as exc:
         raise PolicyError([f"{path}:0: cannot read: {exc.strerror}"]) from None
-    return compile_policy(text, registry, str(path))
+    return compile_policy(text, registry, str(path), sandbox)
 
 
 def check_files(paths: Iterable[Path], registry: FactRegistry) -> list[str]:

@@ -121,3 +121,4 @@ class RuleSpec:
     action: Action | None = None
     reason: str = ""
     line: int = 0
+    isolated: bool = False  # has a comprehension: evaluated in the sandbox child

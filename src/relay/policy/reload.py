@@ -19,6 +19,7 @@ from relay.facts.services import Services
 from relay.policy.engine import Policy
 from relay.policy.holder import DeciderHolder
 from relay.policy.loader import load_policy
+from relay.proc.celsandbox import ConditionSandbox
 
 log = logging.getLogger("relay.policy")
 
@@ -41,12 +42,13 @@ def reload_policy(
     registry: FactRegistry,
     observer: Observer,
     services: Services | None = None,
+    sandbox: ConditionSandbox | None = None,
 ) -> bool:
     """Load ``path`` and swap it into ``holder``; on PolicyError (or, given ``services``,
     a fact whose service is not configured) log every problem, count the failure and keep
     the running policy. Returns whether the swap happened."""
     try:
-        policy = load_policy(path, registry)
+        policy = load_policy(path, registry, sandbox)
         if services is not None:
             problems = service_problems(policy, registry, services)
             if problems:

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 
 from relay.errors import WorkerDied, WorkerError, WorkerTimeout
-from relay.proc.lifetime import die_with_parent
+from relay.proc.lifetime import die_with_parent, release_free_memory
 
 log = logging.getLogger("relay.proc.pipes")
 
@@ -43,6 +43,8 @@ OK, ERROR = 0, 1
 MAX_FRAME = 1 << 31  # a sanity bound: the relay's own size limits are far below it
 _READ_SIZE = 1 << 20
 _JOIN_BELOW = 64 * 1024  # request pieces smaller than this leave joined in one write
+_WRITE_CHUNK = 256 * 1024  # a large piece goes to the pipe this much at a time
+TRIM_ABOVE = 4 * 1024 * 1024  # after requests this large a child gives its heap back
 START_TIMEOUT = 60.0  # seconds for a child to import and say hello (a cold disk is slow)
 
 
@@ -66,7 +68,8 @@ def split_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
         end = start + 4 + size
         if end > len(buffer):
             break
-        frames.append((buffer[start + 4], bytes(buffer[start + 5 : end])))
+        with memoryview(buffer) as view:  # one copy of a payload, not two
+            frames.append((buffer[start + 4], bytes(view[start + 5 : end])))
         start = end
     del buffer[:start]
     return frames
@@ -81,7 +84,8 @@ class _Child(asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._buffer = bytearray()
-        self._outbox: list[bytes] = []
+        self._outbox: collections.deque[bytes | memoryview] = collections.deque()
+        self._paused = False  # the pipe transport holds more than its high-water mark
         self._on_exit = on_exit
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
@@ -105,24 +109,37 @@ class _Child(asyncio.SubprocessProtocol):
         self._outbox.extend(parts)
 
     def _flush(self) -> None:
-        outbox, self._outbox = self._outbox, []
+        """Write what the pipe takes. Small pieces are joined into one write; a large one
+        (a message) goes a chunk at a time, only while the transport is not paused: were it
+        handed over whole, the transport would copy what the pipe cannot take at once, a
+        second copy of every 25 MB message waiting for the child."""
         stdin = self._stdin
         if stdin is None or stdin.is_closing():
+            self._outbox.clear()
             return
-        # Small pieces are joined into one write; a large one (a message body) is handed
-        # to the transport as it is: the transport copies what the pipe cannot take at
-        # once, and that must stay the only copy of a 25 MB message on the event loop.
-        small: list[bytes] = []
-        for piece in outbox:
+        outbox = self._outbox
+        small: list[bytes | memoryview] = []
+        while outbox and not self._paused:
+            piece = outbox.popleft()
             if len(piece) < _JOIN_BELOW:
                 small.append(piece)
                 continue
             if small:
                 stdin.write(b"".join(small))
                 small = []
-            stdin.write(piece)
+            view = memoryview(piece)
+            stdin.write(view[:_WRITE_CHUNK])  # may pause us (pause_writing)
+            if len(view) > _WRITE_CHUNK:
+                outbox.appendleft(view[_WRITE_CHUNK:])
         if small:
             stdin.write(b"".join(small))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._flush()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd != 1:
@@ -155,6 +172,7 @@ class _Child(asyncio.SubprocessProtocol):
             self.transport.kill()
 
     def process_exited(self) -> None:
+        self._outbox.clear()
         if not self.exited.done():
             self.exited.set_result(None)
         code = self.transport.get_returncode() if self.transport is not None else None
@@ -255,8 +273,8 @@ class PipeWorkers:
     def _expire(self, child: _Child, future: asyncio.Future[bytes], after: float) -> None:
         if future.done():
             return
-        future.set_exception(WorkerTimeout(f"{self.name}: no answer within {after:.0f} s"))
-        log.error("%s gave no answer within %.0f s; killing it", child.name, after)
+        future.set_exception(WorkerTimeout(f"{self.name}: no answer within {after:.3g} s"))
+        log.error("%s gave no answer within %.3g s; killing it", child.name, after)
         child.kill()
 
     async def close(self) -> None:
@@ -315,11 +333,19 @@ def serve(handler: Callable[[bytes], bytes]) -> int:
         frames = _read_frames(stdin, buffer)
         if frames is None:
             return 0
-        answers = []
-        for _status, payload in frames:
-            try:
-                answers.append(frame(OK, handler(payload)))
-            except Exception as exc:  # the type alone: a message could quote the payload
-                answers.append(frame(ERROR, type(exc).__name__.encode()))
+        large = sum(len(payload) for _, payload in frames) > TRIM_ABOVE
         # every request that arrived together is answered with one write
-        _write_all(stdout, b"".join(answers))
+        _write_all(stdout, _answer(frames, handler))
+        if large:  # the payloads are gone now: give their memory back, not keep it
+            del frames
+            release_free_memory()
+
+
+def _answer(frames: list[tuple[int, bytes]], handler: Callable[[bytes], bytes]) -> bytes:
+    answers = []
+    for _status, payload in frames:
+        try:
+            answers.append(frame(OK, handler(payload)))
+        except Exception as exc:  # the type alone: a message could quote the payload
+            answers.append(frame(ERROR, type(exc).__name__.encode()))
+    return b"".join(answers)

@@ -1,5 +1,6 @@
 """The SMTP front door: the protocol (``server``) and its aiosmtpd hooks (``handler``),
-MAIL/RCPT parsing (``paths``), relay control, the smuggling watch, XFORWARD, the open
+MAIL/RCPT parsing (``paths``), relay control, DATA read into one buffer (``data``), the
+smuggling watch, the memory budget for large messages (``budget``), XFORWARD, the open
 sessions, the listening socket and the worker supervisor.
 
 Owns everything that speaks SMTP to clients and the processes that share the port. May

@@ -38,6 +38,8 @@ class Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        # EHLO resets a transaction (RFC 5321 4.1.4): its downstream and what it reserved go.
+        server.abort_transaction()
         server.forget_xforward()
         # AUTH is not offered (no authenticator); XFORWARD only to trusted proxies.
         out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
@@ -57,12 +59,16 @@ class Handler:
         mail_options: list[str],
     ) -> str:
         server.abort_transaction()
+        refusal = server.begin_transaction(
+            smtputf8="SMTPUTF8" in mail_options, size=declared_size(mail_options)
+        )
+        if refusal is not None:
+            return refusal.line
         # aiosmtpd's convention: "<>" stands for the null reverse-path, so that the
         # envelope's mail_from is truthy once MAIL was accepted.
         envelope.mail_from = address or "<>"
         envelope.mail_options.extend(mail_options)
-        envelope.smtp_utf8 = "SMTPUTF8" in mail_options
-        server.begin_transaction(smtputf8=envelope.smtp_utf8)
+        envelope.smtp_utf8 = server.smtputf8
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -90,7 +96,6 @@ class Handler:
         return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
-        server.stop_data_timer()  # reading is over; delivery has its own timeout
         txn, decider = server.take_transaction()
         try:
             raw = envelope.original_content or b""
@@ -115,6 +120,15 @@ class Handler:
 def _mail_options(options: Sequence[str]) -> list[str]:
     """ESMTP MAIL parameters passed on to the downstream (SIZE, BODY, SMTPUTF8)."""
     return [o for o in options if o.upper().split("=", 1)[0] in ("SIZE", "BODY", "SMTPUTF8")]
+
+
+def declared_size(options: Sequence[str]) -> int:
+    """SIZE= on MAIL (RFC 1870), 0 when absent; ``paths.check_mail`` made it a number."""
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.upper() == "SIZE":
+            return int(value)
+    return 0
 
 
 def reverse_path(envelope: Envelope) -> str:

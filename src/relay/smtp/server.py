@@ -2,7 +2,8 @@
 per-connection state.
 
 One module because aiosmtpd's ``SMTP`` subclass is one class: the commands it overrides
-share the per-connection state; a little over 300 lines for that reason.
+share the per-connection state; under 500 lines for that reason (DATA is read in
+``data.py``, the memory budget kept in ``budget.py``).
 
 Thin on purpose: it speaks SMTP, enforces protocol limits, refuses relay tricks at RCPT
 and hands the rest to the aiosmtpd hooks (``handler.py``), which mirror RCPT downstream
@@ -34,11 +35,15 @@ from relay.reply import (
     DATA_TIMEOUT,
     IDLE_TIMEOUT,
     INTERNAL_ERROR,
+    NO_ROOM_AT_MAIL,
+    NO_ROOM_FOR_DATA,
     SHUTTING_DOWN,
     TOO_MANY_CONNECTIONS,
     Reply,
     with_enhanced_status,
 )
+from relay.smtp.budget import DataHold
+from relay.smtp.data import DataEnd, read_data
 from relay.smtp.logsafe import printable
 from relay.smtp.paths import (
     NEEDS_SMTPUTF8,
@@ -65,6 +70,12 @@ JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EHLO", "HELO"})
 # once TLS is up; a client that sends it anyway gets 503.
 STARTTLS_BEFORE_EHLO = "503 5.5.1 Error: send EHLO first"
 STARTTLS_AGAIN = "503 5.5.1 Error: TLS already active"
+# aiosmtpd's words for its two refusals; the budget's is ours.
+DATA_REFUSALS = {
+    DataEnd.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
+    DataEnd.TOO_MUCH: "552 Error: Too much mail data",
+    DataEnd.NO_ROOM: NO_ROOM_FOR_DATA.line,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,7 @@ class RelaySMTP(SMTP):
         self._admitted = False
         self._data_timer: asyncio.TimerHandle | None = None
         self.data_lines = DataLines()  # bare line ends and smuggling seen in this DATA
+        self.data_hold = DataHold(deps.sessions.data_budget)  # what this transaction reserved
         self.xforward: dict[str, str] = {}  # original client as told by a trusted proxy
         self.smtputf8 = False  # the transaction's MAIL carried SMTPUTF8
         self._plain_replies = False  # EHLO/HELO lines carry no enhanced status (RFC 2034)
@@ -225,12 +237,17 @@ class RelaySMTP(SMTP):
 
     # --- the transaction, as the hooks drive it -------------------------------------------
 
-    def begin_transaction(self, *, smtputf8: bool) -> None:
+    def begin_transaction(self, *, smtputf8: bool, size: int) -> Reply | None:
         """MAIL accepted: the policy in force now is the one this transaction finishes
-        under, and the session counts as busy until the end of DATA."""
+        under, and the session counts as busy until the end of DATA. A large declared
+        ``size`` (SIZE=) is reserved in the memory budget now, or the MAIL is refused."""
+        if not self.data_hold.declare(size):
+            self._no_room(f"SIZE={size}")
+            return NO_ROOM_AT_MAIL
         self.smtputf8 = smtputf8
         self.decider = self.deps.pipeline.policy.current
         self.busy = True
+        return None
 
     async def downstream(self, mail_from: str, options: Sequence[str]) -> Transaction:
         """The transaction's downstream, opened at the first RCPT that reaches it."""
@@ -254,6 +271,7 @@ class RelaySMTP(SMTP):
         """DATA answered: not busy any more, XFORWARD attributes forgotten (they last one
         transaction), and the connection closed if the process is draining."""
         self.busy = False
+        self.data_hold.release()
         self.forget_xforward()
         if self.deps.sessions.draining:
             asyncio.get_running_loop().call_soon(self.close_with, SHUTTING_DOWN)
@@ -263,6 +281,7 @@ class RelaySMTP(SMTP):
         connection is reset in the background."""
         txn, self.transaction = self.transaction, None
         self.busy = False
+        self.data_hold.release()
         self.decider = None
         self.smtputf8 = False
         if txn is not None:
@@ -275,6 +294,23 @@ class RelaySMTP(SMTP):
         if self._data_timer is not None:
             self._data_timer.cancel()
             self._data_timer = None
+
+    def _more_room(self) -> int | None:
+        """The DATA outgrew what it reserved: room for the largest message, or None."""
+        ceiling = self.data_hold.grow()
+        if ceiling is None:
+            self._no_room(f"over {self.data_hold.ceiling} bytes of DATA")
+        return ceiling
+
+    def _no_room(self, what: str) -> None:
+        budget = self.deps.sessions.data_budget
+        log.info(
+            "large message refused, no room: peer=%s %s, %d of %d bytes reserved",
+            self._socket_ip() or "-",
+            what,
+            budget.held,
+            budget.limit,
+        )
 
     def _data_timed_out(self) -> None:
         log.info("data phase timed out peer=%s", self.session.peer if self.session else "-")
@@ -363,18 +399,50 @@ class RelaySMTP(SMTP):
         status = await self._call_handler_hook("RCPT", parsed.path, [])
         await self.push(status)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        if self.envelope is not None and self.envelope.rcpt_tos and not arg:
-            loop = asyncio.get_running_loop()
-            self._data_timer = loop.call_later(
-                self.deps.settings.smtp.data_timeout, self._data_timed_out
-            )
-        self.data_lines.watch(self._reader)
+        """aiosmtpd's DATA with our reader (``data.py``): one buffer instead of a list of
+        lines, the memory budget for large messages, a refused rest skipped in blocks."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        loop = asyncio.get_running_loop()
+        self._data_timer = loop.call_later(
+            self.deps.settings.smtp.data_timeout, self._data_timed_out
+        )
+        self.data_lines.reset()
         self._last_code = 0
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            read = await read_data(
+                self._reader,
+                line_limit=self.line_length_limit,
+                size_limit=self.deps.settings.smtp.max_message_size,
+                ceiling=self.data_hold.ceiling,
+                grow=self._more_room,
+                watch=self.data_lines,
+            )
+        except asyncio.CancelledError:
+            self._writer.close()  # the connection went during DATA (as aiosmtpd does)
+            raise
         finally:
-            self.stop_data_timer()
+            self.stop_data_timer()  # reading is over; delivery has its own timeout
+        if read.end is not DataEnd.OK:
+            self.abort_transaction()
+            self.end_transaction()
+            self.envelope = self._create_envelope()  # as after RSET
+            await self.push(DATA_REFUSALS[read.end])
+            return
+        self.envelope.original_content = self.envelope.content = read.data
+        status = await self._call_handler_hook("DATA")
+        self.envelope = self._create_envelope()  # as after RSET
+        await self.push(status)
         if 200 <= self._last_code < 300:  # a message accepted: the client is a mailer
             self.errors = 0
             self.junk_commands = 0

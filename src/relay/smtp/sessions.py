@@ -1,5 +1,6 @@
-"""The open SMTP connections of this process: the connection limit and the drain on
-shutdown. Knows a connection only as something that may be busy and can be closed."""
+"""The open SMTP connections of this process: the connection limit, the memory their
+large messages may hold (``budget.py``) and the drain on shutdown. Knows a connection only
+as something that may be busy and can be closed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.reply import SHUTTING_DOWN, Reply
+from relay.smtp.budget import DataBudget
 
 
 class Connection(Protocol):
@@ -25,9 +27,11 @@ class Connection(Protocol):
 
 @dataclass
 class Sessions:
-    """Open connections of this process: the connection limit and the drain on shutdown."""
+    """Open connections of this process: the connection limit, the memory for large
+    messages, and the drain on shutdown."""
 
     limit: int
+    data_budget: DataBudget
     open: set[Connection] = field(default_factory=set)
     draining: bool = False
 

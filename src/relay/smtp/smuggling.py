@@ -1,15 +1,15 @@
-"""SMTP smuggling: the raw DATA lines watched before aiosmtpd's dot-unstuffing changes them.
+"""SMTP smuggling: the raw DATA lines watched before dot-unstuffing changes them.
 
 A lone dot delimited by anything but CRLF on both sides is a smuggling shape (<LF>.<LF>,
 <LF>.<CR><LF>, <CR><LF>.<LF>, <CR>.<CR>, <CR><LF>.<CR>, <CR>.<CR><LF>, <LF>.<CR> ...).
-aiosmtpd >= 1.4.6 only ends DATA on <CR><LF>.<CR><LF>, but a laxer downstream could split
-the message there, so the server refuses such input outright. Other bare line endings are
-only noted, so the message can be normalised to CRLF.
+The DATA reader (``data.py``, like aiosmtpd >= 1.4.6) only ends DATA on
+<CR><LF>.<CR><LF>, but a laxer downstream could split the message there, so the server
+refuses such input outright. Other bare line endings are only noted, so the message can be
+normalised to CRLF.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 # Checked on the raw lines as read (before dot-unstuffing hides a leading dot); each line
@@ -35,27 +35,15 @@ class DataLines:
     def __init__(self) -> None:
         self.bare_line_ends = False  # a line held a bare CR or LF: normalise to CRLF
         self.smuggling = False  # a line held a smuggling shape: refuse
-        self._reader: asyncio.StreamReader | None = None
 
-    def watch(self, reader: asyncio.StreamReader) -> None:
-        """Start a DATA phase: forget the last one's findings and watch ``reader``.
-
-        aiosmtpd's DATA loop is not a public hook, so the connection's own reader is wrapped
-        once; the wrapper only looks at lines and returns them unchanged.
-        """
+    def reset(self) -> None:
+        """A new DATA phase: forget the last one's findings."""
         self.bare_line_ends = False
         self.smuggling = False
-        if self._reader is reader:
-            return
-        self._reader = reader
-        read_line = reader.readuntil
 
-        async def readuntil(separator: bytes = b"\n") -> bytes:
-            line = await read_line(separator)
-            # Every shape needs a bare CR or LF, so the regex runs only on such lines.
-            if separator == b"\r\n" and bare_line_end(line):
-                self.bare_line_ends = True
-                self.smuggling = self.smuggling or smuggling_suspect(line)
-            return line
-
-        reader.readuntil = readuntil  # type: ignore[method-assign,assignment]
+    def see(self, raw_line: bytes) -> None:
+        """One line as read (CRLF-terminated, before dot-unstuffing), by ``data.read_data``."""
+        # Every shape needs a bare CR or LF, so the regex runs only on such lines.
+        if bare_line_end(raw_line):
+            self.bare_line_ends = True
+            self.smuggling = self.smuggling or smuggling_suspect(raw_line)
