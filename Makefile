@@ -20,18 +20,23 @@ setup: $(STAMP)
 
 # Installs the Debian packages when missing. Postfix comes with the "No configuration"
 # preseed so its master is never set up or started; we only use smtp-sink/smtp-source.
+# Dovecot (imapd + sieve) is only run by tests/test_dovecot.py from a private config; the
+# system service is stopped and disabled after installing.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	[ -x /usr/sbin/smtp-sink ] || command -v smtp-sink >/dev/null || missing="$$missing postfix"; \
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
+	[ -x /usr/sbin/dovecot ] || command -v dovecot >/dev/null || missing="$$missing dovecot-imapd"; \
+	command -v sievec >/dev/null || missing="$$missing dovecot-sieve"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  for svc in redis-server prometheus postfix; do (service $$svc stop || true) >/dev/null 2>&1; done; \
+	  for svc in redis-server prometheus postfix dovecot; do (service $$svc stop || true) >/dev/null 2>&1; done; \
+	  (systemctl disable --now dovecot || true) >/dev/null 2>&1; \
 	fi
 
 run: setup

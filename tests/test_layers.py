@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure
     ("relay.auth", "relay.classifier"),  # the checks facts are made of
-    ("relay.facts",),
+    ("relay.facts", "relay.feedback"),  # feedback: reports in, the store, training view
     ("relay.policy",),
     ("relay.delivery",),
     ("relay.pipeline",),

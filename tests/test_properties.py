@@ -651,3 +651,56 @@ def test_compile_policy_only_policy_error(text: str) -> None:
         assert exc.problems and all(isinstance(p, str) for p in exc.problems)
         return
     assert isinstance(policy, Policy)
+
+
+# -- feedback intake and the learn endpoint's request parsing (issue 16) ------------------
+
+_FIELD = st.from_regex(rb"[A-Za-z][A-Za-z0-9-]{0,20}: [ -~]{0,40}\r\n", fullmatch=True)
+
+
+@given(st.binary(max_size=400))
+def test_body_digest_refuses_only_with_its_error(data: bytes) -> None:
+    from relay.errors import FeedbackRefused
+    from relay.feedback.record import body_digest
+
+    try:
+        digest = body_digest(data)
+    except FeedbackRefused as exc:
+        assert exc.reason == "unparsable"
+    else:
+        assert re.fullmatch("[0-9a-f]{64}", digest)
+
+
+@given(
+    st.lists(_FIELD, min_size=1, max_size=6),
+    st.lists(_FIELD, max_size=3),
+    st.binary(min_size=1, max_size=200).filter(bytes.strip),
+)
+def test_body_digest_ignores_added_header_fields(
+    fields: list[bytes], added: list[bytes], body: bytes
+) -> None:
+    from relay.feedback.record import body_digest
+
+    body = body.replace(b"\r", b"")  # line ends are normalised; bare CRs are data
+    message = b"".join(fields) + b"\r\n" + body
+    assert body_digest(b"".join(added) + message) == body_digest(message)
+    assert body_digest(message.replace(b"\r\n", b"\n")) == body_digest(message)
+
+
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=64))
+async def test_learn_request_parsing_answers_or_raises_bad_request(data: bytes, limit: int) -> None:
+    import asyncio
+
+    from relay.ops.http import BadRequest, read_body, read_request
+
+    reader = asyncio.StreamReader(limit=8192)
+    reader.feed_data(data)
+    reader.feed_eof()
+    try:
+        request = await read_request(reader, body=True)
+        body = await read_body(reader, request, limit)
+    except BadRequest as exc:
+        assert exc.status in (400, 413)
+    else:
+        assert len(body) <= limit
+        assert int(request.headers["content-length"]) == len(body)

@@ -230,6 +230,7 @@ def _config(tmp_path: Path) -> Path:
         f'[delivery]\nmode = "maildir"\nmaildir = "{tmp_path / "maildir"}"\n'
         '[relay]\ndomains = ["example.org"]\nnetworks = ["0.0.0.0/0"]\n'
         f'[security]\nkey_file = "{key_file}"\n'
+        f'[state]\npath = "{tmp_path / "state.sqlite3"}"\n'  # release records ham feedback
     )
     return config
 

@@ -39,7 +39,10 @@ from relay.contracts import NullObserver, Observer, Transport
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import ConfigError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
+from relay.feedback.learn import Learner
+from relay.feedback.store import open_feedback
 from relay.ops.http import MetricsServer, start_metrics_server
+from relay.ops.learn import FeedbackMetrics, start_learn_server
 from relay.ops.metrics import Metrics
 from relay.ops.multiprocess import multiprocess_dir, prepare_multiprocess_dir, worker_exited
 from relay.ops.readiness import RelayReadiness, SupervisorReadiness, describe_model
@@ -48,7 +51,7 @@ from relay.pipeline.process import Pipeline
 from relay.policy import reload_policy
 from relay.policy.holder import DeciderHolder
 from relay.proc.celsandbox import ConditionSandbox
-from relay.secretkey import load_key
+from relay.secretkey import SecretKey, load_key
 from relay.smtp.budget import DataBudget
 from relay.smtp.listen import listening_socket, server_tls_context, start_server
 from relay.smtp.relaycontrol import RelayControl
@@ -118,6 +121,26 @@ class Runtime:
         )
 
 
+async def _start_learn(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    key: SecretKey,
+    registry: CollectorRegistry | None,
+) -> None:
+    """The learn endpoint (ops/learn.py) when a token file is set. Served by one process
+    only: with several workers the port would be bound by each (see docs/feedback.md)."""
+    if settings.feedback.http_token_file is None or multiprocess_dir() is not None:
+        return
+    store = await open_feedback(settings.state, settings.feedback, key)
+    stack.push_async_callback(store.close)
+    counters = FeedbackMetrics(registry or CollectorRegistry())
+    server = await start_learn_server(
+        settings.feedback, Learner(store), counters, source=settings.source
+    )
+    if server is not None:
+        stack.push_async_callback(server.close)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(
     settings: Settings,
@@ -139,6 +162,7 @@ async def lifespan(
         check_services(settings, registry, services, [holder.current, *shadow])
         readiness = RelayReadiness(settings, holder, services=services)
         metrics: Metrics | None = None
+        metrics_registry: CollectorRegistry | None = None
         endpoint: MetricsServer | None = None
         if observer is None and settings.metrics.enabled:
             metrics_registry = CollectorRegistry()
@@ -152,6 +176,7 @@ async def lifespan(
                     settings.metrics, metrics_registry, readiness, source=settings.source
                 )
                 stack.push_async_callback(endpoint.close)
+        await _start_learn(settings, stack, key, metrics_registry if metrics else None)
         observer = observer or metrics or NullObserver()
         if settings.policy.shadow_log is not None:
             shadow_log = ShadowLog(settings.policy.shadow_log, inner=observer)

@@ -139,6 +139,21 @@ class QuarantineSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedbackSettings:
+    """Learned feedback (relay/feedback/): limits, the HTTP endpoint, release as ham."""
+
+    max_message_size: int = 10 * 1024 * 1024  # bytes; bigger reports are refused
+    max_entries: int = 200_000  # the oldest entries are evicted beyond this
+    max_age_days: int = 365  # older entries are dropped on the next write
+    per_reporter_daily: int = 200  # reports per reporter in 24 hours, then refused
+    reporter_share: float = 0.1  # training: at most this share of a class from one reporter
+    keep_bodies: bool = False  # store the raw message too (off: features and domains only)
+    http_listen: tuple[str, int] = ("127.0.0.1", 9326)
+    http_token_file: Path | None = None  # None: the HTTP endpoint is off
+    ham_on_release: bool = True  # `relay quarantine release` records the message as ham
+
+
+@dataclass(frozen=True, slots=True)
 class SecuritySettings:
     # The secret key (relay/secretkey.py): seals quarantine entries, keys address hashes.
     key_file: Path = Path("var/relay.key")
@@ -161,6 +176,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     state: StateSettings = field(default_factory=StateSettings)
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     log: LogSettings = field(default_factory=LogSettings)
     source: str = "<defaults>"
@@ -417,6 +433,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         path=Path(r.get(t, "quarantine", "path", str, str(QuarantineSettings().path)))
     )
 
+    feedback = _feedback(r, r.table(data, "feedback"))
+
     t = r.table(data, "security")
     r.check_keys("security", t, SecuritySettings)
     key_file = r.get(t, "security", "key_file", str, str(SecuritySettings().key_file))
@@ -451,9 +469,30 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         metrics=metrics,
         state=state,
         quarantine=quarantine,
+        feedback=feedback,
         security=security,
         log=log,
         source=path,
+    )
+
+
+def _feedback(r: _Reader, t: Mapping[str, Any]) -> FeedbackSettings:
+    r.check_keys("feedback", t, FeedbackSettings)
+    d = FeedbackSettings()
+    s = "feedback"
+    share = r.positive(t, s, "reporter_share", d.reporter_share)
+    if share > 1:
+        raise r.fail("feedback.reporter_share", "must be at most 1")
+    return FeedbackSettings(
+        max_message_size=r.count(t, s, "max_message_size", d.max_message_size),
+        max_entries=r.count(t, s, "max_entries", d.max_entries),
+        max_age_days=r.count(t, s, "max_age_days", d.max_age_days),
+        per_reporter_daily=r.count(t, s, "per_reporter_daily", d.per_reporter_daily),
+        reporter_share=share,
+        keep_bodies=r.get(t, s, "keep_bodies", bool, d.keep_bodies),
+        http_listen=r.hostport(t, s, "http_listen", d.http_listen),
+        http_token_file=_optional_path(r.get(t, s, "http_token_file", str, "")),
+        ham_on_release=r.get(t, s, "ham_on_release", bool, d.ham_on_release),
     )
 
 

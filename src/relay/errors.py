@@ -10,6 +10,7 @@
     ├── MessageTimeError       a stored message has no usable date and none was given
     ├── CorpusError            a labels file, message source or corpus member is unreadable
     ├── StateError             the shared-state backend failed
+    ├── FeedbackRefused        feedback/: a report was refused (unparsable, too big, capped)
     ├── DeliveryError          the downstream did not take the message
     │   ├── TemporaryDeliveryError   4xx, refused connection, drop, timeout -> our 451
     │   └── PermanentDeliveryError   5xx from the downstream -> our 5xx
@@ -78,6 +79,15 @@ class CorpusError(RelayError):
 
 class StateError(RelayError):
     """The shared-state backend failed."""
+
+
+class FeedbackRefused(RelayError):
+    """A feedback report was refused and nothing was learned; ``reason`` is a short
+    fixed word for the metric label (unparsable, too_large, reporter_cap, ...)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
 
 
 class QuarantineError(RelayError):

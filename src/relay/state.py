@@ -157,7 +157,29 @@ PRIVATE_MODE = 0o600  # the SQLite state file and its -wal/-shm
 _SIDECARS = ("-wal", "-shm")
 
 
-class SqliteState(StateStore):
+class SqliteOnThread:
+    """One SQLite connection used from one worker thread of its own, so the event loop
+    never waits on disk (the state store's and the feedback store's)."""
+
+    _WHAT = "sqlite"  # names the store in errors
+    path: Path
+    _executor: ThreadPoolExecutor
+    _db: sqlite3.Connection | None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StateError(f"{self._WHAT} {self.path}: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError(f"{self._WHAT} is not open")
+        return self._db
+
+
+class SqliteState(StateStore, SqliteOnThread):
     """Embedded backend: one SQLite file in WAL mode, shared by every worker on a host.
 
     All sqlite calls run on one worker thread owned by this object, so the event loop never
@@ -170,6 +192,8 @@ class SqliteState(StateStore):
     opened immutable: SQLite then creates no ``-wal``/``-shm`` (a read-only connection
     otherwise does, owned by whoever ran the scan). A missing file reads as an empty store.
     """
+
+    _WHAT = "sqlite state"
 
     def __init__(
         self, path: Path, *, key: SecretKey, busy_timeout: float = 5.0, readonly: bool = False
@@ -243,18 +267,6 @@ class SqliteState(StateStore):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable enough for counters
         db.executescript(_TABLES)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
-            raise StateError(f"sqlite state {self.path}: {exc}") from exc
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StateError("sqlite state is not open")
-        return self._db
 
     def _incr(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float

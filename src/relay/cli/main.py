@@ -165,6 +165,53 @@ def _add_quarantine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=run)
 
 
+def _add_learn(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "learn",
+        help="record spam/ham feedback (or forget it) for messages; --stats prints counts",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--spam", dest="action", action="store_const", const="spam")
+    what.add_argument("--ham", dest="action", action="store_const", const="ham")
+    what.add_argument("--forget", dest="action", action="store_const", const="forget")
+    what.add_argument("--stats", dest="action", action="store_const", const="stats")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
+    p.add_argument("--reporter", help="who reports (default: the invoking user name)")
+    p.add_argument("--source", default="cli", help='how it came (default "cli")')
+    p.add_argument("--json", action="store_true", help="with --stats: one JSON object")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="message files, Maildirs or mbox files; - for one message on stdin",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        import getpass
+
+        from relay.cli.learn import run as run_learn
+        from relay.config import load_settings
+
+        stats = args.action == "stats"
+        if stats and args.paths:
+            p.error("--stats takes no PATH")
+        if not stats and not args.paths:
+            p.error("give PATH... or - for one message on stdin")
+        if "-" in args.paths and len(args.paths) > 1:
+            p.error("- (stdin) reads exactly one message and goes alone")
+        settings = load_settings(args.config)
+        return run_learn(
+            settings,
+            None if stats else args.action,
+            args.paths,
+            reporter=args.reporter or getpass.getuser(),
+            source=args.source,
+            as_json=args.json,
+        )
+
+    p.set_defaults(handler=run)
+
+
 def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("lab", help="replay a labelled corpus through regimes; report the costs")
     p.add_argument("--corpus", type=Path, help="directory the labels file's paths are under")
@@ -297,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan(sub)
     _add_policy(sub)
     _add_quarantine(sub)
+    _add_learn(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ Entries whose seal fails are refused with a QuarantineError (exit 2) and left as
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import sys
 import time
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from relay.assembly import build_transport
 from relay.config import Settings
 from relay.delivery.quarantine import QuarantineStore
-from relay.errors import QuarantineError
+from relay.errors import FeedbackRefused, QuarantineError
+from relay.feedback.learn import Learner
+from relay.feedback.store import open_feedback
 from relay.reply import Reply
 from relay.secretkey import load_key
 from relay.smtp.relaycontrol import RelayControl
@@ -74,11 +77,14 @@ async def _command(settings: Settings, command: str, qid: str, as_json: bool, ra
         out.write(f"deleted {qid}\n")
         return 0
     if command == "release":
+        _, data = await store.show(qid)  # kept for the ham report: release removes it
         transport = build_transport(settings)
         try:
             result = await store.release(qid, transport, check=release_check(settings))
         finally:
             await transport.close()
+        if result.removed and settings.feedback.ham_on_release:
+            await _learn_ham(settings, data)
         for rcpt, reply in result.recipients:
             out.write(f"{rcpt}: {reply.line}\n")
         if result.reply is not None:
@@ -86,6 +92,27 @@ async def _command(settings: Settings, command: str, qid: str, as_json: bool, ra
         out.write("released and removed\n" if result.removed else "kept in quarantine\n")
         return 0 if result.reply is not None and result.reply.ok else 1
     raise QuarantineError(f"unknown quarantine command {command!r}")
+
+
+async def _learn_ham(settings: Settings, data: bytes) -> None:
+    """A released message was misjudged: record it as ham ([feedback] ham_on_release).
+    A refusal is reported and does not undo the release."""
+    store = await open_feedback(
+        settings.state, settings.feedback, load_key(settings.security.key_file)
+    )
+    try:
+        await Learner(store).learn(
+            data,
+            action="ham",
+            reporter=getpass.getuser(),
+            source="quarantine-release",
+            now=time.time(),
+        )
+        sys.stdout.write("recorded as ham feedback\n")
+    except FeedbackRefused as exc:
+        print(f"not recorded as ham feedback: {exc}", file=sys.stderr)
+    finally:
+        await store.close()
 
 
 def run_command(settings: Settings, command: str, qid: str, *, as_json: bool, raw: bool) -> int:

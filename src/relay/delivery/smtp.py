@@ -209,19 +209,24 @@ async def send_data(client: aiosmtplib.SMTP, raw: bytes, seconds: float) -> aios
     downstream reads it: never more than a chunk of it copied, and the loop free between
     chunks; ``seconds`` for each wait. Raises what aiosmtplib's ``data()`` raises
     (SMTPDataError for a refusal)."""
-    start = await client.execute_command(b"DATA")
-    if start.code != 354:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    # asyncio's FlowControlMixin wait (what StreamWriter.drain uses) is private: should a
+    # later aiosmtplib lack it, send the whole message its own way rather than fail.
+    drain = getattr(protocol, "_drain_helper", None)
+    if drain is None:
+        return await client.data(raw)
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
     written = b""  # the last chunk waits: the reply is awaited right after it, none missed
     for chunk in data_chunks(raw):
         if written:
             protocol.write(written)
             try:
                 async with asyncio.timeout(seconds):
-                    await protocol._drain_helper()  # aiosmtplib's flow control (FlowControlMixin)
+                    await drain()
             except TimeoutError as exc:
                 raise aiosmtplib.SMTPTimeoutError("Timed out sending message data") from exc
         written = chunk

@@ -44,8 +44,11 @@ MAX_CONCURRENT_RENDERS = 2  # scrapes beyond this wait instead of taking more th
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    413: "Content Too Large",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -67,15 +70,23 @@ class Request:
 
 
 class BadRequest(RelayError):
-    """A malformed or unsupported HTTP request (the endpoint answers 400)."""
+    """A malformed or unsupported HTTP request: the endpoint answers ``status`` (400, or
+    413 for a body over the limit)."""
+
+    def __init__(self, text: str, status: int = 400) -> None:
+        super().__init__(text)
+        self.status = status
 
 
-def _text(status: int, text: str, *extra: tuple[str, str]) -> Response:
+def text_response(status: int, text: str, *extra: tuple[str, str]) -> Response:
     return Response(status, (text + "\n").encode(), headers=extra)
 
 
-async def read_request(reader: asyncio.StreamReader) -> Request:
-    """Parses the request head strictly; raises BadRequest for anything unexpected."""
+async def read_request(reader: asyncio.StreamReader, *, body: bool = False) -> Request:
+    """Parses the request head strictly; raises BadRequest for anything unexpected.
+
+    ``body=True`` lets a Content-Length through for ``read_body`` (ops/learn.py); the
+    head is then all that has been read."""
     line = await _line(reader)
     parts = line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -96,9 +107,27 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     else:
         raise BadRequest("too many headers")
-    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+    if not body and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers):
         raise BadRequest("request bodies are not accepted")
     return Request(method, target.split("?", 1)[0], headers)
+
+
+async def read_body(reader: asyncio.StreamReader, request: Request, limit: int) -> bytes:
+    """The body a Content-Length announces: no chunking, at most ``limit`` bytes (413)."""
+    if "transfer-encoding" in request.headers:
+        raise BadRequest("Transfer-Encoding is not accepted; send a Content-Length")
+    text = request.headers.get("content-length")
+    if text is None:
+        raise BadRequest("a Content-Length is required")
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise BadRequest("malformed Content-Length")
+    length = int(text)
+    if length > limit:
+        raise BadRequest(f"body of {length} bytes is over the limit ({limit})", 413)
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise BadRequest("connection closed mid-body") from None
 
 
 async def _line(reader: asyncio.StreamReader) -> str:
@@ -122,14 +151,10 @@ def render_metrics(registry: CollectorRegistry, accept: str) -> Response:
     return Response(200, encoder(scrape_registry(registry)), content_type)
 
 
-class MetricsServer:
-    """The running endpoint; ``close()`` stops it."""
+class HttpListener:
+    """A listening asyncio server around a subclass's ``_serve``; ``close()`` stops it."""
 
-    def __init__(self, registry: CollectorRegistry, readiness: Readiness | None = None) -> None:
-        self._registry = registry
-        self._readiness = readiness
-        self._renders = asyncio.Semaphore(MAX_CONCURRENT_RENDERS)
-        self._server: asyncio.Server | None = None
+    _server: asyncio.Server | None = None
 
     @property
     def port(self) -> int:
@@ -147,6 +172,18 @@ class MetricsServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class MetricsServer(HttpListener):
+    """The running endpoint; ``close()`` stops it."""
+
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness | None = None) -> None:
+        self._registry = registry
+        self._readiness = readiness
+        self._renders = asyncio.Semaphore(MAX_CONCURRENT_RENDERS)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = False
         try:
             try:
@@ -154,10 +191,10 @@ class MetricsServer:
                 head = request.method == "HEAD"
                 response = await self._respond(request)
             except BadRequest as exc:
-                response = _text(400, str(exc))
+                response = text_response(exc.status, str(exc))
             except TimeoutError:
                 return
-            await _write(writer, response, head)
+            await write_response(writer, response, head)
         except (ConnectionError, OSError):
             pass  # the client went away; nothing to answer
         except Exception:
@@ -169,11 +206,11 @@ class MetricsServer:
 
     async def _respond(self, request: Request) -> Response:
         if request.path not in ("/metrics", "/healthz", "/readyz"):
-            return _text(404, "not found")
+            return text_response(404, "not found")
         if request.method not in ("GET", "HEAD"):
-            return _text(405, "method not allowed", ("Allow", "GET, HEAD"))
+            return text_response(405, "method not allowed", ("Allow", "GET, HEAD"))
         if request.path == "/healthz":
-            return _text(200, "ok")
+            return text_response(200, "ok")
         if request.path == "/readyz":
             return await self._ready()
         async with self._renders:
@@ -201,7 +238,7 @@ class MetricsServer:
         return Response(200 if ready else 503, body, "application/json")
 
 
-async def _write(writer: asyncio.StreamWriter, response: Response, head: bool) -> None:
+async def write_response(writer: asyncio.StreamWriter, response: Response, head: bool) -> None:
     lines = [
         f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}",
         f"Content-Type: {response.content_type}",
