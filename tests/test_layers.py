@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure
     ("relay.auth", "relay.classifier"),  # the checks facts are made of
     ("relay.facts", "relay.feedback"),  # feedback: reports in, the store, training view
+    ("relay.models",),  # model versions: update from feedback, registry, live swap
     ("relay.policy",),
     ("relay.delivery",),
     ("relay.pipeline",),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -181,3 +182,54 @@ def test_worker_start_failure_stops_the_supervisor(tmp_path: Path) -> None:
         blocker.close()
     assert proc.returncode == 2
     assert f"127.0.0.1:{port}" in proc.stderr.decode()
+
+
+async def test_every_worker_serves_the_learn_endpoint(tmp_path: Path) -> None:
+    """With two workers the learn endpoint is up (each binds it with SO_REUSEPORT) and
+    every report lands in the one shared store."""
+    port, learn_port = free_port(), free_port()
+    token = "t" * 32
+    token_file = tmp_path / "learn.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    cfg = write_config(tmp_path, port)
+    cfg.write_text(
+        cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2")
+        + f'[feedback]\nhttp_listen = "127.0.0.1:{learn_port}"\n'
+        + f'http_token_file = "{token_file}"\n'
+        + f'[security]\nkey_file = "{tmp_path / "relay.key"}"\n'
+    )
+    log_path = tmp_path / "relay.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            cwd=tmp_path,
+            stderr=log_file,
+        )
+    try:
+        await wait_for(lambda: log_path.read_text().count("ready (pid") == 2)
+        for i in range(12):
+            body = simple_message(f"learn {i}", body=f"report number {i}\r\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", learn_port)
+            writer.write(
+                f"POST /learn/spam HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stats = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "learn", "--stats", "--json", "--config", str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    assert json.loads(stats.stdout)["spam"] == 12

@@ -5,6 +5,7 @@ advance. Asserts the action, the rules fired or skipped and the facts read, not 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,18 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
         return sorted(tomllib.load(fh).items())
 
 
+class NoReports:
+    """A feedback store nobody has reported to: every domain has no reputation."""
+
+    async def standings(
+        self, kind: str, domains: Sequence[str], *, now: float
+    ) -> list[tuple[float, float]]:
+        return [(0.0, 0.0) for _ in domains]
+
+
 @pytest.fixture(scope="module")
 def services() -> Services:
-    return Services(psl=PublicSuffixList())
+    return Services(psl=PublicSuffixList(), reputation=NoReports())
 
 
 @pytest.mark.parametrize(("name", "case"), cases(), ids=[n for n, _ in cases()])

@@ -19,7 +19,7 @@ import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -39,13 +39,20 @@ from relay.contracts import NullObserver, Observer, Transport
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import ConfigError, RelayError
 from relay.facts import FactRegistry, Services, default_registry
-from relay.feedback.learn import Learner
+from relay.feedback.learn import BaseScorer, Learner
 from relay.feedback.store import open_feedback
+from relay.models.holder import ClassifierHolder
+from relay.models.registry import current_model_path, registry_stats
 from relay.ops.http import MetricsServer, start_metrics_server
 from relay.ops.learn import FeedbackMetrics, start_learn_server
 from relay.ops.metrics import Metrics
 from relay.ops.multiprocess import multiprocess_dir, prepare_multiprocess_dir, worker_exited
-from relay.ops.readiness import RelayReadiness, SupervisorReadiness, describe_model
+from relay.ops.readiness import (
+    RelayReadiness,
+    SupervisorReadiness,
+    describe_classifier,
+    describe_model,
+)
 from relay.ops.shadowlog import ShadowLog
 from relay.pipeline.process import Pipeline
 from relay.policy import reload_policy
@@ -105,6 +112,9 @@ class Runtime:
     observer: Observer
     metrics: MetricsServer | None = None  # the /metrics endpoint this process serves
     sandbox: ConditionSandbox | None = None  # runs conditions with comprehensions
+    classifiers: ClassifierHolder | None = None  # the model in force, swapped on reload
+    model_metrics: Metrics | None = None  # where model reloads and versions are shown
+    _reloads: set[asyncio.Task[bool]] = field(default_factory=set, repr=False)
 
     @property
     def port(self) -> int:
@@ -120,22 +130,64 @@ class Runtime:
             self.pipeline.policy, path, self.registry, self.observer, self.services, self.sandbox
         )
 
+    def reload(self) -> None:
+        """SIGHUP: reload the policy, and the model when CURRENT names another file."""
+        self.reload_policy()
+        if self.classifiers is not None:
+            task = asyncio.get_running_loop().create_task(self.reload_model())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    async def reload_model(self) -> bool:
+        """Open the model ``current_model_path`` names (when it changed) in a new pool and
+        swap it in; messages already in the pipeline finish on the old one. On error the
+        old model keeps serving. Whether the model changed."""
+        holder = self.classifiers
+        if holder is None:
+            return False
+        from relay.classifier.serving import Classifier
+
+        workers = self.settings.model.workers
+        try:
+            path = current_model_path(self.settings)
+            changed = await holder.reload(path, lambda p: Classifier.open(p, workers=workers))
+        except RelayError as exc:
+            log.error("model reload failed, keeping %s: %s", holder.current.info.version, exc)
+            if self.model_metrics is not None:
+                self.model_metrics.model_reloaded(ok=False)
+            return False
+        if changed:
+            log.info("model reload: now serving %s", holder.current.info.version)
+            if self.model_metrics is not None:
+                self.model_metrics.model_reloaded(ok=True)
+                self.model_metrics.set_model_info(describe_classifier(holder.current))
+        if self.model_metrics is not None:
+            self.model_metrics.set_model_versions(
+                await asyncio.to_thread(registry_stats, self.settings.model.registry)
+            )
+        return changed
+
 
 async def _start_learn(
     settings: Settings,
     stack: contextlib.AsyncExitStack,
     key: SecretKey,
     registry: CollectorRegistry | None,
+    scorer: BaseScorer | None = None,
 ) -> None:
-    """The learn endpoint (ops/learn.py) when a token file is set. Served by one process
-    only: with several workers the port would be bound by each (see docs/feedback.md)."""
-    if settings.feedback.http_token_file is None or multiprocess_dir() is not None:
+    """The learn endpoint (ops/learn.py) when a token file is set; with several workers
+    each binds the port with SO_REUSEPORT, as for SMTP, and writes the one shared store."""
+    if settings.feedback.http_token_file is None:
         return
     store = await open_feedback(settings.state, settings.feedback, key)
     stack.push_async_callback(store.close)
     counters = FeedbackMetrics(registry or CollectorRegistry())
     server = await start_learn_server(
-        settings.feedback, Learner(store), counters, source=settings.source
+        settings.feedback,
+        Learner(store, scorer=scorer, authserv_id=settings.authserv_id),
+        counters,
+        source=settings.source,
+        reuse_port=settings.smtp.workers > 1,
     )
     if server is not None:
         stack.push_async_callback(server.close)
@@ -153,6 +205,10 @@ async def lifespan(
         # Created on a fresh machine; refused when others may read it (secretkey.py).
         key = load_key(settings.security.key_file, create=True)
         services = await open_services(settings, stack, key=key)
+        classifiers: ClassifierHolder | None = None
+        if services.classifier is not None:
+            classifiers = ClassifierHolder(services.classifier, Path(services.classifier.info.path))
+            stack.push_async_callback(classifiers.close)
         transport = build_transport(settings)
         stack.push_async_callback(transport.close)
         sandbox = open_sandbox(settings, stack)
@@ -171,12 +227,22 @@ async def lifespan(
             model = describe_model(services)
             if model is not None:
                 metrics.set_model_info(model)
+                stats = await asyncio.to_thread(registry_stats, settings.model.registry)
+                metrics.set_model_versions(stats)
             if multiprocess_dir() is None:  # with several workers the supervisor serves it
                 endpoint = await start_metrics_server(
                     settings.metrics, metrics_registry, readiness, source=settings.source
                 )
                 stack.push_async_callback(endpoint.close)
-        await _start_learn(settings, stack, key, metrics_registry if metrics else None)
+        # Each report keeps the base model's score, for model updates (docs/classifier.md).
+        scorer: BaseScorer | None = None
+        if classifiers is not None:
+            in_force = classifiers
+
+            async def scorer(raw: bytes) -> tuple[str, float]:
+                return await in_force.current.base_score(raw)
+
+        await _start_learn(settings, stack, key, metrics_registry if metrics else None, scorer)
         observer = observer or metrics or NullObserver()
         if settings.policy.shadow_log is not None:
             shadow_log = ShadowLog(settings.policy.shadow_log, inner=observer)
@@ -196,6 +262,7 @@ async def lifespan(
             shadow=shadow,
             hostname=settings.smtp.hostname,
             recorder=build_recorder(settings, services),
+            classifiers=classifiers,
         )
         sessions = Sessions(
             limit=settings.smtp.max_connections,
@@ -233,6 +300,8 @@ async def lifespan(
             observer=observer,
             metrics=endpoint,
             sandbox=sandbox,
+            classifiers=classifiers,
+            model_metrics=metrics,
         )
         try:
             yield runtime
@@ -244,13 +313,13 @@ async def lifespan(
 
 
 async def run(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy and the model version."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     async with lifespan(settings) as runtime:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, runtime.reload_policy)
+        loop.add_signal_handler(signal.SIGHUP, runtime.reload)
         host, _ = settings.smtp.listen
         log.info("relay listening on %s:%d (pid %d)", host, runtime.port, os.getpid())
         # Everything loaded at start-up (model, policy, suffix list) lives for the whole

@@ -21,6 +21,7 @@ from relay.delivery.smtp import SmtpTransport
 from relay.dns import Resolver
 from relay.errors import ConfigError
 from relay.facts import FactRegistry, Services
+from relay.feedback.store import open_feedback
 from relay.pipeline.authresults import AuthResultsStamp
 from relay.pipeline.recorder import Recorder
 from relay.policy import load_policy
@@ -60,14 +61,26 @@ async def open_services(
         from relay.classifier.serving import Classifier
 
         # Raises ModelError for a missing, changed or untrusted model: never serve without it.
-        classifier = await Classifier.open(settings.model.path, workers=settings.model.workers)
+        from relay.models.registry import current_model_path
+
+        # The promoted version (relay model promote), else [model] path.
+        path = current_model_path(settings)
+        classifier = await Classifier.open(path, workers=settings.model.workers)
         stack.push_async_callback(classifier.close)
+    # Learned reputation (facts/reputation.py) reads the feedback store's counters. A
+    # read-only scan leaves it out (opening the store creates its tables), so scans read
+    # the reputation facts as missing.
+    reputation = None
+    if not readonly_state:
+        reputation = await open_feedback(settings.state, settings.feedback, key)
+        stack.push_async_callback(reputation.close)
     return Services(
         resolver=resolver,
         state=state,
         psl=psl,
         authenticator=authenticator,
         classifier=classifier,
+        reputation=reputation,
     )
 
 

@@ -108,6 +108,12 @@ class ModelSettings:
     enabled: bool = True
     path: Path = Path("models/spam.skops")
     workers: int = 1  # classifier worker processes
+    # Model versions (relay/models/, docs/classifier.md "Model versions"):
+    registry: Path = Path("var/models")  # one folder per version, CURRENT, history
+    held_out_share: float = 0.2  # newest share of scored feedback never trained on
+    promote_threshold: float = 0.9  # p at which mail counts as blocked for the gate
+    promote_max_fpr: float = 0.01  # held-out feedback ham blocked at that p, at most
+    promote_tolerance: float = 0.01  # AUC / recall may drop at most this much
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +157,8 @@ class FeedbackSettings:
     http_listen: tuple[str, int] = ("127.0.0.1", 9326)
     http_token_file: Path | None = None  # None: the HTTP endpoint is off
     ham_on_release: bool = True  # `relay quarantine release` records the message as ham
+    reputation_half_life_days: float = 30.0  # a report's weight halves every this many days
+    reputation_per_reporter: int = 3  # reports one reporter adds to one identity's counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +402,20 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         enabled=r.get(t, "model", "enabled", bool, True),
         path=Path(r.get(t, "model", "path", str, str(ModelSettings().path))),
         workers=r.count(t, "model", "workers", ModelSettings().workers),
+        registry=Path(r.get(t, "model", "registry", str, str(ModelSettings().registry))),
+        held_out_share=r.positive(t, "model", "held_out_share", ModelSettings().held_out_share),
+        promote_threshold=r.positive(
+            t, "model", "promote_threshold", ModelSettings().promote_threshold
+        ),
+        promote_max_fpr=r.get(t, "model", "promote_max_fpr", float, 0.01),
+        promote_tolerance=r.get(t, "model", "promote_tolerance", float, 0.01),
     )
+    for key in ("held_out_share", "promote_threshold"):
+        if not 0 < getattr(model, key) < 1:
+            raise r.fail(f"model.{key}", "must be between 0 and 1")
+    for key in ("promote_max_fpr", "promote_tolerance"):
+        if not 0 <= getattr(model, key) <= 1:
+            raise r.fail(f"model.{key}", "must be between 0 and 1")
 
     t = r.table(data, "policy")
     r.check_keys("policy", t, PolicySettings)
@@ -493,6 +514,10 @@ def _feedback(r: _Reader, t: Mapping[str, Any]) -> FeedbackSettings:
         http_listen=r.hostport(t, s, "http_listen", d.http_listen),
         http_token_file=_optional_path(r.get(t, s, "http_token_file", str, "")),
         ham_on_release=r.get(t, s, "ham_on_release", bool, d.ham_on_release),
+        reputation_half_life_days=r.positive(
+            t, s, "reputation_half_life_days", d.reputation_half_life_days
+        ),
+        reputation_per_reporter=r.count(t, s, "reputation_per_reporter", d.reputation_per_reporter),
     )
 
 

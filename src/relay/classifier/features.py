@@ -228,7 +228,7 @@ def _headers(msg: EmailPart, name: str) -> list[str]:
     return values
 
 
-def _skip_log_line(raw: bytes) -> bytes:
+def skip_log_line(raw: bytes) -> bytes:
     """Drop a first line that is not a header field when the next one is: a tool's log line
     written into the file (modern-dev has 126 such files). Without this the whole header
     would be read as body text, in training and in a relay fed such files alike."""
@@ -302,7 +302,7 @@ class Extractor:
         try:
             # compat32, not the Message's modern-policy parse: it is several times faster
             # and has no quadratic header parser a hostile Content-Type can trigger.
-            msg = BytesParser(policy=compat32).parsebytes(_skip_log_line(message.raw))
+            msg = BytesParser(policy=compat32).parsebytes(skip_log_line(message.raw))
             self._headers(msg, out)
             self._body(msg, out, truncated)
         except Exception:

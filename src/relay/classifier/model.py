@@ -8,6 +8,12 @@ narrow it, never widen it), or that was saved with other major library versions
 (scikit-learn: other major.minor, since its estimators are only promised to load in the
 same release).
 
+A *composite* model (a version made by ``relay model update``, docs/classifier.md "Model
+versions") is a site model file (a linear model over the base's words and meta feature
+columns) whose card names a base model file beside it (with its sha256) and a combiner of
+three numbers: both files go through the same checks, and the base must be the exact file
+the card names.
+
 Serving the loaded model to the relay is ``serving.py``'s job.
 """
 
@@ -222,18 +228,40 @@ class LoadedModel:
     spam_column: int
     extractor: Extractor
 
+    # A composite (model version): the base it stands on and (base weight, site weight,
+    # intercept) over [logit(base p), site decision value]; None for a plain model.
+    base: LoadedModel | None = None
+    combiner: tuple[float, float, float] | None = None
+
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(
             path=str(self.path),
-            version=str(self.card["model_sha256"])[:12],
+            version=str(self.card.get("version") or str(self.card["model_sha256"])[:12]),
             trained_at=str(self.card.get("trained_at", "")),
             thresholds={k: float(v) for k, v in self.card.get("thresholds", {}).items()},
         )
 
+    @property
+    def root(self) -> LoadedModel:
+        """The base model every version stands on (this model when it is plain)."""
+        return self if self.base is None else self.base.root
+
     def predict_rows(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
-        probs = self.pipeline.predict_proba(rows)
-        return np.asarray(probs[:, self.spam_column], dtype=np.float64)
+        if self.base is None or self.combiner is None:
+            probs = self.pipeline.predict_proba(rows)
+            return np.asarray(probs[:, self.spam_column], dtype=np.float64)
+        # The base's feature step runs once: its words and meta columns are the site
+        # model's input, so a version costs one sparse dot product more than its base.
+        base = self.base.pipeline
+        x = base.named_steps["features"].transform(rows)
+        probs = base.named_steps["classify"].predict_proba(x)[:, self.base.spam_column]
+        return combine(self.combiner, probs, self.site_scores(site_input(base, x)))
+
+    def site_scores(self, x: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
+        """The site model's decision values on ``site_input``, larger meaning spam."""
+        scores = np.asarray(self.pipeline.decision_function(x), dtype=np.float64)
+        return scores if self.spam_column == 1 else -scores
 
     def predict_features(self, features: Features) -> float:
         rows = np.empty((1, 2), dtype=object)
@@ -289,13 +317,82 @@ def load_model(model_path: Path, *, allowed: Sequence[str] | None = None) -> Loa
             f"{model_path}: trained on features version {settings.version}, this relay "
             f"extracts version {FEATURE_VERSION}: retrain with `relay train`"
         )
+    base, combiner = _composite_parts(model_path, card, allowed)
     return LoadedModel(
         path=model_path,
         pipeline=pipeline,
         card=card,
         spam_column=classes.index("spam"),
         extractor=Extractor(settings),
+        base=base,
+        combiner=combiner,
     )
+
+
+SITE_BLOCKS = ("words", "meta")  # the base feature blocks a site model reads
+
+
+def site_input(base_pipeline: Any, x: Any) -> Any:
+    """The words and meta columns of the base's transformed features (tf-idf with the
+    base's idf, block weights applied): exactly what feedback entries store as counts."""
+    from scipy.sparse import hstack
+
+    where = base_pipeline.named_steps["features"].output_indices_
+    return hstack([x[:, where[name]] for name in SITE_BLOCKS], format="csr")
+
+
+def check_site_base(model_path: Path, base_pipeline: Any) -> None:
+    """ModelError unless the base has the feature blocks a site model reads."""
+    steps = getattr(base_pipeline, "named_steps", {})
+    features = steps.get("features")
+    where = getattr(features, "output_indices_", {})
+    if "classify" not in steps or not all(name in where for name in SITE_BLOCKS):
+        raise ModelError(f"{model_path}: base model lacks the words/meta feature blocks")
+
+
+def logit(p: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """Log-odds, with p clipped away from 0 and 1 (a calibrated 1.0 is still finite)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.asarray(np.log(q / (1 - q)), dtype=np.float64)
+
+
+def combine(
+    combiner: tuple[float, float, float],
+    base_probs: np.ndarray[Any, Any],
+    site_scores: np.ndarray[Any, Any],
+) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """A version's probability: a logistic map of the base's log-odds and the site score."""
+    a, b, c = combiner
+    z = a * logit(base_probs) + b * np.asarray(site_scores, dtype=np.float64) + c
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
+
+
+def _composite_parts(
+    model_path: Path, card: dict[str, Any], allowed: Sequence[str] | None
+) -> tuple[LoadedModel | None, tuple[float, float, float] | None]:
+    spec = card.get("composite")
+    if spec is None:
+        return None, None
+    try:
+        base_name = str(spec["base_file"])
+        base_sha = str(spec["base_sha256"])
+        a, b, c = (float(x) for x in spec["combiner"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{card_path(model_path)}: malformed composite section") from None
+    if "/" in base_name or "\\" in base_name or base_name.startswith("."):
+        raise ModelError(f"{card_path(model_path)}: base file must sit beside the model")
+    if not all(np.isfinite([a, b, c])):
+        raise ModelError(f"{card_path(model_path)}: combiner is not finite")
+    base = load_model(model_path.with_name(base_name), allowed=allowed)
+    if base.base is not None:
+        raise ModelError(f"{model_path}: its base is itself a composite")
+    check_site_base(model_path, base.pipeline)
+    if base.card["model_sha256"] != base_sha:
+        raise ModelError(
+            f"{model_path}: base {base_name} is not the one its card names "
+            f"({base_sha[:12]}...): refusing a swapped base"
+        )
+    return base, (a, b, c)
 
 
 # -- serving -----------------------------------------------------------------------------

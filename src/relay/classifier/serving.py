@@ -67,6 +67,13 @@ def _worker_classify(raws: list[bytes]) -> list[tuple[float, bool]]:
     return model.classify_many(raws)
 
 
+def _worker_base_score(raw: bytes) -> tuple[str, float]:
+    if "error" in _WORKER:
+        raise ModelError(_WORKER["error"])
+    root = _WORKER["model"].root
+    return str(root.card["model_sha256"]), root.classify_bytes(raw)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Classification:
     probability: float
@@ -149,6 +156,12 @@ class Classifier:
             else:
                 future.set_result(done.result()[i])
         self._pump()
+
+    async def base_score(self, raw: bytes) -> tuple[str, float]:
+        """(base model sha256, its spam probability) of raw bytes: what a feedback entry
+        keeps so a model update can fit its combiner without the message body."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _worker_base_score, raw[: self._max_raw])
 
     async def predict(self, message: Message) -> float:
         return (await self.classify(message)).probability

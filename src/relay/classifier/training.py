@@ -48,7 +48,8 @@ def read_source(source: Path, label: Label) -> list[Item]:
     return corpus.load_all(corpus.read_source(source, label))
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions a model file depends on, as its card records them."""
     import scipy
     import sklearn
     import skops
@@ -202,7 +203,7 @@ def train(
         "model_sha256": sha256_file(model_path),
         "model_bytes": model_path.stat().st_size,
         "trained_at": trained_at.astimezone(UTC).replace(microsecond=0).isoformat(),
-        "libraries": _versions(),
+        "libraries": library_versions(),
         "trusted_types": trusted,
         "classes": [str(c) for c in pipeline.classes_],
         "features": {

@@ -12,12 +12,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from relay.config import Settings
 from relay.errors import FeedbackRefused
 from relay.feedback.intake import read_paths, read_stdin
-from relay.feedback.learn import Action, Learner
+from relay.feedback.learn import Action, BaseScorer, Learner
 from relay.feedback.store import FeedbackStore, open_feedback
 from relay.secretkey import load_key
 
@@ -25,6 +25,26 @@ from relay.secretkey import load_key
 async def _open(settings: Settings) -> FeedbackStore:
     key = load_key(settings.security.key_file)
     return await open_feedback(settings.state, settings.feedback, key)
+
+
+def _scorer(settings: Settings) -> BaseScorer | None:
+    """The base model's score of each report, kept for model updates; loaded once, on
+    the first report (about 1 s), in a thread so the store's loop never waits on it."""
+    if not settings.model.enabled:
+        return None
+    loaded: list[Any] = []
+
+    def score(raw: bytes) -> tuple[str, float]:
+        from relay.classifier.model import load_model
+
+        if not loaded:
+            loaded.append(load_model(settings.model.path).root)
+        return str(loaded[0].card["model_sha256"]), loaded[0].classify_bytes(raw)[0]
+
+    async def scorer(raw: bytes) -> tuple[str, float]:
+        return await asyncio.to_thread(score, raw)
+
+    return scorer
 
 
 async def learn_paths(
@@ -40,7 +60,7 @@ async def learn_paths(
     refused = 0
     limit = settings.feedback.max_message_size
     try:
-        learner = Learner(store)
+        learner = Learner(store, scorer=_scorer(settings), authserv_id=settings.authserv_id)
         items = [read_stdin(stdin, limit)] if stdin is not None else read_paths(paths, limit)
         for name, data in items:
             try:

@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(sub)
     _add_quarantine(sub)
     _add_learn(sub)
+    from relay.cli.model import add_model
+
+    add_model(sub, DEFAULT_CONFIG)
     return parser
 
 

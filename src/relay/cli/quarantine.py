@@ -101,7 +101,7 @@ async def _learn_ham(settings: Settings, data: bytes) -> None:
         settings.state, settings.feedback, load_key(settings.security.key_file)
     )
     try:
-        await Learner(store).learn(
+        await Learner(store, authserv_id=settings.authserv_id).learn(
             data,
             action="ham",
             reporter=getpass.getuser(),

@@ -19,6 +19,7 @@ from relay.facts import (
     headers,
     network,
     oracle,
+    reputation,
     text,
 )
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
@@ -34,6 +35,7 @@ FAMILIES = (
     bulk.FACTS,
     oracle.FACTS,
     network.FACTS,
+    reputation.FACTS,
 )
 
 

@@ -14,8 +14,9 @@ by message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from relay.errors import FactError
 
@@ -31,6 +32,15 @@ if TYPE_CHECKING:
 S = TypeVar("S")
 
 
+class ReputationReader(Protocol):
+    """Learned reputation (feedback/store.py FeedbackStore): decayed (spam, ham) report
+    counts of plain domains, kind "sender" or "link". Only reads."""
+
+    async def standings(
+        self, kind: str, domains: Sequence[str], *, now: float
+    ) -> list[tuple[float, float]]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
     """Long-lived services handed to fact functions; None when not configured."""
@@ -41,6 +51,7 @@ class Services:
     authenticator: Authenticator | None = None  # DKIM/SPF/DMARC/ARC ([auth] enabled)
     classifier: Classifier | None = None  # the audited model ([model] enabled)
     oracle: OracleLists | None = None  # the lab's address lists (lab only)
+    reputation: ReputationReader | None = None  # the feedback store's reputation counters
 
     def require(self, key: Service[S]) -> S:
         """The service, or FactError naming it when it is not configured."""
@@ -73,3 +84,6 @@ PSL: Service[PublicSuffixList] = Service("psl")
 AUTHENTICATOR: Service[Authenticator] = Service("authenticator", "[auth] enabled = false")
 CLASSIFIER: Service[Classifier] = Service("classifier", "[model] enabled = false")
 ORACLE: Service[OracleLists] = Service("oracle", "lab only: relay lab --inputs")
+REPUTATION: Service[ReputationReader] = Service(
+    "reputation", "the feedback store is not opened (relay scan)"
+)

@@ -10,6 +10,12 @@ Reporters are stored as keyed hashes (``StateStore.hashed``, the relay's key): t
 can count and cap per reporter without holding anyone's name. ``training_set`` is the only
 way training reads entries: it caps each reporter's share of a class and balances the
 classes, so one account cannot poison the model by volume.
+
+Reputation (feedback/reputation.py) rides on the same writes: each entry's identities are
+kept beside it with whether they were counted (a reporter counts at most
+``reputation_per_reporter`` reports per identity), and per-day counters per identity and
+label move in the same transaction as the entry (record, relabel, forget, age and
+eviction alike), so the counters always equal what the live entries say.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from redis.exceptions import RedisError
 from relay.config import FeedbackSettings, StateSettings
 from relay.errors import FeedbackRefused, StateError
 from relay.feedback.record import LABELS, Domains, FeedbackEntry, Label
+from relay.feedback.reputation import Identity, Kind, Standing, day_of, weight
 from relay.secretkey import SecretKey
 from relay.state import PRIVATE_MODE, SqliteOnThread, StateStore
 
@@ -45,6 +52,23 @@ CREATE INDEX IF NOT EXISTS feedback_at ON feedback (at);
 CREATE TABLE IF NOT EXISTS feedback_reports (reporter TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS feedback_reports_by ON feedback_reports (reporter, at);
 """
+# Reputation: the identities each live entry credits (counted: within the reporter's cap
+# when written), and the per-day counters they add up to.
+_REP_TABLES = """
+CREATE TABLE IF NOT EXISTS feedback_identity (
+    digest TEXT NOT NULL, kind TEXT NOT NULL, domain TEXT NOT NULL, reporter TEXT NOT NULL,
+    label TEXT NOT NULL, day INTEGER NOT NULL, counted INTEGER NOT NULL,
+    PRIMARY KEY (digest, kind, domain));
+CREATE INDEX IF NOT EXISTS feedback_identity_by ON feedback_identity (kind, domain, reporter);
+CREATE TABLE IF NOT EXISTS feedback_reputation (
+    kind TEXT NOT NULL, domain TEXT NOT NULL, label TEXT NOT NULL, day INTEGER NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (kind, domain, label, day));
+"""
+Counters = dict[tuple[Kind, str, Label, int], int]  # (kind, domain, label, day) -> reports
+_SCORES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS feedback_scores (digest TEXT NOT NULL, model TEXT NOT NULL, "
+    "p REAL NOT NULL, PRIMARY KEY (digest, model))"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +103,43 @@ class FeedbackStore:
     def reporter_id(self, name: str) -> str:
         return self._hasher.hashed(_REPORTER_PURPOSE, name)
 
-    async def record(self, entry: FeedbackEntry, *, now: float) -> Label | None:
-        """Write ``entry`` (a relabel overwrites); the previous label, or None if new.
-        Raises FeedbackRefused (reporter_cap) with nothing changed."""
+    async def record(
+        self, entry: FeedbackEntry, *, now: float, identities: Sequence[Identity] = ()
+    ) -> Label | None:
+        """Write ``entry`` (a relabel overwrites) and credit ``identities`` with its label;
+        the previous label, or None if new. Raises FeedbackRefused (reporter_cap) with
+        nothing changed."""
         raise NotImplementedError
+
+    async def reputation(
+        self, identities: Sequence[Identity], *, now: float
+    ) -> dict[Identity, Standing]:
+        """Decayed spam and ham counts of each identity at ``now`` (only reads)."""
+        raise NotImplementedError
+
+    async def counters(self) -> Counters:
+        """Every non-zero reputation counter (tests, and a future stats command)."""
+        raise NotImplementedError
+
+    async def standings(
+        self, kind: str, domains: Sequence[str], *, now: float
+    ) -> list[tuple[float, float]]:
+        """(spam, ham) decayed counts per domain of one kind: the read the reputation
+        facts use (facts/services.py ReputationReader), in plain types."""
+        wanted = [Identity(cast(Kind, kind), d) for d in domains]
+        found = await self.reputation(wanted, now=now)
+        return [(found[i].spam, found[i].ham) for i in wanted]
+
+    def _standing(self, rows: Iterable[tuple[str, int, int]], now: float) -> Standing:
+        half_life = self.settings.reputation_half_life_days
+        spam = ham = 0.0
+        for label, day, n in rows:
+            w = n * weight(day, now, half_life)
+            if label == "spam":
+                spam += w
+            else:
+                ham += w
+        return Standing(spam=spam, ham=ham)
 
     async def forget(self, digest: str, reporter: str, *, now: float) -> bool:
         """Delete the entry for ``digest``; whether there was one. Counts against the
@@ -93,6 +150,16 @@ class FeedbackStore:
         raise NotImplementedError
 
     async def entries(self) -> list[FeedbackEntry]:
+        raise NotImplementedError
+
+    async def record_score(self, digest: str, model_sha256: str, probability: float) -> None:
+        """Keep the base model's spam probability for an entry's body (model versions fit
+        their combiner on it, docs/classifier.md). Keyed by body digest and model, so a
+        relabel keeps it; scores of entries gone are dropped by ``scores``."""
+        raise NotImplementedError
+
+    async def scores(self, model_sha256: str) -> dict[str, float]:
+        """digest -> base probability under that model, for the entries still stored."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -163,6 +230,7 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a report acknowledged is a report kept
             db.executescript(_TABLES)
+            db.executescript(_REP_TABLES)
         except sqlite3.Error:
             db.close()
             raise
@@ -170,6 +238,9 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
 
     # One write = these steps inside one transaction; tests break one to check rollback.
     def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        cutoff = now - self.settings.max_age_days * DAY
+        old = db.execute("SELECT digest FROM feedback WHERE at <= ?", (cutoff,)).fetchall()
+        self._unrep(db, [str(row[0]) for row in old])
         db.execute("DELETE FROM feedback WHERE at <= ?", (now - self.settings.max_age_days * DAY,))
         db.execute("DELETE FROM feedback_reports WHERE at <= ?", (now - DAY,))
 
@@ -183,11 +254,69 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
         db.execute("INSERT INTO feedback_reports (reporter, at) VALUES (?, ?)", (reporter, now))
 
     def _evict(self, db: sqlite3.Connection) -> None:
-        db.execute(
-            "DELETE FROM feedback WHERE digest IN (SELECT digest FROM feedback "
-            "ORDER BY at ASC LIMIT max(0, (SELECT COUNT(*) FROM feedback) - ?))",
+        oldest = db.execute(
+            "SELECT digest FROM feedback "
+            "ORDER BY at ASC LIMIT max(0, (SELECT COUNT(*) FROM feedback) - ?)",
             (self.settings.max_entries,),
+        ).fetchall()
+        self._unrep(db, [str(row[0]) for row in oldest])
+        db.executemany("DELETE FROM feedback WHERE digest = ?", oldest)
+
+    def _unrep(self, db: sqlite3.Connection, digests: Sequence[str]) -> None:
+        """Take these entries out of the reputation counters; called before they are
+        deleted or overwritten, in the same transaction."""
+        rows = [
+            row
+            for digest in digests
+            for row in db.execute(
+                "SELECT kind, domain, label, day FROM feedback_identity "
+                "WHERE counted = 1 AND digest = ?",
+                (digest,),
+            )
+        ]
+        db.executemany(
+            "UPDATE feedback_reputation SET n = n - 1 "
+            "WHERE kind = ? AND domain = ? AND label = ? AND day = ?",
+            rows,
         )
+        db.executemany(
+            "DELETE FROM feedback_reputation "
+            "WHERE kind = ? AND domain = ? AND label = ? AND day = ? AND n <= 0",
+            rows,
+        )
+        db.executemany("DELETE FROM feedback_identity WHERE digest = ?", [(d,) for d in digests])
+
+    def _rep(
+        self, db: sqlite3.Connection, entry: FeedbackEntry, identities: Sequence[Identity]
+    ) -> None:
+        day = day_of(entry.at)
+        for identity in dict.fromkeys(identities):
+            (mine,) = db.execute(
+                "SELECT COUNT(*) FROM feedback_identity "
+                "WHERE kind = ? AND domain = ? AND reporter = ? AND counted = 1",
+                (identity.kind, identity.domain, entry.reporter),
+            ).fetchone()
+            counted = int(mine) < self.settings.reputation_per_reporter
+            db.execute(
+                "INSERT INTO feedback_identity (digest, kind, domain, reporter, label, day, "
+                "counted) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.digest,
+                    identity.kind,
+                    identity.domain,
+                    entry.reporter,
+                    entry.label,
+                    day,
+                    int(counted),
+                ),
+            )
+            if counted:
+                db.execute(
+                    "INSERT INTO feedback_reputation (kind, domain, label, day, n) "
+                    "VALUES (?, ?, ?, ?, 1) ON CONFLICT (kind, domain, label, day) "
+                    "DO UPDATE SET n = n + 1",
+                    (identity.kind, identity.domain, entry.label, day),
+                )
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         db = self._conn()
@@ -200,18 +329,22 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
             raise
         return result
 
-    def _record(self, entry: FeedbackEntry, now: float) -> Label | None:
+    def _record(
+        self, entry: FeedbackEntry, now: float, identities: Sequence[Identity] = ()
+    ) -> Label | None:
         def steps(db: sqlite3.Connection) -> Label | None:
             self._prune(db, now)
             self._count_report(db, entry.reporter, now)
             old = db.execute(
                 "SELECT label FROM feedback WHERE digest = ?", (entry.digest,)
             ).fetchone()
+            self._unrep(db, [entry.digest])  # a relabel moves its counts
             db.execute(
                 "INSERT OR REPLACE INTO feedback (digest, label, source, reporter, at, "
                 "feature_version, vector, domains, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _row(entry),
             )
+            self._rep(db, entry, identities)
             self._evict(db)
             return None if old is None else cast(Label, str(old[0]))
 
@@ -221,6 +354,7 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
         def steps(db: sqlite3.Connection) -> bool:
             self._prune(db, now)
             self._count_report(db, reporter, now)
+            self._unrep(db, [digest])
             return db.execute("DELETE FROM feedback WHERE digest = ?", (digest,)).rowcount > 0
 
         return self._write(steps)
@@ -238,13 +372,40 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
         )
         return [_entry(row) for row in rows]
 
+    def _reputation(self, identities: Sequence[Identity], now: float) -> dict[Identity, Standing]:
+        db = self._conn()
+        return {
+            identity: self._standing(
+                db.execute(
+                    "SELECT label, day, n FROM feedback_reputation WHERE kind = ? AND domain = ?",
+                    (identity.kind, identity.domain),
+                ).fetchall(),
+                now,
+            )
+            for identity in identities
+        }
+
+    def _counters(self) -> Counters:
+        rows = self._conn().execute("SELECT kind, domain, label, day, n FROM feedback_reputation")
+        return {(r[0], r[1], r[2], int(r[3])): int(r[4]) for r in rows}
+
     def _close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
 
-    async def record(self, entry: FeedbackEntry, *, now: float) -> Label | None:
-        return await self._run(self._record, entry, now)
+    async def record(
+        self, entry: FeedbackEntry, *, now: float, identities: Sequence[Identity] = ()
+    ) -> Label | None:
+        return await self._run(self._record, entry, now, identities)
+
+    async def reputation(
+        self, identities: Sequence[Identity], *, now: float
+    ) -> dict[Identity, Standing]:
+        return await self._run(self._reputation, identities, now)
+
+    async def counters(self) -> Counters:
+        return await self._run(self._counters)
 
     async def forget(self, digest: str, reporter: str, *, now: float) -> bool:
         return await self._run(self._forget, digest, reporter, now)
@@ -254,6 +415,35 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
 
     async def entries(self) -> list[FeedbackEntry]:
         return await self._run(self._entries)
+
+    # Base-model scores: their own table, created on first use, so older files need no
+    # migration and entries written before it simply have no score.
+    def _record_score(self, digest: str, model: str, probability: float) -> None:
+        def steps(db: sqlite3.Connection) -> None:
+            db.execute(_SCORES_TABLE)
+            db.execute(
+                "INSERT OR REPLACE INTO feedback_scores (digest, model, p) VALUES (?, ?, ?)",
+                (digest, model, probability),
+            )
+
+        self._write(steps)
+
+    def _scores(self, model: str) -> dict[str, float]:
+        def steps(db: sqlite3.Connection) -> dict[str, float]:
+            db.execute(_SCORES_TABLE)
+            db.execute(
+                "DELETE FROM feedback_scores WHERE digest NOT IN (SELECT digest FROM feedback)"
+            )
+            rows = db.execute("SELECT digest, p FROM feedback_scores WHERE model = ?", (model,))
+            return {str(d): float(p) for d, p in rows}
+
+        return self._write(steps)
+
+    async def record_score(self, digest: str, model_sha256: str, probability: float) -> None:
+        await self._run(self._record_score, digest, model_sha256, probability)
+
+    async def scores(self, model_sha256: str) -> dict[str, float]:
+        return await self._run(self._scores, model_sha256)
 
     async def close(self) -> None:
         try:
@@ -265,14 +455,31 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
 _P = "relay:fb:"
 # One script per write: Redis runs it alone, and every check comes before the first
 # write, so a refused or failed report changes nothing. ARGV: op, now, max_age, cap,
-# max_entries, reporter, report id, digest, then for "record" the entry's fields.
+# max_entries, reporter, report id, digest, then for "record" the entry's fields, the
+# per-reporter reputation cap, the entry's day and its identities ("kind\tdomain\n"...).
+# unrep() takes an entry out of the reputation counters before it is deleted or replaced;
+# the entry's 'rep' field lists its identities with whether each was counted.
 _SCRIPT = """
 local p, op, now = 'relay:fb:', ARGV[1], tonumber(ARGV[2])
+local function unrep(d)
+  local e = redis.call('HMGET', p .. 'e:' .. d, 'rep', 'label', 'repday', 'reporter')
+  if not e[1] then return end
+  for kind, domain, c in string.gmatch(e[1], '([^\\t\\n]+)\\t([^\\t\\n]+)\\t([01])\\n') do
+    if c == '1' then
+      local ck = p .. 'rep:' .. kind .. ':' .. domain
+      local field = e[2] .. ':' .. e[3]
+      if redis.call('HINCRBY', ck, field, -1) <= 0 then redis.call('HDEL', ck, field) end
+      local rc = p .. 'rc:' .. kind .. ':' .. domain .. ':' .. e[4]
+      if redis.call('DECR', rc) <= 0 then redis.call('DEL', rc) end
+    end
+  end
+end
 local cutoff = now - tonumber(ARGV[3])
 local rk = p .. 'r:' .. ARGV[6]
 local reports = redis.call('ZCOUNT', rk, '(' .. tostring(now - 86400), '+inf')
 if reports >= tonumber(ARGV[4]) then return {-1, false} end
 for _, d in ipairs(redis.call('ZRANGEBYSCORE', p .. 'idx', '-inf', cutoff)) do
+  unrep(d)
   redis.call('DEL', p .. 'e:' .. d)
   redis.call('SREM', p .. 'spam', d)
   redis.call('SREM', p .. 'ham', d)
@@ -284,6 +491,7 @@ redis.call('EXPIRE', rk, 90000)
 local digest = ARGV[8]
 local ek = p .. 'e:' .. digest
 local old = redis.call('HGET', ek, 'label')
+unrep(digest)
 redis.call('DEL', ek)
 redis.call('SREM', p .. 'spam', digest)
 redis.call('SREM', p .. 'ham', digest)
@@ -293,11 +501,24 @@ if op == 'record' then
   redis.call('HSET', ek, 'label', label, 'source', ARGV[10], 'reporter', ARGV[6],
     'at', ARGV[11], 'fv', ARGV[12], 'vector', ARGV[13], 'domains', ARGV[14])
   if ARGV[15] == '1' then redis.call('HSET', ek, 'body', ARGV[16]) end
+  local cap, day, rep = tonumber(ARGV[17]), ARGV[18], {}
+  for kind, domain in string.gmatch(ARGV[19], '([^\\t\\n]+)\\t([^\\t\\n]+)\\n') do
+    local rc = p .. 'rc:' .. kind .. ':' .. domain .. ':' .. ARGV[6]
+    local c = '0'
+    if tonumber(redis.call('GET', rc) or '0') < cap then
+      c = '1'
+      redis.call('INCR', rc)
+      redis.call('HINCRBY', p .. 'rep:' .. kind .. ':' .. domain, label .. ':' .. day, 1)
+    end
+    table.insert(rep, kind .. '\\t' .. domain .. '\\t' .. c .. '\\n')
+  end
+  redis.call('HSET', ek, 'rep', table.concat(rep), 'repday', day)
   redis.call('SADD', p .. label, digest)
   redis.call('ZADD', p .. 'idx', tonumber(ARGV[11]), digest)
   local over = redis.call('ZCARD', p .. 'idx') - tonumber(ARGV[5])
   if over > 0 then
     for _, d in ipairs(redis.call('ZRANGE', p .. 'idx', 0, over - 1)) do
+      unrep(d)
       redis.call('DEL', p .. 'e:' .. d)
       redis.call('SREM', p .. 'spam', d)
       redis.call('SREM', p .. 'ham', d)
@@ -342,7 +563,9 @@ class RedisFeedback(FeedbackStore):
             digest,
         ]
 
-    async def record(self, entry: FeedbackEntry, *, now: float) -> Label | None:
+    async def record(
+        self, entry: FeedbackEntry, *, now: float, identities: Sequence[Identity] = ()
+    ) -> Label | None:
         args = self._head("record", entry.reporter, entry.digest, now)
         args += [
             entry.label,
@@ -353,6 +576,9 @@ class RedisFeedback(FeedbackStore):
             entry.domains.encode(),
             "1" if entry.body is not None else "0",
             entry.body or b"",
+            self.settings.reputation_per_reporter,
+            day_of(entry.at),
+            "".join(f"{i.kind}\t{i.domain}\n" for i in dict.fromkeys(identities)),
         ]
         status, old = await self._eval(args)
         if int(status) < 0:
@@ -394,6 +620,58 @@ class RedisFeedback(FeedbackStore):
         except RedisError as exc:
             raise StateError(f"redis feedback: {exc}") from exc
         return found
+
+    async def record_score(self, digest: str, model_sha256: str, probability: float) -> None:
+        try:
+            await self._redis.hset(_P + "score:" + model_sha256, digest, repr(probability))
+        except RedisError as exc:
+            raise StateError(f"redis feedback: {exc}") from exc
+
+    async def scores(self, model_sha256: str) -> dict[str, float]:
+        key = _P + "score:" + model_sha256
+        try:
+            found = {d.decode(): float(p) for d, p in (await self._redis.hgetall(key)).items()}
+            if not found:
+                return {}
+            digests = list(found)
+            present = await self._redis.zmscore(_P + "idx", digests)  # type: ignore[no-untyped-call]
+            gone = [d for d, at in zip(digests, present, strict=True) if at is None]
+            if gone:
+                await self._redis.hdel(key, *gone)
+        except RedisError as exc:
+            raise StateError(f"redis feedback: {exc}") from exc
+        return {d: p for d, p in found.items() if d not in set(gone)}
+
+    async def reputation(
+        self, identities: Sequence[Identity], *, now: float
+    ) -> dict[Identity, Standing]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for identity in identities:
+                    pipe.hgetall(f"{_P}rep:{identity.kind}:{identity.domain}")
+                found: list[dict[bytes, bytes]] = await pipe.execute()
+        except RedisError as exc:
+            raise StateError(f"redis feedback: {exc}") from exc
+        out: dict[Identity, Standing] = {}
+        for identity, fields in zip(identities, found, strict=True):
+            rows = []
+            for field, n in fields.items():
+                label, _, day = field.decode().partition(":")
+                rows.append((label, int(day), int(n)))
+            out[identity] = self._standing(rows, now)
+        return out
+
+    async def counters(self) -> Counters:
+        out: Counters = {}
+        try:
+            async for key in self._redis.scan_iter(match=_P + "rep:*"):
+                kind, _, domain = key.decode()[len(_P) + 4 :].partition(":")
+                for field, n in (await self._redis.hgetall(key)).items():
+                    label, _, day = field.decode().partition(":")
+                    out[(cast(Kind, kind), domain, cast(Label, label), int(day))] = int(n)
+        except RedisError as exc:
+            raise StateError(f"redis feedback: {exc}") from exc
+        return out
 
     async def ping(self) -> None:
         try:

@@ -162,8 +162,12 @@ class HttpListener:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: each of several workers binds the port (the kernel spreads
+        connections), as their SMTP listeners do."""
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=MAX_LINE, reuse_port=reuse_port or None
+        )
 
     async def close(self) -> None:
         if self._server is not None:

@@ -162,6 +162,34 @@ class Instruments:
             "Observations dropped because of a bug in the metrics code",
             registry=r,
         )
+        self.model_reloads = Counter(
+            "relay_model_reloads",
+            "Model reloads that switched the model (ok) or kept the old one (failed)",
+            ["result"],
+            registry=r,
+        )
+        # Read from the model registry on disk at start and on reload (the updates are made
+        # by `relay model update` in another process), so gauges: they survive restarts.
+        self.model_updates = Gauge(
+            "relay_model_updates",
+            "Model versions made by `relay model update`, by status",
+            ["status"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.model_refusals = Gauge(
+            "relay_model_promotions_refused",
+            "Promotions refused: candidates failing their gate and refused promote attempts",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.model_feedback = Gauge(
+            "relay_model_feedback_entries",
+            "Feedback entries the model in force was updated from, by label",
+            ["label"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.model_info: Info | None = None
         self.model_gauge: Gauge | None = None
         if multiprocess:

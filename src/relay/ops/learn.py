@@ -173,15 +173,17 @@ async def start_learn_server(
     metrics: FeedbackMetrics,
     *,
     source: str = "config",
+    reuse_port: bool = False,
 ) -> LearnServer | None:
-    """The endpoint on ``settings.http_listen``, or None when no token file is set."""
+    """The endpoint on ``settings.http_listen``, or None when no token file is set;
+    ``reuse_port`` when every worker of several serves it."""
     if settings.http_token_file is None:
         return None
     token = read_token(settings.http_token_file, source)
     host, port = settings.http_listen
     server = LearnServer(learner, token, metrics)
     try:
-        await server.start(host, port)
+        await server.start(host, port, reuse_port=reuse_port)
     except OSError as exc:
         reason = (
             f"port {port} on {host} is already in use"

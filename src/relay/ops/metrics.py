@@ -191,6 +191,24 @@ class Metrics:
 
     # Not part of the Observer protocol -----------------------------------------------
 
+    def model_reloaded(self, ok: bool) -> None:
+        try:
+            self.instruments.model_reloads.labels("ok" if ok else "failed").inc()
+        except Exception:
+            self._failed("model_reloaded")
+
+    def set_model_versions(self, stats: Mapping[str, Any]) -> None:
+        """The registry's figures (``models.registry.registry_stats``)."""
+        try:
+            i = self.instruments
+            for status, n in dict(stats.get("versions", {})).items():
+                i.model_updates.labels(str(status)[:MAX_NAME_LENGTH]).set(float(n))
+            i.model_refusals.set(float(stats.get("refused", 0)))
+            for label in ("spam", "ham"):
+                i.model_feedback.labels(label).set(float(stats.get("feedback", {}).get(label, 0)))
+        except Exception:
+            self._failed("set_model_versions")
+
     def set_model_info(self, info: Mapping[str, Any]) -> None:
         """Records the loaded model's card (``version``, ``trained_at``; others ignored)."""
         try:

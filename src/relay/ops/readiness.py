@@ -14,10 +14,14 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relay.config import DeliverySettings, Settings
 from relay.facts.services import Services
 from relay.policy.holder import NOOP, DeciderHolder
+
+if TYPE_CHECKING:
+    from relay.classifier.serving import Classifier
 
 DOWNSTREAM_TIMEOUT = 2.0  # seconds for the downstream's 220 greeting
 # /readyz is unauthenticated: each request must not open a downstream connection. The probe's
@@ -31,7 +35,11 @@ def describe_model(services: Services) -> dict[str, str] | None:
     without a classifier."""
     if services.classifier is None:
         return None
-    info = services.classifier.info
+    return describe_classifier(services.classifier)
+
+
+def describe_classifier(classifier: Classifier) -> dict[str, str]:
+    info = classifier.info
     return {"version": info.version, "trained_at": info.trained_at}
 
 

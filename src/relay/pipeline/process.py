@@ -14,6 +14,7 @@ headers; ``relay scan``, the lab and quarantine release reuse the same pieces. T
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import re
@@ -34,6 +35,7 @@ from relay.contracts import (
 from relay.errors import DeliveryError, PermanentDeliveryError
 from relay.facts.base import FactRegistry, Facts, Services
 from relay.message import Message
+from relay.models.holder import ClassifierHolder
 from relay.pipeline import actions
 from relay.pipeline.actions import Destination, Effect
 from relay.pipeline.recorder import Record, Recorder, records_for
@@ -55,6 +57,9 @@ class Pipeline:
     shadow: Sequence[Decider] = ()
     hostname: str = "relay.localhost"
     recorder: Recorder | None = None  # the one writer of shared state (pipeline/recorder.py)
+    # The classifier in force, swapped on reload; each message pins the one current when
+    # it starts, so it finishes on that model (models/holder.py). None: services' own.
+    classifiers: ClassifierHolder | None = None
     _records_cache: dict[tuple[int, ...], frozenset[Record]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -63,10 +68,28 @@ class Pipeline:
         self, message: Message, transaction: Transaction, decider: Decider | None = None
     ) -> Reply:
         """Decide, act and deliver; returns the reply for the client. Never raises."""
+        if self.classifiers is None:
+            return await self._process(message, transaction, decider, self.services)
+        classifier = self.classifiers.pin()
+        try:
+            services = self.services
+            if classifier is not services.classifier:
+                services = dataclasses.replace(services, classifier=classifier)
+            return await self._process(message, transaction, decider, services)
+        finally:
+            self.classifiers.unpin(classifier)
+
+    async def _process(
+        self,
+        message: Message,
+        transaction: Transaction,
+        decider: Decider | None,
+        services: Services,
+    ) -> Reply:
         start = time.perf_counter()
         timings: list[tuple[str, float]] = []
         decider = decider or self.policy.current
-        facts = Facts(self.registry, message, self.services)
+        facts = Facts(self.registry, message, services)
         verdict = ACCEPT_ALL
         shadow: tuple[Verdict, ...] = ()
         delivery = "none"
