@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "build_entries": build,
         "update": update,
         "update_timing_in_card": candidate.card["timing"],
-        "save_version": {**saved, "path": str(version.path)},
+        "save_version": {**saved, "version": version.name},
         "load_version": loaded,
         "feedback": candidate.card["feedback"],
         "gate": candidate.gate.as_dict(),

@@ -9,6 +9,20 @@ the authserv-ids given with ``--trust-ar``). Per step it writes ROC AUC, recall 
 FPR <= 0.1 % and <= 1 %, the default policy's spam stopped and legitimate mail blocked,
 each with a 95 % interval, and the seconds the update took.
 
+``--as-stamped AUTHSERV_ID`` simulates the live path of reputation: live, the relay stamps
+its own Authentication-Results field on every copy it delivers, so a reported copy credits
+the sender domains it authenticated. Corpus copies carry no field of ours, so with this
+option each message gets one, written by the relay's own stamp (``AuthResultsStamp``,
+``format_value``) from the ``auth_results`` fact the offline registry reads from the
+``--trust-ar`` fields (what the trusted upstream recorded stands in for our DKIM/SPF/DMARC
+checks). The stamped copy is what is reported (``Learner(authserv_id=AUTHSERV_ID)``, base
+score kept of it, as ``relay learn`` does) and what the default policy's authentication
+and reputation facts read (the offline registry then trusts AUTHSERV_ID only, as the live
+facts are the results the stamp records); the classifier scores later mail unstamped, as
+live it runs before the stamp. ``--reputation-per-reporter`` sets ``[feedback]
+reputation_per_reporter`` (default: the relay's, 3): the bench reports everything as one
+reporter, and the default policy's reputation rules need 5 reports of an identity.
+
 The base model must not have seen the corpus: for modern-dev, one trained on the
 SpamAssassin train split only (docs/benchmarks.md, "Learning curve", has the commands).
 
@@ -31,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +73,10 @@ from relay.message import (
     strip_mbox_from,
 )
 from relay.models.update import Candidate, GateSettings, score_raw, update_model
+from relay.pipeline.authresults import AuthResultsStamp
 from relay.policy import load_policy
 from relay.secretkey import SecretKey
+from relay.verdict import Action, Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 STOPPED = frozenset({"reject", "tempfail", "quarantine", "tag"})  # not in the inbox untouched
@@ -73,6 +89,12 @@ class Mail:
     raw: bytes
     time: float
     group: str  # the sender's registrable domain, or the body hash: bootstrap clusters
+    stamped: bytes | None = None  # the copy the relay would deliver (``--as-stamped``)
+
+    @property
+    def delivered(self) -> bytes:
+        """The copy a user reports and the policy's facts read: stamped when simulated."""
+        return self.raw if self.stamped is None else self.stamped
 
 
 def sent_time(raw: bytes) -> float | None:
@@ -121,19 +143,24 @@ async def _policy_actions(
     probabilities: Sequence[float],
     registry: FactRegistry,
     services: Services,
+    hits: dict[str, int],
 ) -> list[str]:
     """The default policy's action per message, offline: the updated classifier's
     probability preset, reputation read from the step's feedback store, no DNS."""
     policy = load_policy(REPO / "config" / "policy.toml", registry)
     actions = []
     for mail, p in zip(mails, probabilities, strict=True):
-        message = Message.from_file_bytes(mail.raw, received_at=mail.time)
+        message = Message.from_file_bytes(mail.delivered, received_at=mail.time)
         preset = {
             "classifier": {"spam_probability": p, "parse_degraded": False},
             "spam_probability": p,
         }
         facts = Facts(registry, message, services, preset)
-        actions.append((await policy.decide(message, facts)).action.value)
+        verdict = await policy.decide(message, facts)
+        actions.append(verdict.action.value)
+        for hit in verdict.hits:
+            key = f"{mail.label}: {hit.rule}"
+            hits[key] = hits.get(key, 0) + 1
     return actions
 
 
@@ -143,6 +170,9 @@ async def run_step(
     base: LoadedModel,
     registry: FactRegistry,
     workdir: Path,
+    *,
+    authserv_id: str = "",
+    reputation_per_reporter: int = FeedbackSettings().reputation_per_reporter,
 ) -> dict[str, Any]:
     fed, rest = mails[:n], mails[n:]
     base_sha = str(base.card["model_sha256"])
@@ -155,17 +185,22 @@ async def run_step(
         max_entries=len(fed) + 1,
         max_age_days=100 * 365,
         reporter_share=1.0,  # one site, one admin reporting: nothing to cap
+        reputation_per_reporter=reputation_per_reporter,
     )
     store = await open_feedback(
         StateSettings(path=workdir / f"step-{n}.sqlite3"), settings, SecretKey.generate()
     )
     try:
-        learner = Learner(store, scorer=scorer)
+        learner = Learner(store, scorer=scorer, authserv_id=authserv_id)
         refused = 0
         for mail in fed:
             try:
                 await learner.learn(
-                    mail.raw, action=mail.label, reporter="bench", source="bench", now=mail.time
+                    mail.delivered,
+                    action=mail.label,
+                    reporter="bench",
+                    source="bench",
+                    now=mail.time,
                 )
             except FeedbackRefused:  # an unparsable report is refused by learn, as live
                 refused += 1
@@ -199,7 +234,8 @@ async def _update_and_score(
     base_probabilities = [p for p, _ in base.classify_many([m.raw for m in rest])]
     spam = np.array([m.label == "spam" for m in rest])
     groups = np.array([m.group for m in rest], dtype=str)
-    actions = await _policy_actions(rest, probabilities, registry, Services(reputation=store))
+    hits: dict[str, int] = {}  # "label: rule" -> messages it hit
+    actions = await _policy_actions(rest, probabilities, registry, Services(reputation=store), hits)
     stopped = sum(
         1 for m, a in zip(rest, actions, strict=True) if m.label == "spam" and a in STOPPED
     )
@@ -221,6 +257,7 @@ async def _update_and_score(
         "policy_spam_stopped": _proportion(stopped, int(spam.sum())),
         "policy_ham_blocked": _proportion(blocked, int((~spam).sum())),
         "policy_actions": {a: actions.count(a) for a in sorted(set(actions))},
+        "policy_rule_hits": dict(sorted(hits.items())),
     }
 
 
@@ -250,17 +287,43 @@ def _figures(
     }
 
 
+async def stamp_all(mails: Sequence[Mail], registry: FactRegistry, authserv_id: str) -> list[Mail]:
+    """Each message as the relay would deliver it: its own Authentication-Results field
+    (the real stamp) from the ``auth_results`` fact of ``registry`` (offline: the trusted
+    upstream fields)."""
+    stamp = AuthResultsStamp(authserv_id)
+    out = []
+    for mail in mails:
+        message = Message.from_file_bytes(mail.raw, received_at=mail.time)
+        facts = Facts(registry, message, Services())
+        stamped = await stamp(message, facts, Verdict(Action.ACCEPT))  # delivered
+        out.append(replace(mail, stamped=stamped.raw))
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     mails, undated = load_ordered(args.corpus, args.labels)
     registry = default_registry()
     if args.trust_ar:
         registry = offline_registry(registry, HeaderAuth(frozenset(args.trust_ar)))
+    if args.as_stamped:
+        mails = await stamp_all(mails, registry, args.as_stamped)
+        # The policy reads what our stamp recorded, as live it reads the same results.
+        registry = offline_registry(default_registry(), HeaderAuth(frozenset([args.as_stamped])))
     steps = [n for n in args.steps if n < len(mails)]
     base = load_model(args.base_model)
     results = []
     with tempfile.TemporaryDirectory(prefix="relay-learning-") as tmp:
         for n in steps:
-            step = await run_step(n, mails, base, registry, Path(tmp))
+            step = await run_step(
+                n,
+                mails,
+                base,
+                registry,
+                Path(tmp),
+                authserv_id=args.as_stamped,
+                reputation_per_reporter=args.reputation_per_reporter,
+            )
             results.append(step)
             print(n, step.get("updated", step.get("update_refused")), flush=True)
     return {
@@ -269,6 +332,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "undated_left_out": undated,
         "base_model": args.base_model.name,
         "trusted_authserv_ids": sorted(args.trust_ar),
+        "as_stamped": args.as_stamped or None,
+        "reputation_per_reporter": args.reputation_per_reporter,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "steps": results,
     }
@@ -285,6 +350,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-model", type=Path, default=REPO / "models" / "spam.skops")
     parser.add_argument("--steps", type=_steps, default=[50, 100, 250, 500])
     parser.add_argument("--trust-ar", action="append", default=[], metavar="AUTHSERV_ID")
+    parser.add_argument(
+        "--as-stamped",
+        default="",
+        metavar="AUTHSERV_ID",
+        help="stamp each message with the relay's own Authentication-Results under this id "
+        "(from the --trust-ar fields) before it is reported and before the policy reads it",
+    )
+    parser.add_argument(
+        "--reputation-per-reporter",
+        type=int,
+        default=FeedbackSettings().reputation_per_reporter,
+        help="[feedback] reputation_per_reporter for the step's store (default: the relay's)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
