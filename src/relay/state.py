@@ -178,6 +178,23 @@ class SqliteOnThread:
             raise StateError(f"{self._WHAT} is not open")
         return self._db
 
+    @staticmethod
+    def _until_unlocked(
+        setup: Callable[[], sqlite3.Connection], seconds: float
+    ) -> sqlite3.Connection:
+        """``setup()``, tried again while SQLite says "locked". Workers starting together
+        on a new file race to switch it to WAL, and SQLite answers "database is locked" at
+        once, without waiting out the busy timeout (it failed one start in four of a
+        2-worker relay). Runs on the store's own thread, never the event loop."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return setup()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+
 
 class SqliteState(StateStore, SqliteOnThread):
     """Embedded backend: one SQLite file in WAL mode, shared by every worker on a host.
@@ -216,18 +233,7 @@ class SqliteState(StateStore, SqliteOnThread):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._private_files()
-        # Workers starting together on a new file race to switch it to WAL, and SQLite
-        # answers "database is locked" at once, without waiting out the busy timeout (it
-        # failed one start in four of a 2-worker relay): try again until the timeout.
-        deadline = time.monotonic() + self._busy_timeout
-        while True:
-            try:
-                self._db = self._setup()
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)  # the state's own thread, never the event loop
+        self._db = self._until_unlocked(self._setup, self._busy_timeout)
 
     def _private_files(self) -> None:
         """The store holds address hashes and counters: owner-only (0600), never 0644.

@@ -225,6 +225,9 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))  # 0600 before use
+        self._db = self._until_unlocked(self._setup, self._busy_timeout)
+
+    def _setup(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -234,7 +237,7 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
         except sqlite3.Error:
             db.close()
             raise
-        self._db = db
+        return db
 
     # One write = these steps inside one transaction; tests break one to check rollback.
     def _prune(self, db: sqlite3.Connection, now: float) -> None:
