@@ -13,10 +13,11 @@ import authres
 import dkim
 import pytest
 
+from relay.auth.arfields import authserv_id_of, is_ours
 from relay.auth.checker import Authenticator
 from relay.facts import Facts, Services, default_registry
 from relay.facts.auth import FACTS
-from relay.pipeline.authresults import AuthResultsStamp, authserv_id_of, format_value, is_ours
+from relay.pipeline.authresults import AuthResultsStamp, format_value
 from relay.verdict import ACCEPT_ALL, Tier
 from tests.support.authenv import authenticator, incoming
 from tests.support.dkimkeys import SigningKey, make_message, rsa_key, sign

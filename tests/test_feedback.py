@@ -21,7 +21,7 @@ from relay.cli.main import main
 from relay.config import FeedbackSettings, StateSettings
 from relay.errors import FeedbackRefused, StateError
 from relay.feedback.learn import Learner
-from relay.feedback.record import Domains, EntryMaker, FeedbackEntry, decode_vector
+from relay.feedback.record import Domains, EntryMaker, decode_vector
 from relay.feedback.store import (
     FeedbackStore,
     SqliteFeedback,
@@ -30,10 +30,10 @@ from relay.feedback.store import (
 )
 from relay.ops.learn import FeedbackMetrics, LearnServer
 from relay.secretkey import SecretKey
+from tests.support.feedback import NOW, entry
 from tests.test_state import redis_url  # noqa: F401 - the real redis-server fixture
 
 KEY = SecretKey(bytes(range(32)))
-NOW = 1_795_000_000.0
 WORD = "zorbulating"  # a distinctive body word: must never reach the store by default
 TOKEN = "s3cret-token-for-tests-0123456789"
 
@@ -206,19 +206,6 @@ def test_entry_holds_domains_and_a_decodable_vector() -> None:
 
 
 # -- the store ---------------------------------------------------------------------------
-
-
-def entry(n: int, label: str = "spam", reporter: str = "r1", at: float = NOW) -> FeedbackEntry:
-    return FeedbackEntry(
-        digest=f"{n:064x}",
-        label="spam" if label == "spam" else "ham",
-        source="cli",
-        reporter=reporter,
-        at=at,
-        feature_version=2,
-        vector=b"\x00\x00\x00\x00",
-        domains=Domains("", (), ()),
-    )
 
 
 @pytest.fixture(params=["sqlite", "redis"])

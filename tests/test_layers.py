@@ -18,7 +18,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import its own unit and units of lower layers; units that
 # share a layer do not import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("relay.errors", "relay.reply", "relay.verdict", "relay.idn", "relay.intervals"),  # values
+    (
+        "relay.errors",
+        "relay.reply",
+        "relay.verdict",
+        "relay.idn",
+        "relay.intervals",
+        "relay.durable",
+    ),  # values; durable: stdlib file writes
     ("relay.message", "relay.config", "relay.secretkey"),
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure

@@ -123,6 +123,16 @@ async def wait_for(predicate: object, timeout: float = 20) -> None:
     raise AssertionError("condition not met in time")
 
 
+def start_serve(cfg: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """``relay serve --config cfg`` in cfg's folder, its log in ``log_path``."""
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            cwd=cfg.parent,
+            stderr=log_file,
+        )
+
+
 async def test_workers_share_the_port_restart_and_drain(tmp_path: Path) -> None:
     from tests.support.relay import send
 
@@ -130,12 +140,7 @@ async def test_workers_share_the_port_restart_and_drain(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, port)
     cfg.write_text(cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2"))
     log_path = tmp_path / "relay.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
-            cwd=tmp_path,
-            stderr=log_file,
-        )
+    proc = start_serve(cfg, log_path)
     try:
         await wait_for(lambda: log_path.read_text().count("ready (pid") == 2)
         pids = worker_pids(proc.pid)
@@ -200,12 +205,7 @@ async def test_every_worker_serves_the_learn_endpoint(tmp_path: Path) -> None:
         + f'[security]\nkey_file = "{tmp_path / "relay.key"}"\n'
     )
     log_path = tmp_path / "relay.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
-            cwd=tmp_path,
-            stderr=log_file,
-        )
+    proc = start_serve(cfg, log_path)
     try:
         await wait_for(lambda: log_path.read_text().count("ready (pid") == 2)
         for i in range(12):

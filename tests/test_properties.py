@@ -28,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from relay.auth.arfields import is_ours
 from relay.auth.dkimparse import relaxed_body, relaxed_header, split_message, without_b_value
 from relay.auth.verify import verify_dkim
 from relay.errors import PolicyError
@@ -43,7 +44,6 @@ from relay.message import (
     split_fields,
     split_header_block,
 )
-from relay.pipeline.authresults import is_ours
 from relay.policy.engine import Policy
 from relay.policy.loader import compile_policy
 from relay.reply import Reply

@@ -24,7 +24,7 @@ from relay.errors import FeedbackRefused, StateError
 from relay.facts import default_registry
 from relay.facts.base import Facts, Services
 from relay.feedback.learn import Learner
-from relay.feedback.record import Domains, EntryMaker, FeedbackEntry
+from relay.feedback.record import EntryMaker
 from relay.feedback.reputation import (
     Identity,
     authenticated,
@@ -41,28 +41,15 @@ from relay.verdict import Verdict
 from tests.support.authenv import authenticator, incoming
 from tests.support.dkimkeys import make_message, rsa_key, sign
 from tests.support.dnsserver import LocalDns
+from tests.support.feedback import NOW, entry
 from tests.support.relay import make_settings, running_relay, send
 from tests.test_state import redis_url  # noqa: F401 - the real redis-server fixture
 
 KEY = SecretKey(bytes(range(32)))
-NOW = 1_795_000_000.0
 DAY = 86400.0
 OURS = "mx.relay.test"
 REPO = Path(__file__).resolve().parents[1]
 PSL = PublicSuffixList()
-
-
-def entry(n: int, label: str = "spam", reporter: str = "r1", at: float = NOW) -> FeedbackEntry:
-    return FeedbackEntry(
-        digest=f"{n:064x}",
-        label="spam" if label == "spam" else "ham",
-        source="cli",
-        reporter=reporter,
-        at=at,
-        feature_version=2,
-        vector=b"\x00\x00\x00\x00",
-        domains=Domains("", (), ()),
-    )
 
 
 def sender(domain: str) -> Identity:

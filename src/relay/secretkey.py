@@ -17,7 +17,8 @@ never create it: run as another user they would leave a key the relay cannot rea
 Like ssh with a private key, a file that group or others may read or write is refused,
 not tightened: someone may have read it already, and only the operator can judge that.
 
-The key never appears in a repr, a log line or an error message. Imports only errors.
+The key never appears in a repr, a log line or an error message. Imports only errors
+and durable.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.durable import fsync_dir
 from relay.errors import ConfigError
 
 KEY_BYTES = 32
@@ -125,14 +127,6 @@ def _create(path: Path) -> None:
                 os.link(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise _fail(path, f"cannot create the key file: {exc.strerror}") from None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from relay.contracts import Transaction, XForward
-from relay.delivery.durable import fsync_dir, write_new_file
+from relay.durable import fsync_dir, write_new_file
 from relay.errors import TemporaryDeliveryError
 from relay.message import Message
 from relay.reply import Reply

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.contracts import Transport
-from relay.delivery.durable import fsync_dir, write_new_file
+from relay.durable import fsync_dir, write_new_file
 from relay.errors import DeliveryError, QuarantineError
 from relay.message import Envelope, Message, Peer, new_queue_id
 from relay.reply import Reply

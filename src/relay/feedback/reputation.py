@@ -21,12 +21,13 @@ live entries say) while old reports fade.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
+import authres
+
+from relay.auth.arfields import is_ours
 from relay.message import (
-    decode_header_value,
     split_fields,
     split_header_block,
     strip_mbox_from,
@@ -37,9 +38,6 @@ Kind = Literal["sender", "link"]
 KINDS: tuple[Kind, ...] = ("sender", "link")
 DAY = 86400.0
 MAX_IDENTITIES = 16  # per report and kind: a message with 500 links credits 16
-
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
-_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,61 +75,37 @@ def clean_domain(text: str) -> str:
     return domain
 
 
-def _strip_comments(text: str) -> str:
-    # Nested comments collapse from the inside out; quoted strings are kept as they are.
-    previous = None
-    while previous != text:
-        previous = text
-        text = _COMMENT.sub(" ", text)
-    return text
-
-
-def _split_top(text: str) -> list[str]:
-    """``text`` cut at ';' outside quoted strings."""
-    parts: list[str] = []
-    start = 0
-    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|;', text):
-        if match.group(0) == ";":
-            parts.append(text[start : match.start()])
-            start = match.end()
-    parts.append(text[start:])
-    return parts
-
-
-def _authserv_id(value: str) -> str:
-    head = _split_top(_strip_comments(value))[0].split()
-    return head[0].strip('"').lower().rstrip(".") if head else ""
-
-
 def our_results(raw: bytes, authserv_id: str) -> str | None:
     """The value of the one Authentication-Results field under ``authserv_id``, or None
-    when there is none or more than one (then nothing it says can be trusted)."""
-    ours = authserv_id.strip().lower().rstrip(".")
-    if not ours:
+    when there is none or more than one (then nothing it says can be trusted). "Under"
+    as the stamp that strips forged fields reads it (``auth.arfields.is_ours``)."""
+    if not authserv_id.strip():
         return None
     head, _ = split_header_block(to_crlf(strip_mbox_from(raw)))
     found: list[str] = []
     for name, value in split_fields(head).fields[:256]:
         if name.strip().lower() != b"authentication-results":
             continue
-        text = decode_header_value(value.decode("utf-8", "replace"))
-        if _authserv_id(text) == ours:
+        text = value.decode("utf-8", "replace")
+        if is_ours(text, authserv_id):
             found.append(text)
     return found[0] if len(found) == 1 else None
 
 
 def authenticated(results: str) -> tuple[str, ...]:
     """Sender domains an Authentication-Results value vouches for: ``header.d`` of each
-    ``dkim=pass`` and ``header.from`` of ``dmarc=pass``."""
+    ``dkim=pass`` and ``header.from`` of ``dmarc=pass`` (parsed by ``authres``, as the
+    lab reads recorded fields; a value it cannot parse vouches for nothing)."""
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(results)
+    except Exception:  # a malformed field is simply not believed
+        return ()
     found: set[str] = set()
-    for resinfo in _split_top(_strip_comments(results))[1:]:
-        words = _QUOTED.sub('""', resinfo).split()
-        if not words or "=" not in words[0]:
+    for res in parsed.results:
+        if str(res.result).lower() != "pass":
             continue
-        method, _, result = words[0].lower().partition("=")
-        props = dict(w.lower().partition("=")[::2] for w in words[1:] if "=" in w)
-        if result != "pass":
-            continue
+        props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in res.properties}
+        method = str(res.method).lower()
         if method == "dkim":
             found.add(clean_domain(props.get("header.d", "")))
         elif method == "dmarc":

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from relay.classifier.model import card_path, load_model, read_card
 from relay.classifier.training import library_versions, sha256_file
 from relay.config import Settings
+from relay.durable import fsync_dir, replace_file
 from relay.errors import ModelError
 from relay.models.update import Candidate
 
@@ -62,24 +63,6 @@ class Version:
             "created": self.created,
             "current": self.current,
         }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -172,7 +155,7 @@ class Registry:
                 with path.open("rb") as fh:
                     os.fsync(fh.fileno())
             tmp.replace(self.root / name)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -182,7 +165,7 @@ class Registry:
 
     def _write_status(self, folder: Path, status: str, reason: str, created: str) -> None:
         body = {"status": status, "reason": reason, "created": created}
-        _write_atomic(folder / STATUS, json.dumps(body, sort_keys=True) + "\n")
+        replace_file(folder / STATUS, json.dumps(body, sort_keys=True) + "\n")
 
     def _log(self, action: str, name: str | None, detail: str, now: float) -> None:
         line = {
@@ -225,7 +208,7 @@ class Registry:
                 "`relay model promote --force` overrides the gate"
             )
         previous = self.current()
-        _write_atomic(self.root / CURRENT, name + "\n")
+        replace_file(self.root / CURRENT, name + "\n")
         self._mark(
             name, "promoted", "forced past its gate" if st.get("status") == "refused" else ""
         )
@@ -254,10 +237,10 @@ class Registry:
         if target is None:
             with contextlib.suppress(FileNotFoundError):
                 (self.root / CURRENT).unlink()
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         else:
             self.verify(target)
-            _write_atomic(self.root / CURRENT, target + "\n")
+            replace_file(self.root / CURRENT, target + "\n")
         self._log("rollback", target, f"from {current}", now)
         return target
 

@@ -1,4 +1,6 @@
-"""Durable file writes: what makes "250 only after the bytes are safe" true on disk."""
+"""Durable file writes: what makes "250 only after the bytes are safe" true on disk, and
+what keeps a key, a quarantine entry or a model registry pointer whole after a crash.
+Standard library only, so every layer may use it."""
 
 from __future__ import annotations
 
@@ -25,3 +27,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: written under a temporary name, fsynced,
+    renamed over it, the directory fsynced. Blocking."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
