@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Installs the Debian packages when missing. Postfix comes with the "No configuration"
-# preseed so its master is never set up or started; we only use smtp-sink/smtp-source.
+# preseed so the system instance is never set up or started: benches use smtp-sink and
+# smtp-source, and the Postfix tests run private instances (tests/support/postfix.py).
 # Dovecot (imapd + sieve) is only run by tests/test_dovecot.py from a private config; the
 # system service is stopped and disabled after installing.
 system-deps:

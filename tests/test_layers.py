@@ -25,7 +25,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "relay.idn",
         "relay.intervals",
         "relay.durable",
-    ),  # values; durable: stdlib file writes
+        "relay.loglimit",
+        "relay.listening",
+    ),  # values; durable: stdlib file writes; loglimit: one line per key per minute
     ("relay.message", "relay.config", "relay.secretkey"),
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure
@@ -36,7 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.delivery",),
     ("relay.pipeline",),
     ("relay.assembly",),  # Settings -> services, transport, policy, stamps
-    ("relay.smtp", "relay.ops"),  # the front door and the observers
+    ("relay.smtp", "relay.milter", "relay.ops"),  # the front doors and the observers
     ("relay.lab",),
     ("relay.app",),  # composition root
     ("relay.cli",),

@@ -137,7 +137,12 @@ async def test_readyz_ok(served: tuple[MetricsServer, Metrics]) -> None:
     status, headers, body = await http(served[0].port, get("/readyz"))
     assert status == 200
     assert headers["content-type"] == "application/json"
-    assert json.loads(body) == {"ready": True, "checks": ready_all()}
+    assert json.loads(body) == {
+        "ready": True,
+        "status": "ok",
+        "checks": ready_all(),
+        "degraded": {},
+    }
 
 
 @pytest.mark.parametrize("served", [downstream_down], indirect=True)
@@ -146,6 +151,7 @@ async def test_readyz_names_the_failing_check(served: tuple[MetricsServer, Metri
     assert status == 503
     doc = json.loads(body)
     assert doc["ready"] is False
+    assert doc["status"] == "unready"
     assert doc["checks"]["downstream_reachable"] is False
 
 

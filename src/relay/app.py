@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import multiprocessing.connection
@@ -37,16 +38,25 @@ from relay.assembly import (
 from relay.config import Settings, load_settings
 from relay.contracts import NullObserver, Observer, Transport
 from relay.delivery.quarantine import QuarantineStore
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, RelayError, StateError
 from relay.facts import FactRegistry, Services, default_registry
+from relay.facts.base import FailureKind
 from relay.feedback.learn import BaseScorer, Learner
 from relay.feedback.store import open_feedback
+from relay.milter.server import MilterServer
+from relay.milter.session import MilterLimits
 from relay.models.holder import ClassifierHolder
 from relay.models.registry import current_model_path, registry_stats
+from relay.ops.faults import FactFaults, fact_error_totals
 from relay.ops.http import MetricsServer, start_metrics_server
 from relay.ops.learn import FeedbackMetrics, start_learn_server
 from relay.ops.metrics import Metrics
-from relay.ops.multiprocess import multiprocess_dir, prepare_multiprocess_dir, worker_exited
+from relay.ops.multiprocess import (
+    multiprocess_dir,
+    prepare_multiprocess_dir,
+    scrape_registry,
+    worker_exited,
+)
 from relay.ops.readiness import (
     RelayReadiness,
     SupervisorReadiness,
@@ -114,6 +124,7 @@ class Runtime:
     sandbox: ConditionSandbox | None = None  # runs conditions with comprehensions
     classifiers: ClassifierHolder | None = None  # the model in force, swapped on reload
     model_metrics: Metrics | None = None  # where model reloads and versions are shown
+    milter: MilterServer | None = None  # the milter door, when [milter] listen is set
     _reloads: set[asyncio.Task[bool]] = field(default_factory=set, repr=False)
 
     @property
@@ -179,7 +190,8 @@ async def _start_learn(
     each binds the port with SO_REUSEPORT, as for SMTP, and writes the one shared store."""
     if settings.feedback.http_token_file is None:
         return
-    store = await open_feedback(settings.state, settings.feedback, key)
+    # Redis down at start is no reason to stay down: the endpoint answers 503 until it is up.
+    store = await open_feedback(settings.state, settings.feedback, key, require_answer=False)
     stack.push_async_callback(store.close)
     counters = FeedbackMetrics(registry or CollectorRegistry())
     server = await start_learn_server(
@@ -193,18 +205,38 @@ async def _start_learn(
         stack.push_async_callback(server.close)
 
 
+async def _check_state(services: Services, faults: FactFaults) -> None:
+    """The state backend at start-up: one that does not answer is logged and marks the
+    relay degraded (until a /readyz probe or the quiet time clears it), never fatal."""
+    if services.state is None:
+        return
+    try:
+        async with asyncio.timeout(5.0):
+            await services.state.ping()
+    except (StateError, TimeoutError) as exc:
+        faults.mark(FailureKind.STATE, "state_backend", exc)
+        log.warning(
+            "state backend does not answer: starting degraded; state-backed facts fail "
+            "(relay_fact_errors_total) and mail flows until it answers"
+        )
+
+
 @contextlib.asynccontextmanager
 async def lifespan(
     settings: Settings,
     *,
     sock: socket.socket | None = None,
     observer: Observer | None = None,
+    smtp: bool = True,
 ) -> AsyncIterator[Runtime]:
+    """``smtp=False`` (``relay milter``): only the milter door listens."""
     async with contextlib.AsyncExitStack() as stack:
         registry = default_registry()
         # Created on a fresh machine; refused when others may read it (secretkey.py).
         key = load_key(settings.security.key_file, create=True)
-        services = await open_services(settings, stack, key=key)
+        # A Redis that does not answer yet does not stop the relay: it starts degraded
+        # (state-backed facts fail, counted; mail flows) and uses Redis once it answers.
+        services = await open_services(settings, stack, key=key, require_state=False)
         classifiers: ClassifierHolder | None = None
         if services.classifier is not None:
             classifiers = ClassifierHolder(services.classifier, Path(services.classifier.info.path))
@@ -234,6 +266,13 @@ async def lifespan(
                     settings.metrics, metrics_registry, readiness, source=settings.source
                 )
                 stack.push_async_callback(endpoint.close)
+        # Fact failures: counted, logged once a minute per fact and kind, /readyz degraded.
+        faults = FactFaults(
+            quiet=settings.metrics.degraded_for,
+            count=metrics.fact_failed if metrics is not None else None,
+        )
+        readiness.faults = faults
+        await _check_state(services, faults)
         # Each report keeps the base model's score, for model updates (docs/classifier.md).
         scorer: BaseScorer | None = None
         if classifiers is not None:
@@ -263,6 +302,7 @@ async def lifespan(
             hostname=settings.smtp.hostname,
             recorder=build_recorder(settings, services),
             classifiers=classifiers,
+            failures=faults,
         )
         sessions = Sessions(
             limit=settings.smtp.max_connections,
@@ -277,17 +317,14 @@ async def lifespan(
             observer=observer,
             tls_context=_tls_context(settings),
         )
-        if sock is None:
-            host, port = settings.smtp.listen
-            try:
-                sock = listening_socket(host, port, reuse_port=settings.smtp.workers > 1)
-            except OSError as exc:
-                raise ConfigError(
-                    settings.source,
-                    "smtp.listen",
-                    f"cannot listen on {host}:{port}: {exc.strerror}",
-                ) from None
-        server = await start_server(deps, sock)
+        milter = await _start_milter(settings, pipeline, required=not smtp)
+        if milter is not None:
+            stack.push_async_callback(milter.close, settings.smtp.drain_timeout)
+        if smtp:
+            server = await start_server(deps, sock or _smtp_socket(settings))
+        else:  # relay milter: the milter's listener is the one readiness watches
+            assert milter is not None and milter.server is not None
+            server = milter.server
         readiness.server = server
         runtime = Runtime(
             settings=settings,
@@ -302,6 +339,7 @@ async def lifespan(
             sandbox=sandbox,
             classifiers=classifiers,
             model_metrics=metrics,
+            milter=milter,
         )
         try:
             yield runtime
@@ -312,16 +350,54 @@ async def lifespan(
                 await asyncio.wait_for(server.wait_closed(), timeout=2.0)
 
 
-async def run(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+def _smtp_socket(settings: Settings) -> socket.socket:
+    host, port = settings.smtp.listen
+    try:
+        return listening_socket(host, port, reuse_port=settings.smtp.workers > 1)
+    except OSError as exc:
+        raise ConfigError(
+            settings.source, "smtp.listen", f"cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+
+
+async def _start_milter(
+    settings: Settings, pipeline: Pipeline, *, required: bool
+) -> MilterServer | None:
+    """The milter door on ``[milter] listen`` (relay/milter/), beside or instead of SMTP."""
+    listen = settings.milter.listen
+    if not listen:
+        if required:
+            raise ConfigError(settings.source, "milter.listen", "relay milter needs an address")
+        return None
+    workers = settings.smtp.workers
+    if listen.startswith("unix:") and workers > 1:
+        # A unix socket cannot be shared with SO_REUSEPORT; each worker would replace it.
+        raise ConfigError(settings.source, "milter.listen", "use inet:HOST:PORT with workers > 1")
+    limits = MilterLimits(settings.smtp.max_message_size, settings.milter.idle_timeout)
+    milter = MilterServer(pipeline, settings.milter, limits)
+    try:
+        await milter.start(reuse_port=workers > 1)
+    except OSError as exc:
+        raise ConfigError(
+            settings.source, "milter.listen", f"cannot listen on {listen}: {exc}"
+        ) from None
+    log.info("milter listening on %s (pid %d)", milter.address, os.getpid())
+    return milter
+
+
+async def run(
+    settings: Settings, on_ready: Callable[[], None] | None = None, *, smtp: bool = True
+) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy and the model version."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    async with lifespan(settings) as runtime:
+    async with lifespan(settings, smtp=smtp) as runtime:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, runtime.reload)
-        host, _ = settings.smtp.listen
-        log.info("relay listening on %s:%d (pid %d)", host, runtime.port, os.getpid())
+        if smtp:
+            host, _ = settings.smtp.listen
+            log.info("relay listening on %s:%d (pid %d)", host, runtime.port, os.getpid())
         # Everything loaded at start-up (model, policy, suffix list) lives for the whole
         # run: freezing it keeps full garbage collections from walking it, which measured
         # as loop stalls of ~15 ms without and < 1 ms with (bench/results/auth.md).
@@ -333,24 +409,30 @@ async def run(settings: Settings, on_ready: Callable[[], None] | None = None) ->
     log.info("stopped")
 
 
-def worker_main(config_path: str, index: int, ready: multiprocessing.connection.Connection) -> None:
+def worker_main(
+    config_path: str,
+    index: int,
+    ready: multiprocessing.connection.Connection,
+    smtp: bool = True,
+) -> None:
     """Entry point of one worker process (spawned, so it imports everything afresh); the
     supervisor is handed this function, so the SMTP layer never imports the app."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     settings = load_settings(Path(config_path))
     configure_logging(settings.log.level)
     try:
-        asyncio.run(run(settings, on_ready=lambda: ready.send(os.getpid())))
+        asyncio.run(run(settings, on_ready=lambda: ready.send(os.getpid()), smtp=smtp))
     except RelayError as exc:
         logging.getLogger("relay").error("worker %d: %s", index, exc)
         raise SystemExit(2) from None
 
 
-async def supervise(config_path: Path, settings: Settings) -> int:
+async def supervise(config_path: Path, settings: Settings, smtp: bool = True) -> int:
     """Several workers: each writes its metrics to files under var/metrics (the variable is
     set before any worker is spawned, see relay.metrics) and the supervisor serves the one
     endpoint that adds them up."""
-    supervisor = Supervisor(config_path, settings, worker_main, on_worker_exit=worker_exited)
+    entry = worker_main if smtp else functools.partial(worker_main, smtp=False)
+    supervisor = Supervisor(config_path, settings, entry, on_worker_exit=worker_exited)
     if not settings.metrics.enabled:
         return await supervisor.run()
     prepare_multiprocess_dir(METRICS_DIR)
@@ -359,10 +441,14 @@ async def supervise(config_path: Path, settings: Settings) -> int:
         workers = supervisor.workers.values()
         return len(workers) == settings.smtp.workers and all(w.was_ready for w in workers)
 
+    registry = CollectorRegistry()
     endpoint = await start_metrics_server(
         settings.metrics,
-        CollectorRegistry(),
-        SupervisorReadiness(settings, workers_ready),
+        registry,
+        # Degraded from the workers' relay_fact_errors_total (their files, aggregated).
+        SupervisorReadiness(
+            settings, workers_ready, lambda: fact_error_totals(scrape_registry(registry))
+        ),
         source=settings.source,
     )
     try:
@@ -371,7 +457,9 @@ async def supervise(config_path: Path, settings: Settings) -> int:
         await endpoint.close()
 
 
-def serve(config_path: Path) -> int:
+def serve(config_path: Path, *, smtp: bool = True) -> int:
+    """``relay serve`` (SMTP, plus the milter door when [milter] listen is set), or
+    ``relay milter`` (``smtp=False``: the milter door only)."""
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
@@ -382,8 +470,8 @@ def serve(config_path: Path) -> int:
     PID_FILE.write_text(f"{os.getpid()}\n")
     try:
         if settings.smtp.workers > 1:
-            return asyncio.run(supervise(config_path, settings))
-        asyncio.run(run(settings))
+            return asyncio.run(supervise(config_path, settings, smtp))
+        asyncio.run(run(settings, smtp=smtp))
     except RelayError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2

@@ -39,12 +39,16 @@ async def open_services(
     *,
     key: SecretKey,
     readonly_state: bool = False,
+    require_state: bool = True,
 ) -> Services:
     """Long-lived services handed to fact functions; each closes on the stack. A service
     that is configured but cannot start (a missing model, ...) fails here, at start-up.
     ``key`` (the relay's secret key) keys the state store's address hashes.
     ``readonly_state`` (``relay scan``): the configured state store is opened read-only,
-    so facts read the live counts and nothing is written, created or locked."""
+    so facts read the live counts and nothing is written, created or locked.
+    ``require_state=False`` (the relay): a Redis that does not answer at start is no error;
+    the state and feedback stores fail each use until it answers (the relay starts
+    degraded, docs/operations.md "Several instances, one Redis")."""
     resolver = Resolver(settings.dns)  # the one DNS cache every check shares
     stack.push_async_callback(resolver.close)
     psl = PublicSuffixList()  # organisational domains for auth, header and bulk facts
@@ -54,7 +58,9 @@ async def open_services(
         stack.push_async_callback(authenticator.close)
         await authenticator.start()
     # Counters every worker shares (bulk, rates): facts read them, the recorder writes.
-    state = await open_state(settings.state, key, readonly=readonly_state)
+    state = await open_state(
+        settings.state, key, readonly=readonly_state, require_answer=require_state
+    )
     stack.push_async_callback(state.close)
     classifier = None
     if settings.model.enabled:
@@ -72,7 +78,9 @@ async def open_services(
     # the reputation facts as missing.
     reputation = None
     if not readonly_state:
-        reputation = await open_feedback(settings.state, settings.feedback, key)
+        reputation = await open_feedback(
+            settings.state, settings.feedback, key, require_answer=require_state
+        )
         stack.push_async_callback(reputation.close)
     return Services(
         resolver=resolver,
@@ -81,6 +89,8 @@ async def open_services(
         authenticator=authenticator,
         classifier=classifier,
         reputation=reputation,
+        greylist=settings.greylist,  # always given: "enabled = false" is the facts' "off"
+        ratelimit=settings.ratelimit,
     )
 
 
@@ -117,7 +127,13 @@ def build_recorder(settings: Settings, services: Services) -> Recorder | None:
     if state is None:
         return None
     psl = services.psl or PublicSuffixList()
-    return Recorder(state, psl, settings.relay.networks)
+    return Recorder(
+        state,
+        psl,
+        settings.relay.networks,
+        greylist=settings.greylist,
+        ratelimit=settings.ratelimit,
+    )
 
 
 def build_transport(settings: Settings) -> Transport:

@@ -79,6 +79,16 @@ class RelaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MilterSettings:
+    """The milter front door (relay/milter/): off unless ``listen`` is set."""
+
+    listen: str = ""  # "inet:HOST:PORT", "HOST:PORT" or "unix:/path"; "" = off
+    max_connections: int = 500
+    idle_timeout: float = 600.0  # the MTA's silence before we close (Postfix: smtpd_timeout)
+    socket_mode: int = 0o660  # a unix socket's permissions (the MTA's group must connect)
+
+
+@dataclass(frozen=True, slots=True)
 class DeliverySettings:
     mode: Literal["maildir", "smtp"] = "maildir"
     maildir: Path = Path("var/maildir")
@@ -130,6 +140,9 @@ class PolicySettings:
 class MetricsSettings:
     enabled: bool = True
     listen: tuple[str, int] = ("127.0.0.1", 9325)
+    # Seconds /readyz stays "degraded" after the last fact failure (ops/faults.py), unless
+    # a probe of the state backend succeeds first.
+    degraded_for: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +150,9 @@ class StateSettings:
     backend: Literal["sqlite", "redis"] = "sqlite"
     path: Path = Path("var/state.sqlite3")
     url: str = "redis://127.0.0.1:6379/0"
+    # Seconds a Redis connect or command may take; past it the fact fails (counted) and
+    # the message goes on, so a hung Redis never holds a session.
+    timeout: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +178,47 @@ class FeedbackSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class GreylistSettings:
+    """Greylisting by (client network, sender, recipient); a policy rule decides whether
+    to defer on the ``greylist`` fact (docs/policy.md, "Greylisting")."""
+
+    enabled: bool = True  # false: the facts say "off" under every policy (a kill switch)
+    delay: float = 300.0  # seconds a new triplet waits before a retry passes
+    retry_window: float = 4 * 3600.0  # seconds after the delay in which a retry counts
+    lifetime: float = 36 * 86400.0  # a passed triplet is remembered this long after last use
+    ipv4_prefix: int = 24  # client network of a triplet: senders retry from a pool
+    ipv6_prefix: int = 64
+    auto_allow_after: int = 5  # passed triplets that exempt their client network; 0 = never
+    exempt_networks: tuple[IPNetwork, ...] = ()
+    exempt_dmarc_pass: bool = True  # mail whose From domain passes DMARC is never deferred
+    exempt_sender_domains: tuple[str, ...] = ()  # A-labels; exempt when SPF or DKIM passes
+
+
+@dataclass(frozen=True, slots=True)
+class RateBucket:
+    """One token bucket per key: ``rate`` tokens a minute refill it up to ``burst``."""
+
+    rate: float = 0.0  # per minute; 0 = this bucket is off
+    burst: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """Token buckets per client address, sender domain and recipient (docs/policy.md,
+    "Rate limits"); a policy rule decides whether to defer on the ``rate_*`` facts."""
+
+    client_ip: RateBucket = RateBucket(60.0, 120)
+    sender_domain: RateBucket = RateBucket(300.0, 600)
+    recipient: RateBucket = RateBucket(30.0, 60)
+    ipv6_prefix: int = 64  # an IPv6 client is its /64: a host has the whole prefix
+    exempt_networks: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class SecuritySettings:
     # The secret key (relay/secretkey.py): seals quarantine entries, keys address hashes.
     key_file: Path = Path("var/relay.key")
@@ -176,6 +233,7 @@ class LogSettings:
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
+    milter: MilterSettings = field(default_factory=MilterSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -186,6 +244,8 @@ class Settings:
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    greylist: GreylistSettings = field(default_factory=GreylistSettings)
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     log: LogSettings = field(default_factory=LogSettings)
     source: str = "<defaults>"
 
@@ -435,6 +495,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
     metrics = MetricsSettings(
         enabled=r.get(t, "metrics", "enabled", bool, True),
         listen=r.hostport(t, "metrics", "listen", MetricsSettings().listen),
+        degraded_for=r.positive(t, "metrics", "degraded_for", MetricsSettings().degraded_for),
     )
 
     t = r.table(data, "state")
@@ -446,6 +507,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         ),
         path=Path(r.get(t, "state", "path", str, str(StateSettings().path))),
         url=r.get(t, "state", "url", str, StateSettings().url),
+        timeout=r.positive(t, "state", "timeout", StateSettings().timeout),
     )
 
     t = r.table(data, "quarantine")
@@ -482,6 +544,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
     return Settings(
         smtp=smtp,
         relay=relay,
+        milter=_milter(r, r.table(data, "milter")),
         delivery=delivery,
         dns=dns,
         auth=auth,
@@ -492,8 +555,42 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         quarantine=quarantine,
         feedback=feedback,
         security=security,
+        greylist=_greylist(r, r.table(data, "greylist")),
+        ratelimit=_ratelimit(r, r.table(data, "ratelimit")),
         log=log,
         source=path,
+    )
+
+
+def parse_milter_listen(text: str) -> tuple[str, str, int]:
+    """("inet", host, port) or ("unix", path, 0) from Postfix's spelling of a milter
+    address ("inet:host:port", "unix:/path") or a plain "host:port"."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"{text!r}: a unix socket needs an absolute path")
+        return "unix", path, 0
+    host, port = parse_hostport(text.removeprefix("inet:").removeprefix("inet6:"))
+    return "inet", host, port
+
+
+def _milter(r: _Reader, t: Mapping[str, Any]) -> MilterSettings:
+    r.check_keys("milter", t, MilterSettings)
+    d = MilterSettings()
+    listen = r.get(t, "milter", "listen", str, d.listen)
+    if listen:
+        try:
+            parse_milter_listen(listen)
+        except ValueError as exc:
+            raise r.fail("milter.listen", str(exc)) from None
+    mode = r.get(t, "milter", "socket_mode", int, d.socket_mode)
+    if not 0 <= mode <= 0o777:
+        raise r.fail("milter.socket_mode", "must be a permission mode such as 0o660")
+    return MilterSettings(
+        listen=listen,
+        max_connections=r.count(t, "milter", "max_connections", d.max_connections),
+        idle_timeout=r.positive(t, "milter", "idle_timeout", d.idle_timeout),
+        socket_mode=mode,
     )
 
 
@@ -518,6 +615,68 @@ def _feedback(r: _Reader, t: Mapping[str, Any]) -> FeedbackSettings:
             t, s, "reputation_half_life_days", d.reputation_half_life_days
         ),
         reputation_per_reporter=r.count(t, s, "reputation_per_reporter", d.reputation_per_reporter),
+    )
+
+
+def _prefix(r: _Reader, t: Mapping[str, Any], section: str, key: str, default: int) -> int:
+    bits = 32 if key.startswith("ipv4") else 128
+    value = r.get(t, section, key, int, default)
+    if not 8 <= value <= bits:  # a /0 would make one key of the whole Internet
+        raise r.fail(f"{section}.{key}", f"must be between 8 and {bits}")
+    return value
+
+
+def _greylist(r: _Reader, t: Mapping[str, Any]) -> GreylistSettings:
+    s = "greylist"
+    r.check_keys(s, t, GreylistSettings)
+    d = GreylistSettings()
+    auto = r.get(t, s, "auto_allow_after", int, d.auto_allow_after)
+    if auto < 0:
+        raise r.fail("greylist.auto_allow_after", "must be 0 (never) or more")
+    settings = GreylistSettings(
+        enabled=r.get(t, s, "enabled", bool, d.enabled),
+        delay=r.positive(t, s, "delay", d.delay),
+        retry_window=r.positive(t, s, "retry_window", d.retry_window),
+        lifetime=r.positive(t, s, "lifetime", d.lifetime),
+        ipv4_prefix=_prefix(r, t, s, "ipv4_prefix", d.ipv4_prefix),
+        ipv6_prefix=_prefix(r, t, s, "ipv6_prefix", d.ipv6_prefix),
+        auto_allow_after=auto,
+        exempt_networks=_networks(r, t, s, "exempt_networks"),
+        exempt_dmarc_pass=r.get(t, s, "exempt_dmarc_pass", bool, d.exempt_dmarc_pass),
+        exempt_sender_domains=tuple(
+            _domain(r, "greylist.exempt_sender_domains", v)
+            for v in r.strings(t, s, "exempt_sender_domains", ())
+        ),
+    )
+    if settings.lifetime < settings.delay + settings.retry_window:
+        # a triplet that passed must outlive the wait that made it pass
+        raise r.fail("greylist.lifetime", "must be at least delay + retry_window")
+    return settings
+
+
+def _bucket(r: _Reader, t: Mapping[str, Any], key: str, default: RateBucket) -> RateBucket:
+    name = f"ratelimit.{key}"
+    table = t.get(key, {})
+    if not isinstance(table, dict):
+        raise r.fail(name, "must be a table with rate and burst")
+    r.check_keys(name, table, RateBucket)
+    rate = r.get(table, name, "rate", float, default.rate)
+    if not 0 <= rate < float("inf"):
+        raise r.fail(f"{name}.rate", "must be 0 (off) or a positive number per minute")
+    burst = r.count(table, name, "burst", default.burst)
+    return RateBucket(rate, burst)
+
+
+def _ratelimit(r: _Reader, t: Mapping[str, Any]) -> RateLimitSettings:
+    s = "ratelimit"
+    r.check_keys(s, t, RateLimitSettings)
+    d = RateLimitSettings()
+    return RateLimitSettings(
+        client_ip=_bucket(r, t, "client_ip", d.client_ip),
+        sender_domain=_bucket(r, t, "sender_domain", d.sender_domain),
+        recipient=_bucket(r, t, "recipient", d.recipient),
+        ipv6_prefix=_prefix(r, t, s, "ipv6_prefix", d.ipv6_prefix),
+        exempt_networks=_networks(r, t, s, "exempt_networks"),
     )
 
 

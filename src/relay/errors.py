@@ -22,6 +22,8 @@
     │   └── ConditionTimeout         proc/celsandbox.py: a message's policy conditions
     │                                gave no result in time (the message is deferred)
     ├── BadRequest             ops/http.py: a malformed HTTP request to /metrics, /readyz
+    ├── MilterProtocolError    milter/wire.py: a packet that breaks the milter protocol
+    │                          (the session is closed, the process goes on)
     ├── BodyHashMismatch       auth/sigcrypto.py: a DKIM body hash differs; also a dkimpy
     │                          ValidationError, so dkimpy's own handling still applies
     └── _TooSlow               auth/scan.py (private): a From field too long to parse on

@@ -54,6 +54,9 @@ class Peer:
     # 0 attempted means "not recorded", e.g. stored mail): invalid_rcpt_ratio reads them.
     rcpt_attempted: int = 0
     rcpt_refused: int = 0
+    # The client logged in at the MTA in front (milter {auth_authen}); the login itself
+    # is not kept: a fact needs only whether there was one.
+    authenticated: bool = False
 
 
 @dataclass(frozen=True, slots=True)

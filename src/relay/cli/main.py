@@ -28,6 +28,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         return int(serve(args.config))
 
     p.set_defaults(handler=run)
+    m = sub.add_parser(
+        "milter",
+        help="run only the milter front door ([milter] listen) for Postfix or Sendmail",
+    )
+    m.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
+
+    def run_milter(args: argparse.Namespace) -> int:
+        from relay.app import serve
+
+        return int(serve(args.config, smtp=False))
+
+    m.set_defaults(handler=run_milter)
 
 
 def _iso_time(text: str) -> float:

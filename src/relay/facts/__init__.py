@@ -16,9 +16,11 @@ from relay.facts import (
     connection,
     content,
     envelope,
+    greylist,
     headers,
     network,
     oracle,
+    ratelimit,
     reputation,
     text,
 )
@@ -36,6 +38,8 @@ FAMILIES = (
     oracle.FACTS,
     network.FACTS,
     reputation.FACTS,
+    greylist.FACTS,
+    ratelimit.FACTS,
 )
 
 

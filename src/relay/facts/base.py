@@ -10,6 +10,14 @@ Rules of the registry, checked when it is built:
 - a fact's tier is at least the tier of each dependency, so a cheap-looking fact can
   never hide that it read the body.
 
+Failures: a fact that raises FactError itself says "missing" (its input is absent: no
+sender domain, no list supplied); that is normal. Anything else (the state backend down,
+a DNS timeout, the classifier failing, a bug) is a *failure*: ``failure_kind`` sorts it
+into a small closed set (``FailureKind``) and ``Facts`` tells its ``FactFailures`` sink
+(ops/faults.py: counted, rate-limited log, /readyz degraded) once per failing fact, not
+again for facts that only inherited the error from a dependency. The message flows on
+either way.
+
 Services (DNS resolver, classifier client, state store, lists ...) reach compute functions
 through ``ctx.service(KEY)``: a fact declares the services it uses in ``needs`` (keys from
 ``facts/services.py``), may use only those, and gets FactError when one is missing. The
@@ -20,14 +28,17 @@ import each other and the relay can refuse a policy whose facts need a missing s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
-from relay.errors import FactError
-from relay.facts.services import Service, Services
+from relay.dns import DnsTemporaryError
+from relay.errors import FactError, ModelError, StateError, WorkerTimeout
+from relay.facts.services import CLASSIFIER, Service, Services
 from relay.message import Message
 from relay.verdict import FactRead, Tier
 
@@ -36,12 +47,15 @@ S = TypeVar("S")
 __all__ = [
     "Compute",
     "FactContext",
+    "FactFailures",
     "FactRegistry",
     "FactSpec",
     "FactType",
     "Facts",
+    "FailureKind",
     "Service",
     "Services",
+    "failure_kind",
     "missing_services",
 ]
 
@@ -55,6 +69,61 @@ class FactType(StrEnum):
     STR = "str"  # may be None when absent (e.g. list_id)
     STR_LIST = "list[str]"
     OBJECT = "object"  # structured, JSON-able mapping (e.g. per-signature DKIM results)
+
+
+class FailureKind(StrEnum):
+    """Why a fact failed: the ``kind`` label of ``relay_fact_errors_total``. Closed on
+    purpose, so the label's values stay few whatever the exceptions say."""
+
+    STATE = "state"  # the shared-state backend (SQLite, Redis) or the feedback store
+    DNS = "dns"  # resolver timeout, SERVFAIL, unreachable
+    MODEL = "model"  # the classifier (model error, broken worker pool)
+    TIMEOUT = "timeout"  # a time limit ran out (not DNS's own)
+    OTHER = "other"  # anything else: usually a bug, see the log
+
+
+def _kind_of(exc: BaseException) -> FailureKind | None:
+    """The kind one exception in a chain stands for, if it names one."""
+    if isinstance(exc, StateError):
+        return FailureKind.STATE
+    if isinstance(exc, DnsTemporaryError):  # before TimeoutError: DNS timeouts are DNS
+        return FailureKind.DNS
+    if isinstance(exc, TimeoutError | WorkerTimeout):
+        return FailureKind.TIMEOUT
+    if isinstance(exc, ModelError | BrokenExecutor):
+        return FailureKind.MODEL
+    return None
+
+
+def failure_kind(exc: BaseException, needs: Iterable[Service[Any]] = ()) -> FailureKind | None:
+    """The kind of failure ``exc`` (raised by a fact's computation) stands for, or None
+    when the fact merely says it is missing (a plain FactError with no fault behind it).
+
+    The chain (``raise ... from``, then implicit context) is walked outermost first, so
+    a StateError wrapped in a FactError is still a state failure. A FactError with no
+    known kind in its chain was raised on purpose ("no sender domain"): missing, None.
+    Any other exception is a failure: in a fact that ``needs`` the classifier the
+    model's (its pool raises whatever the worker raised), elsewhere OTHER (a bug).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kind = _kind_of(current)
+        if kind is not None:
+            return kind
+        current = current.__cause__ or current.__context__
+    if isinstance(exc, FactError):
+        return None  # raised on purpose with no fault behind it: the fact is missing
+    if CLASSIFIER in tuple(needs):
+        return FailureKind.MODEL
+    return FailureKind.OTHER
+
+
+class FactFailures(Protocol):
+    """Told of each fact failure (ops/faults.py); must never raise, never block."""
+
+    def fact_failed(self, name: str, kind: FailureKind, error: BaseException) -> None: ...
 
 
 class FactContext(Protocol):
@@ -199,12 +268,17 @@ class Facts:
         message: Message,
         services: Services,
         preset: Mapping[str, Any] | None = None,
+        failures: FactFailures | None = None,
     ) -> None:
         self.registry = registry
         self.message = message
         self.services = services
         self._tasks: dict[str, asyncio.Future[Any]] = {}
         self._reads: dict[str, FactRead] = {}
+        self._failures = failures
+        # Errors already reported: a fact that fails because its dependency did re-raises
+        # the same object, and one outage must count once, under the fact that met it.
+        self._reported: list[BaseException] = []
         # Values known in advance (the lab's cache, tests): recorded as read, at no cost.
         for name, value in (preset or {}).items():
             spec = registry[name]
@@ -232,17 +306,31 @@ class Facts:
             self._reads[spec.name] = FactRead(
                 spec.name, spec.tier, None, time.perf_counter() - start, str(exc)
             )
+            self._failed(spec, exc, exc)
             raise
         except Exception as exc:  # a fact's bug or outage must never crash the session
             reason = f"{type(exc).__name__}: {exc}"
             self._reads[spec.name] = FactRead(
                 spec.name, spec.tier, None, time.perf_counter() - start, reason
             )
-            raise FactError(f"{spec.name}: {reason}") from exc
+            error = FactError(f"{spec.name}: {reason}")
+            self._failed(spec, exc, error)
+            raise error from exc
         self._reads[spec.name] = FactRead(
             spec.name, spec.tier, _jsonable(value), time.perf_counter() - start, None
         )
         return value
+
+    def _failed(self, spec: FactSpec, exc: BaseException, raised: BaseException) -> None:
+        """Tell the sink of a failure (not a "missing"), once per outage per message."""
+        if self._failures is None or any(exc is seen for seen in self._reported):
+            return
+        self._reported.append(raised)
+        kind = failure_kind(exc, spec.needs)
+        if kind is None:
+            return
+        with contextlib.suppress(Exception):  # an observer: it must not cost the message
+            self._failures.fact_failed(spec.name, kind, exc)
 
     def computed(self, name: str) -> bool:
         return name in self._reads

@@ -22,6 +22,10 @@ async def _tls_version(ctx: FactContext) -> str:
     return ctx.message.peer.tls_version or ""
 
 
+async def _smtp_authenticated(ctx: FactContext) -> bool:
+    return ctx.message.peer.authenticated
+
+
 FACTS = (
     FactSpec(
         "client_ip",
@@ -33,4 +37,11 @@ FACTS = (
     FactSpec("helo", FactType.STR, Tier.CONNECTION, _helo, doc="HELO/EHLO name given"),
     FactSpec("tls_used", FactType.BOOL, Tier.CONNECTION, _tls_used, doc="STARTTLS in use"),
     FactSpec("tls_version", FactType.STR, Tier.CONNECTION, _tls_version, doc="TLS version or ''"),
+    FactSpec(
+        "smtp_authenticated",
+        FactType.BOOL,
+        Tier.CONNECTION,
+        _smtp_authenticated,
+        doc="the client logged in (SMTP AUTH) at the MTA in front (milter door)",
+    ),
 )

@@ -107,7 +107,8 @@ async def _dnsbl_listed(ctx: FactContext) -> list[str]:
         elif any(ipaddress.ip_address(a) in ipaddress.ip_network("127.0.0.0/8") for a in answer):
             listed.append(zone)
     if failed and not listed:
-        raise FactError("DNSBL lookup failed for " + ", ".join(failed))
+        # A DNS failure, not a missing input: counted as kind "dns" (facts/base.failure_kind).
+        raise DnsTemporaryError("DNSBL lookup failed for " + ", ".join(failed))
     return listed
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from relay.auth.checker import Authenticator
     from relay.classifier.serving import Classifier
+    from relay.config import GreylistSettings, RateLimitSettings
     from relay.dns import Resolver
     from relay.facts.oraclelists import OracleLists
     from relay.state import StateStore
@@ -52,6 +53,8 @@ class Services:
     classifier: Classifier | None = None  # the audited model ([model] enabled)
     oracle: OracleLists | None = None  # the lab's address lists (lab only)
     reputation: ReputationReader | None = None  # the feedback store's reputation counters
+    greylist: GreylistSettings | None = None  # [greylist]: delay, windows, exemptions
+    ratelimit: RateLimitSettings | None = None  # [ratelimit]: the token buckets
 
     def require(self, key: Service[S]) -> S:
         """The service, or FactError naming it when it is not configured."""
@@ -87,3 +90,5 @@ ORACLE: Service[OracleLists] = Service("oracle", "lab only: relay lab --inputs")
 REPUTATION: Service[ReputationReader] = Service(
     "reputation", "the feedback store is not opened (relay scan)"
 )
+GREYLIST: Service[GreylistSettings] = Service("greylist", "[greylist] is not configured here")
+RATELIMIT: Service[RateLimitSettings] = Service("ratelimit", "[ratelimit] is not configured here")

@@ -37,7 +37,14 @@ from relay.errors import FeedbackRefused, StateError
 from relay.feedback.record import LABELS, Domains, FeedbackEntry, Label
 from relay.feedback.reputation import Identity, Kind, Standing, day_of, weight
 from relay.secretkey import SecretKey
-from relay.state import PRIVATE_MODE, SqliteOnThread, StateStore
+from relay.state import (
+    PRIVATE_MODE,
+    SqliteOnThread,
+    StateStore,
+    close_redis,
+    redacted,
+    redis_client,
+)
 
 T = TypeVar("T")
 DAY = 86400.0
@@ -539,10 +546,17 @@ class RedisFeedback(FeedbackStore):
     sorted set by time (age and eviction), a set per label (counts), a sorted set of
     report times per reporter hash (the daily cap). Several relays share one."""
 
-    def __init__(self, url: str, *, key: SecretKey, settings: FeedbackSettings) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: SecretKey,
+        settings: FeedbackSettings,
+        timeout: float | None = None,
+    ) -> None:
         super().__init__(key, settings)
         self.url = url
-        self._redis: aioredis.Redis[bytes] = aioredis.Redis.from_url(url)
+        self._redis: aioredis.Redis[bytes] = redis_client(url, timeout)
         self._script = self._redis.register_script(_SCRIPT)
 
     async def _eval(self, args: list[str | bytes | float | int]) -> list[Any]:
@@ -680,18 +694,28 @@ class RedisFeedback(FeedbackStore):
         try:
             await self._redis.ping()
         except RedisError as exc:
-            raise StateError(f"redis feedback {self.url}: {exc}") from exc
+            raise StateError(f"redis feedback {redacted(self.url)}: {exc}") from exc
 
     async def close(self) -> None:
-        await self._redis.aclose()  # type: ignore[attr-defined]
+        await close_redis(self._redis)
 
 
 async def open_feedback(
-    state: StateSettings, settings: FeedbackSettings, key: SecretKey
+    state: StateSettings,
+    settings: FeedbackSettings,
+    key: SecretKey,
+    *,
+    require_answer: bool = True,
 ) -> FeedbackStore:
-    """The feedback store in the configured state backend, connected."""
+    """The feedback store in the configured state backend, connected.
+
+    ``require_answer=False`` (the relay's reputation facts and learn endpoint): a Redis
+    that does not answer yet is no error; each use fails with StateError until it does
+    (the reputation facts fail, counted; the learn endpoint answers 503)."""
     if state.backend == "redis":
-        store = RedisFeedback(state.url, key=key, settings=settings)
+        store = RedisFeedback(state.url, key=key, settings=settings, timeout=state.timeout)
+        if not require_answer:
+            return store
         try:
             await store.ping()
         except StateError:

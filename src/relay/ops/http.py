@@ -9,8 +9,18 @@ scrape during a mail storm never stalls the event loop that carries SMTP session
     ...
     await server.close()
 
-``readiness`` returns (or awaits to) a mapping ``check -> bool``; /readyz answers 200
-when every check is true and 503 otherwise, with the checks as a JSON body either way.
+``readiness`` returns (or awaits to) a mapping ``check -> bool`` or a ``Health`` (the
+checks plus what is degraded). /readyz answers with a JSON body either way::
+
+    {"ready": true, "status": "ok", "checks": {...}, "degraded": {}}
+    {"ready": true, "status": "degraded", "checks": {...}, "degraded": {"state": ["bulk_count"]}}
+    {"ready": false, "status": "unready", "checks": {..., "listening": false}, "degraded": {}}
+
+``unready`` (a check failed) is 503: take the relay out of rotation. ``degraded`` is 200
+on purpose: facts are failing (kind -> facts, ops/faults.py) but mail flows, fail-open, and
+every instance sharing the broken backend would be degraded at once, so a 503 would turn
+a loss of bulk counting into a loss of all mail. Operators learn of it from the body,
+``relay_fact_errors_total`` and the RelayFactErrors alert (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -21,8 +31,8 @@ import errno
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -33,7 +43,19 @@ from relay.ops.multiprocess import scrape_registry
 
 log = logging.getLogger("relay.ops.metrics")
 
-Readiness = Callable[[], Mapping[str, bool] | Awaitable[Mapping[str, bool]]]
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What /readyz reports: ``checks`` that must all pass (else 503), and ``degraded``,
+    failure kind -> failing facts, while mail still flows (200, status "degraded")."""
+
+    checks: Mapping[str, bool]
+    degraded: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+Readiness = Callable[
+    [], Mapping[str, bool] | Health | Awaitable[Mapping[str, bool]] | Awaitable[Health]
+]
 
 MAX_LINE = 8192  # request line or one header line
 MAX_HEADERS = 64
@@ -223,22 +245,29 @@ class MetricsServer(HttpListener):
             )
 
     async def _ready(self) -> Response:
-        checks: dict[str, bool]
+        health: Health
         if self._readiness is None:
-            checks = {"alive": True}
+            health = Health({"alive": True})
         else:
             try:
                 result = self._readiness()
+                answer: Mapping[str, bool] | Health
                 if inspect.isawaitable(result):
-                    result = await asyncio.wait_for(result, READINESS_TIMEOUT)
-                checks = {str(k): bool(v) for k, v in result.items()}
+                    answer = await asyncio.wait_for(result, READINESS_TIMEOUT)
+                else:
+                    answer = result
+                health = answer if isinstance(answer, Health) else Health(answer)
             except TimeoutError:
-                checks = {"readiness_check_timed_out": False}
+                health = Health({"readiness_check_timed_out": False})
             except Exception:
                 log.exception("readiness check failed")
-                checks = {"readiness_check_failed": False}
+                health = Health({"readiness_check_failed": False})
+        checks = {str(k): bool(v) for k, v in health.checks.items()}
+        degraded = {str(k): [str(n) for n in v] for k, v in health.degraded.items()}
         ready = bool(checks) and all(checks.values())
-        body = json.dumps({"ready": ready, "checks": checks}, sort_keys=True).encode() + b"\n"
+        status = "unready" if not ready else "degraded" if degraded else "ok"
+        doc = {"ready": ready, "status": status, "checks": checks, "degraded": degraded}
+        body = json.dumps(doc, sort_keys=True).encode() + b"\n"
         return Response(200 if ready else 503, body, "application/json")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from relay.contracts import Outcome
+from relay.facts.base import FailureKind
 from relay.verdict import Tier
 
 OUTCOMES = tuple(o.value for o in Outcome)
@@ -31,6 +32,7 @@ AUTH_RESULTS = (
     "error",
     "other",
 )
+FAILURE_KINDS = tuple(k.value for k in FailureKind)
 OTHER = "other"
 MAX_NAME_LENGTH = 64
 
@@ -160,6 +162,15 @@ class Instruments:
         self.errors = Counter(
             "relay_observer_errors",
             "Observations dropped because of a bug in the metrics code",
+            registry=r,
+        )
+        # fact: a name from the fact registry (fixed at start-up, a few dozen); kind: the
+        # closed FailureKind set. Children appear as facts first fail.
+        self.fact_errors = Counter(
+            "relay_fact_errors",
+            "Fact computations that failed (not merely missing), by fact and kind "
+            "(state, dns, model, timeout, other)",
+            ["fact", "kind"],
             registry=r,
         )
         self.model_reloads = Counter(

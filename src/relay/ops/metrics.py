@@ -33,6 +33,7 @@ from relay.ops.instruments import (
     AUTH_RESULTS,
     CODE_CLASSES,
     DELIVERY_RESULTS,
+    FAILURE_KINDS,
     MAX_NAME_LENGTH,
     OTHER,
     OUTCOMES,
@@ -130,6 +131,7 @@ class Metrics:
         self._message_seconds = i.message_seconds
         self._rules = _Capped(i.rule_hits, max_names)
         self._shadow: dict[tuple[str, Action], Any] = {}
+        self._fact_errors: dict[tuple[str, str], Any] = {}
         self._max_names = max_names
         i.reload_ok.set(1)  # start-up only continues with a valid policy
 
@@ -190,6 +192,22 @@ class Metrics:
             self._failed("policy_reload")
 
     # Not part of the Observer protocol -----------------------------------------------
+
+    def fact_failed(self, fact: str, kind: str) -> None:
+        """One failed fact computation (ops/faults.py). Fact names come from the fact
+        registry; past ``max_names`` of them, or an unknown kind, they count as other."""
+        try:
+            key = (fact, kind)
+            child = self._fact_errors.get(key)
+            if child is None:
+                if kind not in FAILURE_KINDS:
+                    kind = OTHER
+                if len(self._fact_errors) >= self._max_names or len(fact) > MAX_NAME_LENGTH:
+                    fact = OTHER
+                child = self._fact_errors[key] = self.instruments.fact_errors.labels(fact, kind)
+            self._add(child)
+        except Exception:
+            self._failed("fact_failed")
 
     def model_reloaded(self, ok: bool) -> None:
         try:

@@ -33,7 +33,7 @@ from relay.contracts import (
     Transaction,
 )
 from relay.errors import DeliveryError, PermanentDeliveryError
-from relay.facts.base import FactRegistry, Facts, Services
+from relay.facts.base import FactFailures, FactRegistry, Facts, Services
 from relay.message import Message
 from relay.models.holder import ClassifierHolder
 from relay.pipeline import actions
@@ -57,6 +57,8 @@ class Pipeline:
     shadow: Sequence[Decider] = ()
     hostname: str = "relay.localhost"
     recorder: Recorder | None = None  # the one writer of shared state (pipeline/recorder.py)
+    # Told of every failed fact (ops/faults.py: counted, logged, /readyz degraded).
+    failures: FactFailures | None = None
     # The classifier in force, swapped on reload; each message pins the one current when
     # it starts, so it finishes on that model (models/holder.py). None: services' own.
     classifiers: ClassifierHolder | None = None
@@ -65,17 +67,26 @@ class Pipeline:
     )
 
     async def process(
-        self, message: Message, transaction: Transaction, decider: Decider | None = None
+        self,
+        message: Message,
+        transaction: Transaction,
+        decider: Decider | None = None,
+        *,
+        trace: bool = True,
     ) -> Reply:
-        """Decide, act and deliver; returns the reply for the client. Never raises."""
+        """Decide, act and deliver; returns the reply for the client. Never raises.
+
+        ``trace``: add our Received field. The milter door says False: there the MTA is
+        the hop and writes its own; ours would sit above it and name a hop that was none.
+        """
         if self.classifiers is None:
-            return await self._process(message, transaction, decider, self.services)
+            return await self._process(message, transaction, decider, self.services, trace)
         classifier = self.classifiers.pin()
         try:
             services = self.services
             if classifier is not services.classifier:
                 services = dataclasses.replace(services, classifier=classifier)
-            return await self._process(message, transaction, decider, services)
+            return await self._process(message, transaction, decider, services, trace)
         finally:
             self.classifiers.unpin(classifier)
 
@@ -85,11 +96,12 @@ class Pipeline:
         transaction: Transaction,
         decider: Decider | None,
         services: Services,
+        trace: bool = True,
     ) -> Reply:
         start = time.perf_counter()
         timings: list[tuple[str, float]] = []
         decider = decider or self.policy.current
-        facts = Facts(self.registry, message, services)
+        facts = Facts(self.registry, message, services, failures=self.failures)
         verdict = ACCEPT_ALL
         shadow: tuple[Verdict, ...] = ()
         delivery = "none"
@@ -101,7 +113,8 @@ class Pipeline:
             for stamp in self.stamps:
                 message = await stamp(message, facts, verdict)
             message = actions.stamp(message, verdict)
-            message = message.with_prepended([("Received", received(message, self.hostname))])
+            if trace:
+                message = message.with_prepended([("Received", received(message, self.hostname))])
             timings.append(("stamp", time.perf_counter() - t))
             t = time.perf_counter()
             reply, outcome, delivery = await self._act(message, transaction, verdict)

@@ -267,6 +267,7 @@ class Policy:
         score = 0.0
         forced: Action | None = None
         forced_rule: RuleSpec | None = None
+        forced_reason = ""
         evaluated = 0
         overrun: RuleSpec | None = None
         sandbox_until: float | None = None  # the message's time limit, from its first use
@@ -306,13 +307,14 @@ class Policy:
                     continue
                 if not result:
                     continue
+                text = rule.reason_for(values)
                 if rule.action is None:
                     score += rule.score
-                    hits.append(RuleHit(rule.name, rule.score, rule.reason))
+                    hits.append(RuleHit(rule.name, rule.score, text))
                 else:
-                    hits.append(RuleHit(rule.name, 0.0, rule.reason, rule.action))
+                    hits.append(RuleHit(rule.name, 0.0, text, rule.action))
                     if forced is None or SEVERITY[rule.action] > SEVERITY[forced]:
-                        forced, forced_rule = rule.action, rule
+                        forced, forced_rule, forced_reason = rule.action, rule, text
             if stop:
                 break
 
@@ -320,7 +322,7 @@ class Policy:
             action, forced_rule, reason = Action.TEMPFAIL, overrun, OVERRUN_REASON
         elif forced is not None and forced_rule is not None:
             action = forced
-            reason = forced_rule.reason or THRESHOLD_REASONS.get(forced, "")
+            reason = forced_reason or THRESHOLD_REASONS.get(forced, "")
         else:
             action = most_severe([r.scores.action(score) for r in regimes])
             reason = THRESHOLD_REASONS.get(action, "")

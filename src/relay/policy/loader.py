@@ -10,6 +10,7 @@ Each problem names the file, the line and (for rules) the rule, e.g.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import tomllib
@@ -23,7 +24,7 @@ from relay.idn import to_alabel
 from relay.policy.engine import Policy
 from relay.policy.expr import compile_condition
 from relay.policy.lines import LineIndex
-from relay.policy.model import Override, RuleSpec, Thresholds
+from relay.policy.model import PLACEHOLDER, Override, RuleSpec, Thresholds
 from relay.proc.celsandbox import ConditionSandbox
 from relay.verdict import Action, Mode, Tier
 
@@ -132,6 +133,29 @@ def _reason(value: Any, line: int, where: str, p: _Problems) -> str:
     return value
 
 
+def _reason_facts(
+    reason: str, registry: FactRegistry, line: int, where: str, p: _Problems
+) -> tuple[str, ...]:
+    """The facts a reason shows as ``{name}``: registered, and numbers only, because the
+    reason becomes the SMTP reply and must never echo text a sender chose (a HELO name,
+    a header)."""
+    names: list[str] = []
+    for name in dict.fromkeys(PLACEHOLDER.findall(reason)):
+        if name not in registry:
+            close = difflib.get_close_matches(name, registry.names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            p.add(line, where, f"unknown fact {name!r} in 'reason'{hint}")
+        elif registry[name].type not in (FactType.INT, FactType.FLOAT):
+            p.add(
+                line,
+                where,
+                f"'reason' may show numeric facts only; {name!r} is {registry[name].type.value}",
+            )
+        else:
+            names.append(name)
+    return tuple(names)
+
+
 def _domain(text: str) -> str | None:
     wildcard = text.startswith("*.")
     name = text[2:] if wildcard else text
@@ -223,9 +247,14 @@ def _rule(
             ok = False
     if "description" in table and not isinstance(table["description"], str):
         p.add(p.lines.key(*path, "description"), where, "'description' must be a string")
-    reason = _reason(table.get("reason"), p.lines.key(*path, "reason"), where, p)
-    if not ok:
+    reason_line = p.lines.key(*path, "reason")
+    reason = _reason(table.get("reason"), reason_line, where, p)
+    shown = _reason_facts(reason, registry, reason_line, where, p)
+    if not ok or len(shown) != len(set(PLACEHOLDER.findall(reason))):
         return None
+    # A fact the reason shows is read with the condition's: pulled in the same tier group,
+    # counted in the rule's tier, and a rule whose shown fact is missing does not fire.
+    reads = tuple(dict.fromkeys((*reads, *shown)))
     tier = max((registry[n].tier for n in reads), default=Tier.CONNECTION)
     spec = RuleSpec(
         name,
@@ -237,6 +266,7 @@ def _rule(
         reason,
         line,
         isolated,
+        shown,
     )
     return spec, program
 

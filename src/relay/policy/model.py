@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from relay.verdict import Action, Mode, Tier
 
@@ -122,3 +125,22 @@ class RuleSpec:
     reason: str = ""
     line: int = 0
     isolated: bool = False  # has a comprehension: evaluated in the sandbox child
+    reason_facts: tuple[str, ...] = ()  # numeric facts shown in the reason ({name}), in reads
+
+    def reason_for(self, values: Mapping[str, Any]) -> str:
+        """The reason with its ``{fact}`` placeholders filled from ``values``."""
+        if not self.reason_facts:
+            return self.reason
+        return PLACEHOLDER.sub(lambda m: _shown(values.get(m.group(1))), self.reason)
+
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""``{fact_name}`` in a rule's reason; any other brace is literal text."""
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

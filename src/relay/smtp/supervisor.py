@@ -34,7 +34,8 @@ RESTART_BACKOFF = 1.0  # seconds before a crashed worker is restarted
 
 
 # A worker's entry point: (config path, worker index, the pipe it reports ready on). It
-# must be a module-level function, as spawned processes import it by name.
+# must be a module-level function (or a functools.partial of one), as spawned processes
+# import it by name.
 WorkerMain = Callable[[str, int, multiprocessing.connection.Connection], None]
 
 
