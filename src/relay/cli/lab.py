@@ -1,13 +1,15 @@
-"""`relay lab` from parsed arguments (defined in cli.py): build LabOptions, run, report."""
+"""`relay lab` and `relay lab diff` from parsed arguments (defined in cli/main.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from relay.config import Settings, load_settings
 from relay.errors import RelayError
+from relay.lab import diff
 from relay.lab.corpus import Source, sources_from_box, sources_from_labels
 from relay.lab.env import LabEnv
 from relay.lab.run import LabOptions, run_lab
@@ -33,6 +35,8 @@ def _sources(args: argparse.Namespace) -> tuple[list[Source], str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise RelayError("lab: --out is required (the report directory)")
     if args.shadow_log is not None:
         from relay.ops.shadowlog import report_shadow_log
 
@@ -65,3 +69,41 @@ def run(args: argparse.Namespace) -> int:
         f"{report['timings']['total']:.1f}s: {args.out / 'report.html'}"
     )
     return 1 if report["regime_errors"] else 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """Compare, then print the chosen rendering or write all three; exit 1 when some
+    messages could not be compared (on one side only, different content or label)."""
+    before = diff.load_source(args.a)
+    after = None if args.b is None else diff.load_source(args.b)
+    labels = None if args.labels is None else diff.read_labels(args.labels)
+    if args.limit < 0:
+        raise RelayError("--limit: 0 (all) or more")
+    filters = diff.Filters(label=args.label, rule=args.rule, limit=args.limit or None)
+    regimes = None if args.regimes is None else (args.regimes[0], args.regimes[1])
+    result = diff.compare(before, after, regimes, labels, filters)
+    if args.out is None:
+        sys.stdout.write(_rendering(result, args.format))
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for fmt in ("json", "md", "html"):
+            (args.out / f"diff.{fmt}").write_text(_rendering(result, fmt))
+        print(
+            f"{result.changed} verdicts changed of {result.compared} messages compared: "
+            f"{args.out / 'diff.md'}"
+        )
+    if result.mismatched:
+        print(
+            f"relay lab diff: {len(result.one_side)} messages on one side only, "
+            f"{len(result.content_differs)} with different content, "
+            f"{len(result.label_differs)} with different labels: not compared",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _rendering(result: diff.Diff, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(diff.to_dict(result), indent=1) + "\n"
+    return diff.markdown(result) if fmt == "md" else diff.html(result)

@@ -244,7 +244,8 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="Maildir, mbox or directory of spam (repeatable)",
     )
     p.add_argument("--policy", type=Path, nargs="+", default=[], help="regime files (TOML)")
-    p.add_argument("--out", type=Path, required=True, help="report directory")
+    # Not required by argparse: `relay lab diff` shares this parser (cli/lab.py checks it).
+    p.add_argument("--out", type=Path, help="report directory (required)")
     p.add_argument(
         "--cache",
         type=Path,
@@ -279,6 +280,37 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         from relay.cli.lab import run as run_lab
 
         return run_lab(args)
+
+    p.set_defaults(handler=run)
+    _add_lab_diff(p.add_subparsers(dest="lab_command", metavar="{diff}"))
+
+
+def _add_lab_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "diff",
+        help="compare two lab reports, two regimes of one, or enforced vs shadow in a shadow log",
+    )
+    p.add_argument("a", type=Path, help="report directory (before), or a shadow log")
+    p.add_argument("b", type=Path, nargs="?", help="second report directory (after)")
+    p.add_argument(
+        "--regimes",
+        nargs=2,
+        metavar=("X", "Y"),
+        help="regime before and after (in one report, in A and B, or in the shadow log)",
+    )
+    p.add_argument("--out", type=Path, help="write diff.json, diff.md and diff.html here")
+    p.add_argument(
+        "--format", choices=("md", "json", "html"), default="md", help="printed without --out"
+    )
+    p.add_argument("--label", choices=("spam", "ham"), help="list only changes of this label")
+    p.add_argument("--rule", help="list only changes this rule is responsible for or decided")
+    p.add_argument("--limit", type=int, default=50, help="changes listed (default 50; 0: all)")
+    p.add_argument("--labels", type=Path, help="shadow log only: TSV of queue_id and spam|ham")
+
+    def run(args: argparse.Namespace) -> int:
+        from relay.cli.lab import run_diff
+
+        return run_diff(args)
 
     p.set_defaults(handler=run)
 

@@ -6,9 +6,17 @@ env.py           registry and services, rebuilt identically in every process
 cache.py         SQLite fact cache keyed by digest, fact name + version and context
 compute.py       pass 1: stateless facts in a process pool; pass 2: stateful, in order
 evaluate.py      every policy over the cached facts with the relay's own engine
+complete.py      every rule a message matches, past the engine's early stop (probes)
+rescore.py       a verdict recomputed from matched rules (other thresholds, a rule removed)
+curves.py        spam stopped against legitimate mail blocked over every score cutoff
+rulestats.py     per rule: hits, S/O, overlap, marginal effect
+shares.py        a share with its Wilson interval
 stats.py         the report's numbers (Wilson intervals) as one JSON mapping
 render.py, plots.py  Markdown, HTML and PNGs drawn from that JSON
-run.py           one study from options to files
+render_curves.py, svgcurve.py  the curve and rule sections (inline SVG, no script)
+run.py           one study from options to files (and verdicts.jsonl, every message)
+diff.py          `relay lab diff`: two reports, two regimes, or a shadow log, message by
+                 message, with the rules responsible and paired intervals
 
 Its command body is cli/lab.py. May import everything up to the front doors' layer
 (assembly, pipeline, policy, facts, ops); never app or cli.

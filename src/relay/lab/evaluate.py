@@ -5,6 +5,11 @@ pulls facts in its own tier order and stops early exactly as it would live, and 
 verdict lists only the facts it asked for, so the tier a regime needed in the lab is the
 tier it would need on the wire. A fact that failed when it was computed fails again here
 with the same reason, and the policy treats it as missing.
+
+After each verdict, the rules the early stop left unevaluated are checked once each
+(complete.py), so a Decision also records every rule the message matches and its
+recipients' thresholds: the report's curves and rule statistics are recomputed from
+those (rescore.py), never decided again.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ from typing import Any, Protocol
 from relay.errors import FactError, PolicyError, RelayError
 from relay.facts import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 from relay.lab.cache import Cached
+from relay.lab.complete import Completer, completer_for
 from relay.lab.corpus import CorpusMessage
+from relay.lab.rescore import Bands, RegimeRules, RuleDef
 from relay.message import Message
+from relay.policy import Policy
+from relay.policy.model import ScoreMap
 from relay.verdict import FactRead, Tier, Verdict
 
 
@@ -66,9 +75,18 @@ class Decision:
     reason: str
     facts: tuple[str, ...]
     skipped: tuple[str, ...]
+    # Every rule whose condition holds, past the early stop (complete.py); None when the
+    # policy is not the relay's own and cannot be probed.
+    matched: tuple[str, ...] | None = None
+    bands: tuple[Bands, ...] = ()  # thresholds of the recipients' domains (rescore.py)
 
     @classmethod
-    def of(cls, verdict: Verdict) -> Decision:
+    def of(
+        cls,
+        verdict: Verdict,
+        matched: tuple[str, ...] | None = None,
+        bands: tuple[Bands, ...] = (),
+    ) -> Decision:
         return cls(
             action=verdict.action.value,
             score=round(verdict.score, 4),
@@ -78,6 +96,8 @@ class Decision:
             reason=verdict.reason,
             facts=tuple(f.name for f in verdict.facts),
             skipped=tuple(f"{s.rule}: {s.reason}" for s in verdict.skipped),
+            matched=matched,
+            bands=bands,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +111,20 @@ class Decision:
             "facts": list(self.facts),
             "skipped": list(self.skipped),
         }
+
+
+def regime_rules(policy: LabPolicy) -> RegimeRules | None:
+    """The rules and thresholds the report recomputes verdicts from (rescore.py)."""
+    if not isinstance(policy, Policy):
+        return None
+    rules = tuple(
+        RuleDef(r.name, r.score, None if r.action is None else r.action.value) for r in policy.rules
+    )
+    return RegimeRules(rules, tuple((t, a.value) for t, a in policy.thresholds.steps()))
+
+
+def _bands(scores: ScoreMap) -> Bands:
+    return tuple(zip(scores.limits, (a.value for a in scores.actions[1:]), strict=True))
 
 
 def default_loader(path: Path, registry: FactRegistry) -> LabPolicy:
@@ -219,6 +253,10 @@ async def evaluate(
 ) -> dict[str, dict[str, Decision]]:
     """{message id: {regime name: Decision}} for every message and regime."""
     evaluation = cached_registry(registry)
+    completers: dict[str, Completer | None] = {
+        r.name: completer_for(r.policy, registry) for r in regimes
+    }
+    band_cache: dict[ScoreMap, Bands] = {}
     out: dict[str, dict[str, Decision]] = {}
     for m in messages:
         known = outcomes.get(m.digest, {})
@@ -227,7 +265,20 @@ async def evaluate(
         decisions: dict[str, Decision] = {}
         for regime in regimes:
             facts = LabFacts(evaluation, message, services, known)
-            decisions[regime.name] = Decision.of(await regime.policy.decide(message, facts))
+            verdict = await regime.policy.decide(message, facts)
+            completer = completers[regime.name]
+            if completer is None or not isinstance(regime.policy, Policy):
+                decisions[regime.name] = Decision.of(verdict)
+                continue
+            # Probes read through their own LabFacts: the verdict's facts and tier stay
+            # what the regime itself pulled.
+            probe_facts = LabFacts(evaluation, message, services, known)
+            matched = await completer.matched(verdict, message, probe_facts)
+            bands = tuple(
+                band_cache.setdefault(r.scores, _bands(r.scores))
+                for r in regime.policy.regimes_for(message.envelope.rcpt_to)
+            )
+            decisions[regime.name] = Decision.of(verdict, matched, bands)
         out[m.id] = decisions
         progress(1)
     return out

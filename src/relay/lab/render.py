@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
+from relay.lab import render_curves
+
 MD_LIST_LIMIT = 50
 
 
@@ -63,6 +65,10 @@ def markdown(report: Mapping[str, Any]) -> str:
         "soft = tag or quarantine; legitimate mail blocked = ham rejected, tempfailed or "
         "quarantined.",
         "",
+        render_curves.CURVE_NOTE,
+        "",
+        render_curves.RULES_NOTE,
+        "",
         "| regime | spam stopped | hard | soft | legitimate mail blocked | ham tagged "
         "| content read (T3) | highest tier |",
         "|---|---|---|---|---|---|---|---|",
@@ -92,8 +98,10 @@ def markdown(report: Mapping[str, Any]) -> str:
             lines += ["Legitimate mail blocked, by cause:", ""]
             lines += [f"- {cause}: {n}" for cause, n in r["ham_block_causes"].items()]
             lines.append("")
+        lines += render_curves.markdown(r)
         hits = list(r["rule_hits"].items())
         if hits:
+            lines += ["Rules that fired in the verdicts:", ""]
             lines += ["| rule | spam hits | ham hits |", "|---|---|---|"]
             lines += [f"| {rule} | {h['spam']} | {h['ham']} |" for rule, h in hits]
     if report["regime_errors"]:
@@ -125,7 +133,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:left;font-size:14px}th{background:#f2f2f2}.num{text-align:right}
 .hard{background:#f8d0cc}.soft{background:#fde9c8}.pass{background:#e3f2df}
-img{max-width:100%}code{background:#f4f4f4}.err{color:#a00}
+img{max-width:100%}code{background:#f4f4f4}.err{color:#a00}svg.curve{display:block}
 """
 
 
@@ -207,7 +215,9 @@ def html(report: Mapping[str, Any]) -> str:
         parts.append("</ul>")
     for r in report["regimes"]:
         parts.append(f"<h2>{escape(r['name'])}</h2><p>File: <code>{escape(r['file'])}</code></p>")
+        parts.append(render_curves.html(r))
         if r["rule_hits"]:
+            parts.append("<h3>Rules that fired in the verdicts</h3>")
             parts.append(
                 _table(
                     ["rule", "spam hits", "ham hits"],

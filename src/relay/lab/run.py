@@ -19,6 +19,7 @@ from relay.lab import plots, render
 from relay.lab.cache import Cached, FactCache
 from relay.lab.compute import DEFERRED, Item, Outcomes, parallel_pass, sequential_pass
 from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
+from relay.lab.diff import write_verdicts
 from relay.lab.env import LabEnv, check_services
 from relay.lab.evaluate import (
     Decision,
@@ -228,6 +229,9 @@ def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[
         if m.id in listed
     }
     write_report(report, options.out, pages)
+    # Every message's verdicts, for `relay lab diff` between two reports (the pages above
+    # cover only the messages the report lists).
+    write_verdicts(options.out, corpus.messages, decisions)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}

@@ -17,24 +17,17 @@ from typing import Any
 
 from relay.intervals import wilson as wilson  # re-exported: the lab reports use it
 from relay.lab.corpus import CorpusMessage, Unreadable
-from relay.lab.evaluate import Decision, Regime, RegimeProblem
+from relay.lab.curves import build_curve
+from relay.lab.evaluate import Decision, Regime, RegimeProblem, regime_rules
+from relay.lab.rescore import Matched, rescore
+from relay.lab.rulestats import rule_stats, unavailable
+from relay.lab.shares import proportion as proportion  # re-exported, as before
 
 TIERS = ("none", "T0", "T1", "T2", "T3")
 HARD = frozenset({"reject", "tempfail"})
 SOFT = frozenset({"tag", "quarantine"})
 BLOCKED = frozenset({"reject", "tempfail", "quarantine"})
 ACTIONS = ("accept", "tag", "quarantine", "tempfail", "reject")
-
-
-def proportion(k: int, n: int) -> dict[str, Any]:
-    low, high = wilson(k, n)
-    return {
-        "k": k,
-        "n": n,
-        "rate": None if n == 0 else round(k / n, 6),
-        "low": round(low, 6),
-        "high": round(high, 6),
-    }
 
 
 def outcome_class(action: str) -> str:
@@ -53,6 +46,26 @@ def message_shard(digest: str) -> str:
 
 def message_link(m: CorpusMessage) -> str:
     return f"messages/{message_shard(m.digest)}.html#m{m.digest[:16]}"
+
+
+def curve_and_rules(
+    regime: Regime,
+    messages: Sequence[CorpusMessage],
+    decisions: Mapping[str, Mapping[str, Decision]],
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The regime's threshold curve and rule statistics, from complete rule matches."""
+    rules = regime_rules(regime.policy)
+    if rules is None:
+        return None, unavailable("not a relay policy: its rules cannot be read")
+    matched: list[Matched] = []
+    for m in messages:
+        d = decisions[m.id][regime.name]
+        if d.matched is None:
+            return None, unavailable("rule matches were not recorded for every message")
+        matched.append(Matched(m.label, d.matched, frozenset(d.rules), d.bands, d.action))
+    defs = rules.by_name()
+    curve = build_curve([(x.label, rescore(x.rules, defs)) for x in matched], rules.lowest_block)
+    return curve.to_dict(), rule_stats(rules, matched).to_dict()
 
 
 def _regime(
@@ -97,6 +110,7 @@ def _regime(
     block_rules: Counter[str] = Counter()
     for b in ham_blocks:
         block_rules[b["forced_by"] or "score: " + " + ".join(b["rules"])] += 1
+    curve, rules = curve_and_rules(regime, messages, decisions)
     return {
         "name": regime.name,
         "file": str(regime.path),
@@ -120,6 +134,8 @@ def _regime(
         "ham_block_causes": dict(block_rules.most_common()),
         "ham_blocks": ham_blocks,
         "skipped": dict(skipped.most_common(20)),
+        "curve": curve,
+        "rule_stats": rules,
     }
 
 
