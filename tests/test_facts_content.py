@@ -119,3 +119,82 @@ async def test_text_is_decoded_once_for_all_content_facts(services: Services) ->
     for spec in content.FACTS:
         await facts.get(spec.name)
     assert [r.name for r in facts.reads()].count("body_text") == 1
+
+
+# A reply on a technical discussion list: the author's own words are technical; the offer
+# is quoted from someone else, and "unsubscribe" sits in the footer mailman appends.
+LIST_REPLY = (
+    "> Buy now! Only $9.99, 50% off the pro edition. Click here: https://shop.example/x\n"
+    "> Free shipping, limited time offer for our customers.\n"
+    "\n"
+    "That is spam that slipped through the list filter. The allocator change below keeps\n"
+    "the free list in order; see https://lore.example/a and https://lore.example/b.\n"
+    "_______________________________________________\n"
+    "dev mailing list\n"
+    "dev@lists.example.org\n"
+    "To unsubscribe: https://lists.example.org/listinfo/dev\n"
+)
+PATCH = (
+    "The buddy allocator frees pages in the wrong order under memory pressure, which\n"
+    "costs our business users a credit of latency. Save the state first.\n"
+    "\n"
+    "Signed-off-by: Ann Dev <ann@kernel.example>\n"
+    "---\n"
+    "diff --git a/mm/page_alloc.c b/mm/page_alloc.c\n"
+    "index 1234567..89abcde 100644\n"
+    "--- a/mm/page_alloc.c\n"
+    "+++ b/mm/page_alloc.c\n"
+    "@@ -10,6 +10,7 @@ static void free_one_page(struct zone *zone)\n"
+    "+\tspin_lock(&zone->lock);\n"
+    "Links: https://lore.example/1 https://lore.example/2 https://lore.example/3\n"
+)
+
+
+async def _commercial(message: Message, services: Services) -> float:
+    facts = Facts(REGISTRY, message, services)
+    value = await facts.get("commercial_probability")
+    assert isinstance(value, float)
+    return value
+
+
+async def test_discussion_list_reply_is_judged_on_its_own_words(services: Services) -> None:
+    """Quoted lines and a discussion list's footer are not the author's: a technical reply
+    quoting an offer is not commercial. Without List-Post the footer counts, as a bulk
+    sender's own unsubscribe line should."""
+    listed = _mime(LIST_REPLY, "List-Post: <mailto:dev@lists.example.org>\n")
+    assert await _commercial(listed, services) < 0.5
+    _, counts = commercial_score("Re: allocator", BodyText(LIST_REPLY), discussion_list=True)
+    assert counts["price"] == counts["discount"] == counts["unsubscribe"] == 0
+    _, counts = commercial_score("Re: allocator", BodyText(LIST_REPLY), discussion_list=False)
+    assert counts["unsubscribe"] == 1, "a bulk sender's own footer still counts"
+    assert content.is_discussion_list("NO", None) is False
+    assert content.is_discussion_list(None, "list forteana@yahoogroups.com") is True
+
+
+def test_patch_posts_are_not_offers() -> None:
+    score, counts = commercial_score("[PATCH] mm: free pages in order", BodyText(PATCH))
+    assert counts["technical"] >= 4 and counts["marketing"] >= 4
+    assert score < 0.5
+
+
+def test_a_newsletter_with_a_list_id_keeps_its_unsubscribe() -> None:
+    """Bulk senders set List-Id and List-Unsubscribe, not a List-Post address: their
+    footer is theirs, and the offer is in their own words."""
+    text = "Spring sale: 30% off all tools, free shipping. Shop now.\n-- \nUnsubscribe here.\n"
+    score, counts = commercial_score("Sale", BodyText(text), discussion_list=False)
+    assert counts["unsubscribe"] == 1 and score > 0.8
+
+
+def test_code_patches_and_logs_are_not_meaningless() -> None:
+    """Mostly non-words, yet meaningful: a patch and a kernel log (the dropped draft's
+    "meaningless" clause would otherwise count list patches as junk). Random strings and
+    a repeated word still are."""
+    diff = "".join(f"+\tspin_lock(&zone->lock{i});\n-\tx{i} = y{i}->z[{i}];\n" for i in range(30))
+    assert content.is_meaningless("Fix the lock order.\n" + diff) is False
+    log = "".join(
+        f"[ {i}.12] RIP: 0010:__alloc+0x{i:x}/0x2a0 RSP: 0018:ffb3c0\n" for i in range(30)
+    )
+    assert content.is_meaningless(log) is False
+    junk = " ".join(f"xq{i}zv kjhgf{i} wrtpl" for i in range(20))
+    assert content.is_meaningless(junk) is True
+    assert content.is_meaningless("buy " * 40) is True

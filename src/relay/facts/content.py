@@ -73,6 +73,12 @@ COMMERCIAL_CUES = (
                              r"security alert|your account statement)\b"), -1.5, cap=3),
     Cue("personal", _lower(r"\b(?:i think|let me know|see you|talk soon|thanks for your|as we "
                         r"discussed|attached is|i'll|i've)\b"), -0.7, cap=5),
+    # Technical discussion: patches, code, logs (kernel, SDR, hypervisor lists). Their
+    # "free", "order", "save", "credit", "business" are not offers.
+    Cue("technical", re.compile(r"^(?:diff --git|index [0-9a-f]{7,}\.\.|@@ -\d|signed-off-by:|"
+                         r"reviewed-by:|acked-by:|\+\+\+ |--- a/)|#include\b|\bstruct \w+ \{|"
+                         r"\b(?:if|for|while) \(.*\) \{$|\w+\(\);$|\btraceback \(most recent"
+                         r"|\bsegfault|\bkernel:? |\bcommit [0-9a-f]{12,}\b", re.M), -1.2, cap=5),
 )  # fmt: skip
 MANY_LINKS = (3, 0.5)  # at least 3 links adds 0.5 per log1p(links)
 
@@ -152,10 +158,39 @@ async def _body(ctx: FactContext) -> BodyText:
     return body
 
 
-def commercial_score(subject: str, body: BodyText) -> tuple[float, dict[str, int]]:
-    """Probability-like score and the matches per cue (for explanations and tests)."""
+# A line that may start a discussion list's footer: mailman's rule, the signature
+# delimiter, Yahoo/Google Groups' dashed banners.
+_FOOTER_START = re.compile(r"^(?:_{10,}|-- ?|-{10,}.*|~{10,}.*)\s*$", re.M)
+# What makes the block after such a line the list's footer rather than the author's text.
+_FOOTER_MARK = re.compile(
+    r"unsubscribe|mailing list|listinfo|groups?\b|sponsor|you received this", re.I
+)
+FOOTER_MAX_LINES = 15
+
+
+def own_words(text: str, discussion_list: bool) -> str:
+    """The text the author wrote: quoted lines (``>``) dropped, as someone else's words;
+    on a discussion list also the footer its software appends ("unsubscribe", sponsor
+    lines): from the first separator line that leaves at most FOOTER_MAX_LINES lines
+    naming the list, an unsubscribe or a sponsor."""
+    kept = "\n".join(line for line in text.split("\n") if not line.lstrip().startswith(">"))
+    if discussion_list:
+        for match in _FOOTER_START.finditer(kept):
+            rest = kept[match.start() :]
+            if rest.count("\n") <= FOOTER_MAX_LINES and _FOOTER_MARK.search(rest):
+                return kept[: match.start()]
+    return kept
+
+
+def commercial_score(
+    subject: str, body: BodyText, discussion_list: bool = False
+) -> tuple[float, dict[str, int]]:
+    """Probability-like score and the matches per cue (for explanations and tests).
+
+    ``discussion_list``: the message came through a list its members post to (List-Post
+    names an address, RFC 2369); its footer is the list's, not the author's."""
     # Cue patterns are lower-case: lowering once is cheaper than IGNORECASE in every scan.
-    text = (subject + "\n" + body.text).lower()
+    text = (subject + "\n" + own_words(body.text, discussion_list)).lower()
     counts = {cue.name: len(cue.pattern.findall(text)) for cue in COMMERCIAL_CUES}
     z = COMMERCIAL_BIAS
     for cue in COMMERCIAL_CUES:
@@ -167,8 +202,17 @@ def commercial_score(subject: str, body: BodyText) -> tuple[float, dict[str, int
     return 1.0 / (1.0 + math.exp(-z)), counts
 
 
+def is_discussion_list(list_post: str | None, mailing_list: str | None) -> bool:
+    """A list its members post to: List-Post names an address (``mailto:``; announcement
+    lists and bulk senders say ``NO`` or send none, RFC 2369 3.4), or ezmlm's and Yahoo
+    Groups' ``Mailing-List:`` field."""
+    return (list_post is not None and "mailto:" in list_post.lower()) or bool(mailing_list)
+
+
 async def _commercial_probability(ctx: FactContext) -> float:
-    score, _ = await asyncio.to_thread(commercial_score, _subject(ctx), await _body(ctx))
+    message = ctx.message
+    listed = is_discussion_list(message.header("list-post"), message.header("mailing-list"))
+    score, _ = await asyncio.to_thread(commercial_score, _subject(ctx), await _body(ctx), listed)
     return round(score, 4)
 
 
@@ -220,16 +264,35 @@ def _wordlike(word: str) -> bool:
     return 2 <= len(w) <= 20 and any(ch in _VOWELS for ch in w)
 
 
+# Code, patches and logs are mostly "non-words" and still mean something: a line with
+# code punctuation, or the technical cue's markers (diff headers, sign-offs, tracebacks).
+_CODE_LINE = re.compile(r"[;{}()\[\]=<>]|->|::")
+CODE_MIN_LINES = 5
+CODE_MIN_SHARE = 0.3
+
+
+def is_code(text: str) -> bool:
+    """Whether ``text`` reads as code, a patch or a log: at least CODE_MIN_LINES lines and
+    CODE_MIN_SHARE of its non-empty lines with code punctuation, or two technical markers."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    code = sum(1 for line in lines if _CODE_LINE.search(line))
+    if code >= CODE_MIN_LINES and code >= CODE_MIN_SHARE * len(lines):
+        return True
+    technical = next(cue for cue in COMMERCIAL_CUES if cue.name == "technical")
+    return len(technical.pattern.findall(text.lower())) >= 2
+
+
 def is_meaningless(text: str) -> bool:
-    """Too few words, mostly non-words, or one word repeated (see docs/facts.md)."""
+    """Too few words, mostly non-words, or one word repeated (see docs/facts.md); code,
+    patches and logs are not meaningless, whatever their share of words."""
     tokens = text.split()
     words = [w for w in _WORD.findall(text) if _wordlike(w)]
     if len(words) < MEANINGFUL_MIN_WORDS:
         return True
     if len(words) / max(len(tokens), 1) < MEANINGFUL_MIN_WORDLIKE:
-        return True
+        return not is_code(text)
     variety = len({w.lower() for w in words}) / len(words)
-    return len(words) >= 20 and variety < MEANINGFUL_MIN_VARIETY
+    return len(words) >= 20 and variety < MEANINGFUL_MIN_VARIETY and not is_code(text)
 
 
 async def _meaningless_text(ctx: FactContext) -> bool:
@@ -262,8 +325,11 @@ def _spec(
     fn: Callable[[FactContext], Any],
     doc: str,
     needs: tuple[Service[Any], ...] = (),
+    version: int = 1,
 ) -> FactSpec:
-    return FactSpec(name, kind, Tier.CONTENT, fn, depends=("body_text",), doc=doc, needs=needs)
+    return FactSpec(
+        name, kind, Tier.CONTENT, fn, depends=("body_text",), doc=doc, needs=needs, version=version
+    )
 
 
 FACTS = (
@@ -272,6 +338,7 @@ FACTS = (
         FactType.FLOAT,
         _commercial_probability,
         "heuristic 0..1: weighted commercial cues (prices, offers, calls to action ...)",
+        version=2,  # 2: quoted lines, discussion-list footers and technical cues
     ),
     _spec("has_postal_address", FactType.BOOL, _has_postal_address,
           "a postal address pattern (PO box; US, UK, CA, continental street + postcode)"),
@@ -282,7 +349,8 @@ FACTS = (
     _spec("body_sender_identified", FactType.BOOL, _body_sender_identified,
           "the body names the sender (From name or domain) or a company", (PSL,)),
     _spec("meaningless_text", FactType.BOOL, _meaningless_text,
-          "little meaningful text: < 5 words, mostly non-words, or one word repeated"),
+          "little meaningful text: < 5 words, mostly non-words (not code), or one word repeated",
+          version=2),  # 2: code, patches and logs are not meaningless
     _spec("subject_body_mismatch", FactType.FLOAT, _subject_body_mismatch,
           "share of subject content words absent from the body (0 = all present)"),
 )  # fmt: skip
