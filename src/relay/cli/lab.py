@@ -1,4 +1,4 @@
-"""`relay lab` and `relay lab diff` from parsed arguments (defined in cli/main.py)."""
+"""`relay lab`, `relay lab diff` and `relay lab tune` from parsed arguments (cli/main.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from relay.config import Settings, load_settings
 from relay.errors import RelayError
@@ -107,3 +109,47 @@ def _rendering(result: diff.Diff, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(diff.to_dict(result), indent=1) + "\n"
     return diff.markdown(result) if fmt == "md" else diff.html(result)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Tune one policy on the train rows; exit 1 when the proposed file fails the check."""
+    from relay.lab import tune
+
+    # `relay lab --set test tune ...` puts the set on the parent parser: refused as well.
+    tune.refuse_set(getattr(args, "subset", None))
+    tune.refuse_set(args.tune_set)
+    if args.folds < 2:
+        raise RelayError("--folds: at least 2")
+    settings = load_settings(args.config) if args.config is not None else Settings()
+    trusted = tuple(dict.fromkeys([settings.authserv_id, *args.trust_authserv_id]))
+    policy: Path = args.tune_policy
+    options = tune.TuneOptions(
+        policy=policy,
+        corpus=args.corpus,
+        labels=args.labels,
+        out=args.out or Path("var/lab") / f"tune-{policy.stem}",
+        env=LabEnv(settings=settings, trusted_authserv_ids=trusted, inputs=args.inputs),
+        budget=tune.parse_budget(args.fp_budget),
+        folds=args.folds,
+        seed=args.seed,
+        cache_dir=None if args.no_cache else args.cache,
+        jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        heldout=args.heldout,
+    )
+    data = tune.run_tune(options)
+    before, after = data["original"]["figures"], data["tuned"]["out_of_fold"]
+    print(
+        f"{data['policy']['name']}: {data['corpus']['used']} train messages, method "
+        f"{data['chosen']}; spam stopped {_share(before['spam_stopped'])} -> "
+        f"{_share(after['spam_stopped'])}, legitimate mail blocked "
+        f"{_share(before['ham_blocked'])} -> {_share(after['ham_blocked'])} (out of fold): "
+        f"{data['policy']['proposed']}"
+    )
+    for problem in data["policy"]["check_problems"]:
+        print(f"relay lab tune: {problem}", file=sys.stderr)
+    return 0 if data["policy"]["check_ok"] else 1
+
+
+def _share(share: dict[str, Any]) -> str:
+    return "n/a" if share["rate"] is None else f"{100 * share['rate']:.1f}%"

@@ -282,7 +282,9 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         return run_lab(args)
 
     p.set_defaults(handler=run)
-    _add_lab_diff(p.add_subparsers(dest="lab_command", metavar="{diff}"))
+    lab_commands = p.add_subparsers(dest="lab_command", metavar="{diff,tune}")
+    _add_lab_diff(lab_commands)
+    _add_lab_tune(lab_commands)
 
 
 def _add_lab_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -311,6 +313,42 @@ def _add_lab_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         from relay.cli.lab import run_diff
 
         return run_diff(args)
+
+    p.set_defaults(handler=run)
+
+
+def _add_lab_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="fit a policy's scores and thresholds to the train split under a false-positive "
+        "budget (cross-validated); write the proposed policy and a report",
+    )
+    p.add_argument("tune_policy", type=Path, metavar="POLICY", help="policy file to tune")
+    p.add_argument("--corpus", type=Path, required=True, help="directory of the labels' paths")
+    p.add_argument("--labels", type=Path, required=True, help="TSV: path, ham|spam, [set]")
+    # Accepted only to refuse anything but train with a clear message (cli/lab.py).
+    p.add_argument("--set", dest="tune_set", help="only 'train' (the default) is accepted")
+    p.add_argument("--fp-budget", default="0.1%", help="legitimate mail blocked, at most")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="folds and perceptron (default 0)")
+    p.add_argument("--out", type=Path, help="output directory (default var/lab/tune-NAME)")
+    p.add_argument(
+        "--heldout",
+        action="store_true",
+        help="also report the test split before and after (never used to fit)",
+    )
+    p.add_argument("--inputs", type=Path, help="lab-only oracle lists (docs/lab.md)")
+    p.add_argument("--config", type=Path, help="relay.toml: [dns], [model], [auth]")
+    p.add_argument("--trust-authserv-id", action="append", default=[], metavar="ID")
+    p.add_argument("--cache", type=Path, default=Path("var/lab-cache"), help="fact cache")
+    p.add_argument("--no-cache", action="store_true", help="compute everything, keep nothing")
+    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from relay.cli.lab import run_tune
+
+        return run_tune(args)
 
     p.set_defaults(handler=run)
 

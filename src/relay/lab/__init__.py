@@ -17,6 +17,9 @@ render_curves.py, svgcurve.py  the curve and rule sections (inline SVG, no scrip
 run.py           one study from options to files (and verdicts.jsonl, every message)
 diff.py          `relay lab diff`: two reports, two regimes, or a shadow log, message by
                  message, with the rules responsible and paired intervals
+tune.py          `relay lab tune`: rule scores and thresholds fitted to the train split
+                 under a false-positive budget, cross-validated; the proposed policy file
+                 keeps the original's comments and layout
 
 Its command body is cli/lab.py. May import everything up to the front doors' layer
 (assembly, pipeline, policy, facts, ops); never app or cli.

@@ -1,0 +1,301 @@
+"""`relay lab tune` (src/relay/lab/tune.py): scores and thresholds fitted under a
+false-positive budget by cross-validation.
+
+Synthetic hit matrices whose optimum is known test the fit; the policy rewrite is checked
+byte for byte; the command runs end to end on the lab's fixture corpus
+(tests/fixtures/lab) with labels files written here, because the fixture's own labels put
+all but one message in set "test", which tuning must never read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relay.cli.main import main
+from relay.errors import RelayError
+from relay.facts import default_registry
+from relay.lab import tune
+from relay.lab.rescore import RuleDef
+from relay.policy import compile_policy
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lab"
+CORPUS = FIXTURES / "corpus"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _problem(
+    rows: list[tuple[bool, set[str], int]],
+    rules: tuple[RuleDef, ...],
+    thresholds: dict[str, float],
+    unevaluable: tuple[int, ...] = (),
+) -> tune.Problem:
+    """rows: (is spam, rules matched, how many such messages)."""
+    names = [r.name for r in rules]
+    hits: list[list[bool]] = []
+    spam: list[bool] = []
+    for is_spam, matched, count in rows:
+        for _ in range(count):
+            hits.append([n in matched for n in names])
+            spam.append(is_spam)
+    return tune.Problem(
+        rules=rules,
+        hits=np.array(hits, dtype=np.bool_),
+        spam=np.array(spam, dtype=np.bool_),
+        thresholds=thresholds,
+        unevaluable=unevaluable,
+    )
+
+
+# Known optimum: S fires on 80% of spam and no ham (it alone must block); H fires on as
+# much ham as spam (worthless: pushed below its 4 points and never blocking alone); E is
+# an exemption (-1) that fires on ham, and must stay <= 0; F forces a reject; N never
+# fires; D is a rule whose fact failed on every message (DNS offline).
+RULES = (
+    RuleDef("S", 1.0),
+    RuleDef("H", 4.0),
+    RuleDef("E", -1.0),
+    RuleDef("F", action="reject"),
+    RuleDef("N", 2.0),
+    RuleDef("D", 3.0),
+)
+THRESHOLDS = {"tag": 2.0, "quarantine": 3.0, "reject": 6.0}
+ROWS = [
+    (True, {"S"}, 60),
+    (True, {"S", "H"}, 20),
+    (True, {"H"}, 10),
+    (True, set(), 5),
+    (True, {"F"}, 5),
+    (False, {"H"}, 30),
+    (False, {"H", "E"}, 30),
+    (False, {"E"}, 40),
+    (False, set(), 300),
+]
+
+
+def _known() -> tune.Problem:
+    return _problem(ROWS, RULES, THRESHOLDS, unevaluable=(0, 0, 0, 0, 0, 400 + 100))
+
+
+@pytest.mark.parametrize("method", ["logistic", "perceptron"])
+def test_known_optimum_separating_rule_blocks_and_ham_rule_is_pushed_down(method: str) -> None:
+    result = tune.tune(_known(), budget=0.0, folds=5, seed=1, methods=(method,))
+    new = {r.name: r for r in result.rules}
+    cutoff = result.final.cutoff
+    assert new["S"].kept is None and new["S"].new >= cutoff  # alone, it blocks
+    assert new["H"].kept is None and new["H"].new < 4.0 and new["H"].new < cutoff
+    assert new["E"].new <= 0.0  # the exemption keeps its sign
+    assert new["F"].action == "reject" and new["F"].new == 0.0 and new["F"].kept
+    assert new["N"].new == 2.0 and new["N"].kept is not None and "no evidence" in new["N"].kept
+    assert new["D"].new == 3.0 and new["D"].kept is not None and "not evaluable" in new["D"].kept
+    # Out of fold: every S spam and the forced spam stopped, no legitimate mail blocked.
+    (evaluation,) = result.evaluations
+    spam = result.problem.spam
+    assert int((evaluation.blocked & ~spam).sum()) == 0
+    assert int((evaluation.blocked & spam).sum()) >= 80 + 5
+    # The original scores block the 60 ham matching H (4 >= quarantine 3).
+    assert int((result.original & ~spam).sum()) == 60
+
+
+def test_thresholds_move_as_a_ladder_and_stay_valid() -> None:
+    result = tune.tune(_known(), budget=0.0, folds=5, seed=1)
+    new = result.thresholds
+    assert new["quarantine"] == result.final.cutoff
+    assert new["reject"] - new["quarantine"] == pytest.approx(3.0)
+    assert new["quarantine"] - new["tag"] == pytest.approx(1.0)
+
+
+def _noisy(seed: int) -> tune.Problem:
+    """Four overlapping rules, 1500 ham and 500 spam drawn at random: nothing separates."""
+    rng = np.random.default_rng(seed)
+    rates_spam = np.array([0.6, 0.5, 0.3, 0.05])
+    rates_ham = np.array([0.05, 0.2, 0.3, 0.2])
+    spam = np.array([True] * 500 + [False] * 1500)
+    p = np.where(spam[:, None], rates_spam[None, :], rates_ham[None, :])
+    hits = rng.random(p.shape) < p
+    rules = (RuleDef("a", 3.0), RuleDef("b", 2.0), RuleDef("c", 1.0), RuleDef("d", -1.0))
+    return tune.Problem(rules, hits, spam, {"tag": 2.0, "quarantine": 4.0, "reject": 8.0})
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_budget_is_respected_out_of_fold(seed: int) -> None:
+    problem = _noisy(seed)
+    budget = 0.01
+    result = tune.tune(problem, budget=budget, folds=5, seed=seed)
+    ham = ~problem.spam
+    # The original policy is far over the budget (a + b = 5 reaches quarantine 4 on many
+    # ham), so the tuning has work to do.
+    assert int((result.original & ham).sum()) / int(ham.sum()) > budget
+    for evaluation in result.evaluations:
+        share = int((evaluation.blocked & ham).sum()) / int(ham.sum())
+        assert share <= budget, evaluation.method
+        assert int((evaluation.blocked & problem.spam).sum()) > 0
+    data = tune.report_data(result, {})
+    assert data["tuned"]["out_of_fold"]["ham_blocked"]["rate"] <= budget
+    assert {m["method"] for m in data["methods"]} == {"logistic", "perceptron", "thresholds_only"}
+    assert data["chosen"] in {"logistic", "perceptron", "thresholds_only"}
+
+
+def test_choice_is_by_out_of_fold_spam_stopped_within_the_budget() -> None:
+    spam = np.array([True, True, True, False])
+    a = tune.Evaluation("perceptron", np.array([True, True, False, False]), 1, ())
+    b = tune.Evaluation("logistic", np.array([True, False, False, False]), 1, ())
+    c = tune.Evaluation("thresholds_only", np.array([True, True, False, True]), 1, ())
+    assert tune.pick([a, b], spam, 0.0) == "perceptron"
+    assert tune.pick([a, c], spam, 1.0) == "perceptron"  # same spam, less ham blocked
+    # More spam but over the budget out of fold loses to less spam within it.
+    d = tune.Evaluation("perceptron", np.array([True, True, True, True]), 0, ())
+    assert tune.pick([d, b], spam, 0.0) == "logistic"
+    two_ham = np.array([True, True, False, False])
+    x = tune.Evaluation("logistic", np.array([True, True, True, True]), 0, ())
+    y = tune.Evaluation("perceptron", np.array([True, False, True, False]), 0, ())
+    assert tune.pick([x, y], two_ham, 0.0) == "perceptron"  # none within: least ham
+
+
+def test_cutoff_lies_halfway_and_meets_the_allowance() -> None:
+    scores = np.array([5.0, 5.0, 3.0, 3.0, 1.0, 0.0])
+    spam = np.array([True, True, True, False, False, False])
+    assert tune.choose_cutoff(scores, spam, 0) == 4.0  # halfway between 5 and 3
+    assert tune.choose_cutoff(scores, spam, 1) == 2.0
+    assert tune.choose_cutoff(np.array([2.0, 2.0]), np.array([True, False]), 0) == 3.0
+
+
+def test_budget_parsing() -> None:
+    assert tune.parse_budget("0.1%") == pytest.approx(0.001)
+    assert tune.parse_budget("0.004") == pytest.approx(0.004)
+    for bad in ("abc", "100%", "-1%"):
+        with pytest.raises(RelayError):
+            tune.parse_budget(bad)
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def test_rewrite_changes_only_the_numbers() -> None:
+    path = ROOT / "config" / "regimes" / "can_spam.toml"
+    text = path.read_text()
+    scores = {"commercial_no_postal_address": 1.25, "ad_label_waived": -0.5, "generic_ptr": 1.0}
+    out = tune.rewrite_policy(text, scores, {"tag": 3.5, "quarantine": 6.5, "reject": 9.5})
+    old_lines, new_lines = text.splitlines(keepends=True), out.splitlines(keepends=True)
+    assert len(old_lines) == len(new_lines)
+    changed = [(a, b) for a, b in zip(old_lines, new_lines, strict=True) if a != b]
+    # generic_ptr keeps its value: that line must not even be respelt.
+    assert len(changed) == 5
+    for a, b in changed:
+        assert NUMBER.sub("#", a) == NUMBER.sub("#", b)  # byte for byte but the number
+        assert a.split("=")[0] in {"score ", "tag ", "quarantine ", "reject "}
+    policy = compile_policy(out, default_registry(), "tuned")
+    by_name = {r.name: r for r in policy.rules}
+    assert by_name["commercial_no_postal_address"].score == 1.25
+    assert by_name["ad_label_waived"].score == -0.5
+    assert policy.thresholds.quarantine == 6.5
+    assert [r.name for r in policy.rules] == [
+        r.name for r in compile_policy(text, default_registry(), "old").rules
+    ]
+
+
+def test_refuse_test_split() -> None:
+    with pytest.raises(RelayError, match="never on a test split"):
+        tune.refuse_set("test")
+    tune.refuse_set(None)
+    tune.refuse_set("train")
+
+
+POLICY = """# Fixture policy for relay lab tune: comments and layout must survive.
+[policy]
+name = "fixture_tune"
+mode = "enforce"
+
+[policy.thresholds]
+tag = 1.0        # headers only
+quarantine = 2.0 # kept out of the inbox
+reject = 5.0
+
+# forced: never touched
+[[rule]]
+name = "dmarc_fail"
+when = 'dmarc == "fail"'
+action = "reject"
+reason = "DMARC fail"
+
+[[rule]]
+name = "unauthenticated"
+when = 'spf != "pass" && dkim_result != "pass"'
+score = 1.0
+
+[[rule]]
+name = "big"
+when = "message_size > 700"
+score = 3    # an integer as written
+"""
+
+
+def _setup(tmp_path: Path, rows: list[str]) -> tuple[Path, Path, Path]:
+    policy = tmp_path / "fixture_tune.toml"
+    policy.write_text(POLICY)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("relative_path\tlabel\tset\n" + "".join(r + "\n" for r in rows))
+    config = tmp_path / "relay.toml"
+    config.write_text('[model]\nenabled = false\n[auth]\nauthserv_id = "mx.lab.example"\n')
+    return policy, labels, config
+
+
+def _tune_args(policy: Path, labels: Path, config: Path, tmp_path: Path) -> list[str]:
+    return [
+        "lab", "tune", str(policy), "--corpus", str(CORPUS), "--labels", str(labels),
+        "--config", str(config), "--cache", str(tmp_path / "cache"), "--jobs", "1",
+        "--no-progress", "--folds", "2", "--fp-budget", "0.1%", "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+
+def test_end_to_end_on_the_fixture_corpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        "ham/personal.eml\tham\ttrain",
+        "ham/list-post.eml\tham\ttrain",
+        "ham/authenticated.eml\tham\ttrain",
+        "ham/forged-upstream.eml\tham\ttest",
+        "spam/no-date.eml\tspam\ttrain",
+        "spam/mortgage.eml\tspam\ttrain",
+        "spam/spoof.eml\tspam\ttest",
+    ]
+    policy, labels, config = _setup(tmp_path, rows)
+    assert main([*_tune_args(policy, labels, config, tmp_path), "--heldout"]) == 0
+    out = tmp_path / "out"
+    assert "fixture_tune: 5 train messages" in capsys.readouterr().out
+    data = json.loads((out / "tune.json").read_text())
+    assert data["corpus"]["used"] == 5 and data["corpus"]["set"] == "train"
+    assert data["corpus"]["sets_in_labels"] == {"test": 2, "train": 5}
+    assert "left out: 2 rows of set `test`" in data["corpus"]["note"]
+    assert data["heldout"]["messages"] == 2  # reported after the fit, never used
+    assert data["tuned"]["out_of_fold"]["ham_blocked"]["k"] == 0  # 0.1% of 3 ham: none
+    assert {r["name"]: r["kept"] for r in data["rules"]}["dmarc_fail"].startswith("forced")
+    assert data["policy"]["check_ok"]
+    md = (out / "tune.md").read_text()
+    assert "## Methods (same folds)" in md and "perceptron" in md and "Held-out" in md
+    tuned = out / "fixture_tune.tuned.toml"
+    assert main(["policy", "check", str(tuned)]) == 0
+    new_text = tuned.read_text()
+    for old, new in zip(POLICY.splitlines(), new_text.splitlines(), strict=True):
+        assert NUMBER.sub("#", old) == NUMBER.sub("#", new)
+    assert "# forced: never touched" in new_text and 'action = "reject"' in new_text
+
+
+def test_end_to_end_uses_train_rows_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The fixture's own labels: one train row (a ham), everything else in set test. With
+    # test rows used there would be spam to fit on; with train only there is none.
+    policy, _, config = _setup(tmp_path, [])
+    args = _tune_args(policy, FIXTURES / "labels.tsv", config, tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "0 spam, 1 ham" in err and "only set 'train' is used" in err
+    assert main([*args, "--set", "test"]) == 2
+    assert "never on a test split" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
