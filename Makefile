@@ -22,7 +22,8 @@ setup: $(STAMP)
 # preseed so the system instance is never set up or started: benches use smtp-sink and
 # smtp-source, and the Postfix tests run private instances (tests/support/postfix.py).
 # Dovecot (imapd + sieve) is only run by tests/test_dovecot.py from a private config; the
-# system service is stopped and disabled after installing.
+# system service is stopped and disabled after installing. Chromium only runs headless,
+# from tests/test_lab_browser.py (the lab report in a real browser).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -31,6 +32,7 @@ system-deps:
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	[ -x /usr/sbin/dovecot ] || command -v dovecot >/dev/null || missing="$$missing dovecot-imapd"; \
 	command -v sievec >/dev/null || missing="$$missing dovecot-sieve"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \

@@ -378,5 +378,7 @@ def test_relay_lab_writes_curves_and_rule_statistics_into_every_report(tmp_path:
     for svg in svgs:
         assert "<polyline" in svg and "<polygon" in svg and "<circle" in svg
     assert "operating point (score &gt;= 2)" in svgs[0]
-    assert "<script" not in html and "https://" not in html and "<link" not in html
+    # No external file: the only script is the inline one that pages the message lists.
+    assert "<script src" not in html and "https://" not in html and "<link" not in html
+    assert "<script" not in "".join(svgs)
     assert "<td>unauthenticated</td><td>+1</td><td>3</td><td>2</td><td>1</td><td>0.60</td>" in html

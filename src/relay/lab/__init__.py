@@ -13,6 +13,8 @@ rulestats.py     per rule: hits, S/O, overlap, marginal effect
 shares.py        a share with its Wilson interval
 stats.py         the report's numbers (Wilson intervals) as one JSON mapping
 render.py, plots.py  Markdown, HTML and PNGs drawn from that JSON
+tables.py        the HTML's message lists: first page inline, other pages and filters as
+                 static files loaded on demand (file:// or HTTP)
 render_curves.py, svgcurve.py  the curve and rule sections (inline SVG, no script)
 run.py           one study from options to files (and verdicts.jsonl, every message)
 diff.py          `relay lab diff`: two reports, two regimes, or a shadow log, message by

@@ -7,6 +7,11 @@ text.
 Both renderings take the report mapping only (as written to report.json), so every
 number a person reads is one a machine can check. Everything interpolated into HTML is
 escaped: message ids and rule reasons come from the corpus and the policy files.
+
+Message lists stay readable at any size: they arrive ranked (stats.RANKING); Markdown
+shows the first MD_LIST_LIMIT rows and says how many more there are and where, the HTML
+shows one page of each list and pages and filters the rest from static files
+(tables.py, built by ``report_tables``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from html import escape
 from typing import Any
 
 from relay.lab import render_curves
+from relay.lab import tables as paged
+from relay.lab.tables import Cell, Filter, Table, outcome_css
 
 MD_LIST_LIMIT = 50
+ACTION_ORDER = ("reject", "tempfail", "quarantine", "tag", "accept")
 
 
 def pct(p: Mapping[str, Any]) -> str:
@@ -48,6 +56,25 @@ def _model_line(model: Mapping[str, Any]) -> str:
     if not model.get("path"):
         return "disabled (spam_probability is missing)"
     return f"{model['path']} (sha256 {model['sha256']})"
+
+
+def _ranked_as(d: Mapping[str, Any]) -> str:
+    key = d.get("key")
+    if not key:
+        return ""
+    return f"{key['class']}: {key['right']} of {key['right'] + key['wrong']} right"
+
+
+def _more(total: int, field: str, anchor: str) -> list[str]:
+    """The line under a cut Markdown list: how many more, and where the whole list is."""
+    if total <= MD_LIST_LIMIT:
+        return []
+    return [
+        "",
+        f"Top {MD_LIST_LIMIT} of {total}; {total - MD_LIST_LIMIT} more: the full ranked list "
+        f"is {field} in report.json, paged and filterable in "
+        f"[report.html](report.html#{anchor}).",
+    ]
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -112,35 +139,40 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines += ["", f"## Messages on which regimes disagree: {len(dis)}", ""]
     names = [r["name"] for r in report["regimes"]]
     if dis:
+        ranking = report.get("ranking", {}).get("disagreements")
+        if ranking:
+            lines += [f"Ranked {ranking}.", ""]
         lines += [
-            "| message | label | " + " | ".join(names) + " |",
-            "|---|---|" + "---|" * len(names),
+            "| # | message | label | ranked as | " + " | ".join(names) + " |",
+            "|---|---|---|---|" + "---|" * len(names),
         ]
-        for d in dis[:MD_LIST_LIMIT]:
+        for i, d in enumerate(dis[:MD_LIST_LIMIT], 1):
             acts = " | ".join(d["actions"][n] for n in names)
-            lines.append(f"| [{d['id']}]({d['facts']}) | {d['label']} | {acts} |")
-        if len(dis) > MD_LIST_LIMIT:
-            lines.append(f"\n... and {len(dis) - MD_LIST_LIMIT} more in report.json / report.html.")
+            lines.append(
+                f"| {d.get('rank', i)} | [{d['id']}]({d['facts']}) | {d['label']} "
+                f"| {_ranked_as(d)} | {acts} |"
+            )
+        lines += _more(len(dis), "`disagreements`", "t-dis")
     if c["unreadable"]:
         lines += ["", f"## Unreadable messages: {len(c['unreadable'])}", ""]
-        lines += [f"- {u['id']} ({u['label']}): {u['reason']}" for u in c["unreadable"]]
+        lines += [
+            f"- {u['id']} ({u['label']}): {u['reason']}" for u in c["unreadable"][:MD_LIST_LIMIT]
+        ]
+        lines += _more(len(c["unreadable"]), "`corpus.unreadable`", "t-unr")
     lines += ["", "![trade-off](plots/tradeoff.png)", "", "![tiers](plots/tiers.png)", ""]
     return "\n".join(lines)
 
 
-_CSS = """
+_CSS = (
+    """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:left;font-size:14px}th{background:#f2f2f2}.num{text-align:right}
 .hard{background:#f8d0cc}.soft{background:#fde9c8}.pass{background:#e3f2df}
 img{max-width:100%}code{background:#f4f4f4}.err{color:#a00}svg.curve{display:block}
 """
-
-
-def _cls(action: str) -> str:
-    if action in ("reject", "tempfail"):
-        return "hard"
-    return "soft" if action in ("tag", "quarantine") else "pass"
+    + paged.CSS
+)
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -153,9 +185,114 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def html(report: Mapping[str, Any]) -> str:
+def _ham_key(report: Mapping[str, Any], regime: Mapping[str, Any]) -> str:
+    return f"hb{report['regimes'].index(regime)}"
+
+
+def _disagreement_table(report: Mapping[str, Any]) -> Table:
+    names = [r["name"] for r in report["regimes"]]
+    dis = report["disagreements"]
+    rows: list[list[Cell]] = [
+        [str(d.get("rank", i)), (d["id"], d["facts"]), d["label"], _ranked_as(d)]
+        + [d["actions"][n] for n in names]
+        for i, d in enumerate(dis, 1)
+    ]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    per_pair = [
+        [
+            f"{a} / {b}"
+            for a, b in pairs
+            if outcome_css(d["actions"][a]) != outcome_css(d["actions"][b])
+        ]
+        for d in dis
+    ]
+    per_rule = [
+        [f"{n}: {r}" for n, rules in d.get("rules", {}).items() for r in rules] for d in dis
+    ]
+    classes = [[d["key"]["class"]] if d.get("key") else [] for d in dis]
+    ranking = report.get("ranking", {}).get("disagreements", "in corpus order")
+    return Table(
+        key="dis",
+        title="Messages on which regimes disagree",
+        note=f"Ranked {ranking}.",
+        head=("#", "message", "label", "ranked as", *names),
+        kinds=("text", "link", "text", "text", *(["action"] * len(names))),
+        rows=rows,
+        filters=(
+            Filter.of("label", "label", [[d["label"]] for d in dis], ("spam", "ham")),
+            Filter.of(
+                "class", "class", classes, list(dict.fromkeys(v for x in classes for v in x))
+            ),
+            Filter.of("pair", "regimes differing", per_pair, [f"{a} / {b}" for a, b in pairs]),
+            Filter.of("rule", "rule fired", per_rule),
+        ),
+    )
+
+
+def _ham_table(report: Mapping[str, Any], regime: Mapping[str, Any]) -> Table:
+    names = [r["name"] for r in report["regimes"] if r["name"] != regime["name"]]
+    blocks = regime["ham_blocks"]
+    rows: list[list[Cell]] = [
+        [
+            str(b.get("rank", i)),
+            (b["id"], b["facts"]),
+            b["action"],
+            b["forced_by"] or "",
+            ", ".join(b["rules"]),
+            b["tier"] or "none",
+            ", ".join(b.get("delivered_by", ())) or "no other regime",
+        ]
+        for i, b in enumerate(blocks, 1)
+    ]
+    ranking = report.get("ranking", {}).get("ham_blocks", "in corpus order")
+    return Table(
+        key=_ham_key(report, regime),
+        title=f"{regime['name']}: legitimate mail blocked",
+        note=f"Ranked {ranking}.",
+        head=("#", "message", "action", "forced by", "rules", "tier", "delivered by"),
+        kinds=("text", "link", "action", "text", "text", "text", "text"),
+        rows=rows,
+        filters=(
+            Filter.of("action", "action", [[b["action"]] for b in blocks], ACTION_ORDER),
+            Filter.of("rule", "rule fired", [b["rules"] for b in blocks]),
+            Filter.of(
+                "delivered",
+                "delivered by",
+                [b.get("delivered_by") or ["no other regime"] for b in blocks],
+                [*names, "no other regime"],
+            ),
+        ),
+    )
+
+
+def _unreadable_table(report: Mapping[str, Any]) -> Table:
+    items = report["corpus"]["unreadable"]
+    return Table(
+        key="unr",
+        title="Unreadable messages",
+        note="In corpus order.",
+        head=("message", "label", "reason"),
+        kinds=("text", "text", "text"),
+        rows=[[u["id"], u["label"], u["reason"]] for u in items],
+        filters=(Filter.of("label", "label", [[u["label"]] for u in items], ("spam", "ham")),),
+    )
+
+
+def report_tables(report: Mapping[str, Any]) -> list[Table]:
+    """The report's message lists as paged tables (their files: tables.write)."""
+    out = [_ham_table(report, r) for r in report["regimes"] if r["ham_blocks"]]
+    if report["disagreements"]:
+        out.append(_disagreement_table(report))
+    if report["corpus"]["unreadable"]:
+        out.append(_unreadable_table(report))
+    return out
+
+
+def html(report: Mapping[str, Any], tables: Sequence[Table] | None = None) -> str:
+    """The report page; ``tables`` are report_tables(report) when already built."""
     c = report["corpus"]
     names = [r["name"] for r in report["regimes"]]
+    by_key = {t.key: t for t in (report_tables(report) if tables is None else tables)}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Regulation lab report</title>",
         f"<style>{_CSS}</style></head><body><h1>Regulation lab report</h1>",
@@ -226,21 +363,7 @@ def html(report: Mapping[str, Any]) -> str:
             )
         if r["ham_blocks"]:
             parts.append(f"<h3>Legitimate mail blocked: {len(r['ham_blocks'])}</h3>")
-            parts.append(
-                _table(
-                    ["message", "action", "forced by", "rules", "tier"],
-                    [
-                        [
-                            f"<a href='{escape(b['facts'])}'>{escape(b['id'])}</a>",
-                            b["action"],
-                            escape(b["forced_by"] or ""),
-                            escape(", ".join(b["rules"])),
-                            escape(b["tier"] or "none"),
-                        ]
-                        for b in r["ham_blocks"]
-                    ],
-                )
-            )
+            parts.append(paged.html(by_key[_ham_key(report, r)]))
     dis = report["disagreements"]
     parts.append(f"<h2>Messages on which regimes disagree: {len(dis)}</h2>")
     pairs = report["disagreement_pairs"]
@@ -252,27 +375,12 @@ def html(report: Mapping[str, Any]) -> str:
             )
         )
     if dis:
-        parts.append(
-            _table(
-                ["message", "label", *names],
-                [
-                    [f"<a href='{escape(d['facts'])}'>{escape(d['id'])}</a>", d["label"]]
-                    + [
-                        f"<span class='{_cls(d['actions'][n])}'>{d['actions'][n]}</span>"
-                        for n in names
-                    ]
-                    for d in dis
-                ],
-            )
-        )
+        parts.append(paged.html(by_key["dis"]))
     if c["unreadable"]:
         parts.append(f"<h2>Unreadable messages: {len(c['unreadable'])}</h2>")
-        parts.append(
-            _table(
-                ["message", "label", "reason"],
-                [[escape(u["id"]), u["label"], escape(u["reason"])] for u in c["unreadable"]],
-            )
-        )
+        parts.append(paged.html(by_key["unr"]))
+    if by_key:
+        parts.append(f"<script>{paged.SCRIPT}</script>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -292,7 +400,7 @@ def _message_section(page: Mapping[str, Any]) -> str:
     verdict_rows = [
         [
             escape(name),
-            f"<span class='{_cls(v['action'])}'>{v['action']}</span>",
+            f"<span class='{outcome_css(v['action'])}'>{v['action']}</span>",
             str(v["score"]),
             escape(v["tier"] or "none"),
             escape(", ".join(v["rules"])),

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from relay.facts import FactRegistry
-from relay.lab import plots, render
+from relay.lab import plots, render, tables
 from relay.lab.cache import Cached, FactCache
 from relay.lab.compute import DEFERRED, Item, Outcomes, parallel_pass, sequential_pass
 from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
@@ -180,7 +180,11 @@ def write_report(
     data = json.loads((out / "report.json").read_text())
     plots.draw(data, out / "plots")
     (out / "report.md").write_text(render.markdown(data))
-    (out / "report.html").write_text(render.html(data))
+    # The message lists go to report.html one page at a time; their other pages and
+    # filters are static files under tables/, loaded by the page on demand.
+    paged = render.report_tables(data)
+    (out / "report.html").write_text(render.html(data, paged))
+    tables.write(paged, out)
     messages = out / "messages"
     messages.mkdir(exist_ok=True)
     shards: dict[str, dict[str, Mapping[str, Any]]] = {}

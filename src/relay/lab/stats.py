@@ -7,6 +7,10 @@ Definitions (per regime, over the messages that could be read):
   ham that was only tagged is reported separately.
 - content read: messages whose verdict needed a T3 fact (the text was read).
 Rates carry 95% Wilson score intervals.
+
+Message lists (the disagreements, each regime's blocked legitimate mail) are complete and
+ranked, most informative first (RANKING says how; it goes into the report too): each row
+carries its ``rank``, a disagreement also its ranking ``key``. The renderings page them.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def _regime(
         for s in d.skipped:
             skipped[s] += 1
         if m.label == "ham" and d.action in BLOCKED:
+            others = decisions[m.id]
             ham_blocks.append(
                 {
                     "id": m.id,
@@ -99,6 +104,11 @@ def _regime(
                     "reason": d.reason,
                     "tier": d.tier,
                     "facts": message_link(m),
+                    # The other regimes that delivered it: what ranks this regime's own
+                    # mistakes above mail every regime blocks.
+                    "delivered_by": [
+                        n for n, o in others.items() if n != regime.name and o.action not in BLOCKED
+                    ],
                 }
             )
     n_spam = sum(counts["spam"].values())
@@ -132,11 +142,73 @@ def _regime(
             for rule, c in sorted(rule_hits.items(), key=lambda kv: -sum(kv[1].values()))
         },
         "ham_block_causes": dict(block_rules.most_common()),
-        "ham_blocks": ham_blocks,
+        "ham_blocks": rank_ham_blocks(ham_blocks),
         "skipped": dict(skipped.most_common(20)),
         "curve": curve,
         "rule_stats": rules,
     }
+
+
+RANKING = {
+    "disagreements": (
+        "most informative first: by class (legitimate mail some regime blocked, then spam "
+        "some regime let through, then messages every regime got right but to a different "
+        "degree), then by split (the size of the smaller side, right against wrong per the "
+        "label, or the regimes outside the commonest outcome for the last class: even "
+        "splits first), then the side with fewer regimes right first, then more hard "
+        "refusals of legitimate mail first, then id"
+    ),
+    "ham_blocks": (
+        "hard refusals (reject, tempfail) before quarantine, then the messages the most "
+        "other regimes delivered first (this regime's own mistakes before mail every "
+        "regime blocks), then id"
+    ),
+}
+DISAGREEMENT_CLASSES = ("legitimate mail blocked", "spam let through", "degree only")
+
+
+def regime_right(label: str, action: str) -> bool:
+    """Per the label: spam is right when stopped (anything but accept, as in "spam
+    stopped"), legitimate mail when it reaches the inbox (accept or tag)."""
+    return action != "accept" if label == "spam" else action not in BLOCKED
+
+
+def disagreement_key(label: str, actions: Mapping[str, str]) -> dict[str, Any]:
+    """The ranking key of one disagreement (RANKING["disagreements"] says the order)."""
+    wrong = [a for a in actions.values() if not regime_right(label, a)]
+    right = len(actions) - len(wrong)
+    if wrong:
+        kind = 0 if label == "ham" else 1
+        split = min(right, len(wrong))
+    else:
+        kind = 2
+        split = len(actions) - max(Counter(outcome_class(a) for a in actions.values()).values())
+    return {
+        "class": DISAGREEMENT_CLASSES[kind],
+        "split": split,
+        "right": right,
+        "wrong": len(wrong),
+        "hard_wrong": sum(a in HARD for a in wrong) if label == "ham" else 0,
+    }
+
+
+def _disagreement_order(row: Mapping[str, Any]) -> tuple[int, int, int, int, str]:
+    k = row["key"]
+    return (
+        DISAGREEMENT_CLASSES.index(k["class"]),
+        -k["split"],
+        k["right"],
+        -k["hard_wrong"],
+        row["id"],
+    )
+
+
+def rank_ham_blocks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A regime's blocked legitimate mail in RANKING["ham_blocks"] order, numbered."""
+    blocks.sort(key=lambda b: (b["action"] not in HARD, -len(b["delivered_by"]), b["id"]))
+    for i, b in enumerate(blocks, 1):
+        b["rank"] = i
+    return blocks
 
 
 def disagreements(
@@ -144,7 +216,8 @@ def disagreements(
     messages: Sequence[CorpusMessage],
     decisions: Mapping[str, Mapping[str, Decision]],
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
-    """Messages whose outcome (pass / soft / hard) differs between regimes, and pair counts."""
+    """Messages whose outcome (pass / soft / hard) differs between regimes, ranked
+    (RANKING["disagreements"]), and pair counts."""
     names = [r.name for r in regimes]
     pairs = {a: dict.fromkeys(names, 0) for a in names}
     out: list[dict[str, Any]] = []
@@ -157,14 +230,22 @@ def disagreements(
             for b in names:
                 if classes[a] != classes[b]:
                     pairs[a][b] += 1
+        actions = {n: ds[n].action for n in names}
         out.append(
             {
                 "id": m.id,
                 "label": m.label,
-                "actions": {n: ds[n].action for n in names},
+                "actions": actions,
+                # Rules fired per regime (only regimes where some fired): the report's
+                # rule filter reads them.
+                "rules": {n: list(ds[n].rules) for n in names if ds[n].rules},
                 "facts": message_link(m),
+                "key": disagreement_key(m.label, actions),
             }
         )
+    out.sort(key=_disagreement_order)
+    for i, row in enumerate(out, 1):
+        row["rank"] = i
     return out, pairs
 
 
@@ -204,5 +285,6 @@ def build_report(
         ],
         "disagreements": disagree,
         "disagreement_pairs": pairs,
+        "ranking": dict(RANKING),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
