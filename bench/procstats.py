@@ -118,3 +118,54 @@ class MachineCpu:
 def load_average() -> tuple[float, float, float]:
     one, five, fifteen = os.getloadavg()
     return one, five, fifteen
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size summed over the processes (``Pss:`` of /proc/<pid>/smaps_rollup).
+
+    RSS counts a page shared by N processes N times (the model's pages, the interpreter,
+    libraries after fork or spawn); PSS charges each process 1/N of it, so the sum over a
+    tree is what the tree really costs in memory. Reading smaps_rollup walks the page
+    tables, so it is sampled less often than RSS. A process that vanished, or one we may not
+    read, counts 0.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            text = (PROC / str(pid) / "smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += parse_pss_kib(text) * 1024
+    return total
+
+
+def parse_pss_kib(smaps_rollup: str) -> int:
+    """The ``Pss:`` figure (kB) of one smaps_rollup text; 0 when absent."""
+    for line in smaps_rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process (those that vanished are left out)."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            out[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None else None
+
+
+def cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" once it is gone)."""
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()

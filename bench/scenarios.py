@@ -12,11 +12,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from bench.rspamd import BAYES_ONLY
 from bench.servers import TomlValue
 
-Kind = Literal["direct", "passthrough", "relay"]
+Kind = Literal["direct", "passthrough", "relay", "rspamd"]
 Feature = Literal["metrics", "auth", "policy", "model"]
 Overrides = Mapping[str, Mapping[str, TomlValue]]
+RSPAMD_WORKERS = 2  # as the anchor: Rspamd's normal worker, one process per core
+RSPAMD_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,7 @@ class Scenario:
     overrides: Overrides = field(default_factory=dict)
     features: tuple[Feature, ...] = ()
     src: Path | None = None  # another tree's src/ to run (the baseline), else this one
+    settings: str = ""  # rspamd: the Settings header of every scan ("": stock rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,19 @@ def _no_classifier_policy(
         )
         overrides["policy"] = {"path": str(path)}
     return overrides
+
+
+def in_shadow_mode(policy: Path, dest: Path) -> Path:
+    """``policy`` with its ``[policy] mode`` set to shadow: every rule and the classifier
+    still run and are logged, but all mail is delivered, so the bench measures the whole
+    decision without a verdict on the bench message changing what is sent downstream."""
+    text = policy.read_text()
+    if 'mode = "enforce"' in text:
+        text = text.replace('mode = "enforce"', 'mode = "shadow"', 1)
+    elif 'mode = "shadow"' not in text:
+        text = text.replace("[policy]\n", '[policy]\nmode = "shadow"\n', 1)
+    dest.write_text(text)
+    return dest
 
 
 def without_classifier_rules(policy: Path, dest: Path) -> Path:
@@ -172,16 +189,37 @@ def build(
     )
     full = dict(_policy(repo, dns, model=repo / "models" / "spam.skops"))
     full.update(_metrics())
+    if work is not None:
+        shadow = in_shadow_mode(repo / "config" / "policy.toml", work / "policy-shadow.toml")
+        full["policy"] = {"path": str(shadow)}
     out.append(
         Scenario(
             f"relay-full-w{top}",
-            f"relay, everything on (auth, classifier, default policy, metrics), {top} worker(s)",
+            f"relay, everything on (auth, classifier, default policy in shadow mode, "
+            f"metrics), {top} worker(s)",
             "relay",
             top,
             overrides=full,
             features=("auth", "policy", "model", "metrics"),
         )
     )
+    out += [
+        Scenario(
+            "rspamd-scan",
+            "Rspamd 3.4 scan over HTTP (stock rules, network modules off, Bayes), "
+            f"{RSPAMD_WORKERS} workers, {RSPAMD_IN_FLIGHT} in flight, no SMTP",
+            "rspamd",
+            RSPAMD_WORKERS,
+        ),
+        Scenario(
+            "rspamd-bayes",
+            f"Rspamd 3.4 scan over HTTP (Bayes only), {RSPAMD_WORKERS} workers, "
+            f"{RSPAMD_IN_FLIGHT} in flight, no SMTP",
+            "rspamd",
+            RSPAMD_WORKERS,
+            settings=BAYES_ONLY,
+        ),
+    ]
     return out
 
 
@@ -270,6 +308,22 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
             f"everything on ({top} workers) / pass-through (pooled)",
             f"relay-full-w{top}",
             "passthrough-pooled",
+            0.8,
+            "anchors.md, issue 17",
+        ),
+        Comparison(
+            f"everything on ({top} workers) / Rspamd scan, Bayes only (the anchor's row)",
+            f"relay-full-w{top}",
+            "rspamd-bayes",
+            1.3,
+            "anchors.md, issue 17",
+        ),
+        Comparison(
+            f"everything on ({top} workers) / Rspamd scan, stock rules without network",
+            f"relay-full-w{top}",
+            "rspamd-scan",
+            None,
+            "issue 17",
         ),
     ]
     return out

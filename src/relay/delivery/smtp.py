@@ -75,6 +75,9 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
             raise TemporaryDeliveryError(451, "4.4.1", "Downstream unavailable") from exc
+        except BaseException:  # cancelled (a probe's time limit, shutdown): no open socket
+            client.close()
+            raise
         return client
 
     def _checkout(self) -> aiosmtplib.SMTP | None:
