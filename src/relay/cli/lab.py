@@ -13,6 +13,7 @@ from relay.config import Settings, load_settings
 from relay.errors import RelayError
 from relay.lab import diff
 from relay.lab.corpus import Source, sources_from_box, sources_from_labels
+from relay.lab.engine import EngineSpec
 from relay.lab.env import LabEnv
 from relay.lab.run import LabOptions, run_lab
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else args.cache,
         jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
         progress=not args.no_progress and sys.stderr.isatty(),
+        engine=EngineSpec(args.engine, args.scheduler, args.workers),
     )
     report = run_lab(options)
     for e in report["regime_errors"]:

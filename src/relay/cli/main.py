@@ -255,6 +255,21 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-cache", action="store_true", help="compute everything, keep nothing")
     p.add_argument("--jobs", type=int, default=0, help="worker processes (default: all cores)")
     p.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="where stateless facts run: local process pool, or Dask (docs/lab.md)",
+    )
+    p.add_argument(
+        "--scheduler", metavar="tcp://HOST:PORT", help="--engine dask: a running scheduler"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="--engine dask without --scheduler: loopback workers to start (default: --jobs)",
+    )
+    p.add_argument(
         "--config",
         type=Path,
         help="relay.toml: [dns] nameservers (else DNS stays offline), [model], [auth]",

@@ -1,11 +1,11 @@
 """Computing facts for the lab: stateless facts in a process pool, stateful ones in order.
 
-Pass 1 spreads messages over worker processes, one share per worker (each builds its
-services, the model and suffix lists included, once); each computes every fact the
-policies can read, without the state store. A fact that needs the state store (or depends
-on one that does) fails there with "service state is not configured" and is
-deferred; the worker hands back the structured values it depends on (the decoded body,
-say), so pass 2 does not decode every body again.
+Pass 1 spreads messages over worker processes (or a Dask cluster's workers: engine.py),
+one share per worker (each builds its services, the model and suffix lists included,
+once); each computes every fact the policies can read, without the state store. A fact
+that needs the state store (or depends on one that does) fails there with "service
+state is not configured" and is deferred; the worker hands back the structured values it
+depends on (the decoded body, say), so pass 2 does not decode every body again.
 Pass 2 runs the deferred facts in the main process, one message after another in corpus
 time, with a fresh SQLite state store of its own (never the relay's): facts only read it,
 and the relay's recorder records each message after its facts were read, so counts grow
@@ -92,28 +92,38 @@ async def _one(registry: FactRegistry, services: Services, item: Item) -> Comput
     return Computed(outcomes, carry)
 
 
-async def _share(
-    env: LabEnv, items: Sequence[Item], ticks: _Ticks | None
+async def share_with(
+    registry: FactRegistry,
+    services: Services,
+    items: Sequence[Item],
+    ticks: _Ticks | None = None,
 ) -> list[tuple[str, Computed]]:
-    registry = env.registry()
+    """Pass 1 for ``items`` with services already open (a Dask worker keeps its own open
+    between batches: engine.py)."""
     done = 0
-    with tempfile.TemporaryDirectory(prefix="relay-lab-") as tmp:
-        async with lab_services(env, Path(tmp), stateful=False) as services:
-            limit = asyncio.Semaphore(CONCURRENCY)
+    limit = asyncio.Semaphore(CONCURRENCY)
 
-            async def run(item: Item) -> tuple[str, Computed]:
-                nonlocal done
-                async with limit:
-                    result = await _one(registry, services, item)
-                done += 1
-                if ticks is not None and done % TICK == 0:
-                    ticks.put(TICK)
-                return item[0].digest, result
+    async def run(item: Item) -> tuple[str, Computed]:
+        nonlocal done
+        async with limit:
+            result = await _one(registry, services, item)
+        done += 1
+        if ticks is not None and done % TICK == 0:
+            ticks.put(TICK)
+        return item[0].digest, result
 
-            results = list(await asyncio.gather(*(run(i) for i in items)))
+    results = list(await asyncio.gather(*(run(i) for i in items)))
     if ticks is not None and done % TICK:
         ticks.put(done % TICK)
     return results
+
+
+async def _share(
+    env: LabEnv, items: Sequence[Item], ticks: _Ticks | None
+) -> list[tuple[str, Computed]]:
+    with tempfile.TemporaryDirectory(prefix="relay-lab-") as tmp:
+        async with lab_services(env, Path(tmp), stateful=False) as services:
+            return await share_with(env.registry(), services, items, ticks)
 
 
 def compute_share(

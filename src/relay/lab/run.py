@@ -17,9 +17,10 @@ from tqdm import tqdm
 from relay.facts import FactRegistry
 from relay.lab import plots, render, tables
 from relay.lab.cache import Cached, FactCache
-from relay.lab.compute import DEFERRED, Item, Outcomes, parallel_pass, sequential_pass
+from relay.lab.compute import DEFERRED, Computed, Item, Outcomes, sequential_pass
 from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
 from relay.lab.diff import write_verdicts
+from relay.lab.engine import EngineSpec, first_pass
 from relay.lab.env import LabEnv, check_services
 from relay.lab.evaluate import (
     Decision,
@@ -42,6 +43,7 @@ class LabOptions:
     cache_dir: Path | None = Path("var/lab-cache")  # None: compute everything, keep nothing
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     progress: bool = False
+    engine: EngineSpec = field(default_factory=EngineSpec)  # where pass 1 runs (engine.py)
 
 
 @contextmanager
@@ -93,17 +95,24 @@ def compute_facts(
         start = time.perf_counter()
         if items:
             asyncio.run(check_services(env))
+
+        def store(computed: Mapping[str, Computed]) -> None:
+            # Called per finished batch by a cluster engine: a long run that stops keeps
+            # what it computed, and the rerun computes only the rest.
+            for digest, result in computed.items():
+                fresh = {n: c for n, c in result.outcomes.items() if n in versions}
+                deferred = {
+                    n for n, c in fresh.items() if c.error is not None and DEFERRED in c.error
+                }
+                stateful.update(deferred)
+                keep = {n: c for n, c in fresh.items() if n not in deferred}
+                outcomes[digest].update(keep)
+                cache.store(digest, keep, versions, env_key)
+            cache.commit()
+
         with _bar(options.progress, len(items), "facts") as progress:
-            computed = parallel_pass(env, items, options.jobs, progress)
+            computed = first_pass(options.engine, env, items, options.jobs, progress, store)
         parallel_seconds = time.perf_counter() - start
-        for digest, result in computed.items():
-            fresh = {n: c for n, c in result.outcomes.items() if n in versions}
-            deferred = {n for n, c in fresh.items() if c.error is not None and DEFERRED in c.error}
-            stateful |= deferred
-            keep = {n: c for n, c in fresh.items() if n not in deferred}
-            outcomes[digest].update(keep)
-            cache.store(digest, keep, versions, env_key)
-        cache.commit()
         rerun = sorted(n for n in stateful if any(n not in o for o in outcomes.values()))
         start = time.perf_counter()
         if rerun:
