@@ -20,6 +20,7 @@ import pytest
 
 from relay.cli.main import main
 from relay.lab import diff
+from tests.support.shadowlog import live_shadow_log
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lab"
 CORPUS = FIXTURES / "corpus"
@@ -277,39 +278,7 @@ async def test_shadow_log_written_by_a_live_relay(
 
 
 async def _live_shadow_log(tmp_path: Path) -> Path:
-    import aiosmtplib
-
-    from tests.support.dnsserver import LocalDns
-    from tests.support.relay import make_settings, running_relay, sink_server
-
-    repo = Path(__file__).resolve().parents[1]
-    golden = FIXTURES / "golden"
-    shadow_log = tmp_path / "shadow.jsonl"
-    bulk = [f"user{i}@example.org" for i in range(60)]
-    with LocalDns({}) as dns:
-        async with sink_server() as sink:
-            settings = make_settings(
-                tmp_path,
-                {
-                    "delivery": {"mode": "smtp", "downstream": sink.address},
-                    "dns": {"nameservers": [dns.address], "timeout": 1},
-                    "policy": {
-                        "path": "",
-                        "shadow": [str(repo / "config" / "regimes" / "itr_article7.toml")],
-                        "shadow_log": str(shadow_log),
-                    },
-                },
-            )
-            async with running_relay(settings) as relay:
-                for eml, rcpts in (("ad.eml", bulk), ("personal.eml", ["bob@example.org"])):
-                    await aiosmtplib.send(
-                        (golden / eml).read_bytes(),
-                        sender="sender@shop.example",
-                        recipients=rcpts,
-                        hostname="127.0.0.1",
-                        port=relay.port,
-                        timeout=10,
-                    )
+    shadow_log, _ = await live_shadow_log(tmp_path)
     return shadow_log
 
 

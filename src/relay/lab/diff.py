@@ -34,6 +34,7 @@ from relay.intervals import Z95, wilson
 from relay.lab.corpus import CorpusMessage
 from relay.lab.evaluate import Decision
 from relay.lab.stats import ACTIONS, BLOCKED
+from relay.ops.shadowlog import read_lines
 
 REPORT_FORMAT = "relay-lab-report/1"
 VERDICTS_FILE = "verdicts.jsonl"
@@ -270,31 +271,23 @@ def load_shadow_log(path: Path) -> Source:
     enforced: dict[str, None] = {}
     malformed: list[tuple[int, str]] = []
     try:
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for lineno, text in enumerate(fh, 1):
-                if not text.strip():
-                    continue
-                try:
-                    item = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    malformed.append((lineno, f"not JSON: {exc.msg}"))
-                    continue
-                if not isinstance(item, dict) or not {"queue_id", "policy", "action"} <= set(item):
-                    malformed.append((lineno, "missing queue_id, policy or action"))
-                    continue
-                try:
-                    side = _side(item, f"line {lineno}")
-                except (RelayError, TypeError, ValueError) as exc:
-                    malformed.append((lineno, str(exc)))
-                    continue
-                policy, qid = str(item["policy"]), str(item["queue_id"])
-                per = by_id.setdefault(qid, {})
-                if policy in per:
-                    malformed.append((lineno, f"second verdict of {policy} for {qid}"))
-                    continue
-                per[policy] = side
-                if item.get("mode") == "enforce":
-                    enforced[policy] = None
+        for lineno, item in read_lines(path):  # the shadow log's own reader (ops/)
+            if isinstance(item, str):
+                malformed.append((lineno, item))
+                continue
+            try:
+                side = _side(item, f"line {lineno}")
+            except (RelayError, TypeError, ValueError) as exc:
+                malformed.append((lineno, str(exc)))
+                continue
+            policy, qid = str(item["policy"]), str(item["queue_id"])
+            per = by_id.setdefault(qid, {})
+            if policy in per:
+                malformed.append((lineno, f"second verdict of {policy} for {qid}"))
+                continue
+            per[policy] = side
+            if item.get("mode") == "enforce":
+                enforced[policy] = None
     except OSError as exc:
         raise RelayError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not by_id:

@@ -112,7 +112,10 @@ _CLASS = {"reject": "hard", "tempfail": "hard", "tag": "soft", "quarantine": "so
 TIERS = ("none", "T0", "T1", "T2", "T3")
 
 
-def _read(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, record) per verdict line; (line number, problem) for a line that is
+    not one (not JSON, or missing queue_id, policy or action). Blank lines are skipped;
+    OSError when the file cannot be read."""
     with path.open(encoding="utf-8", errors="replace") as fh:
         for lineno, text in enumerate(fh, 1):
             if not text.strip():
@@ -133,7 +136,7 @@ def summarise(path: Path) -> dict[str, Any]:
     by_message: dict[str, dict[str, dict[str, Any]]] = {}
     bad: list[dict[str, Any]] = []
     lines = 0
-    for lineno, item in _read(path):
+    for lineno, item in read_lines(path):
         lines += 1
         if isinstance(item, str):
             bad.append({"line": lineno, "reason": item})
