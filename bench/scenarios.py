@@ -93,8 +93,14 @@ def in_shadow_mode(policy: Path, dest: Path) -> Path:
 
 
 def without_classifier_rules(policy: Path, dest: Path) -> Path:
-    """``policy`` minus the rules that read spam_probability (text kept as written)."""
+    """``policy`` minus the rules that read spam_probability, and minus its requirement
+    of that fact (text otherwise kept as written)."""
     head, *rules = policy.read_text().split("\n[[rule]]\n")
+    head = "".join(
+        line
+        for line in head.splitlines(keepends=True)
+        if not (line.startswith("required") and "spam_probability" in line)
+    )
     kept = [r for r in rules if "spam_probability" not in r]
     dest.write_text("\n[[rule]]\n".join([head, *kept]))
     return dest

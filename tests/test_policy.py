@@ -926,3 +926,70 @@ def test_shipped_policies_are_within_the_cost_budget() -> None:
             cost = condition_cost(rule.when)
             assert cost.steps <= MAX_COST and cost.depth <= MAX_DEPTH, (path, rule.name)
             assert len(rule.when) <= MAX_LENGTH
+
+
+# --- required facts: fail closed -------------------------------------------------------
+
+
+class BrokenWorld(World):
+    """``broken`` facts fail the way an outage does (the model, the state backend), not
+    the way a merely absent fact does (a plain FactError)."""
+
+    def __init__(self, values: dict[str, Any], broken: dict[str, Exception]) -> None:
+        self.broken = broken
+        super().__init__(values)
+
+    def _spec(self, name: str, ftype: FactType, tier: Tier) -> FactSpec:
+        async def compute(ctx: FactContext) -> Any:
+            self.calls[name] += 1
+            if name in self.broken:
+                raise self.broken[name]
+            return self.values.get(name)
+
+        return FactSpec(name, ftype, tier, compute)
+
+
+REQUIRED = AUTH_AND_CLASSIFIER.replace(
+    'mode = "enforce"', 'mode = "enforce"\nrequired = ["spam_probability"]'
+)
+
+
+async def test_a_required_fact_that_fails_defers_the_message() -> None:
+    from relay.errors import ModelError
+
+    values = {"spf": "pass", "dmarc": "pass", "bulk_count": 0}
+    world = BrokenWorld(values, {"spam_probability": ModelError("classifier pool died")})
+    verdict = await decide(compile_policy(REQUIRED, world.registry), world)
+    assert verdict.action is Action.TEMPFAIL
+    assert "requires is unavailable" in verdict.reason
+    assert dict(verdict.extra)["unavailable"] == "spam_probability"
+    assert actions.effect(verdict).reply is not None
+    # Without `required` the same failure fails open, as before.
+    world = BrokenWorld(values, {"spam_probability": ModelError("classifier pool died")})
+    verdict = await decide(compile_policy(AUTH_AND_CLASSIFIER, world.registry), world)
+    assert verdict.action is Action.ACCEPT
+
+
+async def test_a_required_fact_merely_absent_or_a_reject_is_not_deferred() -> None:
+    from relay.errors import ModelError
+
+    # absent (a plain FactError: nothing failed) -> the rules decide as usual
+    world = World({"spf": "pass", "dmarc": "pass", "bulk_count": 0}, failing=("spam_probability",))
+    verdict = await decide(compile_policy(REQUIRED, world.registry), world)
+    assert verdict.action is Action.ACCEPT
+    # a forced reject decided at T1 never reads the classifier: no deferral
+    values = {"dmarc": "fail", "dmarc_policy": "reject"}
+    world = BrokenWorld(values, {"spam_probability": ModelError("down")})
+    verdict = await decide(compile_policy(REQUIRED, world.registry), world)
+    assert verdict.action is Action.REJECT and world.calls["spam_probability"] == 0
+
+
+def test_required_facts_are_checked_at_load() -> None:
+    bad = AUTH_AND_CLASSIFIER.replace('mode = "enforce"', 'mode = "enforce"\nrequired = ["nope"]')
+    assert any("required fact 'nope' is not a known fact" in p for p in problems_of(bad))
+    unread = AUTH_AND_CLASSIFIER.replace(
+        'mode = "enforce"', 'mode = "enforce"\nrequired = ["tls_used"]'
+    )
+    assert any("read by no rule" in p for p in problems_of(unread))
+    wrong = AUTH_AND_CLASSIFIER.replace('mode = "enforce"', 'mode = "enforce"\nrequired = "x"')
+    assert any("must be a list of fact names" in p for p in problems_of(wrong))

@@ -398,3 +398,47 @@ path = "{tmp_path / "quarantine"}"
     log = log_path.read_text()
     assert "policy reloaded" in log
     assert "policy reload failed" in log and "unknown fact 'mail_from_dom'" in log
+
+
+REQUIRED_BULK = """
+[policy]
+name = "bulk-required"
+mode = "enforce"
+required = ["bulk_count"]
+
+[policy.thresholds]
+tag = 5
+
+[[rule]]
+name = "bulk"
+when = "bulk_count > 50"
+score = 6
+reason = "bulk"
+"""
+
+
+@pytest.mark.parametrize("required", [True, False])
+async def test_a_required_fact_down_defers_over_smtp(tmp_path: Path, required: bool) -> None:
+    """The state backend is down (nothing listens on its port): a policy that requires
+    bulk_count defers the message with 451 and delivers nothing; one that does not
+    require it fails open and delivers, as documented."""
+    text = REQUIRED_BULK if required else REQUIRED_BULK.replace('required = ["bulk_count"]\n', "")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text)
+    settings = make_settings(
+        tmp_path,
+        {
+            "policy": {"path": str(policy)},
+            "state": {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0"},
+        },
+    )
+    async with running_relay(settings) as relay:
+        if required:
+            with pytest.raises(aiosmtplib.SMTPDataError) as info:
+                await send(relay.port, ["bob@example.org"], simple_message("deferred"))
+            assert info.value.code == 451
+            assert "requires is unavailable" in info.value.message
+        else:
+            await send(relay.port, ["bob@example.org"], simple_message("open"))
+    delivered = list((tmp_path / "maildir" / "new").glob("*"))
+    assert len(delivered) == (0 if required else 1)

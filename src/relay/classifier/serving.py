@@ -11,9 +11,10 @@ import contextlib
 import ctypes
 import functools
 import gc
+import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,23 @@ from relay.errors import ModelError
 from relay.message import Message
 from relay.proc.lifetime import die_with_parent
 
+log = logging.getLogger("relay.classifier")
+
 MAX_BATCH = 32  # messages per pool call
 
 # Per worker *process* state, written only by the pool initializer in that process; the
 # relay process never reads or writes it.
 _WORKER: dict[str, Any] = {}
+
+
+def _new_pool(path: Path, workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(str(path), os.getpid()),
+    )
 
 
 def _worker_init(model_path: str, parent_pid: int) -> None:
@@ -88,9 +101,16 @@ class Classifier:
     """
 
     def __init__(
-        self, pool: ProcessPoolExecutor, info: ModelInfo, max_raw_bytes: int, workers: int
+        self,
+        pool: ProcessPoolExecutor,
+        info: ModelInfo,
+        max_raw_bytes: int,
+        workers: int,
+        path: Path | None = None,
     ) -> None:
         self._pool = pool
+        self._path = path  # to start a new pool when a worker dies (None: never)
+        self.replaced = 0  # pools replaced after a worker died
         self._info = info
         self._max_raw = max_raw_bytes
         self._workers = workers
@@ -103,13 +123,7 @@ class Classifier:
     async def open(cls, path: Path, *, workers: int = 1) -> Classifier:
         card = read_card(path)  # cheap checks first, in this process, for a clear error
         settings = FeatureSettings.from_dict(card.get("features", {}))
-        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
-        pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(str(path), os.getpid()),
-        )
+        pool = _new_pool(path, workers)
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.gather(
@@ -118,11 +132,17 @@ class Classifier:
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-        return cls(pool, infos[0], settings.max_raw_kb * 1024, workers)
+        return cls(pool, infos[0], settings.max_raw_kb * 1024, workers, path)
 
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    @property
+    def pids(self) -> list[int]:
+        """The pool's worker processes now (none before the first task of a new pool)."""
+        processes = getattr(self._pool, "_processes", None) or {}
+        return sorted(int(pid) for pid in processes)
 
     async def classify(self, message: Message) -> Classification:
         future: asyncio.Future[tuple[float, bool]] = asyncio.get_running_loop().create_future()
@@ -136,13 +156,22 @@ class Classifier:
         while self._pending and self._in_flight < self._workers:
             batch = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
+            pool = self._pool
+            try:  # a pool already known broken refuses the task at once
+                done = loop.run_in_executor(pool, _worker_classify, [raw for raw, _ in batch])
+            except BrokenExecutor as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                self._replace_pool(pool)
+                continue
             self._in_flight += 1
-            done = loop.run_in_executor(self._pool, _worker_classify, [raw for raw, _ in batch])
-            done.add_done_callback(functools.partial(self._finished, batch))
+            done.add_done_callback(functools.partial(self._finished, batch, pool))
 
     def _finished(
         self,
         batch: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]],
+        pool: ProcessPoolExecutor,
         done: asyncio.Future[list[tuple[float, bool]]],
     ) -> None:
         self._in_flight -= 1
@@ -155,13 +184,32 @@ class Classifier:
                 future.set_exception(error)
             else:
                 future.set_result(done.result()[i])
+        if not done.cancelled() and isinstance(done.exception(), BrokenExecutor):
+            self._replace_pool(pool)
         self._pump()
+
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        """A worker died (killed, out of memory): a ProcessPoolExecutor stays broken for
+        good, so start a new one. The batch in flight already failed (the policy defers
+        those messages when it requires the classifier); the next batches go to the new
+        pool, whose workers load the model on their first task."""
+        if self._path is None or broken is not self._pool:
+            return  # already replaced by an earlier failed batch of the same pool
+        self._pool = _new_pool(self._path, self._workers)
+        self.replaced += 1
+        log.warning("classifier worker died; started a new pool (%d so far)", self.replaced)
+        broken.shutdown(wait=False, cancel_futures=True)
 
     async def base_score(self, raw: bytes) -> tuple[str, float]:
         """(base model sha256, its spam probability) of raw bytes: what a feedback entry
         keeps so a model update can fit its combiner without the message body."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _worker_base_score, raw[: self._max_raw])
+        pool = self._pool
+        try:
+            return await loop.run_in_executor(pool, _worker_base_score, raw[: self._max_raw])
+        except BrokenExecutor:
+            self._replace_pool(pool)
+            raise
 
     async def predict(self, message: Message) -> float:
         return (await self.classify(message)).probability

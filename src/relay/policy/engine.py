@@ -38,7 +38,8 @@ from typing import Any
 import cel
 
 from relay.contracts import FactSource
-from relay.errors import ConditionTimeout
+from relay.errors import ConditionTimeout, FactError
+from relay.facts.base import failure_kind
 from relay.message import Message
 from relay.policy.model import (
     SEVERITY,
@@ -56,6 +57,9 @@ THRESHOLD_REASONS = {
     Action.TEMPFAIL: "Message deferred by policy, try again later",
 }
 OVERRUN_REASON = "Message deferred: policy checks took too long, try again later"
+UNAVAILABLE_REASON = (
+    "Message deferred: a check this policy requires is unavailable, try again later"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,7 @@ class Policy:
         "mode",
         "name",
         "overrides",
+        "required",
         "rules",
         "source",
         "thresholds",
@@ -113,8 +118,11 @@ class Policy:
         float_facts: frozenset[str] = frozenset(),
         source: str = "<policy>",
         sandbox: ConditionSandbox | None = None,
+        required: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
+        # Facts whose failure (not mere absence) defers the message: fail closed.
+        self.required = required
         self._sandbox = sandbox
         self.mode = mode
         self.source = source
@@ -318,6 +326,7 @@ class Policy:
             if stop:
                 break
 
+        unavailable = await _failed(facts, self.required.intersection(missing))
         if overrun is not None:
             action, forced_rule, reason = Action.TEMPFAIL, overrun, OVERRUN_REASON
         elif forced is not None and forced_rule is not None:
@@ -326,6 +335,10 @@ class Policy:
         else:
             action = most_severe([r.scores.action(score) for r in regimes])
             reason = THRESHOLD_REASONS.get(action, "")
+        if unavailable and overrun is None and SEVERITY[action] < SEVERITY[Action.TEMPFAIL]:
+            # A required check failed: what the other rules say cannot be trusted to let
+            # the message through, so it waits for a retry (a reject still stands).
+            action, forced_rule, reason = Action.TEMPFAIL, None, UNAVAILABLE_REASON
         mode = Mode.ENFORCE if any(r.mode is Mode.ENFORCE for r in regimes) else Mode.SHADOW
         facts_read = tuple(r for r in map(facts.read, requested) if r is not None)
         return Verdict(
@@ -340,8 +353,24 @@ class Policy:
             reason=reason,
             forced_by=forced_rule.name if forced_rule is not None else None,
             seconds=time.perf_counter() - start,
-            extra=(("rules_evaluated", f"{evaluated}/{len(order)}"),),
+            extra=(
+                ("rules_evaluated", f"{evaluated}/{len(order)}"),
+                *((("unavailable", ",".join(unavailable)),) if unavailable else ()),
+            ),
         )
+
+
+async def _failed(facts: FactSource, names: set[str] | frozenset[str]) -> list[str]:
+    """The facts among ``names`` (read and missing) whose computation failed (a backend,
+    the model, a timeout, a bug), as against facts merely absent for this message."""
+    out: list[str] = []
+    for name in sorted(names):
+        try:
+            await facts.get(name)
+        except FactError as exc:
+            if failure_kind(exc) is not None:
+                out.append(name)
+    return out
 
 
 async def _evaluate_isolated(

@@ -34,7 +34,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 MAX_REASON = 200
 TOP_KEYS = frozenset({"policy", "rule", "override"})
-POLICY_KEYS = frozenset({"name", "mode", "description", "thresholds"})
+POLICY_KEYS = frozenset({"name", "mode", "description", "thresholds", "required"})
 THRESHOLD_KEYS = ("tag", "quarantine", "tempfail", "reject")
 RULE_KEYS = frozenset({"name", "when", "score", "action", "reason", "description"})
 OVERRIDE_KEYS = frozenset({"domains", "mode", "thresholds", "description"})
@@ -347,6 +347,7 @@ def compile_policy(
     p.unknown_keys(data, TOP_KEYS, (), "policy file")
     head = data.get("policy")
     name, mode, base = "", Mode.ENFORCE, Thresholds()
+    required: tuple[str, ...] = ()
     if not isinstance(head, dict):
         p.add(1, "[policy]", "the [policy] table is missing")
     else:
@@ -377,6 +378,7 @@ def compile_policy(
         base = _thresholds(
             head.get("thresholds"), Thresholds(), ("policy", "thresholds"), "[policy.thresholds]", p
         )
+        required = _required(head.get("required", []), registry, p)
 
     rules: list[RuleSpec] = []
     programs: dict[str, Any] = {}
@@ -391,6 +393,14 @@ def compile_policy(
             rules.append(compiled[0])
             programs[compiled[0].name] = compiled[1]
     overrides = _overrides(data.get("override"), base, mode, p)
+    read = {n for r in rules for n in r.reads}
+    for fact in required:
+        if fact not in read:
+            p.add(
+                lines.key("policy", "required"),
+                "[policy]",
+                f"required fact {fact!r} is read by no rule of this policy",
+            )
     if p.items:
         raise PolicyError(p.items)
     float_facts = frozenset(s.name for s in registry if s.type is FactType.FLOAT)
@@ -404,7 +414,21 @@ def compile_policy(
         float_facts=float_facts,
         source=source,
         sandbox=sandbox,
+        required=frozenset(required),
     )
+
+
+def _required(raw: Any, registry: FactRegistry, p: _Problems) -> tuple[str, ...]:
+    """``[policy] required``: facts whose failure defers the message instead of letting
+    the rules that read them stay silent (fail closed; docs/policy.md)."""
+    line = p.lines.key("policy", "required")
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        p.add(line, "[policy]", "'required' must be a list of fact names")
+        return ()
+    for name in raw:
+        if name not in registry:
+            p.add(line, "[policy]", f"required fact {name!r} is not a known fact")
+    return tuple(n for n in raw if n in registry)
 
 
 def load_policy(
