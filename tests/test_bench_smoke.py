@@ -4,6 +4,7 @@ Postfix's smtp-source and smtp-sink for real, every message counted at the sink.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,36 @@ def test_quick_bench_delivers_every_message(tmp_path: Path) -> None:
     (ratio,) = [c for c in results["comparisons"] if c["numerator"] == "relay-noop-w1"]
     assert ratio["ratio_source"] > 0
     assert (tmp_path / "throughput-quick.md").read_text().startswith("# Relay throughput")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_scaleout_two_instances_share_one_redis(tmp_path: Path) -> None:
+    """bench.scaleout without the model (starts in a second): both configurations deliver
+    every message, Redis saw commands, and both instances wrote one connection key."""
+    out = tmp_path / "scaleout.json"
+    args = ["--no-model", "--messages", "20", "--rounds", "1", "--warmup", "10"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.scaleout", *args, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results["configs"]) == {"one", "two"}
+    for key in ("one", "two"):
+        (round_1,) = results["configs"][key]["rounds"]
+        assert round_1["delivered"] == 20 and round_1["errors"] == {}, (key, round_1)
+        assert round_1["redis_commands_per_msg"] > 0  # state really went through Redis
+        assert round_1["relay_cpu_ms_per_msg"] > 0
+    assert results["configs"]["two"]["rounds"][0]["instances"] == ["a", "b"]
+    assert results["ratios"]["msgs_per_s_two_over_one"] > 0
+    shared = results["shared_state"]
+    assert shared["dbsize"] > 0 and shared["state_shared"] is True, shared
+    assert shared["two_instance_phases"] == [{"delivered": 20, "connections_in_one_key": 20}]
+    # each instance decided its warm-up, its share of the 2-instance phase, and one of
+    # them the whole 1-instance phase
+    decided = sorted(i["messages_decided"] for i in results["instances"].values())
+    assert decided == [20, 40]
+    assert out.with_suffix(".md").read_text().startswith("# Scale-out")

@@ -44,35 +44,65 @@ def _lower(text: str) -> re.Pattern[str]:
     return re.compile(text)
 
 
-# Weights were set by hand and checked on the SpamAssassin corpus (docs/facts.md): they
-# order messages, the logistic only squashes the sum into 0..1.
-COMMERCIAL_BIAS = -3.0
+# Version 3 weights were fitted (L2 logistic regression, C=1) on the legitimate mail of
+# modern-dev labelled by primary purpose (data/modern-dev-purpose.tsv), commercial against
+# transactional and other, and checked by 5-fold cross-validation grouped by sender
+# organisation (docs/facts.md); rounded to one decimal. "technical" keeps its hand-set
+# version-2 weight: modern-dev has no patches or logs, so the fit cannot see it. A weight
+# says how much one cue moves the score, not that the cue means "commercial" by itself
+# (price is negative because receipts and statements quote prices as often as offers do).
+COMMERCIAL_BIAS = -1.1
 COMMERCIAL_CUES = (
     Cue("price", _lower(r"[$€£¥]\s?\d|\b\d+(?:[.,]\d\d)?\s?(?:usd|eur|gbp|dollars?|euros?)"
-                        r"\b"), 1.2),
+                        r"\b"), -0.4),
     Cue("discount", _lower(r"\b\d{1,2}\s?%\s?off\b|\bdiscount|\bsale\b|\bcoupon|\bpromo(?:tion"
                         r"|code)?\b|\bspecial offer|\blimited[- ]time|\bclearance|\bfree "
                         r"(?:shipping|delivery|trial|gift)|\bbest price|\blowest price"), 1.4),
     Cue("call_to_action", _lower(r"\b(?:buy|order|shop|subscribe|sign up|register|call|apply|act"
                               r"|book|download|join)\s+(?:now|today)\b|\bclick here\b|\bget "
-                              r"(?:yours|started)\b|\bdon'?t miss\b|\bhurry\b"), 1.3),
+                              r"(?:yours|started)\b|\bdon'?t miss\b|\bhurry\b"), 0.7),
     Cue("unsubscribe", _lower(r"\bunsubscribe|\bopt[- ]?out\b|\bremoved? from (?:our|this|the)"
                            r"[\w ]{0,20}list|\bto be removed\b|\bno longer wish\b|"
-                           r"\bmanage (?:your )?(?:preferences|subscription)"), 1.5, cap=2),
+                           r"\bmanage (?:your )?(?:preferences|subscription)"), 1.4, cap=2),
     Cue("marketing", _lower(r"\b(?:offers?|exclusive|bonus|guaranteed?|winner|prize|risk[- ]free"
                          r"|earn|income|investment|mortgage|loans?|credit|pharmacy|casino|"
                          r"newsletter|products?|brand|new arrivals|catalog(?:ue)?|customers?"
                          r"|members?hip|savings?|save|cheap|order|free|cash|money|wholesale|"
-                         r"prices?|opportunity|deals?|business|profits?|sales|gifts?)\b"), 0.8,
+                         r"prices?|opportunity|deals?|business|profits?|sales|gifts?)\b"), 0.2,
         cap=10),
-    Cue("ad_statement", _lower(r"\b(?:advertisement|advertising|promotional|sponsored)\b"), 1.0,
+    Cue("ad_statement", _lower(r"\b(?:advertisement|advertising|promotional|sponsored)\b"), 0.7,
         cap=2),
+    # Shopping calls (version 3): what a promotion asks the reader to do.
+    Cue("shop", _lower(r"\bshop (?:now|all|the|our|sale|new|today|deals?|gifts?|here)\b|\badd to "
+                    r"(?:cart|bag)\b|\b(?:use|with|enter|apply) (?:promo |discount |the )?code\b"
+                    r"|\bcode:|\bbogo\b|\bsitewide\b|\bsave (?:up to|an? |\$|\d)|\bends "
+                    r"(?:tonight|today|soon|tomorrow|sunday|monday)\b|\blast (?:chance|call|day)\b"
+                    r"|\bdeals?\b|\bgift guide\b|\bbest ?sellers?\b|\bnew arrivals\b|\bshop\b"),
+        1.2),
     # Transactional and personal mail: receipts, security codes, thread replies.
     Cue("transactional", _lower(r"\b(?:receipt|invoice|tracking number|has shipped|order "
                              r"(?:number|#|confirmation)|password reset|verification code|"
-                             r"security alert|your account statement)\b"), -1.5, cap=3),
+                             r"security alert|your account statement)\b"), -1.3, cap=3),
+    # The reader's own account, order, payment or appointment (version 3): the wider
+    # vocabulary of transactional mail, which bulk senders share with their promotions.
+    Cue("account", _lower(r"\byour (?:order|payment|account|statement|invoice|receipt|package|"
+                       r"shipment|appointment|reservation|booking|card|bill|balance|visit|delivery"
+                       r"|refill|prescription)\b|\border (?:#|no\.?|number|confirm\w*|details|date"
+                       r"|total|summary)|\btracking (?:number|#)|\bout for delivery\b|\b(?:has"
+                       r"|have) (?:shipped|been delivered|arrived)\b|\bpayment (?:of|received|"
+                       r"processed|confirmation|scheduled|due|method)\b|\bautopay\b|\bbalance due\b"
+                       r"|\bending "
+                       r"in\b|\b(?:verification|security|one-time) code\b|\bnew device\b|\bsigned "
+                       r"in\b|\blogged in\b|\bappointment\b|\bstatement\b|\binvoice\b|\breceipt\b"
+                       r"|\bamount (?:due|paid)\b|\bsubtotal\b|\bship(?:ping)? (?:to|address)\b|"
+                       r"\bestimated delivery\b|\btransaction\b"), -1.2),
+    # News, digests and community posts (version 3): newsletters that inform, not sell.
+    Cue("editorial", _lower(r"\b(?:min read|read more|read the (?:full )?(?:story|article)|opinion"
+                         r"|editor'?s?|reporters?|news|digest|bulletin|stories|story|articles?|"
+                         r"highlights|posted by|replied|comments?|neighbou?rs?|question|answers?|"
+                         r"this week in|good morning|podcast|episode|update)\b"), -1.1),
     Cue("personal", _lower(r"\b(?:i think|let me know|see you|talk soon|thanks for your|as we "
-                        r"discussed|attached is|i'll|i've)\b"), -0.7, cap=5),
+                        r"discussed|attached is|i'll|i've)\b"), -0.8, cap=5),
     # Technical discussion: patches, code, logs (kernel, SDR, hypervisor lists). Their
     # "free", "order", "save", "credit", "business" are not offers.
     Cue("technical", re.compile(r"^(?:diff --git|index [0-9a-f]{7,}\.\.|@@ -\d|signed-off-by:|"
@@ -80,7 +110,7 @@ COMMERCIAL_CUES = (
                          r"\b(?:if|for|while) \(.*\) \{$|\w+\(\);$|\btraceback \(most recent"
                          r"|\bsegfault|\bkernel:? |\bcommit [0-9a-f]{12,}\b", re.M), -1.2, cap=5),
 )  # fmt: skip
-MANY_LINKS = (3, 0.5)  # at least 3 links adds 0.5 per log1p(links)
+MANY_LINKS = (3, 0.1)  # at least 3 links adds 0.1 per log1p(links)
 
 # (anchor, full pattern): the cheap anchor is searched first, the full pattern only if found.
 _POSTAL = (
@@ -225,8 +255,13 @@ async def _has_postal_address(ctx: FactContext) -> bool:
     return await asyncio.to_thread(has_postal, (await _body(ctx)).text)
 
 
+def has_ad_label(text: str) -> bool:
+    """Whether ``text`` says it is an advertisement (see _AD_LABEL)."""
+    return _AD_LABEL.search(text) is not None
+
+
 async def _has_ad_label(ctx: FactContext) -> bool:
-    return _AD_LABEL.search((await _body(ctx)).text) is not None
+    return has_ad_label((await _body(ctx)).text)
 
 
 async def _has_body_unsubscribe_link(ctx: FactContext) -> bool:
@@ -338,7 +373,9 @@ FACTS = (
         FactType.FLOAT,
         _commercial_probability,
         "heuristic 0..1: weighted commercial cues (prices, offers, calls to action ...)",
-        version=2,  # 2: quoted lines, discussion-list footers and technical cues
+        # 2: quoted lines, discussion-list footers and technical cues; 3: shop, account
+        # and editorial cues, weights fitted on purpose-labelled modern-dev mail
+        version=3,
     ),
     _spec("has_postal_address", FactType.BOOL, _has_postal_address,
           "a postal address pattern (PO box; US, UK, CA, continental street + postcode)"),
