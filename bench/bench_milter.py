@@ -36,7 +36,7 @@ from bench import mail
 from bench.client import drive
 from bench.postfix import SmtpSink
 from bench.procstats import cpu_seconds
-from bench.servers import REPO, start_relay
+from bench.servers import REPO, repo_relative, start_relay
 from relay.message import split_fields, split_header_block
 
 
@@ -147,7 +147,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             "messages_per_round": opts.messages,
             "sessions": opts.sessions,
             "rounds": opts.rounds,
-            "model": str(opts.model),
+            "model": repo_relative(opts.model),
             "policy": "config/policy.toml",
             "message_signed": bench_mail.signed,
         },

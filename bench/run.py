@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -60,7 +61,7 @@ from bench.scenarios import (
     comparisons,
     with_baseline,
 )
-from bench.servers import ServerProcess, start_passthrough, start_relay
+from bench.servers import ServerProcess, repo_relative, start_passthrough, start_relay
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -489,7 +490,8 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             "message_bytes": len(bench_mail.message),
             "message_dkim_signed": bench_mail.signed,
             "options": {
-                k: str(v) if isinstance(v, Path) else v
+                # paths relative to the repository: no machine's own paths in results
+                k: repo_relative(v) if isinstance(v, Path) else v
                 for k, v in asdict(opts).items()
                 if k not in ("out", "stem")
             },
@@ -639,7 +641,6 @@ async def profile_stages(
 
 
 def _cores() -> int:
-    import os
 
     return len(os.sched_getaffinity(0))
 

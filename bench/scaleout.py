@@ -69,7 +69,7 @@ from bench.procstats import (
 )
 from bench.run import _commit, _cores
 from bench.scenarios import in_shadow_mode, without_classifier_rules
-from bench.servers import ServerProcess, TomlValue, start_relay
+from bench.servers import ServerProcess, TomlValue, repo_relative, start_relay
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -501,7 +501,9 @@ async def run_bench(opts: Options) -> dict[str, Any]:
             "commit": _commit(),
             "message_bytes": len(bench_mail.message),
             "message_dkim_signed": bench_mail.signed,
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+            "options": {
+                k: repo_relative(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()
+            },
             "sessions": SESSIONS,
             "relay": (
                 "relay serve, [smtp] workers = 1 per instance; auth on, "

@@ -123,6 +123,12 @@ class ServerProcess:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` as results record it: relative to the repository, never a machine's own
+    absolute path."""
+    return os.path.relpath(path, REPO)
+
+
 def _spawn(
     name: str, argv: list[str], workdir: Path, port: int, src: Path | None = None
 ) -> ServerProcess:

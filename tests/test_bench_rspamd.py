@@ -249,7 +249,7 @@ def test_stack_goes_to_the_innermost_relay_module() -> None:
         ],
         "auth": [
             *process,
-            "check (/work/main/src/relay/auth/checker.py:9)",
+            "check (/srv/relay/src/relay/auth/checker.py:9)",
             "x (dns/resolver.py:1)",
         ],
         "deliver": [*process, "send (relay/delivery/smtp.py:1)", "sendmail (aiosmtplib/smtp.py:2)"],
