@@ -480,21 +480,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
         rows.append(row)
     return {
         "meta": {
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "cores": _cores(),
-            "load_average_before": load_before,
-            "load_average_after": load_average(),
-            "python": platform.python_version(),
-            "commit": _commit(),
-            "message_bytes": len(bench_mail.message),
-            "message_dkim_signed": bench_mail.signed,
-            "options": {
-                # paths relative to the repository: no machine's own paths in results
-                k: repo_relative(v) if isinstance(v, Path) else v
-                for k, v in asdict(opts).items()
-                if k not in ("out", "stem")
-            },
+            **run_meta(started, load_before, bench_mail, asdict(opts), skip=("out", "stem")),
             "notes": notes,
             "rspamd": rspamd_info,
         },
@@ -638,6 +624,34 @@ async def profile_stages(
         result["note"] = f"in-worker split not sampled: {sampler.error}"
     print(f"  stages {t.scenario.key}: {result['stages_ms_per_msg']}", flush=True)
     return result
+
+
+def run_meta(
+    started: float,
+    load_before: tuple[float, float, float],
+    bench_mail: mail.BenchMail,
+    options: dict[str, Any],
+    skip: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """What every bench result records about its run (bench.run, bench.scaleout): when,
+    on what, from which commit, with which message and options. Paths are recorded
+    relative to the repository, never as this machine's own."""
+    return {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "cores": _cores(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "message_bytes": len(bench_mail.message),
+        "message_dkim_signed": bench_mail.signed,
+        "options": {
+            k: repo_relative(v) if isinstance(v, Path) else v
+            for k, v in options.items()
+            if k not in skip
+        },
+    }
 
 
 def _cores() -> int:

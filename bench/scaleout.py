@@ -1,7 +1,7 @@
 """Scale-out bench: relay instances sharing one Redis, 1 instance against 2, in one run.
 
     python -m bench.scaleout                      # 2,000 messages per phase, 3 rounds
-    python -m bench.scaleout --messages 500 --rounds 1 --out /tmp/x.json
+    python -m bench.scaleout --messages 500 --rounds 1 --out var/scaleout.json
     python -m bench.scaleout --no-model           # classifier off (fast; the smoke test)
 
 Everything runs on loopback: one private redis-server (own temp --dir, no persistence),
@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -67,9 +66,9 @@ from bench.procstats import (
     pss_bytes,
     rss_bytes,
 )
-from bench.run import _commit, _cores
+from bench.run import run_meta
 from bench.scenarios import in_shadow_mode, without_classifier_rules
-from bench.servers import ServerProcess, TomlValue, repo_relative, start_relay
+from bench.servers import ServerProcess, TomlValue, start_relay
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -492,18 +491,7 @@ async def run_bench(opts: Options) -> dict[str, Any]:
     )
     return {
         "meta": {
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "cores": _cores(),
-            "load_average_before": load_before,
-            "load_average_after": load_average(),
-            "python": platform.python_version(),
-            "commit": _commit(),
-            "message_bytes": len(bench_mail.message),
-            "message_dkim_signed": bench_mail.signed,
-            "options": {
-                k: repo_relative(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()
-            },
+            **run_meta(started, load_before, bench_mail, asdict(opts)),
             "sessions": SESSIONS,
             "relay": (
                 "relay serve, [smtp] workers = 1 per instance; auth on, "

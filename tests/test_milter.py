@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.app import Runtime
-from relay.config import settings_from_mapping
+from relay.config import Settings, settings_from_mapping
 from relay.delivery.quarantine import QuarantineStore
 from relay.errors import ConfigError
 from relay.milter import wire
@@ -91,6 +91,17 @@ def _running(
         },
     )
     return running_relay(settings)
+
+
+def _small_messages(tmp_path: Path) -> Settings:
+    """The milter door with a 100 KB message limit."""
+    return make_settings(
+        tmp_path,
+        {
+            "milter": {"listen": "127.0.0.1:0"},
+            "smtp": {"max_message_size": 100_000, "large_message_memory": 200_000},
+        },
+    )
 
 
 async def _session(runtime: Runtime) -> MiltMta:
@@ -226,13 +237,7 @@ async def test_macros_feed_the_connection_facts(relay: Runtime) -> None:
 
 
 async def test_message_over_the_size_limit_is_refused(tmp_path: Path) -> None:
-    settings = make_settings(
-        tmp_path,
-        {
-            "milter": {"listen": "127.0.0.1:0"},
-            "smtp": {"max_message_size": 100_000, "large_message_memory": 200_000},
-        },
-    )
+    settings = _small_messages(tmp_path)
     async with running_relay(settings) as runtime:
         mta = await _session(runtime)
         result = await mta.message(body=(b"x" * 70 + b"\r\n") * 2000)  # 144 KB, 3 chunks
@@ -475,13 +480,7 @@ def test_milter_md_shows_the_tested_snippets() -> None:
 
 async def test_macros_and_recipients_are_bounded(tmp_path: Path) -> None:
     """Any local process may connect: a flood of macro names or recipients is bounded."""
-    settings = make_settings(
-        tmp_path,
-        {
-            "milter": {"listen": "127.0.0.1:0"},
-            "smtp": {"max_message_size": 100_000, "large_message_memory": 200_000},
-        },
-    )
+    settings = _small_messages(tmp_path)
     async with running_relay(settings) as runtime:
         mta = await _session(runtime)
         flood = b"".join(b"{m%d}\0v\0" % i for i in range(5000))

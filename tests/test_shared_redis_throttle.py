@@ -1,8 +1,8 @@
 """Greylisting and rate limits shared by two relays on one Redis (issue 19 item 6), with
 real parts: a real redis-server and two `relay serve` processes (tests/test_shared_redis.py
-starts them). A triplet greylisted on A passes on B once the delay is over; a client's
-token bucket drains across both; with Redis gone greylisting fails open, mail flows and
-the failure is counted."""
+starts them). A triplet greylisted on A passes at B's first attempt once the delay is
+over; a client's token bucket drains across both; with Redis gone greylisting fails open,
+mail flows and the failure is counted."""
 
 from __future__ import annotations
 
@@ -81,18 +81,12 @@ async def test_greylist_triplets_are_shared_and_fail_open(
         first_sight = time.monotonic()
         code, text = await attempt(a, "grey")
         assert (code, text.startswith("4.7.1 Greylisted")) == (451, True), text
-        # On B at once: B knows the triplet A saw (only checkable while the delay runs).
-        code, text = await attempt(b, "grey")
-        if time.monotonic() - first_sight < DELAY - 0.5:
-            assert code == 451 and "Greylisted" in text, (code, text)
-        # Retried on B until it passes: after the delay, never before it.
-        deadline = first_sight + 30
-        while code != 250:
-            assert time.monotonic() < deadline, (code, text)
-            await asyncio.sleep(0.3)
-            code, text = await attempt(b, "grey")
-        assert time.monotonic() - first_sight >= DELAY - 0.2
-        # Passed on B: A lets the triplet through at once.
+        # B has never seen this triplet itself. Once the delay is over, its FIRST attempt
+        # passes only because it reads the first sight A recorded in the shared Redis;
+        # on its own store it would be "new" and deferred.
+        await asyncio.sleep(max(0.0, first_sight + DELAY + 0.5 - time.monotonic()))
+        assert await attempt(b, "grey") == (250, "")
+        # And A lets it through too, as after any passed retry.
         assert await attempt(a, "grey") == (250, "")
 
         # Redis gone: a new triplet is not greylisted (fail open), and that is counted.

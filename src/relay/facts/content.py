@@ -302,6 +302,7 @@ def _wordlike(word: str) -> bool:
 # Code, patches and logs are mostly "non-words" and still mean something: a line with
 # code punctuation, or the technical cue's markers (diff headers, sign-offs, tracebacks).
 _CODE_LINE = re.compile(r"[;{}()\[\]=<>]|->|::")
+_TECHNICAL = next(cue.pattern for cue in COMMERCIAL_CUES if cue.name == "technical")
 CODE_MIN_LINES = 5
 CODE_MIN_SHARE = 0.3
 
@@ -313,8 +314,7 @@ def is_code(text: str) -> bool:
     code = sum(1 for line in lines if _CODE_LINE.search(line))
     if code >= CODE_MIN_LINES and code >= CODE_MIN_SHARE * len(lines):
         return True
-    technical = next(cue for cue in COMMERCIAL_CUES if cue.name == "technical")
-    return len(technical.pattern.findall(text.lower())) >= 2
+    return len(_TECHNICAL.findall(text.lower())) >= 2
 
 
 def is_meaningless(text: str) -> bool:
