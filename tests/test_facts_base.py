@@ -173,3 +173,35 @@ def test_fact_values_are_recorded_as_json_safe_copies() -> None:
     }
     assert json.loads(json.dumps(copy)) == copy
     assert copy["1"] is not value[1] and type(copy["1"][3][0]) is Word
+
+
+def test_cache_version_changes_with_any_input_fact() -> None:
+    async def value(ctx: FactContext) -> int:
+        return 1
+
+    def registry(text_version: int, count_version: int = 1) -> FactRegistry:
+        return FactRegistry(
+            [
+                FactSpec("text", FactType.STR, Tier.CONTENT, value, version=text_version),
+                FactSpec("prints", FactType.INT, Tier.CONTENT, value, depends=("text",)),
+                FactSpec(
+                    "count",
+                    FactType.INT,
+                    Tier.CONTENT,
+                    value,
+                    depends=("prints",),
+                    version=count_version,
+                ),
+                FactSpec("other", FactType.INT, Tier.CONTENT, value, version=3),
+            ]
+        )
+
+    old, new = registry(1), registry(2)
+    # A leaf keeps its own version (existing cache entries stay valid)...
+    assert old.cache_version("text") == 1 and new.cache_version("text") == 2
+    assert old.cache_version("other") == new.cache_version("other") == 3
+    # ... and everything computed from a changed input, however far down, gets a new key.
+    assert old.cache_version("prints") != new.cache_version("prints")
+    assert old.cache_version("count") != new.cache_version("count")
+    assert registry(1, 2).cache_version("count") != old.cache_version("count")
+    assert registry(1).cache_version("count") == old.cache_version("count")  # stable

@@ -261,6 +261,10 @@ async def lifespan(
                 metrics.set_model_info(model)
                 stats = await asyncio.to_thread(registry_stats, settings.model.registry)
                 metrics.set_model_versions(stats)
+                root = settings.model.registry
+                await stack.enter_async_context(
+                    metrics.watching_models(lambda: registry_stats(root))
+                )
             if multiprocess_dir() is None:  # with several workers the supervisor serves it
                 endpoint = await start_metrics_server(
                     settings.metrics, metrics_registry, readiness, source=settings.source

@@ -54,27 +54,48 @@ def _base_test(corpus: Path | None, labels: Path | None) -> list[tuple[bytes, bo
 
 
 def run_update(args: argparse.Namespace) -> int:
-    from relay.classifier.model import load_model
-    from relay.models.registry import Registry, current_model_path
-    from relay.models.update import update_model
+    from relay.models.registry import Registry
 
     settings = load_settings(args.config)
+    registry = Registry(settings.model.registry)
+    with registry.update_lock() as held:
+        if not held:
+            print("another `relay model update` is running on this registry; skipped")
+            return 0
+        return _update(args, settings, registry)
+
+
+def _update(args: argparse.Namespace, settings: Settings, registry: Any) -> int:
+    from relay.classifier.model import load_model
+    from relay.models.registry import current_model_path
+    from relay.models.update import update_model
+
     started = time.perf_counter()
+    # The feedback snapshot's time: the card records it, and --min-new counts what was
+    # reported after the newest version's snapshot.
+    snapshot = time.time()
     base = load_model(settings.model.path).root
-    current = load_model(current_model_path(settings))
     entries, scores = asyncio.run(_feedback(settings, str(base.card["model_sha256"])))
+    if args.min_new:
+        since = registry.last_snapshot()
+        new = sum(1 for e in entries if since is None or e.at > since)
+        if new < args.min_new:
+            print(
+                f"{new} new reports since the last update (--min-new {args.min_new}); nothing to do"
+            )
+            return 0
+    current = load_model(current_model_path(settings))
     # Entries kept with their body (keep_bodies) can be scored now when no score was kept.
     for entry in entries:
         if entry.digest not in scores and entry.body is not None:
             scores[entry.digest] = base.classify_bytes(entry.body)[0]
-    registry = Registry(settings.model.registry)
     parent = {"version": current.info.version, "sha256": str(current.card["model_sha256"])}
     candidate = update_model(
         base,
         entries,
         settings.model.held_out_share,
         base_scores=scores,
-        now=time.time(),
+        now=snapshot,
         current=current,
         gate=_gate_settings(settings),
         base_test=_base_test(args.base_test_corpus, args.base_test_labels),
@@ -94,8 +115,19 @@ def run_update(args: argparse.Namespace) -> int:
         return 1
     if args.promote:
         registry.promote(version.name, now=time.time())
-        print(f"promoted {version.name}; `relay model reload` switches the running relay")
+        if args.reload:
+            pid = _signal_relay(args.pidfile)
+            print(f"promoted {version.name}; sent SIGHUP to the relay (pid {pid})")
+        else:
+            print(f"promoted {version.name}; `relay model reload` switches the running relay")
     return 0
+
+
+def _signal_relay(pidfile: Path | None) -> int:
+    from relay.app import PID_FILE
+    from relay.policy import signal_reload
+
+    return signal_reload(pidfile or PID_FILE)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -148,16 +180,24 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_reload(args: argparse.Namespace) -> int:
-    from relay.app import PID_FILE
     from relay.classifier.model import load_model
     from relay.models.registry import current_model_path
-    from relay.policy import signal_reload
 
     settings = load_settings(args.config)
     load_model(current_model_path(settings))  # a broken pointer fails here, not in the relay
-    pid = signal_reload(args.pidfile or PID_FILE)
+    pid = _signal_relay(args.pidfile)
     print(f"sent SIGHUP to relay (pid {pid})")
     return 0
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"not a count of reports: {text!r}")
+    return n
 
 
 def add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser], config: Path) -> None:
@@ -168,6 +208,17 @@ def add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser], config: 
     update.add_argument("--base-test-labels", type=Path, help="labels TSV (its test rows)")
     update.add_argument("--promote", action="store_true", help="promote when every gate passes")
     update.add_argument("--jobs", type=int, default=1, help="cross-validation processes")
+    update.add_argument(
+        "--min-new",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="train only when N reports arrived since the newest version (for a timer)",
+    )
+    update.add_argument(
+        "--reload", action="store_true", help="after a promotion, SIGHUP the running relay"
+    )
+    update.add_argument("--pidfile", type=Path, default=None, help="default: var/relay.pid")
     ls = cmds.add_parser("list", help="versions, their status and held-out figures")
     ls.add_argument("--json", action="store_true")
     promote = cmds.add_parser("promote", help="make VERSION the one the relay loads")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
@@ -189,6 +190,17 @@ class FactRegistry:
 
     def __iter__(self) -> Any:
         return iter(self._specs.values())
+
+    def cache_version(self, name: str) -> int:
+        """The version the lab's fact cache keys ``name`` on: its own ``version`` when it
+        depends on nothing, else a digest of it and its inputs' cache versions, so that a
+        fact computed from a changed fact (``body_text`` -> ``bulk_fingerprint``) is never
+        served from a cache entry made from the old input."""
+        spec = self._specs[name]
+        if not spec.depends:
+            return spec.version
+        deps = ",".join(f"{d}={self.cache_version(d)}" for d in sorted(spec.depends))
+        return zlib.crc32(f"{spec.version}|{deps}".encode())
 
     def closure(self, names: Iterable[str]) -> frozenset[str]:
         """``names`` and every fact they depend on, transitively (unknown names kept)."""

@@ -74,7 +74,7 @@ def compute_facts(
 ) -> tuple[dict[str, Outcomes], dict[str, Any]]:
     """Every needed fact for every readable message: from the cache, else computed."""
     env = options.env
-    versions = {n: registry[n].version for n in names}
+    versions = {n: registry.cache_version(n) for n in names}
     env_key = env.key()
     order_key = f"{env_key}/order:{corpus.order_digest()}"
     cache = FactCache(options.cache_dir) if options.cache_dir else _NoCache()

@@ -21,10 +21,12 @@ same loader again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +43,7 @@ MODEL_NAME = "spam.skops"
 BASE_NAME = "base.skops"
 CURRENT = "CURRENT"
 HISTORY = "history.jsonl"
+LOCK = ".update.lock"  # held by `relay model update` while it trains and saves
 STATUS = "status.json"
 Status = Literal["candidate", "promoted", "refused"]
 
@@ -185,6 +188,37 @@ class Registry:
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    @contextlib.contextmanager
+    def update_lock(self) -> Iterator[bool]:
+        """Holds the registry's update lock for the block; yields False (without waiting)
+        when another `relay model update` holds it, so a scheduled run that overlaps a slow
+        one skips instead of training the same feedback twice. flock: the kernel releases it
+        when the holder dies, so a crash never leaves the registry locked."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / LOCK).open("a") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def last_snapshot(self) -> float | None:
+        """When the newest version's feedback was read (its card's ``feedback.read_at``,
+        the time `relay model update` read the store), or None before the first update.
+        Whatever was reported after it is new to every version."""
+        times = []
+        for v in self.versions():
+            try:
+                card = json.loads(card_path(v.path).read_text(encoding="utf-8"))
+                times.append(float(card["feedback"]["read_at"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a broken version is reported by list/promote, not here
+        return max(times, default=None)
 
     def verify(self, name: str) -> None:
         """Load the version through the audited loader; ModelError when it must not serve."""

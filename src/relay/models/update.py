@@ -437,6 +437,8 @@ def update_model(
             "transformed the same way at training)",
         },
         "feedback": {
+            # When the store was read (Unix seconds, exact): `--min-new` counts reports after it.
+            "read_at": now,
             "digest": feedback_digest(usable),
             "all": _counts(entries),
             "usable": _counts(usable),

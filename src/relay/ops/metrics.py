@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -52,6 +52,7 @@ log = logging.getLogger("relay.ops.metrics")
 AUTH_OBJECT = "auth_results"
 AUTH_FACTS = {"spf": "spf", "dkim_result": "dkim", "dmarc": "dmarc", "arc": "arc"}
 PROBABILITY_FACT = "spam_probability"
+REGISTRY_EVERY = 60.0  # seconds between reads of the model registry (watching_models)
 
 
 def _auth_result(value: Any, error: str | None) -> str:
@@ -292,19 +293,33 @@ class Metrics:
     async def flushing(self, every: float = 1.0) -> AsyncIterator[None]:
         """Flushes every ``every`` seconds while open, and once more on exit (app.py)."""
 
-        async def tick() -> None:
-            while True:
-                await asyncio.sleep(every)
-                self.flush()
-
-        task = asyncio.get_running_loop().create_task(tick())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async def flush() -> None:
             self.flush()
+
+        try:
+            async with _every(every, flush):
+                yield
+        finally:
+            self.flush()
+
+    @contextlib.asynccontextmanager
+    async def watching_models(
+        self, read: Callable[[], Mapping[str, Any]], every: float = REGISTRY_EVERY
+    ) -> AsyncIterator[None]:
+        """Re-reads the model registry's figures (``read``, run off the loop) every
+        ``every`` seconds while open: `relay model update` runs in another process (a
+        timer), so without this the update and refusal gauges would wait for a reload."""
+
+        async def refresh() -> None:
+            try:
+                stats = await asyncio.to_thread(read)
+            except Exception:  # a registry being written; the next tick reads it
+                self._failed("watching_models")
+                return
+            self.set_model_versions(stats)
+
+        async with _every(every, refresh):
+            yield
 
     def _add(self, child: Any) -> None:
         with self._lock:
@@ -316,3 +331,21 @@ class Metrics:
             self.instruments.errors.inc()
         except Exception:  # the error counter itself failed; nothing more we can do
             log.debug("metrics error counter failed", exc_info=True)
+
+
+@contextlib.asynccontextmanager
+async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Runs ``step`` every ``seconds`` while the block is open; cancelled on exit."""
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await step()
+
+    task = asyncio.get_running_loop().create_task(tick())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
