@@ -73,15 +73,17 @@ async def open_services(
         path = current_model_path(settings)
         classifier = await Classifier.open(path, workers=settings.model.workers)
         stack.push_async_callback(classifier.close)
-    # Learned reputation (facts/reputation.py) reads the feedback store's counters. A
-    # read-only scan leaves it out (opening the store creates its tables), so scans read
-    # the reputation facts as missing.
-    reputation = None
-    if not readonly_state:
-        reputation = await open_feedback(
-            settings.state, settings.feedback, key, require_answer=require_state
-        )
-        stack.push_async_callback(reputation.close)
+    # Learned reputation (facts/reputation.py) reads the feedback store's counters; a
+    # read-only scan reads them too (nothing created or written), so `relay scan` explains
+    # a verdict with the standing the relay itself saw.
+    reputation = await open_feedback(
+        settings.state,
+        settings.feedback,
+        key,
+        require_answer=require_state,
+        readonly=readonly_state,
+    )
+    stack.push_async_callback(reputation.close)
     return Services(
         resolver=resolver,
         state=state,

@@ -56,6 +56,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -271,6 +272,26 @@ PRIVATE_MODE = 0o600  # the SQLite state file and its -wal/-shm
 _SIDECARS = ("-wal", "-shm")
 
 
+def connect_readonly(path: Path, timeout: float, schema: str) -> sqlite3.Connection:
+    """A connection that writes nothing anywhere (``relay scan``): SQLite's read-only mode
+    sharing the ``-shm`` of a store in use (a ``-wal`` beside it), else immutable, so no
+    ``-wal``/``-shm`` owned by whoever ran the scan appears. A missing file, or one without
+    the tables of ``schema`` yet, reads as an empty store (``schema`` in memory)."""
+    if path.exists():
+        in_use = path.with_name(path.name + "-wal").exists()
+        mode = "mode=ro" if in_use else "mode=ro&immutable=1"
+        uri = path.resolve().as_uri() + "?" + mode
+        db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        wanted = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", schema))
+        have = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if wanted <= have:
+            return db
+        db.close()
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.executescript(schema)
+    return db
+
+
 class SqliteOnThread:
     """One SQLite connection used from one worker thread of its own, so the event loop
     never waits on disk (the state store's and the feedback store's)."""
@@ -373,14 +394,7 @@ class SqliteState(StateStore, SqliteOnThread):
         return db
 
     def _open_readonly(self) -> sqlite3.Connection:
-        if not self.path.exists():
-            db = sqlite3.connect(":memory:", isolation_level=None)
-            db.executescript(_TABLES)
-            return db
-        in_use = self.path.with_name(self.path.name + "-wal").exists()
-        mode = "mode=ro" if in_use else "mode=ro&immutable=1"
-        uri = self.path.resolve().as_uri() + "?" + mode
-        return sqlite3.connect(uri, uri=True, timeout=self._busy_timeout, isolation_level=None)
+        return connect_readonly(self.path, self._busy_timeout, _TABLES)
 
     @staticmethod
     def _schema(db: sqlite3.Connection) -> None:

@@ -42,6 +42,7 @@ from relay.state import (
     SqliteOnThread,
     StateStore,
     close_redis,
+    connect_readonly,
     redacted,
     redis_client,
 )
@@ -215,10 +216,17 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
     _WHAT = "sqlite feedback"
 
     def __init__(
-        self, path: Path, *, key: SecretKey, settings: FeedbackSettings, busy_timeout: float = 5.0
+        self,
+        path: Path,
+        *,
+        key: SecretKey,
+        settings: FeedbackSettings,
+        busy_timeout: float = 5.0,
+        readonly: bool = False,
     ) -> None:
         super().__init__(key, settings)
         self.path = path
+        self.readonly = readonly  # `relay scan`: reputation read, nothing written or created
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-feedback")
         self._db: sqlite3.Connection | None = None
@@ -230,6 +238,9 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
     def _open(self) -> None:
         import os
 
+        if self.readonly:
+            self._db = connect_readonly(self.path, self._busy_timeout, _TABLES + _REP_TABLES)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE))  # 0600 before use
         self._db = self._until_unlocked(self._setup, self._busy_timeout)
@@ -329,6 +340,8 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
                 )
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self.readonly:
+            raise StateError(f"{self._WHAT} {self.path} is open read-only")
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -706,12 +719,16 @@ async def open_feedback(
     key: SecretKey,
     *,
     require_answer: bool = True,
+    readonly: bool = False,
 ) -> FeedbackStore:
     """The feedback store in the configured state backend, connected.
 
     ``require_answer=False`` (the relay's reputation facts and learn endpoint): a Redis
     that does not answer yet is no error; each use fails with StateError until it does
-    (the reputation facts fail, counted; the learn endpoint answers 503)."""
+    (the reputation facts fail, counted; the learn endpoint answers 503).
+    ``readonly=True`` (``relay scan``): a SQLite file is read as the state store reads it
+    (``state.connect_readonly``: nothing created or written); Redis is only read anyway,
+    since reading reputation sends no write."""
     if state.backend == "redis":
         store = RedisFeedback(state.url, key=key, settings=settings, timeout=state.timeout)
         if not require_answer:
@@ -722,7 +739,7 @@ async def open_feedback(
             await store.close()
             raise
         return store
-    return await SqliteFeedback(state.path, key=key, settings=settings).open()
+    return await SqliteFeedback(state.path, key=key, settings=settings, readonly=readonly).open()
 
 
 def training_set(entries: Iterable[FeedbackEntry], share: float) -> list[FeedbackEntry]:
