@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "relay.durable",
         "relay.loglimit",
         "relay.listening",
+        "relay.logconfig",
     ),  # values; durable: stdlib file writes; loglimit: one line per key per minute
     ("relay.message", "relay.config", "relay.secretkey"),
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
@@ -41,6 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.smtp", "relay.milter", "relay.ops"),  # the front doors and the observers
     ("relay.lab",),
     ("relay.app",),  # composition root
+    ("relay.launch",),  # relay serve: one relay here, or a lean supervisor of workers
     ("relay.cli",),
 )
 UNITS = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

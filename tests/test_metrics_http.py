@@ -18,7 +18,8 @@ from relay.config import MetricsSettings
 from relay.errors import ConfigError
 from relay.ops.http import MetricsServer, Readiness, start_metrics_server
 from relay.ops.metrics import Metrics
-from relay.ops.readiness import DownstreamProbe, RelayReadiness
+from relay.ops.probes import DownstreamProbe
+from relay.ops.readiness import RelayReadiness
 from relay.policy.holder import DeciderHolder
 from tests.support.relay import make_settings, sink_server
 

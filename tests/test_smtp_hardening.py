@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.app import configure_logging
+from relay.logconfig import configure_logging
 from relay.smtp.logsafe import printable
 from relay.smtp.relaycontrol import Recipient, RelayControl
 from tests.support.relay import RawClient, make_settings, running_relay, simple_message

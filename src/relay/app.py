@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import multiprocessing.connection
@@ -18,7 +17,6 @@ import os
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,23 +41,18 @@ from relay.facts import FactRegistry, Services, default_registry
 from relay.facts.base import FailureKind
 from relay.feedback.learn import BaseScorer, Learner
 from relay.feedback.store import open_feedback
+from relay.logconfig import configure_logging
 from relay.milter.server import MilterServer
 from relay.milter.session import MilterLimits
 from relay.models.holder import ClassifierHolder
 from relay.models.registry import current_model_path, registry_stats
-from relay.ops.faults import FactFaults, fact_error_totals
+from relay.ops.faults import FactFaults
 from relay.ops.http import MetricsServer, start_metrics_server
 from relay.ops.learn import FeedbackMetrics, start_learn_server
 from relay.ops.metrics import Metrics
-from relay.ops.multiprocess import (
-    multiprocess_dir,
-    prepare_multiprocess_dir,
-    scrape_registry,
-    worker_exited,
-)
+from relay.ops.multiprocess import multiprocess_dir
 from relay.ops.readiness import (
     RelayReadiness,
-    SupervisorReadiness,
     describe_classifier,
     describe_model,
 )
@@ -74,28 +67,8 @@ from relay.smtp.listen import listening_socket, server_tls_context, start_server
 from relay.smtp.relaycontrol import RelayControl
 from relay.smtp.server import SmtpDeps
 from relay.smtp.sessions import Sessions
-from relay.smtp.supervisor import Supervisor
 
 log = logging.getLogger("relay")
-
-PID_FILE = Path("var/relay.pid")
-METRICS_DIR = Path("var/metrics")  # per-worker metric files when [smtp] workers > 1
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd ("mail.log") logs every command with addresses at INFO, DATA lines (bodies)
-    # at DEBUG, and at WARNING the client's own words unescaped: "unrecognised: <command>"
-    # (ESC or a bare CR included), which is also where the body lines of a refused
-    # pipelined DATA land. Only its ERRORs (a bug in aiosmtpd, peer address only) pass; our
-    # one line per message and the session-limit lines (client text escaped by
-    # smtp/logsafe.printable) replace the rest. A filter that escaped its messages would
-    # still log body words, so the level it is.
-    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -419,8 +392,8 @@ def worker_main(
     ready: multiprocessing.connection.Connection,
     smtp: bool = True,
 ) -> None:
-    """Entry point of one worker process (spawned, so it imports everything afresh); the
-    supervisor is handed this function, so the SMTP layer never imports the app."""
+    """One worker process (spawned, so it imports everything afresh), called by
+    ``launch.worker_entry``: the supervisor never imports the app."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     settings = load_settings(Path(config_path))
     configure_logging(settings.log.level)
@@ -429,57 +402,3 @@ def worker_main(
     except RelayError as exc:
         logging.getLogger("relay").error("worker %d: %s", index, exc)
         raise SystemExit(2) from None
-
-
-async def supervise(config_path: Path, settings: Settings, smtp: bool = True) -> int:
-    """Several workers: each writes its metrics to files under var/metrics (the variable is
-    set before any worker is spawned, see relay.metrics) and the supervisor serves the one
-    endpoint that adds them up."""
-    entry = worker_main if smtp else functools.partial(worker_main, smtp=False)
-    supervisor = Supervisor(config_path, settings, entry, on_worker_exit=worker_exited)
-    if not settings.metrics.enabled:
-        return await supervisor.run()
-    prepare_multiprocess_dir(METRICS_DIR)
-
-    def workers_ready() -> bool:
-        workers = supervisor.workers.values()
-        return len(workers) == settings.smtp.workers and all(w.was_ready for w in workers)
-
-    registry = CollectorRegistry()
-    endpoint = await start_metrics_server(
-        settings.metrics,
-        registry,
-        # Degraded from the workers' relay_fact_errors_total (their files, aggregated).
-        SupervisorReadiness(
-            settings, workers_ready, lambda: fact_error_totals(scrape_registry(registry))
-        ),
-        source=settings.source,
-    )
-    try:
-        return await supervisor.run()
-    finally:
-        await endpoint.close()
-
-
-def serve(config_path: Path, *, smtp: bool = True) -> int:
-    """``relay serve`` (SMTP, plus the milter door when [milter] listen is set), or
-    ``relay milter`` (``smtp=False``: the milter door only)."""
-    try:
-        settings = load_settings(config_path)
-    except ConfigError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log.level)
-    PID_FILE.parent.mkdir(parents=True, exist_ok=True)
-    PID_FILE.write_text(f"{os.getpid()}\n")
-    try:
-        if settings.smtp.workers > 1:
-            return asyncio.run(supervise(config_path, settings, smtp))
-        asyncio.run(run(settings, smtp=smtp))
-    except RelayError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            PID_FILE.unlink()
-    return 0

@@ -117,3 +117,14 @@ class Verdict:
 
 
 ACCEPT_ALL = Verdict(action=Action.ACCEPT, policy="noop")
+
+
+class FailureKind(StrEnum):
+    """Why a fact failed: the ``kind`` label of ``relay_fact_errors_total``. Closed on
+    purpose, so the label's values stay few whatever the exceptions say."""
+
+    STATE = "state"  # the shared-state backend (SQLite, Redis) or the feedback store
+    DNS = "dns"  # resolver timeout, SERVFAIL, unreachable
+    MODEL = "model"  # the classifier (model error, broken worker pool)
+    TIMEOUT = "timeout"  # a time limit ran out (not DNS's own)
+    OTHER = "other"  # anything else: usually a bug, see the log

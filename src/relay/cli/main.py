@@ -23,7 +23,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
 
     def run(args: argparse.Namespace) -> int:
-        from relay.app import serve
+        from relay.launch import serve
 
         return int(serve(args.config))
 
@@ -35,7 +35,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     m.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="relay.toml")
 
     def run_milter(args: argparse.Namespace) -> int:
-        from relay.app import serve
+        from relay.launch import serve
 
         return int(serve(args.config, smtp=False))
 
@@ -120,9 +120,9 @@ def _add_policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         return 0
 
     def run_reload(args: argparse.Namespace) -> int:
-        from relay.app import PID_FILE
         from relay.config import load_settings
         from relay.facts import default_registry
+        from relay.launch import PID_FILE
         from relay.policy import check_files, signal_reload
 
         settings = load_settings(args.config)

@@ -124,7 +124,7 @@ def _update(args: argparse.Namespace, settings: Settings, registry: Any) -> int:
 
 
 def _signal_relay(pidfile: Path | None) -> int:
-    from relay.app import PID_FILE
+    from relay.launch import PID_FILE
     from relay.policy import signal_reload
 
     return signal_reload(pidfile or PID_FILE)

@@ -41,7 +41,7 @@ from relay.dns import DnsTemporaryError
 from relay.errors import FactError, ModelError, StateError, WorkerTimeout
 from relay.facts.services import CLASSIFIER, Service, Services
 from relay.message import Message
-from relay.verdict import FactRead, Tier
+from relay.verdict import FactRead, FailureKind, Tier
 
 S = TypeVar("S")
 
@@ -70,17 +70,6 @@ class FactType(StrEnum):
     STR = "str"  # may be None when absent (e.g. list_id)
     STR_LIST = "list[str]"
     OBJECT = "object"  # structured, JSON-able mapping (e.g. per-signature DKIM results)
-
-
-class FailureKind(StrEnum):
-    """Why a fact failed: the ``kind`` label of ``relay_fact_errors_total``. Closed on
-    purpose, so the label's values stay few whatever the exceptions say."""
-
-    STATE = "state"  # the shared-state backend (SQLite, Redis) or the feedback store
-    DNS = "dns"  # resolver timeout, SERVFAIL, unreachable
-    MODEL = "model"  # the classifier (model error, broken worker pool)
-    TIMEOUT = "timeout"  # a time limit ran out (not DNS's own)
-    OTHER = "other"  # anything else: usually a bug, see the log
 
 
 def _kind_of(exc: BaseException) -> FailureKind | None:

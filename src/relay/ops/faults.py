@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry
 
 from relay.errors import StateError
-from relay.facts.base import FailureKind
 from relay.loglimit import LOG_EVERY, Clock, LogLimiter
+from relay.verdict import FailureKind
 
 log = logging.getLogger("relay.facts")
 
