@@ -57,12 +57,13 @@ def test_html_text_drops_scripts_and_keeps_links() -> None:
     ]
 
 
-def test_plain_preferred_and_attachments_skipped() -> None:
+def test_plain_alternative_preferred_and_attachments_skipped() -> None:
     msg = _mime(
-        "--b\nContent-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: "
-        "quoted-printable\n\nCaf=E9 at noon\n--b\nContent-Type: text/html\n\n<p>HTML copy</p>\n"
-        "--b\nContent-Type: text/plain\nContent-Disposition: attachment; filename=a.txt\n\n"
-        "attached words\n--b--\n",
+        '--b\nContent-Type: multipart/alternative; boundary="a"\n\n'
+        "--a\nContent-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: "
+        "quoted-printable\n\nCaf=E9 at noon\n--a\nContent-Type: text/html\n\n<p>HTML copy</p>\n"
+        "--a--\n--b\nContent-Type: text/plain\nContent-Disposition: attachment; filename=a.txt"
+        "\n\nattached words\n--b--\n",
         'Content-Type: multipart/mixed; boundary="b"\n',
     )
     assert decoded_text(msg) == "Café at noon"
@@ -243,7 +244,45 @@ def test_promotion_stays_commercial() -> None:
     assert score > 0.9
 
 
-def test_commercial_probability_is_version_3() -> None:
+def test_commercial_probability_is_version_4() -> None:
     """The lab caches facts by version: changed cues or weights need a new one."""
     spec = next(s for s in content.FACTS if s.name == "commercial_probability")
-    assert spec.version == 3
+    assert spec.version == 4
+
+
+# Version 4 (issue 18): the Subject's own cues and community posts.
+RECEIPT = (
+    "Thanks for shopping with us. Receipt for order #58213, paid with Visa ending in 0042.\n"
+    "2 x Trail socks $24.00, 1 x Rain shell $129.00. Subtotal $153.00, total $165.24.\n"
+    "Questions about your order? Reply to this email. Unsubscribe from marketing email.\n"
+)
+NEIGHBOURHOOD = (
+    "Maria posted in General: Has anyone seen a grey cat near 5th and Pine? Three neighbors\n"
+    "replied and 2 commented on the meeting about the community garden. Posted near you.\n"
+    "Unsubscribe or manage your email preferences.\n"
+)
+
+
+def test_a_receipt_with_prices_is_not_commercial() -> None:
+    score, counts = commercial_score("Your receipt from Outfitters", BodyText(RECEIPT, LINKS))
+    assert counts["price"] >= 4 and counts["account"] >= 3
+    assert score < 0.2
+
+
+def test_the_subject_announces_a_promotion() -> None:
+    """The same short body is read as commercial under a promotional Subject, and not
+    under a plain one: the subject cues read the Subject alone."""
+    text = "See what is new this month at Outfitters. Unsubscribe.\n"
+    plain, counts = commercial_score("March at Outfitters", BodyText(text))
+    assert counts["subject_promo"] == counts["subject_emoji"] == 0
+    promo, counts = commercial_score("\U0001f6cd\ufe0f 40% off ends tonight!", BodyText(text))
+    assert counts["subject_promo"] == 3 and counts["subject_emoji"] == 1
+    assert plain < 0.5 < promo
+    _, counts = commercial_score("Hello", BodyText("Big sale! 40% off, free shipping."))
+    assert counts["subject_promo"] == 0, "the body's words are not the Subject's"
+
+
+def test_a_neighbourhood_post_is_not_commercial() -> None:
+    score, counts = commercial_score("Lost cat near 5th and Pine", BodyText(NEIGHBOURHOOD, LINKS))
+    assert counts["community"] >= 3 and counts["unsubscribe"] == 1
+    assert score < 0.5

@@ -9,6 +9,7 @@ all but one message in set "test", which tuning must never read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -156,12 +157,42 @@ def test_choice_is_by_out_of_fold_spam_stopped_within_the_budget() -> None:
     assert tune.pick([x, y], two_ham, 0.0) == "perceptron"  # none within: least ham
 
 
-def test_cutoff_lies_halfway_and_meets_the_allowance() -> None:
+def test_cutoff_sits_just_below_the_lowest_blocked_score_and_meets_the_allowance() -> None:
     scores = np.array([5.0, 5.0, 3.0, 3.0, 1.0, 0.0])
     spam = np.array([True, True, True, False, False, False])
-    assert tune.choose_cutoff(scores, spam, 0) == 4.0  # halfway between 5 and 3
-    assert tune.choose_cutoff(scores, spam, 1) == 2.0
+    assert tune.choose_cutoff(scores, spam, 0) == 4.5  # the margin below 5, not halfway
+    assert tune.choose_cutoff(scores, spam, 1) == 2.5
     assert tune.choose_cutoff(np.array([2.0, 2.0]), np.array([True, False]), 0) == 3.0
+    # Closer than twice the margin: halfway, so rounding never moves a message across.
+    assert tune.choose_cutoff(np.array([5.0, 4.6]), np.array([True, False]), 0) == 4.8
+
+
+def test_separated_scores_do_not_block_the_unseen_gap() -> None:
+    """The default policy on the classifier's own training rows: spam scores 17 and 11,
+    ham -1. Halfway (5) would block every unseen message scoring 5 to 11 (a ham the
+    classifier calls "possibly spam" on the test split, say); the cutoff stays by 11."""
+    scores = np.array([17.0] * 5 + [11.0] * 2 + [-1.0] * 10)
+    spam = np.array([True] * 7 + [False] * 10)
+    assert tune.choose_cutoff(scores, spam, 0) == 10.5
+
+
+def test_in_sample_model_is_recognised_by_its_card(tmp_path: Path) -> None:
+    from relay.config import ModelSettings, Settings
+    from relay.lab.env import LabEnv
+
+    labels = tmp_path / "split.tsv"
+    labels.write_text("a\tham\ttrain\n")
+    other = tmp_path / "other.tsv"
+    other.write_text("b\tspam\ttrain\n")
+    model = tmp_path / "spam.skops"
+    digest = hashlib.sha256(labels.read_bytes()).hexdigest()
+    card = {"training": {"sets": [{"labels_sha256": digest}]}}
+    (tmp_path / "spam.card.json").write_text(json.dumps(card))
+    env = LabEnv(settings=Settings(model=ModelSettings(path=model)))
+    assert tune.in_sample_model(env, labels)
+    assert not tune.in_sample_model(env, other)
+    (tmp_path / "spam.card.json").write_text("not json")
+    assert not tune.in_sample_model(env, labels)
 
 
 def test_budget_parsing() -> None:

@@ -29,6 +29,12 @@ _RAW_FACTOR = 4  # bytes of one part read before decoding, per character kept
 _URL = re.compile(r"(?:https?://|mailto:)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 _LINES = re.compile(r"\n\s*\n+")
+# Characters that display as nothing: marketing HTML pads its preview line with hundreds of
+# them (U+034F, U+200C, soft hyphens), which would count as "words" that are not words.
+_INVISIBLE_CHARS = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]+"
+)
 _INVISIBLE = "script,style,noscript,template,head"
 
 
@@ -64,6 +70,7 @@ def _decode(part: EmailPart, max_bytes: int) -> str:
 
 
 def _tidy(text: str) -> str:
+    text = _INVISIBLE_CHARS.sub("", text)
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return _LINES.sub("\n\n", "\n".join(lines)).strip()
 
@@ -90,36 +97,95 @@ def _plain_links(text: str) -> list[Link]:
     return links
 
 
-def extract(message: Message, limit: int = DEFAULT_LIMIT) -> BodyText:
-    """Visible text and links of the message body (text/plain preferred over text/html)."""
-    plain: list[str] = []
-    html: list[str] = []
-    leaves = 0
-    for part in message.parsed.walk():
-        if part.is_multipart():
-            continue
-        leaves += 1
-        if leaves > MAX_PARTS:
-            break
-        if part.get_content_disposition() == "attachment":
-            continue
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """The visible text of one body part (HTML already reduced to text)."""
+
+    text: str
+    html: bool
+
+    @property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+# In multipart/alternative, the plain part is kept unless it holds fewer than this share
+# of the richest alternative's words: senders' plain parts are often empty, one line ("view
+# this email in your browser") or a stub, and reading only those left the detectors blind
+# on messages whose text is all in the HTML (issue 18). Plain text stays the default
+# because it carries no hidden or layout text; a ratio, not an absolute length, so a short
+# note with a long HTML signature is still read from its plain part.
+PLAIN_MIN_SHARE = 0.5
+
+
+class _Walker:
+    """Collects the visible text of a message's parts in order, one alternative per
+    multipart/alternative, at most MAX_PARTS leaves; each HTML part's links are kept
+    whichever alternative is read (a link is a link in either)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.leaves = 0
+        self.links: list[Link] = []
+
+    def pieces(self, part: EmailPart) -> list[_Piece]:
+        if not part.is_multipart():
+            return self._leaf(part)
+        payload = part.get_payload()
+        children = (
+            [c for c in payload if isinstance(c, EmailPart)] if isinstance(payload, list) else []
+        )
+        if part.get_content_subtype() == "alternative":
+            return self._choose([self.pieces(child) for child in children])
+        return [piece for child in children for piece in self.pieces(child)]
+
+    def _leaf(self, part: EmailPart) -> list[_Piece]:
+        self.leaves += 1
+        if self.leaves > MAX_PARTS or part.get_content_disposition() == "attachment":
+            return []
         kind = part.get_content_type()
         if kind == "text/plain":
-            plain.append(_decode(part, limit * _RAW_FACTOR))
-        elif kind == "text/html":
-            html.append(_decode(part, limit * _RAW_FACTOR))
-    links: list[Link] = []
-    html_text: list[str] = []
-    for doc in html:
-        text, found = _html_text(doc)
-        html_text.append(text)
-        links.extend(found)
-    from_html = not plain and bool(html)
-    text = _tidy("\n\n".join(plain if plain else html_text))
-    if plain:
-        links.extend(_plain_links(text[:limit]))
+            return [_Piece(_tidy(_decode(part, self.max_bytes)), html=False)]
+        if kind == "text/html":
+            text, links = _html_text(_decode(part, self.max_bytes))
+            self.links.extend(links)
+            return [_Piece(_tidy(text), html=True)]
+        return []
+
+    @staticmethod
+    def _choose(options: list[list[_Piece]]) -> list[_Piece]:
+        """The first all-plain alternative with text, unless another holds more than
+        1 / PLAIN_MIN_SHARE times its words; then the alternative with the most words."""
+        filled = [o for o in options if any(p.text for p in o)]
+        if not filled:
+            return []
+        words = [sum(p.words for p in o) for o in filled]
+        richest = max(range(len(filled)), key=words.__getitem__)
+        plain = next((i for i, o in enumerate(filled) if not any(p.html for p in o)), None)
+        if plain is not None and words[plain] >= PLAIN_MIN_SHARE * words[richest]:
+            return filled[plain]
+        return filled[richest]
+
+
+def extract(message: Message, limit: int = DEFAULT_LIMIT) -> BodyText:
+    """Visible text and links of the message body: every text part in order, attachments
+    skipped; of alternatives, the plain text unless it is much shorter than the HTML."""
+    walker = _Walker(limit * _RAW_FACTOR)
+    pieces = [p for p in walker.pieces(message.parsed) if p.text]
+    text = "\n\n".join(p.text for p in pieces)
+    links = walker.links
+    used = 0
+    for piece in pieces:  # URLs in plain parts, as far as the kept text reaches
+        if used >= limit:
+            break
+        if not piece.html:
+            links.extend(_plain_links(piece.text[: limit - used]))
+        used += len(piece.text) + 2
     return BodyText(
-        text=text[:limit], links=tuple(links), html=from_html, truncated=len(text) > limit
+        text=text[:limit],
+        links=tuple(links),
+        html=any(p.html for p in pieces),
+        truncated=len(text) > limit,
     )
 
 
@@ -143,5 +209,8 @@ FACTS = (
         Tier.FINGERPRINT,
         _body_text,
         doc="decoded visible body text and links (internal; shown only as a summary)",
+        # 2: of multipart/alternative, the HTML when the plain part is a stub; every text
+        # part of multipart/mixed, not only the plain ones
+        version=2,
     ),
 )

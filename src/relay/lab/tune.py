@@ -21,8 +21,10 @@ is computed per fold. Blocked is the lab's: reject, tempfail or quarantine (resc
 curves (curves.py). A message with a matched forced action keeps its forced outcome.
 
 Method. Three candidates on the same stratified folds, each followed by the same cutoff
-choice (the lowest cutoff whose blocked legitimate mail on the *training* folds stays within
-the budget), judged on the held-out fold, so every figure reported is out of fold:
+choice (the cutoff blocking the most training messages while their blocked legitimate mail
+stays within the budget, placed just below the lowest blocked score rather than halfway
+down an unseen gap: choose_cutoff), judged on the held-out fold, so every figure reported
+is out of fold:
 
 - ``logistic``: L2-regularised logistic regression on the hit matrix with sign bounds
   (scipy L-BFGS-B), class-balanced;
@@ -41,8 +43,13 @@ training messages: those scores and that cutoff are the proposed policy.
 Units. Fitted weights are in log-odds; they are scaled to policy points by the factor
 that brings them closest to the original scores (least squares over the rules being
 tuned), so old and new scores compare rule by rule, then rounded to 2 decimals. Cutoffs
-lie halfway between two attainable scores (3 decimals), so rounding or summation order
-never moves a message across one.
+lie CUTOFF_MARGIN below an attainable score, or halfway between two closer ones (3
+decimals), so rounding or summation order never moves a message across one.
+
+In-sample facts. When the policy reads ``spam_probability`` and the model's card says it
+was trained on this very labels file, the classifier's values on the train rows are
+in-sample (near perfect); the report says so, and only the held-out figures
+(``--heldout``) show what the classifier does on unseen mail.
 
 Split. Only rows of set ``train`` are used (a labels row without a set column is in set
 train, relay/corpus.py); tuning on ``test`` is refused. The held-out test split may be
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import json
 import math
 import random
@@ -91,6 +99,8 @@ UNAVAILABLE_SHARE = 0.05
 """A rule unevaluable on at least this share of the training messages is kept as it is."""
 SCORE_DECIMALS = 2
 CUTOFF_DECIMALS = 3
+CUTOFF_MARGIN = 0.5
+"""Points between the lowest blocked training score and the cutoff (choose_cutoff)."""
 METHODS = ("logistic", "perceptron", "thresholds_only")
 SIMPLER = {"thresholds_only": 0, "logistic": 1, "perceptron": 2}
 L2 = 1.0  # logistic: penalty on the squared weights (log-odds units), against separation
@@ -312,8 +322,15 @@ def to_points(weights: Floats, old: Sequence[float]) -> Floats:
 
 
 def choose_cutoff(scores: Floats, spam: Bools, ham_allowed: int) -> float:
-    """The lowest cutoff blocking at most ``ham_allowed`` of these (unforced) hams,
-    halfway between two attainable scores; above every score when none qualifies."""
+    """The cutoff blocking the most of these messages while blocking at most
+    ``ham_allowed`` of the (unforced) hams; above every score when none qualifies.
+
+    Every cutoff between the lowest blocked score and the next score down blocks the same
+    training messages; the one chosen lies CUTOFF_MARGIN below the lowest blocked score
+    (halfway to the next when they are closer), not lower: the scores in the gap were
+    never seen in training, so blocking them spends the budget on no evidence. This
+    matters when the training scores separate (a classifier scored on its own training
+    rows): the midpoint of a wide gap then blocked unseen legitimate mail (docs/lab.md)."""
     values = np.unique(np.round(scores, SCORE_DECIMALS + 4))[::-1]  # descending
     if values.size == 0:
         return 0.0
@@ -326,9 +343,9 @@ def choose_cutoff(scores: Floats, spam: Bools, ham_allowed: int) -> float:
             break
     if chosen is None:
         return round(float(values[0]) + 1.0, CUTOFF_DECIMALS)
-    if chosen + 1 < values.size:
-        return round((float(values[chosen]) + float(values[chosen + 1])) / 2, CUTOFF_DECIMALS)
-    return round(float(values[chosen]) - 0.5, CUTOFF_DECIMALS)
+    low = float(values[chosen])
+    gap = low - float(values[chosen + 1]) if chosen + 1 < values.size else 2 * CUTOFF_MARGIN
+    return round(low - min(CUTOFF_MARGIN, gap / 2), CUTOFF_DECIMALS)
 
 
 def _fit(
@@ -873,6 +890,28 @@ def _replay(
     return _Replay(problem, len(corpus.messages), len(corpus.unreadable), seconds)
 
 
+IN_SAMPLE = (
+    "the classifier model was trained on the train rows of this labels file (its card "
+    "names the same file): spam_probability is in-sample here, near perfect, so the "
+    "out-of-fold figures above are optimistic wherever the classifier decides; judge the "
+    "proposal on the held-out split (--heldout)"
+)
+
+
+def in_sample_model(env: LabEnv, labels: Path) -> bool:
+    """Whether the model's card lists ``labels`` (by digest) among its training sets."""
+    model = env.settings.model
+    card = model.path.with_name(model.path.stem + ".card.json")  # classifier/model.py
+    if not model.enabled:
+        return False
+    try:
+        sets = json.loads(card.read_text(encoding="utf-8"))["training"]["sets"]
+        digest = hashlib.sha256(labels.read_bytes()).hexdigest()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any(isinstance(s, dict) and s.get("labels_sha256") == digest for s in sets)
+
+
 def _check(path: Path, env: LabEnv) -> list[str]:
     return check_files([path], env.registry())
 
@@ -917,6 +956,10 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
     )
     notes: list[str] = []
     policy = regime.policy
+    if "spam_probability" in needed_facts([regime], registry) and in_sample_model(
+        options.env, options.labels
+    ):
+        notes.append(IN_SAMPLE)
     if getattr(policy, "overrides", ()):
         notes.append(
             "[[override]] thresholds are kept as written: they were set for the old scores, "

@@ -1,0 +1,143 @@
+"""The decoded body text (relay.facts.text): which MIME parts the content facts read.
+
+The messages are shaped like the mail that exposed the bug of issue 18: bulk senders'
+multipart/alternative with an empty or one-line text/plain part and the whole message in
+the HTML, often padded with invisible "preheader" characters.
+"""
+
+from __future__ import annotations
+
+import pytest
+from publicsuffixlist import PublicSuffixList
+
+from relay.facts import content, text
+from relay.facts.base import FactRegistry, Facts, Services
+from relay.facts.content import is_meaningless
+from relay.facts.text import extract
+from relay.message import Message
+
+REGISTRY = FactRegistry((*content.FACTS, *text.FACTS))
+
+PROMOTION_HTML = (
+    "<html><head><style>.x{color:red}</style></head><body>"
+    "<div style='display:none'>Our winter sale is here" + "&#847;&zwnj;&nbsp;" * 80 + "</div>"
+    "<table><tr><td><h1>Winter sale: 40% off sitewide</h1>"
+    "<p>Save up to 40% on jackets, boots and gloves. Use code WINTER at checkout. "
+    "Free shipping on orders over $50. Offer ends Sunday.</p>"
+    "<p><a href='https://shop.example/sale'>Shop now</a> | "
+    "<a href='https://shop.example/new'>New arrivals</a> | "
+    "<a href='https://shop.example/best'>Best sellers</a></p>"
+    "<p>You are receiving this because you subscribed. "
+    "<a href='https://shop.example/u?id=7'>Unsubscribe</a> or manage preferences.</p>"
+    "</td></tr></table></body></html>"
+)
+
+
+def _message(body: str, content_type: str, subject: str = "Hello") -> Message:
+    head = (
+        "From: Outfitters <news@shop.example>\nTo: ann@example.org\n"
+        f"Subject: {subject}\nMIME-Version: 1.0\nContent-Type: {content_type}\n"
+    )
+    return Message.from_file_bytes((head + "\n" + body).encode(), received_at=1_795_000_000.0)
+
+
+def _alternative(plain: str, html: str, boundary: str = "alt") -> str:
+    return (
+        f"--{boundary}\nContent-Type: text/plain; charset=utf-8\n\n{plain}\n"
+        f"--{boundary}\nContent-Type: text/html; charset=utf-8\n\n{html}\n--{boundary}--\n"
+    )
+
+
+ALT = 'multipart/alternative; boundary="alt"'
+
+
+@pytest.mark.parametrize(
+    "plain",
+    ["", "\n \n", "View this email in your browser: https://shop.example/v/1"],
+    ids=["empty", "blank", "browser-link"],
+)
+def test_stub_plain_part_reads_the_html(plain: str) -> None:
+    """The bug: an empty or one-line plain alternative hid the whole HTML message."""
+    body = extract(_message(_alternative(plain, PROMOTION_HTML), ALT))
+    assert "Winter sale: 40% off sitewide" in body.text
+    assert "Use code WINTER" in body.text
+    assert body.html
+    assert "https://shop.example/u?id=7" in [link.href for link in body.links]
+
+
+def test_a_full_plain_part_is_still_preferred() -> None:
+    """Plain text stays the default when it carries the message: it holds no layout or
+    hidden text. The HTML's links are kept either way."""
+    plain = (
+        "Winter sale: 40% off sitewide. Save up to 40% on jackets, boots and gloves.\n"
+        "Use code WINTER at checkout. Free shipping on orders over $50. Ends Sunday.\n"
+        "Shop now: https://shop.example/sale\nUnsubscribe: https://shop.example/u?id=7\n"
+    )
+    body = extract(_message(_alternative(plain, PROMOTION_HTML), ALT))
+    assert body.text.startswith("Winter sale: 40% off sitewide. Save up to 40%")
+    assert "Best sellers" not in body.text  # HTML-only words: the HTML was not read
+    assert not body.html
+    hrefs = [link.href for link in body.links]
+    assert "https://shop.example/best" in hrefs  # from the HTML
+    assert "https://shop.example/sale" in hrefs  # from the plain text
+
+
+def test_html_inside_related_and_a_mixed_footer() -> None:
+    """The usual nesting: mixed(alternative(plain stub, related(html, image)), footer).
+    The chosen alternative and the list footer are both read, the image is not."""
+    related = (
+        'Content-Type: multipart/related; boundary="rel"\n\n'
+        f"--rel\nContent-Type: text/html; charset=utf-8\n\n{PROMOTION_HTML}\n"
+        "--rel\nContent-Type: image/png\nContent-Transfer-Encoding: base64\n\niVBORw0KGgo=\n"
+        "--rel--\n"
+    )
+    body = (
+        '--mix\nContent-Type: multipart/alternative; boundary="alt"\n\n'
+        "--alt\nContent-Type: text/plain\n\n\n"
+        f"--alt\n{related}--alt--\n"
+        "--mix\nContent-Type: text/plain\n\nSent through the outdoors mailing list.\n--mix--\n"
+    )
+    found = extract(_message(body, 'multipart/mixed; boundary="mix"'))
+    assert "Winter sale: 40% off sitewide" in found.text
+    assert found.text.endswith("Sent through the outdoors mailing list.")
+    assert "iVBOR" not in found.text
+
+
+def test_preheader_padding_is_not_text() -> None:
+    """Invisible padding (U+034F, U+200C, soft hyphens) must neither count as words nor
+    make a promotion "meaningless"."""
+    found = extract(_message(PROMOTION_HTML, "text/html; charset=utf-8"))
+    assert "\u034f" not in found.text and "\u200c" not in found.text
+    assert found.text.startswith("Our winter sale is here")
+    assert is_meaningless(found.text) is False
+
+
+def test_a_forwarded_message_is_read() -> None:
+    body = (
+        "--mix\nContent-Type: text/plain\n\nSee below.\n"
+        "--mix\nContent-Type: message/rfc822\n\n"
+        "From: b@example.net\nSubject: minutes\nContent-Type: text/plain\n\n"
+        "The board approved the budget.\n--mix--\n"
+    )
+    found = extract(_message(body, 'multipart/mixed; boundary="mix"'))
+    assert found.text == "See below.\n\nThe board approved the budget."
+
+
+async def test_commercial_probability_reads_the_html_of_a_stub_alternative() -> None:
+    """End to end through the fact registry: with the plain stub read, the promotion
+    scored as an empty message (below 0.5); read from its HTML it is commercial."""
+    message = _message(_alternative("", PROMOTION_HTML), ALT)
+    facts = Facts(REGISTRY, message, Services(psl=PublicSuffixList()))
+    assert await facts.get("commercial_probability") > 0.9
+    assert await facts.get("has_body_unsubscribe_link") is True
+    assert await facts.get("meaningless_text") is False
+
+
+def test_body_text_version_keys_the_cache() -> None:
+    """The lab caches facts by version: the extraction changed, so body_text and the
+    facts reading it moved on (commercial_probability 4, meaningless_text 3, others 2)."""
+    assert text.FACTS[0].version == 2
+    versions = {spec.name: spec.version for spec in content.FACTS}
+    assert versions["commercial_probability"] == 4
+    assert versions["meaningless_text"] == 3
+    assert all(v >= 2 for v in versions.values())
