@@ -26,8 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cel
-
+from relay.celext import cel
 from relay.facts.base import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 from relay.message import Message
 from relay.policy import Policy, compile_policy

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "relay.loglimit",
         "relay.listening",
         "relay.logconfig",
+        "relay.celext",
     ),  # values; durable: stdlib file writes; loglimit: one line per key per minute
     ("relay.message", "relay.config", "relay.secretkey"),
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine

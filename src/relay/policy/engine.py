@@ -35,8 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cel
-
+from relay.celext import cel
 from relay.contracts import FactSource
 from relay.errors import ConditionTimeout, FactError
 from relay.facts.base import failure_kind

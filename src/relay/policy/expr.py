@@ -32,8 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cel
-
+from relay.celext import cel
 from relay.facts.base import FactRegistry, FactType
 
 _SYNTAX = re.compile(r"<input>:(\d+):(\d+): (.*)")

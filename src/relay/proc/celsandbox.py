@@ -26,8 +26,7 @@ import sys
 from collections import OrderedDict
 from typing import Any
 
-import cel
-
+from relay.celext import cel
 from relay.errors import ConditionTimeout, WorkerDied, WorkerError, WorkerTimeout
 from relay.proc.pipes import PipeWorkers, serve
 
