@@ -220,3 +220,23 @@ def test_postfix_snippets_parse_without_warnings(tmp_path: Path, guide: str) -> 
     else:
         assert "content_filter = relayfilter:[127.0.0.1]:2525" in blocks["main.cf"]
     assert "127.0.0.1:10026" in services
+
+
+def test_model_update_timer_verifies_and_runs_the_timer_form(tmp_path: Path) -> None:
+    analyze = tool("systemd-analyze")
+    folder = UNIT.parent
+    service = (folder / "relay-model-update.service").read_text()
+    # The timer form of `relay model update` (docs/classifier.md, "On a timer").
+    assert "model update --config /etc/relay/relay.toml --min-new 50 --promote --reload" in service
+    for line in ("User=relay", "NoNewPrivileges=yes", "ProtectSystem=strict", "Nice=15"):
+        assert line in service, line
+    (tmp_path / "relay-model-update.service").write_text(
+        service.replace("/opt/relay/bin/relay", sys.executable)
+    )
+    timer = tmp_path / "relay-model-update.timer"
+    timer.write_text((folder / "relay-model-update.timer").read_text())
+    result = run(analyze, "verify", str(timer), str(tmp_path / "relay-model-update.service"))
+    if "Failed to" in result.stderr and "bus" in result.stderr.lower():
+        pytest.skip(f"systemd-analyze cannot run here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr

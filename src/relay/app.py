@@ -49,6 +49,7 @@ from relay.models.registry import current_model_path, registry_stats
 from relay.ops.faults import FactFaults
 from relay.ops.http import MetricsServer, start_metrics_server
 from relay.ops.learn import FeedbackMetrics, start_learn_server
+from relay.ops.looplag import watching_loop_lag
 from relay.ops.metrics import Metrics
 from relay.ops.multiprocess import multiprocess_dir
 from relay.ops.readiness import (
@@ -229,6 +230,7 @@ async def lifespan(
             metrics_registry = CollectorRegistry()
             metrics = Metrics(metrics_registry)
             await stack.enter_async_context(metrics.flushing())
+            await stack.enter_async_context(watching_loop_lag(metrics.loop_lag))
             model = describe_model(services)
             if model is not None:
                 metrics.set_model_info(model)

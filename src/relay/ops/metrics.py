@@ -40,6 +40,7 @@ from relay.ops.instruments import (
     STAGES,
     Instruments,
 )
+from relay.ops.looplag import background
 from relay.ops.multiprocess import MULTIPROC_ENV, multiprocess_dir, values_are_mmapped
 from relay.verdict import Action, FactRead, Mode, Tier, Verdict
 
@@ -216,6 +217,13 @@ class Metrics:
         except Exception:
             self._failed("model_reloaded")
 
+    def loop_lag(self, seconds: float) -> None:
+        """How late the event loop ran a timer (ops/looplag.py)."""
+        try:
+            self.instruments.loop_lag.observe(seconds)
+        except Exception:
+            self._failed("loop_lag")
+
     def set_model_versions(self, stats: Mapping[str, Any]) -> None:
         """The registry's figures (``models.registry.registry_stats``)."""
         try:
@@ -333,8 +341,9 @@ class Metrics:
             log.debug("metrics error counter failed", exc_info=True)
 
 
-@contextlib.asynccontextmanager
-async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+def _every(
+    seconds: float, step: Callable[[], Awaitable[None]]
+) -> contextlib.AbstractAsyncContextManager[None]:
     """Runs ``step`` every ``seconds`` while the block is open; cancelled on exit."""
 
     async def tick() -> None:
@@ -342,10 +351,4 @@ async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> AsyncIt
             await asyncio.sleep(seconds)
             await step()
 
-    task = asyncio.get_running_loop().create_task(tick())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return background(tick)
