@@ -141,3 +141,22 @@ def test_body_text_version_keys_the_cache() -> None:
     assert versions["commercial_probability"] == 4
     assert versions["meaningless_text"] == 3
     assert all(v >= 2 for v in versions.values())
+
+
+def test_deep_nesting_is_bounded() -> None:
+    """Multiparts nested deeper than MAX_DEPTH are not followed: the text above the limit
+    is read, what lies deeper is skipped (200 levels: the stdlib parser's own recursion
+    gives out near 1000)."""
+    depth = 200
+    opening = "".join(
+        f'--b{i}\nContent-Type: multipart/mixed; boundary="b{i + 1}"\n\n' for i in range(depth)
+    )
+    closing = "".join(f"--b{i}--\n" for i in reversed(range(depth + 1)))
+    body = (
+        "--b0\nContent-Type: text/plain\n\nTop note.\n"
+        + opening
+        + f"--b{depth}\nContent-Type: text/plain\n\nburied\n"
+        + closing
+    )
+    found = extract(_message(body, 'multipart/mixed; boundary="b0"'))
+    assert found.text == "Top note."

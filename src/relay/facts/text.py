@@ -25,6 +25,7 @@ from relay.verdict import Tier
 
 DEFAULT_LIMIT = 64 * 1024  # characters of decoded text kept per message
 MAX_PARTS = 64  # MIME leaves looked at; a message of thousands of parts costs no more
+MAX_DEPTH = 16  # nested multiparts followed; deeper ones are skipped, not recursed into
 _RAW_FACTOR = 4  # bytes of one part read before decoding, per character kept
 _URL = re.compile(r"(?:https?://|mailto:)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
 _SPACES = re.compile(r"[ \t\r\f\v]+")
@@ -128,16 +129,16 @@ class _Walker:
         self.leaves = 0
         self.links: list[Link] = []
 
-    def pieces(self, part: EmailPart) -> list[_Piece]:
+    def pieces(self, part: EmailPart, depth: int = 0) -> list[_Piece]:
         if not part.is_multipart():
             return self._leaf(part)
         payload = part.get_payload()
-        children = (
-            [c for c in payload if isinstance(c, EmailPart)] if isinstance(payload, list) else []
-        )
+        if depth >= MAX_DEPTH or not isinstance(payload, list):
+            return []
+        children = [c for c in payload if isinstance(c, EmailPart)]
         if part.get_content_subtype() == "alternative":
-            return self._choose([self.pieces(child) for child in children])
-        return [piece for child in children for piece in self.pieces(child)]
+            return self._choose([self.pieces(child, depth + 1) for child in children])
+        return [piece for child in children for piece in self.pieces(child, depth + 1)]
 
     def _leaf(self, part: EmailPart) -> list[_Piece]:
         self.leaves += 1
