@@ -7,7 +7,12 @@ relay memory with the model loaded < 300 MB RSS. Measures, on the SpamAssassin c
 - in-process: feature extraction + prediction, one message at a time (the CPU cost);
 - through ``Classifier`` (process pool, what the relay does): one message in flight at a
   time (latency including the pipe to the worker) and 16 in flight (throughput);
-- RSS of this process (the relay side: it never imports scikit-learn) and of each worker.
+- RSS of this process (the relay side: it never imports scikit-learn) and of each worker;
+- side by side in one run, the two ways a model is served (docs/classifier.md "Compiled
+  scorer"): the scikit-learn pipeline and the numpy-only compiled scorer: CPU per message
+  (one at a time and in batches of 16, feature extraction counted apart), the RSS of a
+  process serving each, and the largest probability difference between them on every
+  message, with the test split's AUC by each.
 
 Usage: .venv/bin/python -m bench.bench_classifier [--model models/spam.skops] [--workers 2]
 Writes bench/results/classifier.{json,md}.
@@ -21,15 +26,19 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.bench_lab import extract, shared_dir
 from bench.procstats import descendants, rss_bytes
-from relay.classifier.model import load_model
+from relay.classifier.evaluation import roc_auc
+from relay.classifier.model import LoadedModel, load_model
 from relay.classifier.serving import Classifier
 from relay.message import Message
 
@@ -69,6 +78,102 @@ def _corpus_messages(tmp: Path) -> tuple[list[bytes], str]:
         p.read_bytes() for p in sorted((tmp / "sa").rglob("*")) if p.is_file() and p.name != "cmds"
     ]
     return data, "SpamAssassin public corpus (all 6046 messages)"
+
+
+def _test_split(tmp: Path) -> list[tuple[bytes, bool]]:
+    """(raw, is spam) of the SpamAssassin test split, when the corpus was extracted."""
+    labels = shared_dir() / "corpora" / "spamassassin" / "split.tsv"
+    if not (tmp / "sa").is_dir() or not labels.is_file():
+        return []
+    rows = [line.split("\t") for line in labels.read_text().splitlines()[1:]]
+    return [((tmp / r[0]).read_bytes(), r[1] == "spam") for r in rows if r[2] == "test"]
+
+
+def _cpu_per_message(model: LoadedModel, raws: list[bytes], batch: int) -> float:
+    """CPU ms per message of ``classify_many`` in batches (the classifier child batches
+    the requests that arrive together), after one warm-up pass."""
+    for i in range(0, len(raws), batch):
+        model.classify_many(raws[i : i + batch])
+    start = time.process_time()
+    for i in range(0, len(raws), batch):
+        model.classify_many(raws[i : i + batch])
+    return round((time.process_time() - start) / len(raws) * 1000, 3)
+
+
+# What the classifier child does (relay/classifier/child.py ``load``): load, configure
+# scikit-learn when it was imported, classify once, hand freed pages back; then the RSS.
+_SERVING_PROCESS = """
+import gc, json, sys
+from pathlib import Path
+from relay.classifier.model import load_model
+from relay.proc.lifetime import release_free_memory
+model = load_model(Path(sys.argv[1]), compiled=sys.argv[2] == "compiled")
+if "sklearn" in sys.modules:
+    import sklearn
+    sklearn.set_config(assume_finite=True, skip_parameter_validation=True)
+model.classify_many([b"Subject: warm-up\\r\\n\\r\\nwarm-up\\r\\n"] * 4)
+gc.collect()
+release_free_memory()
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print(json.dumps({
+    "compiled": model.compiled is not None,
+    "rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+    "peak_rss_mib": round(int(status["VmHWM"].split()[0]) / 1024, 1),
+    "imports_sklearn_or_scipy": any(m in sys.modules for m in ("sklearn", "scipy")),
+}))
+"""
+
+
+def _serving_memory(model_path: Path, how: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVING_PROCESS, str(model_path), how],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def side_by_side(
+    model_path: Path, band: list[bytes], everything: list[bytes], test: list[tuple[bytes, bool]]
+) -> dict[str, Any]:
+    """The scikit-learn pipeline and the compiled scorer of the same model, in one run."""
+    import sklearn
+
+    sklearn.set_config(assume_finite=True, skip_parameter_validation=True)  # as the child
+    models = {
+        "sklearn": load_model(model_path, compiled=False),
+        "compiled": load_model(model_path),
+    }
+    if models["compiled"].compiled is None:
+        raise SystemExit(f"{model_path}: no verified compiled scorer (relay model compile)")
+    extractor = models["compiled"].extractor
+    start = time.process_time()
+    for raw in band:
+        extractor.extract_bytes(raw)
+    extract_ms = round((time.process_time() - start) / len(band) * 1000, 3)
+    rows: dict[str, Any] = {"extract_only_median_sized_cpu_ms": extract_ms}
+    for name, model in models.items():
+        rows[name] = {
+            "median_sized_cpu_ms_one_at_a_time": _cpu_per_message(model, band, 1),
+            "median_sized_cpu_ms_batches_of_16": _cpu_per_message(model, band, 16),
+            "every_message_cpu_ms_one_at_a_time": _cpu_per_message(model, everything, 1),
+            "serving_process": _serving_memory(model_path, name),
+        }
+    probs = {
+        name: [p for p, _ in model.classify_many(everything)] for name, model in models.items()
+    }
+    rows["max_abs_probability_difference_every_message"] = max(
+        abs(a - b) for a, b in zip(probs["sklearn"], probs["compiled"], strict=True)
+    )
+    if test:
+        spam = np.array([s for _, s in test], dtype=bool)
+        for name, model in models.items():
+            scores = [p for p, _ in model.classify_many([raw for raw, _ in test])]
+            rows[name]["test_split_auc"] = roc_auc(spam, np.array(scores, dtype=np.float64))
+        rows["test_split_messages"] = len(test)
+    return rows
 
 
 def _is_resource_tracker(pid: int) -> bool:
@@ -178,6 +283,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {row['n']} | {row['p50_ms']} | {row['p90_ms']} | {row['p99_ms']} "
             f"| {row['max_ms']} |"
         )
+    lines += _side_by_side_markdown(result["sklearn_vs_compiled"])
     lines += [
         "",
         f"Throughput through the pool, 16 in flight: {pool['throughput_msgs_per_s_16_in_flight']}"
@@ -202,6 +308,49 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _side_by_side_markdown(paths: dict[str, Any]) -> list[str]:
+    sk, co = paths["sklearn"], paths["compiled"]
+
+    def ratio(key: str) -> str:
+        return f"{sk[key] / co[key]:.1f}x" if co[key] else "-"
+
+    lines = [
+        "",
+        "## scikit-learn pipeline vs compiled scorer (same model, same run)",
+        "",
+        "| CPU ms per message | scikit-learn | compiled | ratio |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (
+        ("median_sized_cpu_ms_one_at_a_time", "median-sized, one at a time"),
+        ("median_sized_cpu_ms_batches_of_16", "median-sized, batches of 16"),
+        ("every_message_cpu_ms_one_at_a_time", "every message, one at a time"),
+    ):
+        lines.append(f"| {label} | {sk[key]} | {co[key]} | {ratio(key)} |")
+    sm, cm = sk["serving_process"], co["serving_process"]
+    lines += [
+        "",
+        f"Feature extraction alone (in both): {paths['extract_only_median_sized_cpu_ms']} ms "
+        "CPU per median-sized message.",
+        "",
+        "| a process serving the model | scikit-learn | compiled |",
+        "|---|---|---|",
+        f"| RSS after load + warm-up, MiB | {sm['rss_mib']} | {cm['rss_mib']} |",
+        f"| peak RSS (load), MiB | {sm['peak_rss_mib']} | {cm['peak_rss_mib']} |",
+        f"| imports scikit-learn or scipy | {sm['imports_sklearn_or_scipy']} "
+        f"| {cm['imports_sklearn_or_scipy']} |",
+        "",
+        "Largest |p(scikit-learn) - p(compiled)| over every message: "
+        f"{paths['max_abs_probability_difference_every_message']:.3g}.",
+    ]
+    if "test_split_auc" in sk:
+        lines.append(
+            f"Test split ({paths['test_split_messages']} messages) ROC AUC: scikit-learn "
+            f"{sk['test_split_auc']:.6f}, compiled {co['test_split_auc']:.6f}."
+        )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "spam.skops")
@@ -210,11 +359,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         messages, source = _corpus_messages(Path(tmp))
+        test = _test_split(Path(tmp))
     band, band_info = _median_sized(messages)
     load_before = os.getloadavg()
     # The pool first: this process has not imported scikit-learn yet, like the relay.
     pool = asyncio.run(through_pool(args.model, band, args.workers))
     inproc = in_process(args.model, band, messages)
+    paths = side_by_side(args.model, band, messages, test)
     load_after = os.getloadavg()
     result = {
         "model": args.model.name,
@@ -226,6 +377,7 @@ def main() -> int:
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "in_process": inproc,
         "pool": pool,
+        "sklearn_vs_compiled": paths,
         "targets": {
             "p99_met": pool["sequential_latency"]["p99_ms"] < 10,
             "rss_met": pool["rss_mib"]["relay_plus_one_worker"] < 300,

@@ -14,6 +14,12 @@ columns) whose card names a base model file beside it (with its sha256) and a co
 three numbers: both files go through the same checks, and the base must be the exact file
 the card names.
 
+A plain model whose card names a compiled file (``compiled``: ``linear.py``, written by
+``relay train`` and ``relay model compile``) with a matching sha256 is served by that
+numpy-only ``LinearScorer``: scikit-learn is not imported until something asks for the
+pipeline itself (a composite on this base, ``relay model update``). Any problem with the
+compiled file falls back to the skops pipeline with one log line.
+
 Serving the loaded model to the relay is ``serving.py``'s job.
 """
 
@@ -22,15 +28,19 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from relay.classifier.features import FEATURE_VERSION, Extractor, Features, FeatureSettings
+from relay.classifier.linear import LinearScorer, compiled_path
 from relay.errors import ModelError
+
+log = logging.getLogger("relay.classifier")
 
 # Library -> how many leading version components must match the card's.
 _VERSION_PARTS = {"scikit-learn": 2, "skops": 1, "numpy": 1, "scipy": 1}
@@ -218,6 +228,23 @@ def check_versions(card: dict[str, Any], installed: dict[str, str]) -> None:
             )
 
 
+class DeferredPipeline:
+    """The skops pipeline of a model served by its compiled scorer, loaded (with every
+    check of ``load_model``) on first attribute access: a serving process never needs it,
+    a composite model or ``relay model update`` reads its feature steps."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._pipeline: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy/pickle probes: never trigger a model load
+            raise AttributeError(name)
+        if self._pipeline is None:
+            self._pipeline = self._load()
+        return getattr(self._pipeline, name)
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A verified pipeline, its card and the feature extractor matching the card."""
@@ -232,6 +259,14 @@ class LoadedModel:
     # intercept) over [logit(base p), site decision value]; None for a plain model.
     base: LoadedModel | None = None
     combiner: tuple[float, float, float] | None = None
+    # The numpy-only scorer of a plain model with a verified compiled file (else None).
+    scorer: LinearScorer | None = field(default=None, compare=False)
+
+    @property
+    def compiled(self) -> LinearScorer | None:
+        """The scorer when this model is served by it (a composite never is: ``replace``
+        copies its base's scorer along, so the composite test comes first)."""
+        return self.scorer if self.base is None else None
 
     @property
     def info(self) -> ModelInfo:
@@ -248,6 +283,9 @@ class LoadedModel:
         return self if self.base is None else self.base.root
 
     def predict_rows(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
+        scorer = self.compiled
+        if scorer is not None:
+            return scorer.probabilities((str(t), str(m)) for t, m in rows)
         if self.base is None or self.combiner is None:
             probs = self.pipeline.predict_proba(rows)
             return np.asarray(probs[:, self.spam_column], dtype=np.float64)
@@ -276,6 +314,10 @@ class LoadedModel:
         """``classify_bytes`` of several messages with one prediction call: scikit-learn's
         per-call overhead is most of a single message's cost, so batches are ~2x cheaper."""
         feats = [self.extractor.extract_bytes(raw) for raw in raws]
+        scorer = self.compiled
+        if scorer is not None:
+            probs = scorer.probabilities(f.row() for f in feats)
+            return [(float(p), f.degraded) for p, f in zip(probs, feats, strict=True)]
         rows = np.empty((len(feats), 2), dtype=object)
         for i, f in enumerate(feats):
             rows[i, 0], rows[i, 1] = f.row()
@@ -283,15 +325,76 @@ class LoadedModel:
         return [(float(p), f.degraded) for p, f in zip(probs, feats, strict=True)]
 
 
-def load_model(model_path: Path, *, allowed: Sequence[str] | None = None) -> LoadedModel:
+def load_model(
+    model_path: Path, *, allowed: Sequence[str] | None = None, compiled: bool = True
+) -> LoadedModel:
     """Load and verify a model; raises ModelError with the reason.
 
-    ``allowed`` narrows ``ALLOWED_TYPE_PREFIXES`` (each entry must lie within one of them)."""
-    import skops.io as sio
-
+    ``allowed`` narrows ``ALLOWED_TYPE_PREFIXES`` (each entry must lie within one of them).
+    ``compiled``: serve a plain model by its verified compiled file when the card names one
+    (the pipeline then loads on first use); False always loads the skops pipeline."""
     prefixes = _narrowed(allowed)
     card = read_card(model_path)
     check_allowed_types(card_path(model_path), [str(t) for t in card["trusted_types"]], prefixes)
+    plain = card.get("composite") is None  # a composite is served by scikit-learn
+    scorer = compiled_scorer(model_path, card) if compiled and plain else None
+    if scorer is None:
+        pipeline, classes = _verified_pipeline(model_path, card, prefixes)
+    else:
+        pipeline = DeferredPipeline(lambda: _reloaded_pipeline(model_path, card, prefixes))
+        classes = [str(c) for c in card.get("classes", [])]
+        if "spam" not in classes:
+            raise ModelError(f"{model_path}: not a spam classifier (classes {classes})")
+    settings = FeatureSettings.from_dict(card.get("features", {}))
+    if settings.version != FEATURE_VERSION:
+        # Another extraction would feed the model tokens it never saw: refuse, never drift.
+        raise ModelError(
+            f"{model_path}: trained on features version {settings.version}, this relay "
+            f"extracts version {FEATURE_VERSION}: retrain with `relay train`"
+        )
+    base, combiner = _composite_parts(model_path, card, allowed)
+    return LoadedModel(
+        path=model_path,
+        pipeline=pipeline,
+        card=card,
+        spam_column=classes.index("spam"),
+        extractor=Extractor(settings),
+        base=base,
+        combiner=combiner,
+        scorer=scorer,
+    )
+
+
+def compiled_scorer(model_path: Path, card: dict[str, Any]) -> LinearScorer | None:
+    """The compiled scorer the card names, if its file is there and verifies; else None,
+    after one log line saying why (the caller then loads the skops pipeline)."""
+    entry = card.get("compiled")
+    if entry is None:
+        log.info("model=%s: no compiled scorer in its card, serving with scikit-learn", model_path)
+        return None
+    path = compiled_path(model_path)
+    try:
+        if not isinstance(entry, dict) or entry.get("file") != path.name:
+            raise ModelError(f"{card_path(model_path)}: compiled entry must name {path.name}")
+        return LinearScorer.load(path, str(entry.get("sha256")))
+    except ModelError as exc:
+        log.warning("compiled scorer refused, serving with scikit-learn: %s", exc)
+        return None
+
+
+def _reloaded_pipeline(model_path: Path, card: dict[str, Any], prefixes: Sequence[str]) -> Any:
+    """The deferred skops pipeline: the file must still be the one the card names."""
+    if read_card(model_path)["model_sha256"] != card["model_sha256"]:
+        raise ModelError(f"{model_path}: changed since it was loaded")
+    return _verified_pipeline(model_path, card, prefixes)[0]
+
+
+def _verified_pipeline(
+    model_path: Path, card: dict[str, Any], prefixes: Sequence[str]
+) -> tuple[Any, list[str]]:
+    """The skops pipeline and its classes, after the version and type checks."""
+    import skops.io as sio
+
     check_versions(card, _installed_versions())
     try:
         untrusted = sorted(sio.get_untrusted_types(file=model_path))
@@ -310,23 +413,7 @@ def load_model(model_path: Path, *, allowed: Sequence[str] | None = None) -> Loa
     classes = [str(c) for c in getattr(pipeline, "classes_", [])]
     if "spam" not in classes or not hasattr(pipeline, "predict_proba"):
         raise ModelError(f"{model_path}: not a spam classifier (classes {classes})")
-    settings = FeatureSettings.from_dict(card.get("features", {}))
-    if settings.version != FEATURE_VERSION:
-        # Another extraction would feed the model tokens it never saw: refuse, never drift.
-        raise ModelError(
-            f"{model_path}: trained on features version {settings.version}, this relay "
-            f"extracts version {FEATURE_VERSION}: retrain with `relay train`"
-        )
-    base, combiner = _composite_parts(model_path, card, allowed)
-    return LoadedModel(
-        path=model_path,
-        pipeline=pipeline,
-        card=card,
-        spam_column=classes.index("spam"),
-        extractor=Extractor(settings),
-        base=base,
-        combiner=combiner,
-    )
+    return pipeline, classes
 
 
 SITE_BLOCKS = ("words", "meta")  # the base feature blocks a site model reads

@@ -1,4 +1,4 @@
-"""`relay model update|list|promote|rollback|reload`: model versions (docs/classifier.md).
+"""`relay model update|list|promote|rollback|reload|compile`: model versions (docs/classifier.md).
 
 Exit codes: 0 done; 1 a candidate was refused by its gate (update) or a promotion was
 refused (promote); 2 usage, configuration or model errors (cli/main.py)."""
@@ -200,6 +200,16 @@ def _count(text: str) -> int:
     return n
 
 
+def run_compile(args: argparse.Namespace) -> int:
+    """Write the numpy-only compiled scorer of a plain model and name it in its card."""
+    from relay.classifier.training import compile_model
+
+    path = args.path or load_settings(args.config).model.path
+    entry = compile_model(path)
+    print(f"{path}: compiled scorer {entry['file']} sha256 {entry['sha256'][:12]}... in the card")
+    return 0
+
+
 def add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser], config: Path) -> None:
     p = sub.add_parser("model", help="model versions: update from feedback, promote, roll back")
     cmds = p.add_subparsers(dest="model_command", required=True)
@@ -231,12 +241,15 @@ def add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser], config: 
     rollback = cmds.add_parser("rollback", help="back to the version promoted before")
     reload = cmds.add_parser("reload", help="SIGHUP the relay: its workers load CURRENT")
     reload.add_argument("--pidfile", type=Path, default=None, help="default: var/relay.pid")
+    compile_ = cmds.add_parser("compile", help="write a model's numpy-only compiled scorer")
+    compile_.add_argument("path", nargs="?", type=Path, help="model file (default: [model] path)")
     handlers = {
         update: run_update,
         ls: run_list,
         promote: run_promote,
         rollback: run_rollback,
         reload: run_reload,
+        compile_: run_compile,
     }
     for parser, handler in handlers.items():
         parser.add_argument("--config", type=Path, default=config, help="relay.toml")
