@@ -5,7 +5,7 @@ rounds, on the relay variant with everything on, measured two ways at once:
 
 1. exactly, per process: utime + stime of every process of the relay's tree before and
    after (``/proc/<pid>/stat``), each process given a role from its command line and
-   parent: the supervisor, the SMTP workers, the classifier pool, the DKIM/SPF
+   parent: the supervisor, the SMTP workers, the classifier children, the DKIM/SPF
    verification child, the policy sandbox, multiprocessing's resource tracker. A child
    does one job, so its CPU is charged whole to that job's stage (pool -> classifier,
    verification child -> auth, sandbox -> policy);
@@ -131,7 +131,7 @@ _PROCESS = re.compile(r"^process (\d+):")
 
 # Roles of the processes of a relay tree; children are charged whole to one stage.
 ROLE_STAGE = {
-    "classifier pool": "classifier",
+    "classifier child": "classifier",
     "verification child": "auth",
     "policy sandbox": "policy",
     "supervisor": "supervisor",
@@ -251,7 +251,7 @@ def hotspots(
     cpu: Mapping[int, float],
     roles: Mapping[int, str],
     messages: int,
-    wanted: tuple[str, ...] = ("smtp worker", "classifier pool"),
+    wanted: tuple[str, ...] = ("smtp worker", "classifier child"),
     top: int = 8,
 ) -> dict[str, list[tuple[str, float]]]:
     """Per role, the hottest ``_hot_key`` places in CPU ms per message: each process's exact
@@ -299,8 +299,10 @@ def role(pid: int, root: int, workers: set[int]) -> str:
         return "verification child"
     if "relay.proc.celsandbox" in line:
         return "policy sandbox"
+    if "relay.classifier.child" in line:
+        return "classifier child"
     if "spawn_main" in line and parent_pid(pid) in workers:
-        return "classifier pool"  # the only process pool a worker spawns
+        return "classifier child"  # a baseline's pool: the only process pool a worker spawns
     return "other process"
 
 

@@ -285,7 +285,7 @@ def test_raw_stacks_and_exact_cpu_combine_into_ms_per_message() -> None:
     )
     samples = stages.parse_raw(raw)
     assert samples[(11, "receive")] == 30 and samples[(11, "waiting")] == 50
-    roles = {10: "supervisor", 11: "smtp worker", 12: "classifier pool", 13: "verification child"}
+    roles = {10: "supervisor", 11: "smtp worker", 12: "classifier child", 13: "verification child"}
     cpu = {10: 0.01, 11: 0.4, 12: 0.5, 13: 0.1}  # seconds over the phase
     got = stages.attribute(cpu, roles, samples, messages=100)
     assert got.stages == pytest.approx(
@@ -308,9 +308,9 @@ def test_hotspots_split_each_process_cpu_by_place() -> None:
         "predict (sklearn/pipeline.py:4) 1\n"
         'process 11:"worker";_worker (concurrent/futures/thread.py:81) 9\n'
     )
-    roles = {11: "smtp worker", 12: "classifier pool"}
+    roles = {11: "smtp worker", 12: "classifier child"}
     got = stages.hotspots(raw, {11: 0.1, 12: 0.4}, roles, messages=100)
-    assert got["classifier pool"] == [
+    assert got["classifier child"] == [
         ("extract (relay/classifier/features.py) > sklearn/feature_extraction/text.py", 3.0),
         ("run (relay/classifier/serving.py) > sklearn/pipeline.py", 1.0),
     ]

@@ -28,6 +28,7 @@ from relay.ops.metrics import Metrics
 from relay.ops.readiness import RelayReadiness
 from relay.pipeline.recorder import Record, Recorder
 from relay.policy.holder import DeciderHolder
+from relay.proc.pipes import WorkerBusy
 from relay.secretkey import SecretKey
 from relay.state import StateStore
 from relay.verdict import ACCEPT_ALL, Tier
@@ -76,7 +77,12 @@ def wrapped(outer: BaseException, cause: BaseException) -> BaseException:
         (ModelError("model gone"), FailureKind.MODEL),
         (BrokenProcessPool("pool died"), FailureKind.MODEL),
         (ValueError("a bug"), FailureKind.OTHER),
-        (WorkerDied("child exited"), FailureKind.OTHER),
+        (WorkerDied("child exited"), FailureKind.WORKER),
+        # A child that died under a fact was read as "missing" before, so a policy that
+        # required the fact did not defer: it is a failure of the children.
+        (wrapped(FactError("dkim: verification failed"), WorkerDied("x")), FailureKind.WORKER),
+        (wrapped(FactError("dkim: verification failed"), WorkerBusy("full")), FailureKind.WORKER),
+        (wrapped(ModelError("classifier"), WorkerDied("x")), FailureKind.MODEL),
         # raised on purpose, nothing failed: the fact is missing, not failing
         (FactError("no sender domain"), None),
         (wrapped(FactError("client address is not an IP"), ValueError("x")), None),

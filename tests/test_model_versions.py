@@ -339,7 +339,7 @@ async def test_a_running_relay_switches_to_the_promoted_version_on_reload(
 
 
 def _shut_down(classifier: Any) -> bool:
-    return bool(classifier._pool._shutdown_thread)
+    return bool(classifier.closed)
 
 
 def test_the_cli_learns_updates_lists_promotes_and_rolls_back(

@@ -132,10 +132,15 @@ class Runtime:
             return False
         from relay.classifier.serving import Classifier
 
-        workers = self.settings.model.workers
+        m = self.settings.model
         try:
             path = current_model_path(self.settings)
-            changed = await holder.reload(path, lambda p: Classifier.open(p, workers=workers))
+            changed = await holder.reload(
+                path,
+                lambda p: Classifier.open(
+                    p, workers=m.workers, kill_after=m.timeout, max_pending=m.max_pending
+                ),
+            )
         except RelayError as exc:
             log.error("model reload failed, keeping %s: %s", holder.current.info.version, exc)
             if self.model_metrics is not None:

@@ -71,7 +71,12 @@ async def open_services(
 
         # The promoted version (relay model promote), else [model] path.
         path = current_model_path(settings)
-        classifier = await Classifier.open(path, workers=settings.model.workers)
+        classifier = await Classifier.open(
+            path,
+            workers=settings.model.workers,
+            kill_after=settings.model.timeout,
+            max_pending=settings.model.max_pending,
+        )
         stack.push_async_callback(classifier.close)
     # Learned reputation (facts/reputation.py) reads the feedback store's counters; a
     # read-only scan reads them too (nothing created or written), so `relay scan` explains

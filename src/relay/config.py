@@ -106,18 +106,31 @@ class DnsSettings:
     dnsbl_zones: tuple[str, ...] = ()  # DNS blocklists for dnsbl_listed; empty: none asked
 
 
+# A child's answer must come well before the sender gives up on the reply to DATA (RFC 5321
+# 4.5.3.2.6: 10 minutes), or the deferral it triggers would never reach the sender.
+MAX_CHILD_TIMEOUT = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
     enabled: bool = True
     authserv_id: str = ""  # empty: smtp.hostname
     workers: int = 1  # DKIM/ARC verification processes per relay worker; 0 = one thread
+    # Seconds a message's verification may take in a child before the child is killed and
+    # replaced (the message's auth facts fail); docs/operations.md "Overload".
+    timeout: float = 30.0
+    max_pending: int = 256  # messages waiting for the children, per worker; more fail at once
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
     enabled: bool = True
     path: Path = Path("models/spam.skops")
-    workers: int = 1  # classifier worker processes
+    workers: int = 1  # classifier child processes per relay worker
+    # Seconds a message may wait for its classification before the child is killed and
+    # replaced (the message fails: 451 when the policy requires spam_probability).
+    timeout: float = 10.0
+    max_pending: int = 256  # messages waiting for the children, per worker; more fail at once
     # Model versions (relay/models/, docs/classifier.md "Model versions"):
     registry: Path = Path("var/models")  # one folder per version, CURRENT, history
     held_out_share: float = 0.2  # newest share of scored feedback never trained on
@@ -452,9 +465,13 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         enabled=r.get(t, "auth", "enabled", bool, True),
         authserv_id=r.get(t, "auth", "authserv_id", str, ""),
         workers=r.get(t, "auth", "workers", int, AuthSettings().workers),
+        timeout=r.positive(t, "auth", "timeout", AuthSettings().timeout),
+        max_pending=r.count(t, "auth", "max_pending", AuthSettings().max_pending),
     )
     if not 0 <= auth.workers <= 64:
         raise r.fail("auth.workers", "must be between 0 and 64")
+    if auth.timeout > MAX_CHILD_TIMEOUT:
+        raise r.fail("auth.timeout", f"must be at most {MAX_CHILD_TIMEOUT:g} seconds")
 
     t = r.table(data, "model")
     r.check_keys("model", t, ModelSettings)
@@ -462,6 +479,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         enabled=r.get(t, "model", "enabled", bool, True),
         path=Path(r.get(t, "model", "path", str, str(ModelSettings().path))),
         workers=r.count(t, "model", "workers", ModelSettings().workers),
+        timeout=r.positive(t, "model", "timeout", ModelSettings().timeout),
+        max_pending=r.count(t, "model", "max_pending", ModelSettings().max_pending),
         registry=Path(r.get(t, "model", "registry", str, str(ModelSettings().registry))),
         held_out_share=r.positive(t, "model", "held_out_share", ModelSettings().held_out_share),
         promote_threshold=r.positive(
@@ -470,6 +489,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         promote_max_fpr=r.get(t, "model", "promote_max_fpr", float, 0.01),
         promote_tolerance=r.get(t, "model", "promote_tolerance", float, 0.01),
     )
+    if model.timeout > MAX_CHILD_TIMEOUT:
+        raise r.fail("model.timeout", f"must be at most {MAX_CHILD_TIMEOUT:g} seconds")
     for key in ("held_out_share", "promote_threshold"):
         if not 0 < getattr(model, key) < 1:
             raise r.fail(f"model.{key}", "must be between 0 and 1")

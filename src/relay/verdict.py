@@ -127,4 +127,5 @@ class FailureKind(StrEnum):
     DNS = "dns"  # resolver timeout, SERVFAIL, unreachable
     MODEL = "model"  # the classifier (model error, broken worker pool)
     TIMEOUT = "timeout"  # a time limit ran out (not DNS's own)
+    WORKER = "worker"  # a child process (DKIM verification ...) died, was full or failed
     OTHER = "other"  # anything else: usually a bug, see the log

@@ -32,7 +32,6 @@ from relay.auth.spf import SpfCache, check_spf, check_spf_cached
 from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
-from relay.errors import WorkerDied
 from relay.message import Message
 from relay.proc.pipes import PipeWorkers
 
@@ -44,8 +43,12 @@ MAX_SIGNATURES = 10  # DKIM-Signature fields verified per message; the rest are 
 SCAN_ON_LOOP = 32 * 1024
 CRYPTO_MODULE = "relay.auth.cryptoproc"  # the child each ``[auth] workers`` process runs
 # Seconds one message's verification may take in a child before the child is killed (an
-# ordinary message takes well under a millisecond; 10 signatures over a 50 MB body ~1 s).
+# ordinary message takes well under a millisecond; 10 signatures over a 50 MB body ~1 s):
+# the default of ``[auth] timeout``.
 VERIFY_TIMEOUT = 30.0
+# Messages waiting for the verification children, per relay worker, beyond which one more
+# fails at once (its auth facts fail): the default of ``[auth] max_pending``.
+MAX_PENDING = 256
 
 
 class Authenticator:
@@ -61,12 +64,16 @@ class Authenticator:
         processes: int = 0,
         psl: PublicSuffixList | None = None,
         max_signatures: int = MAX_SIGNATURES,
+        verify_timeout: float = VERIFY_TIMEOUT,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         """Where signatures are verified: ``processes`` > 0: that many child processes fed
         over pipes by the loop (relay/pipeproc.py: no helper thread takes the GIL from the
         loop); else ``executor`` (not ours to close; ``executor_workers`` batches run in
-        it at once); else one thread of our own."""
+        it at once); else one thread of our own. ``verify_timeout`` and ``max_pending``
+        bound the children (relay/proc/pipes.py)."""
         self.resolver = resolver
+        self.verify_timeout = verify_timeout
         self.max_signatures = max_signatures
         self.orgs = OrgDomains(psl)
         self.spf_cache = SpfCache()
@@ -76,7 +83,9 @@ class Authenticator:
         self._owned: ThreadPoolExecutor | None = None
         self._batcher: Batcher[tuple[DkimResults, ArcResult]] | None = None
         if processes > 0:
-            self._workers = PipeWorkers(CRYPTO_MODULE, processes, name="relay-auth")
+            self._workers = PipeWorkers(
+                CRYPTO_MODULE, processes, name="relay-auth", max_pending=max_pending
+            )
         else:
             if executor is None:
                 executor = self._owned = ThreadPoolExecutor(1, thread_name_prefix="relay-auth")
@@ -87,7 +96,23 @@ class Authenticator:
         cls, resolver: Resolver, settings: AuthSettings, psl: PublicSuffixList | None = None
     ) -> Authenticator:
         """``[auth] workers = N`` > 0 verifies in N processes; 0 in one thread here."""
-        return cls(resolver, processes=settings.workers, psl=psl)
+        return cls(
+            resolver,
+            processes=settings.workers,
+            psl=psl,
+            verify_timeout=settings.timeout,
+            max_pending=settings.max_pending,
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        """The verification child processes now (none when verifying in a thread)."""
+        return [] if self._workers is None else self._workers.pids
+
+    @property
+    def pending(self) -> int:
+        """Messages sent to the verification children and not answered yet."""
+        return 0 if self._workers is None else self._workers.pending
 
     async def start(self) -> None:
         """Start the verification processes now rather than on the first message."""
@@ -109,13 +134,9 @@ class Authenticator:
             call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
             return await self._batcher.run(call)
         request = encode_request(message.raw, keys, self.max_signatures, arc)
-        try:
-            answer = await self._workers.call(*request, kill_after=VERIFY_TIMEOUT)
-        except WorkerDied:
-            # The process died (OOM killer, a crash in a C extension): it is replaced;
-            # one retry, so a message that kills it twice gets the error.
-            log.warning("queue_id=%s auth process died; retrying once", message.queue_id)
-            answer = await self._workers.call(*request, kill_after=VERIFY_TIMEOUT)
+        # A dead process is replaced and the message sent once more; one that overruns the
+        # timeout is killed and the message's auth facts fail, as for a death twice.
+        answer = await self._workers.call(*request, kill_after=self.verify_timeout, retry=True)
         return decode_answer(answer)
 
     async def check(self, message: Message) -> AuthResults:

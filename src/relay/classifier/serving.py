@@ -1,90 +1,34 @@
-"""Serving the spam model: ``Classifier`` runs feature extraction and prediction in a
-process pool (spawned workers, each loading the audited model once in its initializer)
-and sends raw bytes, so no CPU work runs on the event loop and the relay process itself
-never imports scikit-learn.
+"""Serving the spam model: ``Classifier`` sends raw message bytes to child processes
+(``relay.classifier.child``, each holding the audited model once) over the pipe transport
+of ``relay.proc.pipes``, so no CPU work runs on the event loop, no helper thread takes the
+GIL from it, and the relay process never imports the model's libraries (this module
+imports neither ``model`` nor ``features``).
+
+Batching needs nothing here: the requests of one loop turn leave in one write
+(``PipeWorkers``), and a child classifies the requests it reads together in one
+prediction call. A child that dies is replaced and the messages it held are sent once
+more; one that gives no answer within ``kill_after`` seconds is killed, and that message fails (the
+default policy requires ``spam_probability``: 451, retried later). At most
+``max_pending`` messages wait for the children; more fail at once (docs/operations.md
+"Overload").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import functools
-import gc
-import logging
-import multiprocessing
-import os
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.classifier.features import FeatureSettings
-from relay.classifier.model import LoadedModel, ModelInfo, load_model, read_card
-from relay.errors import ModelError
+from relay.classifier.child import BASE_SCORE, CLASSIFY, INFO, decode_answer
+from relay.errors import ModelError, WorkerFailure, WorkerTimeout
 from relay.message import Message
-from relay.proc.lifetime import die_with_parent
+from relay.proc.pipes import PipeWorkers
 
-log = logging.getLogger("relay.classifier")
-
-MAX_BATCH = 32  # messages per pool call
-
-# Per worker *process* state, written only by the pool initializer in that process; the
-# relay process never reads or writes it.
-_WORKER: dict[str, Any] = {}
-
-
-def _new_pool(path: Path, workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init,
-        initargs=(str(path), os.getpid()),
-    )
-
-
-def _worker_init(model_path: str, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    import sklearn
-
-    # Inputs are our own hashed counts: per-call finiteness checks are pure overhead here.
-    sklearn.set_config(assume_finite=True, skip_parameter_validation=True)
-    try:
-        _WORKER["model"] = load_model(Path(model_path))
-    except ModelError as exc:
-        _WORKER["error"] = str(exc)
-    _release_load_buffers()
-
-
-def _release_load_buffers() -> None:
-    """Hand the decompression buffers of loading back to the OS (~40 MB per worker)."""
-    gc.collect()
-    # Not glibc: nothing to trim, the memory is only reused.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _worker_probe() -> ModelInfo:
-    if "error" in _WORKER:
-        raise ModelError(_WORKER["error"])
-    model: LoadedModel = _WORKER["model"]
-    model.classify_bytes(b"Subject: warm-up\r\n\r\nwarm-up\r\n")  # first call builds caches
-    return model.info
-
-
-def _worker_classify(raws: list[bytes]) -> list[tuple[float, bool]]:
-    if "error" in _WORKER:
-        raise ModelError(_WORKER["error"])
-    model: LoadedModel = _WORKER["model"]
-    return model.classify_many(raws)
-
-
-def _worker_base_score(raw: bytes) -> tuple[str, float]:
-    if "error" in _WORKER:
-        raise ModelError(_WORKER["error"])
-    root = _WORKER["model"].root
-    return str(root.card["model_sha256"]), root.classify_bytes(raw)[0]
+CHILD_MODULE = "relay.classifier.child"
+TIMEOUT = 10.0  # seconds a message may wait for its answer ([model] timeout)
+MAX_PENDING = 256  # messages waiting for the children, per relay worker ([model] max_pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,126 +37,122 @@ class Classification:
     degraded: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What an operator needs to know about the model in use (metrics, logs): the
+    child's ``LoadedModel.info``, read from its answer."""
+
+    path: str
+    version: str  # the card's version, else the first 12 hex digits of the file's sha256
+    trained_at: str
+    thresholds: dict[str, float]
+
+
 class Classifier:
-    """Spam probability service: a process pool of workers, each holding the model once.
+    """Spam probability service: ``workers`` child processes, each holding the model once.
 
     Create with ``await Classifier.open(path, workers=n)``; it raises ModelError when the
     model is missing, corrupt or untrusted, so the relay never serves without it.
+    Loop-affine, like ``PipeWorkers``.
     """
 
     def __init__(
-        self,
-        pool: ProcessPoolExecutor,
-        info: ModelInfo,
-        max_raw_bytes: int,
-        workers: int,
-        path: Path | None = None,
+        self, children: PipeWorkers, info: ServedModel, max_raw_bytes: int, kill_after: float
     ) -> None:
-        self._pool = pool
-        self._path = path  # to start a new pool when a worker dies (None: never)
-        self.replaced = 0  # pools replaced after a worker died
+        self._children = children
         self._info = info
         self._max_raw = max_raw_bytes
-        self._workers = workers
-        # Micro-batching: at most one batch per worker in flight; what arrives meanwhile
-        # waits here and goes as the next batch. No added latency when the pool is idle.
-        self._pending: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]] = []
-        self._in_flight = 0
+        self._timeout = kill_after
 
     @classmethod
-    async def open(cls, path: Path, *, workers: int = 1) -> Classifier:
-        card = read_card(path)  # cheap checks first, in this process, for a clear error
-        settings = FeatureSettings.from_dict(card.get("features", {}))
-        pool = _new_pool(path, workers)
-        loop = asyncio.get_running_loop()
+    async def open(
+        cls,
+        path: Path,
+        *,
+        workers: int = 1,
+        kill_after: float = TIMEOUT,
+        max_pending: int = MAX_PENDING,
+    ) -> Classifier:
+        children = PipeWorkers(
+            CHILD_MODULE,
+            workers,
+            name="relay-classifier",
+            args=(str(path),),
+        )
         try:
-            infos = await asyncio.gather(
-                *(loop.run_in_executor(pool, _worker_probe) for _ in range(workers))
-            )
+            await children.start()
+            # One question per child (sent together, each goes to an idle child), so a
+            # child that could not load the model says why now.
+            replies = await asyncio.gather(*(children.call(INFO) for _ in range(workers)))
+            answers = [json.loads(reply) for reply in replies]
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            await children.close()
             raise
-        return cls(pool, infos[0], settings.max_raw_kb * 1024, workers, path)
+        errors = [str(a["error"]) for a in answers if "error" in a]
+        if errors:
+            await children.close()
+            raise ModelError(errors[0])
+        children.max_pending = max_pending  # from now on: the questions above are never refused
+        first: dict[str, Any] = answers[0]
+        info = ServedModel(
+            path=str(first["path"]),
+            version=str(first["version"]),
+            trained_at=str(first["trained_at"]),
+            thresholds={str(k): float(v) for k, v in first["thresholds"].items()},
+        )
+        return cls(children, info, int(first["max_raw_bytes"]), kill_after)
 
     @property
-    def info(self) -> ModelInfo:
+    def info(self) -> ServedModel:
         return self._info
 
     @property
     def pids(self) -> list[int]:
-        """The pool's worker processes now (none before the first task of a new pool)."""
-        processes = getattr(self._pool, "_processes", None) or {}
-        return sorted(int(pid) for pid in processes)
+        """The child processes now."""
+        return sorted(self._children.pids)
+
+    @property
+    def replaced(self) -> int:
+        """Children that died or were killed (each replaced) since ``open``."""
+        return self._children.replaced
+
+    @property
+    def pending(self) -> int:
+        """Messages sent to the children and not answered yet."""
+        return self._children.pending
+
+    @property
+    def closed(self) -> bool:
+        """``close`` has run (its children are gone once it returned)."""
+        return self._children.closed and not self._children.pids
 
     async def classify(self, message: Message) -> Classification:
-        future: asyncio.Future[tuple[float, bool]] = asyncio.get_running_loop().create_future()
-        self._pending.append((message.raw[: self._max_raw], future))
-        self._pump()
-        probability, degraded = await future
-        return Classification(probability, degraded)
-
-    def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending and self._in_flight < self._workers:
-            batch = self._pending[:MAX_BATCH]
-            del self._pending[:MAX_BATCH]
-            pool = self._pool
-            try:  # a pool already known broken refuses the task at once
-                done = loop.run_in_executor(pool, _worker_classify, [raw for raw, _ in batch])
-            except BrokenExecutor as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                self._replace_pool(pool)
-                continue
-            self._in_flight += 1
-            done.add_done_callback(functools.partial(self._finished, batch, pool))
-
-    def _finished(
-        self,
-        batch: list[tuple[bytes, asyncio.Future[tuple[float, bool]]]],
-        pool: ProcessPoolExecutor,
-        done: asyncio.Future[list[tuple[float, bool]]],
-    ) -> None:
-        self._in_flight -= 1
-        for i, (_, future) in enumerate(batch):
-            if future.done():  # its caller gave up (cancelled)
-                continue
-            if done.cancelled():
-                future.cancel()
-            elif (error := done.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(done.result()[i])
-        if not done.cancelled() and isinstance(done.exception(), BrokenExecutor):
-            self._replace_pool(pool)
-        self._pump()
-
-    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
-        """A worker died (killed, out of memory): a ProcessPoolExecutor stays broken for
-        good, so start a new one. The batch in flight already failed (the policy defers
-        those messages when it requires the classifier); the next batches go to the new
-        pool, whose workers load the model on their first task."""
-        if self._path is None or broken is not self._pool:
-            return  # already replaced by an earlier failed batch of the same pool
-        self._pool = _new_pool(self._path, self._workers)
-        self.replaced += 1
-        log.warning("classifier worker died; started a new pool (%d so far)", self.replaced)
-        broken.shutdown(wait=False, cancel_futures=True)
+        """Raises WorkerTimeout when no answer came within ``kill_after`` (the child was
+        killed), else ModelError when the model could not answer: ``max_pending`` messages
+        wait already (WorkerBusy), its child died twice (WorkerDied), the model failed on
+        this message (WorkerError). Either way a policy that requires the classifier
+        defers the message."""
+        answer = await self._ask(CLASSIFY, message.raw[: self._max_raw])
+        return Classification(*decode_answer(answer))
 
     async def base_score(self, raw: bytes) -> tuple[str, float]:
         """(base model sha256, its spam probability) of raw bytes: what a feedback entry
         keeps so a model update can fit its combiner without the message body."""
-        loop = asyncio.get_running_loop()
-        pool = self._pool
+        answer = json.loads(await self._ask(BASE_SCORE, raw[: self._max_raw]))
+        return str(answer["sha256"]), float(answer["p"])
+
+    async def _ask(self, op: bytes, raw: bytes) -> bytes:
         try:
-            return await loop.run_in_executor(pool, _worker_base_score, raw[: self._max_raw])
-        except BrokenExecutor:
-            self._replace_pool(pool)
-            raise
+            return await self._children.call(op, raw, kill_after=self._timeout, retry=True)
+        except WorkerTimeout:
+            raise  # a failure of its own kind (timeout) to the facts' fault counting
+        except WorkerFailure as exc:
+            # A model failure to whoever reads the fact (facts.base.failure_kind), so a
+            # policy that requires it defers the message rather than read it as absent.
+            raise ModelError(f"classifier: {type(exc).__name__}: {exc}") from exc
 
     async def predict(self, message: Message) -> float:
         return (await self.classify(message)).probability
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        await self._children.close()

@@ -38,7 +38,7 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 from relay.dns import DnsTemporaryError
-from relay.errors import FactError, ModelError, StateError, WorkerTimeout
+from relay.errors import FactError, ModelError, StateError, WorkerFailure, WorkerTimeout
 from relay.facts.services import CLASSIFIER, Service, Services
 from relay.message import Message
 from relay.verdict import FactRead, FailureKind, Tier
@@ -82,6 +82,8 @@ def _kind_of(exc: BaseException) -> FailureKind | None:
         return FailureKind.TIMEOUT
     if isinstance(exc, ModelError | BrokenExecutor):
         return FailureKind.MODEL
+    if isinstance(exc, WorkerFailure):  # after ModelError: the classifier's wraps its own
+        return FailureKind.WORKER
     return None
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from relay.contracts import Outcome
-from relay.facts.base import FailureKind
-from relay.verdict import Tier
+from relay.verdict import FailureKind, Tier
 
 OUTCOMES = tuple(o.value for o in Outcome)
 DELIVERY_RESULTS = ("ok", "temporary", "permanent", "none")
@@ -179,7 +178,7 @@ class Instruments:
         self.fact_errors = Counter(
             "relay_fact_errors",
             "Fact computations that failed (not merely missing), by fact and kind "
-            "(state, dns, model, timeout, other)",
+            "(state, dns, model, timeout, worker, other)",
             ["fact", "kind"],
             registry=r,
         )

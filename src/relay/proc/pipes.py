@@ -22,6 +22,13 @@ Payloads are bytes; what they mean is the caller's business (never pickle: they 
 parsed, not loaded).
 
 The parent side is ``PipeWorkers``; a child module calls ``serve(handler)``.
+
+Bounds (docs/operations.md "Overload"): a pool holds at most ``max_pending`` requests
+(sent and unanswered, or waiting for a child to start); one more fails at once with
+``WorkerBusy`` instead of queueing. A request unanswered after its ``kill_after`` seconds
+fails with ``WorkerTimeout`` and its child is killed (a stopped or looping child would hold
+every later request); the other requests that child held fail with ``WorkerDied``, and a
+caller that asked for ``retry`` tries those once more on the replacement.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from relay.errors import WorkerDied, WorkerError, WorkerTimeout
+from relay.errors import WorkerDied, WorkerError, WorkerFailure, WorkerTimeout
 from relay.proc.lifetime import die_with_parent, release_free_memory
 
 log = logging.getLogger("relay.proc.pipes")
@@ -46,6 +53,11 @@ _JOIN_BELOW = 64 * 1024  # request pieces smaller than this leave joined in one 
 _WRITE_CHUNK = 256 * 1024  # a large piece goes to the pipe this much at a time
 TRIM_ABOVE = 4 * 1024 * 1024  # after requests this large a child gives its heap back
 START_TIMEOUT = 60.0  # seconds for a child to import and say hello (a cold disk is slow)
+
+
+class WorkerBusy(WorkerFailure):
+    """The pool already holds ``max_pending`` requests: this one is refused at once, so
+    an overloaded relay defers mail (4xx) instead of queueing it without bound."""
 
 
 def frame(status: int, payload: bytes) -> bytes:
@@ -188,19 +200,33 @@ class _Child(asyncio.SubprocessProtocol):
 
 
 class PipeWorkers:
-    """``processes`` children running ``python -m module``; a child that exits is replaced.
-    Loop-affine: start, call and close from one event loop."""
+    """``processes`` children running ``python -m module PARENT_PID *args``; a child that
+    exits is replaced. Loop-affine: start, call and close from one event loop."""
 
-    def __init__(self, module: str, processes: int, *, name: str = "worker") -> None:
+    def __init__(
+        self,
+        module: str,
+        processes: int,
+        *,
+        name: str = "worker",
+        args: Sequence[str] = (),
+        max_pending: int | None = None,
+    ) -> None:
         if processes < 1:
             raise ValueError("at least one process")
+        if max_pending is not None and max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
         self.module = module
         self.processes = processes
         self.name = name
+        self.args = tuple(args)
+        self.max_pending = max_pending
+        self.replaced = 0  # children that exited (died, killed) while the pool was open
         self._children: list[_Child] = []
         self._starting: asyncio.Task[None] | None = None
         self._closed = False
         self._spawned = 0
+        self._waiting = 0  # callers waiting for a child to start
 
     async def start(self) -> None:
         """Start the missing children (at most one start at a time)."""
@@ -221,6 +247,7 @@ class PipeWorkers:
             "-m",
             self.module,
             str(os.getpid()),
+            *self.args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # a child's traceback reaches the relay's log stream
@@ -237,23 +264,60 @@ class PipeWorkers:
         if child in self._children:
             self._children.remove(child)
             if not self._closed:
+                self.replaced += 1
                 log.warning("%s exited; starting another", child.name)
 
     @property
     def pids(self) -> list[int]:
         return [c.transport.get_pid() for c in self._children if c.transport is not None]
 
-    async def call(self, *parts: bytes, kill_after: float | None = None) -> bytes:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Requests held now: sent and unanswered, or waiting for a child to start."""
+        return self._waiting + sum(len(c.pending) for c in self._children)
+
+    async def call(
+        self, *parts: bytes, kill_after: float | None = None, retry: bool = False
+    ) -> bytes:
         """The answer to the request ``parts`` joined (passed apart so a large part is
         never copied to join it) from the least busy child. Raises WorkerDied when the
         child exits first, WorkerError when its handler failed, WorkerTimeout when no
         answer came within ``kill_after`` seconds: then the child is killed, as one stuck
         on an input must not hold every later message (a caller's own timeout would only
-        stop waiting)."""
+        stop waiting). WorkerBusy when the pool already holds ``max_pending`` requests.
+
+        ``retry``: a request whose child died (the OOM killer, a crash in a C extension,
+        killed for another request's overrun) is sent once more, to the replacement; a
+        request that kills its child twice gets WorkerDied. A request that overran its
+        own ``kill_after`` is never retried: it is the likely cause."""
+        try:
+            return await self._call(parts, kill_after)
+        except WorkerDied:
+            if not retry or self._closed:
+                raise
+            log.warning("%s: a process died under a request; retrying it once", self.name)
+            # On a full pool again: the other children may have died with it (their exit
+            # not seen yet), and a retry must not go to one of them.
+            await self.start()
+            return await self._call(parts, kill_after)
+
+    async def _call(self, parts: tuple[bytes, ...], kill_after: float | None) -> bytes:
         if self._closed:
             raise WorkerDied(f"{self.name} pool is closed")
-        if len(self._children) < self.processes:
-            await self.start()
+        if self.max_pending is not None and self.pending >= self.max_pending:
+            raise WorkerBusy(f"{self.name}: {self.pending} requests pending already")
+        if not self._children:  # none alive: wait for one (counted against the bound)
+            self._waiting += 1
+            try:
+                await self.start()
+            finally:
+                self._waiting -= 1
+        elif len(self._children) < self.processes:  # serve on the living meanwhile
+            self._start_soon()
         if not self._children:
             raise WorkerDied(f"{self.name}: no process could be started")
         child = min(self._children, key=lambda c: len(c.pending))
@@ -269,6 +333,11 @@ class PipeWorkers:
             return await future
         finally:
             timer.cancel()
+
+    def _start_soon(self) -> None:
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_missing())
+            self._starting.add_done_callback(_log_start_failure)
 
     def _expire(self, child: _Child, future: asyncio.Future[bytes], after: float) -> None:
         if future.done():
@@ -295,6 +364,11 @@ class PipeWorkers:
                 child.kill()
 
 
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("could not start a replacement process: %s", exc)
+
+
 def _read_frames(fd: int, buffer: bytearray) -> list[tuple[int, bytes]] | None:
     """Block until at least one whole frame is buffered; None at end of input."""
     while True:
@@ -313,10 +387,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def serve(handler: Callable[[bytes], bytes]) -> int:
+def serve(
+    handler: Callable[[bytes], bytes],
+    many: Callable[[list[bytes]], list[bytes]] | None = None,
+) -> int:
     """The child's main loop: answer each request frame on stdin with ``handler``'s
     result on stdout, in order, until stdin closes. A handler exception becomes an error
     frame (its type name) for that request alone.
+
+    ``many``, when given, answers all the requests that arrived together in one call (the
+    classifier predicts a batch for little more than one message); should it raise, each
+    request is answered by ``handler`` alone, so one bad input fails only itself.
 
     The child leaves when its parent closes the pipe, never on a signal meant for the
     relay: SIGTERM or Ctrl-C sent to the process group must not kill it while the relay
@@ -335,13 +416,25 @@ def serve(handler: Callable[[bytes], bytes]) -> int:
             return 0
         large = sum(len(payload) for _, payload in frames) > TRIM_ABOVE
         # every request that arrived together is answered with one write
-        _write_all(stdout, _answer(frames, handler))
+        _write_all(stdout, _answer(frames, handler, many))
         if large:  # the payloads are gone now: give their memory back, not keep it
             del frames
             release_free_memory()
 
 
-def _answer(frames: list[tuple[int, bytes]], handler: Callable[[bytes], bytes]) -> bytes:
+def _answer(
+    frames: list[tuple[int, bytes]],
+    handler: Callable[[bytes], bytes],
+    many: Callable[[list[bytes]], list[bytes]] | None = None,
+) -> bytes:
+    if many is not None and len(frames) > 1:
+        try:
+            results = many([payload for _status, payload in frames])
+        except Exception:  # noqa: S110 - answered one by one below, each with its own error
+            pass
+        else:
+            if len(results) == len(frames):
+                return b"".join(frame(OK, result) for result in results)
     answers = []
     for _status, payload in frames:
         try:
