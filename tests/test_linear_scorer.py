@@ -340,6 +340,34 @@ def test_a_malformed_compiled_file_is_refused(tmp_path: Path) -> None:
         linear.LinearScorer.load(tmp_path / "bad.linear.npz")
 
 
+def _crafted(tmp_path: Path, change: Any) -> Path:
+    """The shipped compiled file with its header changed by ``change``."""
+    with np.load(linear.compiled_path(MODEL), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(str(arrays["header"]))
+    change(header)
+    arrays["header"] = np.array(json.dumps(header))
+    out = tmp_path / "crafted.linear.npz"
+    out.write_bytes(linear._npz_bytes(arrays))
+    return out
+
+
+def test_a_crafted_compiled_file_cannot_bring_a_regex_or_non_finite_numbers(
+    tmp_path: Path,
+) -> None:
+    def slow_regex(header: dict[str, Any]) -> None:
+        header["blocks"][0]["analyzer"]["token_pattern"] = r"(a+)+$"
+
+    def nan_weight(header: dict[str, Any]) -> None:
+        header["blocks"][2]["weight"] = float("nan")
+
+    with pytest.raises(ModelError, match="not one this relay knows"):
+        linear.LinearScorer.load(_crafted(tmp_path, slow_regex))
+    with pytest.raises(ModelError, match="not finite"):
+        linear.LinearScorer.load(_crafted(tmp_path, nan_weight))
+    assert linear.LinearScorer.load(_crafted(tmp_path, lambda h: None)).blocks
+
+
 # -- features.py's fast paths ----------------------------------------------------------
 
 
