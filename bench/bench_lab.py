@@ -80,7 +80,12 @@ def _pss_bytes(pids: list[int]) -> int:
     return total
 
 
-def run(cmd: list[str], sample: float = 0.1) -> dict[str, Any]:
+def run(
+    cmd: list[str],
+    sample: float = 0.1,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run the command; wall time, peak memory and CPU of its whole process tree.
 
     The tree (lab, forkserver, fact workers, classifier processes, manager) is sampled
@@ -91,7 +96,7 @@ def run(cmd: list[str], sample: float = 0.1) -> dict[str, Any]:
     """
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak_rss = peak_pss = 0
     cpu: dict[int, float] = {}
     while proc.poll() is None:

@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -43,8 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bench_lab import _pss_bytes as pss_bytes
-from bench.procstats import CLOCK_TICKS, descendants, rss_bytes
+from bench import bench_lab
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -183,13 +181,13 @@ def write_corpus(bases: Sequence[Base], count: int, into: Path, seed: int = 0) -
     return {"tar_bytes": tar_path.stat().st_size, "labels_bytes": labels_path.stat().st_size}
 
 
-def regime_copies(into: Path) -> tuple[list[str], list[str]]:
-    """Two copies of config/regimes/*.toml: as shipped, and with one threshold moved."""
+def regime_copies(into: Path, regimes: Path) -> tuple[list[str], list[str]]:
+    """Two copies of ``regimes``/*.toml: as they are, and with one threshold moved."""
     same, changed = into / "regimes-same", into / "regimes-changed"
     for d in (same, changed):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        for p in (REPO / "config" / "regimes").glob("*.toml"):
+        for p in regimes.glob("*.toml"):
             shutil.copy(p, d / p.name)
     target = changed / CHANGED_REGIME
     text = target.read_text()
@@ -201,46 +199,10 @@ def regime_copies(into: Path) -> tuple[list[str], list[str]]:
     )
 
 
-def _proc_cpu(pid: int) -> float | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def run(cmd: list[str], sample: float, cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    """bench_lab.run with a working directory and environment: wall time, CPU of the
+    """bench_lab.run in the frozen copy's folder and environment: wall time, CPU of the
     whole process tree (last sample per process) and peak summed PSS and RSS."""
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak_rss = peak_pss = 0
-    cpu: dict[int, float] = {}
-    while proc.poll() is None:
-        pids = descendants(proc.pid)
-        for pid in pids:
-            seconds = _proc_cpu(pid)
-            if seconds is not None:
-                cpu[pid] = seconds
-        peak_rss = max(peak_rss, rss_bytes(pids))
-        peak_pss = max(peak_pss, pss_bytes(pids))
-        time.sleep(sample)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - start
-    if proc.returncode not in (0, 1):  # 1: a regime file had errors (reported, not fatal)
-        sys.stderr.write(err.decode(errors="replace"))
-        raise SystemExit(f"relay lab failed with exit code {proc.returncode}")
-    return {
-        "seconds": round(seconds, 2),
-        "peak_pss_bytes": peak_pss,
-        "peak_rss_bytes": peak_rss,
-        "cpu_seconds": round(sum(cpu.values()), 1),
-        "processes": len(cpu),
-        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "stdout": out.decode(errors="replace").strip(),
-    }
+    return bench_lab.run(cmd, sample, cwd=cwd, env=env)
 
 
 def _summary(r: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +236,7 @@ def measure(
     t = time.perf_counter()
     disk = write_corpus(bases, size, scratch, args.seed)
     synth_seconds = round(time.perf_counter() - t, 1)
-    same, changed = regime_copies(scratch)
+    same, changed = regime_copies(scratch, code / "config" / "regimes")
     cache = scratch / f"cache-{args.engine}"
     shutil.rmtree(cache, ignore_errors=True)
     base = [
@@ -315,6 +277,40 @@ def measure(
     }
 
 
+def extrapolation(results: dict[str, Any]) -> list[str]:
+    """1M messages from the largest local size measured, linearly (CPU per message and
+    the per-message memory slope between the two largest sizes): an extrapolation,
+    labelled as one."""
+    local = sorted(
+        (s for s in results["sizes"].values() if s["engine"] == "local" and not s.get("tag")),
+        key=lambda s: s["messages"],
+    )
+    if not local:
+        return []
+    big = local[-1]
+    n, jobs = big["messages"], big["jobs"]
+    cold_cpu = big["runs"]["cold"]["cpu_seconds"] / n * 1_000_000
+    changed_cpu = big["runs"]["changed"]["cpu_seconds"] / n * 1_000_000
+    out = [
+        f"Extrapolated to 1,000,000 messages from {n} (linear; not measured): cold "
+        f"{cold_cpu / 3600:.1f} h of CPU, at best {cold_cpu / jobs / 3600:.1f} h on {jobs} "
+        f"otherwise idle cores (target < 1 h); the changed-regime rerun {changed_cpu:.0f} s "
+        f"of CPU, mostly single-threaded (target < 120 s)."
+    ]
+    if len(local) > 1:
+        small = local[-2]
+        for name in ("cold", "changed"):
+            a, b = small["runs"][name]["peak_pss_bytes"], big["runs"][name]["peak_pss_bytes"]
+            slope = (b - a) / (n - small["messages"])
+            base = a - slope * small["messages"]
+            out.append(
+                f"Peak PSS, {name}: {base / 2**20:.0f} MiB + {slope / 1024:.1f} KiB per "
+                f"message (from {small['messages']} and {n}); 1M messages: "
+                f"{(base + slope * 1e6) / 2**30:.1f} GiB."
+            )
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# The lab at scale",
@@ -334,7 +330,8 @@ def markdown(results: dict[str, Any]) -> str:
             r = s["runs"][name]
             t = r["timings"]
             lines.append(
-                f"| {s['messages']} | {s['engine']} | {name} | {r['seconds']:.0f} s "
+                f"| {s['messages']} | {s['engine']}{' (' + s['tag'] + ')' if s.get('tag') else ''} "
+                f"| {name} | {r['seconds']:.0f} s "
                 f"| {r['cpu_seconds']:.0f} s | {1000 * r['cpu_seconds'] / s['messages']:.2f} "
                 f"| {r['peak_pss_bytes'] / 2**20:.0f} MiB ({r['peak_rss_bytes'] / 2**20:.0f} MiB) "
                 f"| {t['facts']:.0f} / {t['evaluate']:.0f} / {t['report']:.0f} "
@@ -346,8 +343,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"- {key}: tar {d['tar_bytes'] / 2**20:.0f} MiB, labels "
             f"{d['labels_bytes'] / 2**20:.1f} MiB, cache {d['cache_bytes'] / 2**20:.0f} MiB "
-            f"(synthesis {s['synthesis_seconds']} s)"
+            f"(synthesised in {s['synthesis_seconds']} s; 0: an earlier run's, reused)"
         )
+    lines += ["", *extrapolation(results)]
     if results.get("notes"):
         lines += ["", *results["notes"]]
     lines += ["", "Command: `.venv/bin/python -m bench.bench_labscale --sizes 10000 100000`", ""]
@@ -367,6 +365,7 @@ def main() -> int:
         default=REPO.parent / "shared" / "corpora" / "spamassassin" / "split.tsv",
     )
     parser.add_argument("--synthesise-only", action="store_true")
+    parser.add_argument("--tag", default="", help="kept beside an untagged run of a size")
     parser.add_argument("--sample", type=float, default=0.25, help="/proc sampling, seconds")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))[: args.jobs]
@@ -383,7 +382,9 @@ def main() -> int:
     for size in args.sizes:
         result = measure(size, args, bases, env, code)
         result["code_digest"] = tree_digest(code / "src")
-        results["sizes"][f"{size}-{args.engine}"] = result
+        result["tag"] = args.tag
+        key = f"{size}-{args.engine}" + (f"-{args.tag}" if args.tag else "")
+        results["sizes"][key] = result
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1) + "\n")
         (RESULTS / "labscale.md").write_text(markdown(results))

@@ -365,3 +365,43 @@ def test_resolver_mode_runs_the_real_checks(tmp_path: Path) -> None:
     # authenticated.eml's recorded pass is not believed: nothing trusted, SPF none here.
     assert _kn(auth["ham_tagged"]) == (3, 3)
     assert ("bank.example.", "TXT") in dns.queries
+
+
+def test_message_pages_are_built_one_shard_at_a_time(tmp_path: Path) -> None:
+    """write_report reads each fact page once, shard after shard, so a lazy mapping
+    (run._Pages) keeps one shard's pages in memory, not one per listed message; the
+    files are those a plain dict gives."""
+    from collections.abc import Iterator, Mapping
+
+    from relay.lab.run import write_report
+    from relay.lab.stats import message_shard
+
+    run_lab(_options(tmp_path))
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    digests = [f"{i:02x}" * 32 for i in (3, 1, 2)] + ["01" + "ab" * 31]
+    plain = {
+        d: {"id": d[:8], "label": "ham", "digest": d, "facts": {}, "verdicts": {}} for d in digests
+    }
+    reads: list[str] = []
+
+    class Lazy(Mapping[str, Mapping[str, Any]]):
+        def __getitem__(self, digest: str) -> Mapping[str, Any]:
+            reads.append(digest)
+            return plain[digest]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(plain)
+
+        def __len__(self) -> int:
+            return len(plain)
+
+    write_report(data, tmp_path / "lazy", Lazy())
+    write_report(data, tmp_path / "dict", plain)
+    assert sorted(reads) == sorted(plain)  # each page read once
+    shards = [message_shard(d) for d in reads]
+    assert shards == sorted(shards)  # shard after shard: earlier ones are done with
+    names = sorted(p.name for p in (tmp_path / "dict" / "messages").iterdir())
+    assert names == ["01.html", "01.json", "02.html", "02.json", "03.html", "03.json"]
+    for name in names:
+        lazy = (tmp_path / "lazy" / "messages" / name).read_bytes()
+        assert lazy == (tmp_path / "dict" / "messages" / name).read_bytes()

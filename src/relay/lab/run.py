@@ -178,6 +178,34 @@ def _message_page(
     }
 
 
+class _Pages(Mapping[str, Mapping[str, Any]]):
+    """The listed messages' fact pages, each built when it is read: write_report holds
+    one shard's pages at a time, not one page per listed message (at 100,000 messages
+    nearly all are listed, and the pages were most of the driver's memory)."""
+
+    def __init__(
+        self,
+        messages: Sequence[CorpusMessage],
+        outcomes: Mapping[str, Outcomes],
+        decisions: Mapping[str, Mapping[str, Decision]],
+        registry: FactRegistry,
+    ) -> None:
+        self._messages = {m.digest: m for m in messages}
+        self._outcomes = outcomes
+        self._decisions = decisions
+        self._registry = registry
+
+    def __getitem__(self, digest: str) -> Mapping[str, Any]:
+        m = self._messages[digest]
+        return _message_page(m, self._outcomes[digest], self._decisions[m.id], self._registry)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+
 def write_report(
     report: Mapping[str, Any],
     out: Path,
@@ -196,10 +224,11 @@ def write_report(
     tables.write(paged, out)
     messages = out / "messages"
     messages.mkdir(exist_ok=True)
-    shards: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for digest, page in pages.items():
-        shards.setdefault(message_shard(digest), {})[f"m{digest[:16]}"] = page
-    for shard, group in sorted(shards.items()):
+    shards: dict[str, list[str]] = {}
+    for digest in pages:
+        shards.setdefault(message_shard(digest), []).append(digest)
+    for shard, digests in sorted(shards.items()):
+        group = {f"m{d[:16]}": pages[d] for d in digests}  # one shard's pages at a time
         (messages / f"{shard}.json").write_text(json.dumps(group) + "\n")
         (messages / f"{shard}.html").write_text(render.messages_html(list(group.values())))
 
@@ -236,11 +265,7 @@ def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[
     )
     listed = {d["id"] for d in report["disagreements"]}
     listed |= {b["id"] for r in report["regimes"] for b in r["ham_blocks"]}
-    pages = {
-        m.digest: _message_page(m, outcomes[m.digest], decisions[m.id], registry)
-        for m in corpus.messages
-        if m.id in listed
-    }
+    pages = _Pages([m for m in corpus.messages if m.id in listed], outcomes, decisions, registry)
     write_report(report, options.out, pages)
     # Every message's verdicts, for `relay lab diff` between two reports (the pages above
     # cover only the messages the report lists).
