@@ -418,3 +418,33 @@ def test_clean_equals_the_plain_regex_on_random_mixtures() -> None:
     for _ in range(400):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
         assert features._clean(text) == features._ARTEFACT.sub(" ", text), repr(text)
+
+
+ADDRESS_PIECES = [
+    "@", "@", "a", "Z", "zzzz", "XXXX", "yyyy", ".", "-", "+", "example.com", "EXAMPLE.COM",
+    "jmason.org", "sub.", "b-", "!", "\u00e9", "_", "9", "com", "org", "\u0130", "\u017f",
+]  # fmt: skip
+
+
+def test_address_cleaning_equals_the_regex_on_random_runs() -> None:
+    rng = random.Random(23)
+    for _ in range(20000):
+        run = "".join(rng.choice(ADDRESS_PIECES) for _ in range(rng.randint(0, 12)))
+        assert features._clean_addresses(run) == features._ARTEFACT_ADDRESS.sub(" ", run), run
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        # The shapes that made the regex quadratic (5 s at 32 KiB), at a size it can still
+        # check: a long local part, a long host before the hint, a chain of @s.
+        "a" * 2000 + "@" + "b-" * 2000 + "example.com",
+        "x@" + "a." * 2000 + "jmason.orgz",
+        "zzz@a." * 400 + "example.com",
+        "q" * 1000 + "@" + "a." * 1000 + "example.com.x@example.com",
+        "a@" * 2000 + "example.com",
+        "zzzz" + "a.b" * 1000 + "@x",
+    ],
+)
+def test_address_cleaning_equals_the_regex_on_long_runs(run: str) -> None:
+    assert features._clean_addresses(run) == features._ARTEFACT_ADDRESS.sub(" ", run)

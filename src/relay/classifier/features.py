@@ -60,6 +60,11 @@ _HOST_HINTS = ("taint.org", "baddomain.com")
 _ADDRESS_HINTS = ("jmason.org", "example.com", "zzzz", "yyyy", "xxxx")
 _ARTEFACT_HINTS = _HOST_HINTS + _ADDRESS_HINTS
 _ARTEFACT_ADDRESS = re.compile("|".join(_ARTEFACT_ADDRESSES), re.IGNORECASE)
+# _clean_addresses: the pieces of _ARTEFACT_ADDRESSES, one step at a time.
+_LOCAL_CHAR = re.compile(r"[\w.+-]")
+_MASKED_LOCAL = re.compile(r"(?:zzzz|yyyy|xxxx)", re.IGNORECASE)
+_ARTEFACT_HOST_AFTER_AT = re.compile(r"(?:[\w-]+\.)*(?:jmason\.org|example\.com)\b", re.IGNORECASE)
+_BOUNDARY = re.compile(r"\b")
 _LONG_RUN = re.compile(r"\S{256}")
 _SPACE_RUNS = re.compile(r"(\s+)")
 # Characters re.IGNORECASE matches to a hint letter but str.lower() does not map to it
@@ -224,8 +229,43 @@ def _clean_run(run: str) -> str:
     if any(hint in low for hint in _HOST_HINTS):
         return _ARTEFACT.sub(" ", run)
     if "@" in run and any(hint in low for hint in _ADDRESS_HINTS):
-        return _ARTEFACT_ADDRESS.sub(" ", run)
+        return _clean_addresses(run)
     return run
+
+
+def _clean_addresses(run: str) -> str:
+    r"""``_ARTEFACT_ADDRESS.sub(" ", run)`` in time linear in the run's length.
+
+    The regex retries ``[\w.+-]*@`` from every word boundary before an @ and rescans the
+    host after it each time: quadratic (5 s for one 32 KiB word with an @ and a hint,
+    past the classifier's timeout at 64 KiB). Both alternatives need, from their start,
+    characters of ``[\w.+-]`` up to an @, and that class holds no @, so the @ a start
+    reaches is fixed: per @, the host alternative is tried once, and the first word
+    boundary of the characters before it (not before the scan position) where either
+    alternative holds starts the match, as the regex's left-to-right scan would find it.
+    tests/test_linear_scorer.py checks it against the regex."""
+    out: list[str] = []
+    pos = 0  # where the regex's scan stands
+    at = run.find("@")
+    while at != -1:
+        start = at
+        while start > pos and _LOCAL_CHAR.match(run, start - 1):
+            start -= 1
+        host = _ARTEFACT_HOST_AFTER_AT.match(run, at + 1)
+        for p in range(start, at + 1):
+            if not _BOUNDARY.match(run, p):
+                continue
+            masked = _MASKED_LOCAL.match(run, p)
+            if masked and masked.end() <= at:  # zzzz...@ and the rest of the run
+                out += (run[pos:p], " ")
+                return "".join(out)
+            if host:
+                out += (run[pos:p], " ")
+                pos = host.end()
+                break
+        at = run.find("@", max(at + 1, pos))
+    out.append(run[pos:])
+    return "".join(out)
 
 
 def _folds_to_hint(text: str) -> bool:
