@@ -448,3 +448,18 @@ def test_address_cleaning_equals_the_regex_on_random_runs() -> None:
 )
 def test_address_cleaning_equals_the_regex_on_long_runs(run: str) -> None:
     assert features._clean_addresses(run) == features._ARTEFACT_ADDRESS.sub(" ", run)
+
+
+def test_display_names_are_scanned_for_domains_up_to_a_header_lines_length() -> None:
+    """_DOMAIN_LIKE is quadratic in a chain of dots; a name is read up to 998 characters
+    (the longest in the training corpora: 236), so a huge name costs milliseconds."""
+
+    def meta(name: str) -> str:
+        raw = f'From: "{name}" <x@sender.test>\r\nTo: a@b.test\r\nSubject: s\r\n\r\nhi\r\n'
+        return features.Extractor().extract_bytes(raw.encode()).meta
+
+    assert "from:name_other_domain" in meta("PayPal.com Support")
+    padded = "a." * 600  # 1200 characters of chain before the domain
+    assert "from:name_other_domain" in meta("paypal.com " + padded)
+    assert "from:name_other_domain" not in meta(padded + " paypal.com")
+    assert "from:name_other_domain" not in meta("a." * 32000)  # and it returns at once

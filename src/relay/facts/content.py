@@ -109,7 +109,7 @@ COMMERCIAL_CUES = (
     # "free", "order", "save", "credit", "business" are not offers.
     Cue("technical", re.compile(r"^(?:diff --git|index [0-9a-f]{7,}\.\.|@@ -\d|signed-off-by:|"
                          r"reviewed-by:|acked-by:|\+\+\+ |--- a/)|#include\b|\bstruct \w+ \{|"
-                         r"\b(?:if|for|while) \(.*\) \{$|\w+\(\);$|\btraceback \(most recent"
+                         r"\b(?:if|for|while) \(.*\) \{$|\b\w+\(\);$|\btraceback \(most recent"
                          r"|\bsegfault|\bkernel:? |\bcommit [0-9a-f]{12,}\b", re.M), -1.2, cap=5),
     # The Subject alone (version 4): promotions announce the offer there ("40% off ends
     # tonight", "Presale starts tomorrow") and decorate it with emoji; news, account notices
