@@ -1,7 +1,8 @@
 """Event-loop lag of a server seen from outside: NOOP round trips while it is under load.
 
-The relay exposes no loop-lag figure of its own (no metric, no log line), and the bench does
-not reach inside it. A NOOP costs the server almost nothing, so the time from sending it to
+The same for every server (Rspamd, the pass-through), beside the relay's own figure from
+inside its loop (``relay_event_loop_lag_seconds``, bench/loopmetric.py). A NOOP costs the
+server almost nothing, so the time from sending it to
 reading its 250 is, beyond a loopback round trip of a few microseconds, the time the
 server's event loop took to come round to that connection: its lag, plus the time the
 operating system kept the process off a core (on a 2-core machine shared with the load

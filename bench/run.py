@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import mail, report, rspamd, stages
+from bench import loopmetric, mail, report, rspamd, stages
 from bench.client import LoadResult, drive
 from bench.lagprobe import LagProbe
 from bench.postfix import SmtpSink, SourceRun, find_tool, smtp_source
@@ -109,6 +109,8 @@ class Target:
     result: dict[str, Any] = field(default_factory=dict)
     rspamd: rspamd.RspamdInstance | None = None  # the daemon an rspamd scenario scans
     lag: LagProbe | None = None  # responsiveness probe, accumulated over the rounds
+    # relay_event_loop_lag_seconds buckets gained during the timed rounds (metrics on)
+    in_loop: dict[float, float] = field(default_factory=dict)
 
     def pids(self) -> list[int]:
         if self.rspamd is not None:
@@ -191,6 +193,14 @@ async def measure(
     elif delivered != ok:
         errors = dict(errors, **{"accepted but not at sink": ok - delivered})
     return Phase(ok, delivered, elapsed, cpu, peak[0], busy, errors, peak[1])
+
+
+def _lag_metric_port(target: Target) -> int | None:
+    """The /metrics port of a relay scenario with metrics on (its own loop-lag figure)."""
+    server = target.server
+    if server is None or "metrics" not in target.scenario.features:
+        return None
+    return server.metrics_port
 
 
 def source_load(
@@ -532,6 +542,8 @@ async def run_phases(
     for r in range(opts.rounds):
         order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for t in order:
+            lag_port = _lag_metric_port(t)
+            before = await loopmetric.scrape(lag_port) if lag_port else {}
             phase = await measure(
                 t,
                 _sink_of(t, sink),
@@ -539,6 +551,8 @@ async def run_phases(
                 sink_counts_ok=True,
                 probe=t.lag,
             )
+            if lag_port:
+                loopmetric.add_delta(t.in_loop, await loopmetric.scrape(lag_port), before)
             summary = phase.summary()
             summary["messages"] = t.messages
             rounds[t.scenario.key].append(summary)
@@ -564,6 +578,8 @@ async def run_phases(
         }
         if t.lag is not None:
             t.result["loop_lag"] = t.lag.summary()
+        if t.in_loop:
+            t.result["loop_lag_in_relay"] = loopmetric.summary(t.in_loop)
     for t in live:
         if t.rspamd is not None:
             continue  # no SMTP: the latency phases are the SMTP servers'

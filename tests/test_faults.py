@@ -17,7 +17,14 @@ from publicsuffixlist import PublicSuffixList
 
 from relay.contracts import Outcome
 from relay.dns import DnsTemporaryError
-from relay.errors import FactError, ModelError, StateError, WorkerDied, WorkerTimeout
+from relay.errors import (
+    FactError,
+    ModelError,
+    StateError,
+    WorkerBusy,
+    WorkerDied,
+    WorkerTimeout,
+)
 from relay.facts import Facts, FactSpec, FactType, Services
 from relay.facts.base import FactContext, FactRegistry, FailureKind, failure_kind
 from relay.facts.services import CLASSIFIER, STATE
@@ -28,7 +35,6 @@ from relay.ops.metrics import Metrics
 from relay.ops.readiness import RelayReadiness
 from relay.pipeline.recorder import Record, Recorder
 from relay.policy.holder import DeciderHolder
-from relay.proc.pipes import WorkerBusy
 from relay.secretkey import SecretKey
 from relay.state import StateStore
 from relay.verdict import ACCEPT_ALL, Tier

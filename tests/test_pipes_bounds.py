@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from relay.errors import WorkerDied, WorkerTimeout
-from relay.proc.pipes import ERROR, OK, PipeWorkers, WorkerBusy, _answer, split_frames
+from relay.errors import WorkerBusy, WorkerDied, WorkerTimeout
+from relay.proc.pipes import ERROR, OK, PipeWorkers, _answer, split_frames
 
 CHILD = "tests.support.echochild"
 

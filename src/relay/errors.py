@@ -19,6 +19,8 @@
     │   ├── WorkerDied               it exited first (callers retry once on its replacement)
     │   ├── WorkerError              its handler failed on this request
     │   ├── WorkerTimeout            no answer within the caller's limit; it was killed
+    │   ├── WorkerBusy               the pool already holds max_pending requests: refused
+    │   │                            at once, so overload defers mail instead of queueing
     │   └── ConditionTimeout         proc/celsandbox.py: a message's policy conditions
     │                                gave no result in time (the message is deferred)
     ├── BadRequest             ops/http.py: a malformed HTTP request to /metrics, /readyz
@@ -129,6 +131,11 @@ class WorkerError(WorkerFailure):
 class WorkerTimeout(WorkerFailure):
     """The child took longer than the caller's limit; it was killed (and is replaced), and
     the other requests it held fail with WorkerDied."""
+
+
+class WorkerBusy(WorkerFailure):
+    """The pool already holds ``max_pending`` requests: this one is refused at once, so
+    an overloaded relay defers mail (4xx) instead of queueing it without bound."""
 
 
 class ConditionTimeout(WorkerFailure):

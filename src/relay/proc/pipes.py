@@ -41,7 +41,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from relay.errors import WorkerDied, WorkerError, WorkerFailure, WorkerTimeout
+from relay.errors import WorkerBusy, WorkerDied, WorkerError, WorkerTimeout
 from relay.proc.lifetime import die_with_parent, release_free_memory
 
 log = logging.getLogger("relay.proc.pipes")
@@ -53,11 +53,6 @@ _JOIN_BELOW = 64 * 1024  # request pieces smaller than this leave joined in one 
 _WRITE_CHUNK = 256 * 1024  # a large piece goes to the pipe this much at a time
 TRIM_ABOVE = 4 * 1024 * 1024  # after requests this large a child gives its heap back
 START_TIMEOUT = 60.0  # seconds for a child to import and say hello (a cold disk is slow)
-
-
-class WorkerBusy(WorkerFailure):
-    """The pool already holds ``max_pending`` requests: this one is refused at once, so
-    an overloaded relay defers mail (4xx) instead of queueing it without bound."""
 
 
 def frame(status: int, payload: bytes) -> bytes:
