@@ -232,7 +232,9 @@ def main() -> int:
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lab.json").write_text(json.dumps(result, indent=1) + "\n")
+    # The scratch folder is this machine's own: never recorded in the results.
+    text = json.dumps(result, indent=1).replace(str(scratch), "<scratch>")
+    (RESULTS / "lab.json").write_text(text + "\n")
     (RESULTS / "lab.md").write_text(markdown(result))
     print(markdown(result))
     return 0
