@@ -21,8 +21,7 @@ def _mapped(pid: int) -> set[str]:
 
 async def test_the_supervisor_maps_none_of_the_workers_libraries(tmp_path: Path) -> None:
     port = free_port()
-    cfg = write_config(tmp_path, port)
-    cfg.write_text(cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2"))
+    cfg = write_config(tmp_path, port, workers=2)
     log_path = tmp_path / "relay.log"
     proc = start_serve(cfg, log_path)
     try:

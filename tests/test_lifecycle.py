@@ -16,7 +16,7 @@ from tests.support.relay import RawClient, free_port, simple_message, wait_liste
 SECRET_BODY = "the-body-must-never-be-logged-7f3a"
 
 
-def write_config(tmp_path: Path, port: int) -> Path:
+def write_config(tmp_path: Path, port: int, *, workers: int = 1) -> Path:
     cfg = tmp_path / "relay.toml"
     cfg.write_text(
         f"""
@@ -24,6 +24,7 @@ def write_config(tmp_path: Path, port: int) -> Path:
 listen = "127.0.0.1:{port}"
 hostname = "relay.test"
 drain_timeout = 10
+workers = {workers}
 [relay]
 domains = ["example.org"]
 [delivery]
@@ -137,8 +138,7 @@ async def test_workers_share_the_port_restart_and_drain(tmp_path: Path) -> None:
     from tests.support.relay import send
 
     port = free_port()
-    cfg = write_config(tmp_path, port)
-    cfg.write_text(cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2"))
+    cfg = write_config(tmp_path, port, workers=2)
     log_path = tmp_path / "relay.log"
     proc = start_serve(cfg, log_path)
     try:
@@ -171,8 +171,7 @@ def test_worker_start_failure_stops_the_supervisor(tmp_path: Path) -> None:
     import socket
 
     port = free_port()
-    cfg = write_config(tmp_path, port)
-    cfg.write_text(cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2"))
+    cfg = write_config(tmp_path, port, workers=2)
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", port))  # no SO_REUSEPORT: workers cannot bind
     blocker.listen(1)
@@ -197,9 +196,9 @@ async def test_every_worker_serves_the_learn_endpoint(tmp_path: Path) -> None:
     token_file = tmp_path / "learn.token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    cfg = write_config(tmp_path, port)
+    cfg = write_config(tmp_path, port, workers=2)
     cfg.write_text(
-        cfg.read_text().replace("drain_timeout = 10", "drain_timeout = 10\nworkers = 2")
+        cfg.read_text()
         + f'[feedback]\nhttp_listen = "127.0.0.1:{learn_port}"\n'
         + f'http_token_file = "{token_file}"\n'
         + f'[security]\nkey_file = "{tmp_path / "relay.key"}"\n'

@@ -14,22 +14,7 @@ import pytest
 
 from relay.cli.main import main
 from relay.models.registry import Registry
-from relay.secretkey import SecretKey
-from tests.test_model_versions import BASE, mail
-
-
-def _config(tmp_path: Path) -> Path:
-    key = tmp_path / "relay.key"
-    key.write_bytes(SecretKey.generate().material)
-    key.chmod(0o600)
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(
-        f'[state]\npath = "{tmp_path / "state.sqlite3"}"\n'
-        f'[security]\nkey_file = "{key}"\n'
-        f"[feedback]\nreporter_share = 1.0\n"
-        f'[model]\npath = "{BASE}"\nregistry = "{tmp_path / "models"}"\n'
-    )
-    return cfg
+from tests.test_model_versions import cli_config, mail
 
 
 def _learn(cfg: Path, folder: Path, label: str, first: int, n: int, rng: random.Random) -> None:
@@ -51,7 +36,7 @@ def _versions(cfg: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
 def test_min_new_trains_only_when_enough_reports_arrived_since_the_newest_version(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path)
+    cfg = cli_config(tmp_path)
     rng = random.Random(5)
     _learn(cfg, tmp_path / "in", "spam", 0, 40, rng)
     _learn(cfg, tmp_path / "in", "ham", 0, 40, rng)
@@ -83,7 +68,7 @@ def test_min_new_trains_only_when_enough_reports_arrived_since_the_newest_versio
 def test_an_update_skips_while_another_holds_the_registry_lock(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path)
+    cfg = cli_config(tmp_path)
     rng = random.Random(6)
     _learn(cfg, tmp_path / "in", "spam", 0, 30, rng)
     _learn(cfg, tmp_path / "in", "ham", 0, 30, rng)
@@ -104,7 +89,7 @@ def test_an_update_skips_while_another_holds_the_registry_lock(
 def test_reload_after_promotion_signals_the_process_in_the_pid_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = _config(tmp_path)
+    cfg = cli_config(tmp_path)
     rng = random.Random(7)
     _learn(cfg, tmp_path / "in", "spam", 0, 40, rng)
     _learn(cfg, tmp_path / "in", "ham", 0, 40, rng)
@@ -140,7 +125,7 @@ def test_reload_after_promotion_signals_the_process_in_the_pid_file(
 
 
 def test_min_new_is_a_count(tmp_path: Path) -> None:
-    cfg = _config(tmp_path)
+    cfg = cli_config(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["model", "update", "--config", str(cfg), "--min-new", "-3"])
     assert exc.value.code == 2
@@ -156,7 +141,7 @@ def test_a_running_relay_sees_an_update_made_by_another_process_without_a_reload
     from relay.models.registry import registry_stats
     from relay.ops.metrics import Metrics
 
-    cfg = _config(tmp_path)
+    cfg = cli_config(tmp_path)
     rng = random.Random(8)
     _learn(cfg, tmp_path / "in", "spam", 0, 40, rng)
     _learn(cfg, tmp_path / "in", "ham", 0, 40, rng)

@@ -342,11 +342,8 @@ def _shut_down(classifier: Any) -> bool:
     return bool(classifier.closed)
 
 
-def test_the_cli_learns_updates_lists_promotes_and_rolls_back(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from relay.cli.main import main
-
+def cli_config(tmp_path: Path) -> Path:
+    """relay.toml for the `relay learn` / `relay model` commands: state, key, registry."""
     key = tmp_path / "relay.key"
     key.write_bytes(SecretKey.generate().material)
     key.chmod(0o600)
@@ -357,6 +354,15 @@ def test_the_cli_learns_updates_lists_promotes_and_rolls_back(
         f"[feedback]\nreporter_share = 1.0\n"
         f'[model]\npath = "{BASE}"\nregistry = "{tmp_path / "models"}"\n'
     )
+    return cfg
+
+
+def test_the_cli_learns_updates_lists_promotes_and_rolls_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli.main import main
+
+    cfg = cli_config(tmp_path)
     rng = random.Random(11)
     for label in ("spam", "ham"):
         folder = tmp_path / label

@@ -147,8 +147,8 @@ class Classifier:
         except WorkerTimeout:
             raise  # a failure of its own kind (timeout) to the facts' fault counting
         except WorkerFailure as exc:
-            # A model failure to whoever reads the fact (facts.base.failure_kind), so a
-            # policy that requires it defers the message rather than read it as absent.
+            # Counted as the model's failure (kind "model" in relay_fact_errors_total)
+            # rather than the generic "worker" of the children underneath.
             raise ModelError(f"classifier: {type(exc).__name__}: {exc}") from exc
 
     async def predict(self, message: Message) -> float:

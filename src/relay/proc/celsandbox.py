@@ -52,14 +52,13 @@ class ConditionSandbox:
             raise ConditionTimeout(f"time limit of {self.time_limit:g} s used up")
         request = json.dumps({"when": source, "values": values}).encode()
         try:
-            answer = json.loads(await self._workers.call(request, kill_after=budget))
+            # retry: a child killed by an earlier overrun, or crashed, gets one more try.
+            reply = await self._workers.call(request, kill_after=budget, retry=True)
+            answer = json.loads(reply)
         except WorkerTimeout:
             raise ConditionTimeout(f"no result within {self.time_limit:g} s") from None
-        except WorkerDied:  # killed by an earlier overrun, or crashed: one more try
-            try:
-                answer = json.loads(await self._workers.call(request, kill_after=budget))
-            except (WorkerTimeout, WorkerDied) as exc:
-                raise ConditionTimeout(f"no result: {exc}") from None
+        except WorkerDied as exc:
+            raise ConditionTimeout(f"no result: {exc}") from None
         except WorkerError as exc:
             raise ValueError(str(exc)) from None
         if "error" in answer:
