@@ -11,10 +11,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Settings, load_settings
 from relay.errors import ModelError
+
+if TYPE_CHECKING:  # the command bodies import the model layers only when they run
+    from relay.models.registry import Registry
 
 
 def _gate_settings(settings: Settings) -> Any:
@@ -65,7 +68,7 @@ def run_update(args: argparse.Namespace) -> int:
         return _update(args, settings, registry)
 
 
-def _update(args: argparse.Namespace, settings: Settings, registry: Any) -> int:
+def _update(args: argparse.Namespace, settings: Settings, registry: Registry) -> int:
     from relay.classifier.model import load_model
     from relay.models.registry import current_model_path
     from relay.models.update import update_model
