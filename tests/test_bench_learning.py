@@ -1,11 +1,13 @@
-"""bench.learning --as-stamped: each message gets the relay's own Authentication-Results
-(the real stamp) from the trusted upstream field, so a report of it credits the sender."""
+"""bench.learning: with --as-stamped each message gets the relay's own Authentication-Results
+(the real stamp) from the trusted upstream field, so a report of it credits the sender;
+the cost of the 90 % target under any cut (``fpr_at_recall``)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from bench.learning import Mail, stamp_all
+import numpy as np
+from bench.learning import Mail, fpr_at_recall, stamp_all
 
 from relay.facts import default_registry
 from relay.feedback.reputation import Identity, identities
@@ -31,3 +33,14 @@ def test_stamped_copy_carries_our_field_with_the_trusted_results() -> None:
     credited = identities(stamped.delivered, (), OURS)
     assert credited == (Identity("sender", "shop.example"),)
     assert identities(RAW, (), OURS) == (Identity("sender", "forged.example"),)
+
+
+def test_fpr_at_recall_counts_the_ham_above_the_cut_that_stops_that_much_spam() -> None:
+    # 10 spam, 5 ham: stopping 9 spam needs the cut at 0.2, which flags the ham at 0.3
+    # and 0.2 (ties count as flagged); stopping all 10 needs 0.05, flagging 4 of 5.
+    spam = np.array([True] * 10 + [False] * 5)
+    scores = np.array([0.9] * 8 + [0.2, 0.05] + [0.3, 0.2, 0.1, 0.06, 0.01])
+    assert fpr_at_recall(spam, scores, 0.9)["k"] == 2
+    assert fpr_at_recall(spam, scores, 0.8)["k"] == 0
+    assert fpr_at_recall(spam, scores, 1.0)["k"] == 4
+    assert fpr_at_recall(spam, scores, 0.9)["n"] == 5

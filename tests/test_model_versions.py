@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import numpy as np
 import pytest
 
 from relay.classifier.model import LoadedModel, load_model
@@ -26,7 +27,15 @@ from relay.feedback.store import open_feedback
 from relay.message import Envelope, Message, Peer
 from relay.models.holder import ClassifierHolder
 from relay.models.registry import Registry, current_model_path, registry_stats
-from relay.models.update import GateSettings, update_model
+from relay.models.update import (
+    GateSettings,
+    Paired,
+    _gate,
+    auc_drop_p,
+    figures,
+    recall_drop_p,
+    update_model,
+)
 from relay.pipeline.process import Pipeline
 from relay.policy.holder import DeciderHolder
 from relay.secretkey import SecretKey
@@ -141,6 +150,78 @@ async def test_gate_refuses_a_candidate_over_the_fpr_budget_and_records_why(
     assert registry.current() is None
     assert [h["action"] for h in registry.history()] == ["refused", "promote-refused"]
     assert registry_stats(registry.root)["refused"] == 2
+
+
+def _paired(spam_p: list[float], ham_p: list[float], in_force: list[float]) -> Paired:
+    """Candidate scores (spam first, then ham) beside the model in force's."""
+    n = len(spam_p) + len(ham_p)
+    return Paired(
+        np.array([True] * len(spam_p) + [False] * len(ham_p)),
+        np.array(spam_p + ham_p, dtype=np.float64),
+        np.array(in_force, dtype=np.float64),
+        np.array([f"sender{i}" for i in range(n)]),
+    )
+
+
+def _gate_on(paired: Paired) -> Any:
+    def fig(p: Any) -> dict[str, Any]:
+        return figures(paired.spam, p, paired.groups, GATE.threshold)
+
+    return _gate(GATE, fig(paired.candidate), fig(paired.current), None, paired)
+
+
+def test_a_one_message_recall_drop_on_a_small_held_out_set_is_not_a_regression() -> None:
+    # 10 held-out spam: the candidate misses one the model in force caught (0.6 -> 0.5).
+    paired = _paired(
+        [0.95] * 5 + [0.85] + [0.5] * 4, [0.05] * 10, [0.95] * 6 + [0.5] * 4 + [0.05] * 10
+    )
+    assert recall_drop_p(paired, 0.9) == (1, 0, 0.5)
+    gate = _gate_on(paired)
+    assert gate.passed, gate.reasons
+    assert gate.checks["held-out feedback: recall"]["significant"] is False
+    # Without the paired scores the old rule (any drop beyond the tolerance) refuses it.
+    figs = [figures(paired.spam, p, paired.groups, 0.9) for p in (paired.candidate, paired.current)]
+    assert not _gate(GATE, figs[0], figs[1], None).passed
+
+
+def test_a_significant_recall_drop_is_refused_with_its_test() -> None:
+    # 30 spam: the candidate loses 12 the model in force caught and gains none.
+    in_force = [0.95] * 20 + [0.5] * 10 + [0.05] * 20
+    paired = _paired([0.95] * 8 + [0.6] * 22, [0.05] * 20, in_force)
+    lost, won, p = recall_drop_p(paired, 0.9)
+    assert (lost, won) == (12, 0) and p == pytest.approx(2**-12)
+    gate = _gate_on(paired)
+    assert not gate.passed
+    assert any("recall dropped" in r and "McNemar" in r for r in gate.reasons)
+
+
+def test_recall_is_not_compared_with_a_model_in_force_over_the_fpr_budget() -> None:
+    # The model in force catches 20 of 30 spam but blocks 1 of 20 ham (5 % > 1 %).
+    in_force = [0.95] * 20 + [0.5] * 10 + [0.95] + [0.05] * 19
+    paired = _paired([0.95] * 8 + [0.6] * 22, [0.05] * 20, in_force)
+    gate = _gate_on(paired)
+    assert gate.passed, gate.reasons
+    assert gate.checks["held-out feedback: recall"]["compared"] is False
+    # The same drop against a model in force within the budget is refused (test above).
+
+
+def test_auc_drops_count_only_when_significant() -> None:
+    # One spam of 10 ranked below 3 of 10 ham: AUC 1.0 -> 0.97, noise on 20 messages.
+    small = _paired([0.95] * 9 + [0.3], [0.05] * 7 + [0.4] * 3, [0.95] * 10 + [0.05] * 10)
+    assert auc_drop_p(small) > 0.05
+    assert _gate_on(small).passed
+    # Half the spam ranked below every ham on 80 messages: a real loss of ranking.
+    big = _paired([0.95] * 20 + [0.01] * 20, [0.05] * 40, [0.95] * 40 + [0.05] * 40)
+    assert auc_drop_p(big) < 0.05
+    gate = _gate_on(big)
+    assert any("roc_auc dropped" in r and "bootstrap" in r for r in gate.reasons)
+
+
+def test_exact_mcnemar_p_values() -> None:
+    paired = _paired([0.95, 0.95, 0.95, 0.5], [0.05], [0.5, 0.5, 0.5, 0.95, 0.05])
+    assert recall_drop_p(paired, 0.9) == (1, 3, 15 / 16)  # exact: sums over 2**n
+    flipped = Paired(paired.spam, paired.current, paired.candidate, paired.groups)
+    assert recall_drop_p(flipped, 0.9) == (3, 1, 5 / 16)
 
 
 @pytest.fixture(scope="module")
