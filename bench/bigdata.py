@@ -145,6 +145,8 @@ def role(pid: int, root: int) -> str:
     text = b" ".join(argv).decode(errors="replace")
     if "relay.auth.cryptoproc" in text:
         return "verification child"
+    if "relay.analysis" in text:
+        return "analysis child"
     if "resource_tracker" in text:
         return "resource tracker"
     if "multiprocessing" in text:

@@ -92,6 +92,10 @@ _TRANSPARENT = {
     "relay/proc/lifetime.py": "other",
     "relay/reply.py": "other",
     "relay/app.py": "other",  # worker_main: asyncio.run of the whole worker
+    # the worker's entry (python -m relay.launch; before, launch.worker_entry under
+    # multiprocessing): on every worker stack, so were it a stage, every sample without a
+    # stage-naming relay frame (event loop, aiosmtpd reading, pipe writes) would be "other"
+    "relay/launch.py": "other",
     "relay/cli/": "other",
 }
 # Functions of relay/pipeline/process.py that are a stage of their own.
@@ -132,6 +136,8 @@ _PROCESS = re.compile(r"^process (\d+):")
 # Roles of the processes of a relay tree; children are charged whole to one stage.
 ROLE_STAGE = {
     "classifier child": "classifier",
+    # classifies and verifies (relay/analysis.py); verification is its smaller share
+    "analysis child": "classifier",
     "verification child": "auth",
     "policy sandbox": "policy",
     "supervisor": "supervisor",
@@ -251,7 +257,7 @@ def hotspots(
     cpu: Mapping[int, float],
     roles: Mapping[int, str],
     messages: int,
-    wanted: tuple[str, ...] = ("smtp worker", "classifier child"),
+    wanted: tuple[str, ...] = ("smtp worker", "classifier child", "analysis child"),
     top: int = 8,
 ) -> dict[str, list[tuple[str, float]]]:
     """Per role, the hottest ``_hot_key`` places in CPU ms per message: each process's exact
@@ -299,6 +305,8 @@ def role(pid: int, root: int, workers: set[int]) -> str:
         return "verification child"
     if "relay.proc.celsandbox" in line:
         return "policy sandbox"
+    if "relay.analysis" in line:
+        return "analysis child"
     if "relay.classifier.child" in line:
         return "classifier child"
     if "spawn_main" in line and parent_pid(pid) in workers:

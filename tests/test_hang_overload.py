@@ -2,9 +2,11 @@
 
 - a classifier child that hangs (SIGSTOP) is killed at ``[model] timeout``: the message in
   it gets 451 (the default policy requires ``spam_probability``), never 250; the child is
-  replaced and the next message is classified and accepted;
-- a verification child that hangs is killed at ``[auth] timeout`` and replaced, like one
-  that died; the next message is verified again;
+  replaced and the next message is classified and accepted (the classifier's own child,
+  ``[auth] workers = 0``: in the child that also verifies, the default, a hang meets the
+  verification's deadline first, tests/test_analysis_child.py);
+- a verification child that hangs (the shared one) is killed at ``[auth] timeout`` and
+  replaced, like one that died; the next message is verified again;
 - ``[model] max_pending`` bounds what waits for the classifier: beyond it a message gets
   451 at once while the stopped child still holds the others (nothing queues unbounded);
 - the SMTP worker of ``relay serve`` maps no scikit-learn or SciPy shared object.
@@ -15,12 +17,9 @@ Deadlines are generous and every wait is for a condition, never a fixed sleep.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,9 @@ from tests.support.dkimkeys import SigningKey, make_message, rsa_key, sign
 from tests.support.dnsserver import LocalDns
 from tests.support.postfix import SmtpResult, send, until
 from tests.support.relay import free_port, make_settings, running_relay
+from tests.support.served import DEFAULT_POLICY, MODEL, children, cmdline, serve_two_workers
 from tests.test_pipeproc import _alive
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "spam.skops"
-DEFAULT_POLICY = REPO / "config" / "policy.toml"
 RCPT = ["bob@example.org"]
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} is not built")
@@ -72,13 +69,16 @@ def dns(key: SigningKey) -> Iterator[LocalDns]:
         yield server
 
 
-def _model_settings(tmp_path: Path, dns: LocalDns, **model: Any) -> dict[str, dict[str, Any]]:
-    """The default policy (it requires spam_probability and reads authentication)."""
+def _model_settings(
+    tmp_path: Path, dns: LocalDns, auth_workers: int = 1, **model: Any
+) -> dict[str, dict[str, Any]]:
+    """The default policy (it requires spam_probability and reads authentication).
+    ``auth_workers = 0`` verifies in a thread, so the classifier has a child of its own."""
     return {
         "model": {"enabled": True, "path": str(MODEL), "registry": str(tmp_path / "models")}
         | model,
         "policy": {"path": str(DEFAULT_POLICY)},
-        "auth": {"enabled": True, "workers": 1},
+        "auth": {"enabled": True, "workers": auth_workers},
         "dns": {"nameservers": [dns.address], "timeout": 1},
     }
 
@@ -87,7 +87,7 @@ async def test_a_hung_classifier_child_costs_451_then_is_replaced(
     tmp_path: Path, dns: LocalDns
 ) -> None:
     reports = Reports()
-    settings = make_settings(tmp_path, _model_settings(tmp_path, dns, timeout=3.0))
+    settings = make_settings(tmp_path, _model_settings(tmp_path, dns, 0, timeout=3.0))
     async with running_relay(settings, reports) as runtime:
         assert runtime.classifiers is not None
         classifier = runtime.classifiers.current
@@ -110,9 +110,11 @@ async def test_a_hung_classifier_child_costs_451_then_is_replaced(
 async def test_the_pending_bound_defers_the_excess_at_once(tmp_path: Path, dns: LocalDns) -> None:
     """max_pending = 2 and a stopped child: two messages wait in it; three more get 451
     while those two still wait (the deadline is far away), so nothing queues beyond the
-    bound; resumed, the child answers the two, which are classified and delivered."""
+    bound; resumed, the child answers the two, which are classified and delivered. (The
+    classifier's own child; the bound in the shared one: tests/test_analysis_child.py.)"""
     reports = Reports()
-    settings = make_settings(tmp_path, _model_settings(tmp_path, dns, timeout=300.0, max_pending=2))
+    overrides = _model_settings(tmp_path, dns, 0, timeout=300.0, max_pending=2)
+    settings = make_settings(tmp_path, overrides)
     async with running_relay(settings, reports) as runtime:
         assert runtime.classifiers is not None
         classifier = runtime.classifiers.current
@@ -189,55 +191,9 @@ def _mapped_libraries(pid: int) -> set[str]:
     return {line.split()[-1] for line in lines if ".so" in line.rsplit("/", 1)[-1]}
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(FileNotFoundError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    return ""
-
-
-@contextlib.asynccontextmanager
-async def _serving(
-    tmp_path: Path, port: int, dns: LocalDns
-) -> AsyncIterator[subprocess.Popen[bytes]]:
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(
-        f'[smtp]\nlisten = "127.0.0.1:{port}"\nhostname = "relay.test"\nworkers = 2\n'
-        f'[relay]\ndomains = ["example.org"]\n'
-        f'[delivery]\nmaildir = "{tmp_path / "maildir"}"\n'
-        f'[model]\npath = "{MODEL}"\nregistry = "{tmp_path / "models"}"\n'
-        f'[policy]\npath = "{DEFAULT_POLICY}"\n'
-        f"[metrics]\nenabled = false\n"
-        f'[dns]\nnameservers = ["{dns.address}"]\ntimeout = 1\n'
-        f'[state]\npath = "{tmp_path / "state.sqlite3"}"\n'
-        f'[security]\nkey_file = "{tmp_path / "relay.key"}"\n'
-    )
-    log = (tmp_path / "relay.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 async def test_the_smtp_worker_maps_no_scikit_learn_or_scipy(tmp_path: Path, dns: LocalDns) -> None:
     port = free_port()
-    async with _serving(tmp_path, port, dns) as proc:
+    async with serve_two_workers(tmp_path, port, dns.address) as proc:
         result: SmtpResult | None = None
 
         async def delivered() -> bool:
@@ -253,20 +209,20 @@ async def test_the_smtp_worker_maps_no_scikit_learn_or_scipy(tmp_path: Path, dns
                 break
             await asyncio.sleep(0.1)
         assert result is not None and result.code == 250, (tmp_path / "relay.log").read_text()
-        # Two SMTP workers under the supervisor, each with its own children (one classifier
+        # Two SMTP workers under the supervisor, each with its own child (one classifier
         # service shared by the workers is a measured next step, not built:
-        # bench/results/throughput-classifier-pipes.md).
-        workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
-        assert len(workers) == 2, [_cmdline(p) for p in _children(proc.pid)]
+        # bench/results/throughput-classifier-pipes.md); the child classifies and verifies.
+        workers = [p for p in children(proc.pid) if "relay.launch" in cmdline(p)]
+        assert len(workers) == 2, [cmdline(p) for p in children(proc.pid)]
         for worker in [proc.pid, *workers]:
             heavy = [
                 lib
                 for lib in _mapped_libraries(worker)
                 if "/sklearn/" in lib or "/scipy/" in lib or "/scipy.libs/" in lib
             ]
-            assert heavy == [], _cmdline(worker)
+            assert heavy == [], cmdline(worker)
         for worker in workers:
-            classifier = [p for p in _children(worker) if "relay.classifier.child" in _cmdline(p)]
-            assert len(classifier) == 1, [_cmdline(p) for p in _children(worker)]
+            classifier = [p for p in children(worker) if "relay.analysis" in cmdline(p)]
+            assert len(classifier) == 1, [cmdline(p) for p in children(worker)]
             # The child maps the model's libraries: the check above would see them.
             assert any("/numpy" in lib for lib in _mapped_libraries(classifier[0]))

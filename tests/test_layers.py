@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("relay.contracts",),  # the seams: Decider, Stamp, Observer, Transport, Quarantine
     ("relay.proc", "relay.dns", "relay.state", "relay.corpus"),  # infrastructure
     ("relay.auth", "relay.classifier"),  # the checks facts are made of
+    ("relay.analysis",),  # the child that classifies and verifies, one per relay worker
     ("relay.facts", "relay.feedback"),  # feedback: reports in, the store, training view
     ("relay.models",),  # model versions: update from feedback, registry, live swap
     ("relay.policy",),

@@ -107,9 +107,9 @@ def worker_pids(supervisor_pid: int) -> set[int]:
     children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
     pids = set()
     for pid in children.split():
-        # Skip multiprocessing's resource tracker: workers are the spawn_main children.
+        # Workers run ``python -m relay.launch`` (smtp/supervisor.py).
         with contextlib.suppress(FileNotFoundError):
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"\0relay.launch\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.add(int(pid))
     return pids
 
@@ -232,3 +232,73 @@ async def test_every_worker_serves_the_learn_endpoint(tmp_path: Path) -> None:
         check=True,
     )
     assert json.loads(stats.stdout)["spam"] == 12
+
+
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def test_workers_are_the_only_children_and_die_with_a_killed_supervisor(
+    tmp_path: Path,
+) -> None:
+    """No helper process beside the workers (multiprocessing's resource tracker was one,
+    12 MiB), and a SIGKILLed supervisor, which can forward nothing, leaves no worker
+    serving behind it."""
+    port = free_port()
+    cfg = write_config(tmp_path, port, workers=2)
+    log_path = tmp_path / "relay.log"
+    proc = start_serve(cfg, log_path)
+    workers: set[int] = set()
+    try:
+        await wait_for(lambda: log_path.read_text().count("ready (pid") == 2)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        assert {int(pid) for pid in children} == workers
+        proc.kill()
+        proc.wait()
+        await wait_for(lambda: not any(_alive(pid) for pid in workers))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:  # after a failure: leave no orphan behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_relay_milter_with_workers_serves_the_milter_door_only(tmp_path: Path) -> None:
+    """``relay milter`` under the supervisor: every worker opens the milter port and none
+    the SMTP one (the door travels on the worker's command line)."""
+    import socket
+
+    port, milter_port = free_port(), free_port()
+    cfg = write_config(tmp_path, port, workers=2)
+    cfg.write_text(cfg.read_text() + f'[milter]\nlisten = "inet:127.0.0.1:{milter_port}"\n')
+    log_path = tmp_path / "relay.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "milter", "--config", str(cfg)],
+            cwd=tmp_path,
+            stderr=log_file,
+        )
+    try:
+        await wait_for(lambda: log_path.read_text().count("ready (pid") == 2)
+        assert len(worker_pids(proc.pid)) == 2
+        assert log_path.read_text().count("milter listening on") == 2
+        with socket.create_connection(("127.0.0.1", milter_port), timeout=5):
+            pass
+        with contextlib.suppress(ConnectionRefusedError), socket.socket() as smtp:
+            smtp.connect(("127.0.0.1", port))
+            raise AssertionError("relay milter listens on the SMTP port")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

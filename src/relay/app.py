@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing.connection
 import os
 import signal
 import socket
@@ -30,6 +29,7 @@ from relay.assembly import (
     check_services,
     load_decider,
     load_shadow,
+    open_classifier,
     open_sandbox,
     open_services,
 )
@@ -130,16 +130,12 @@ class Runtime:
         holder = self.classifiers
         if holder is None:
             return False
-        from relay.classifier.serving import Classifier
-
-        m = self.settings.model
         try:
             path = current_model_path(self.settings)
+            # verification moves to the new children too when it shares them
+            authenticator = self.services.authenticator
             changed = await holder.reload(
-                path,
-                lambda p: Classifier.open(
-                    p, workers=m.workers, kill_after=m.timeout, max_pending=m.max_pending
-                ),
+                path, lambda p: open_classifier(self.settings, p, authenticator)
             )
         except RelayError as exc:
             log.error("model reload failed, keeping %s: %s", holder.current.info.version, exc)
@@ -396,16 +392,17 @@ async def run(
 def worker_main(
     config_path: str,
     index: int,
-    ready: multiprocessing.connection.Connection,
+    on_ready: Callable[[], None],
     smtp: bool = True,
 ) -> None:
-    """One worker process (spawned, so it imports everything afresh), called by
-    ``launch.worker_entry``: the supervisor never imports the app."""
+    """One worker process (a fresh interpreter, ``python -m relay.launch``), called by
+    ``launch.worker_entry``: the supervisor never imports the app. ``on_ready`` tells the
+    supervisor that this worker serves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor owns Ctrl-C
     settings = load_settings(Path(config_path))
     configure_logging(settings.log.level)
     try:
-        asyncio.run(run(settings, on_ready=lambda: ready.send(os.getpid()), smtp=smtp))
+        asyncio.run(run(settings, on_ready=on_ready, smtp=smtp))
     except RelayError as exc:
         logging.getLogger("relay").error("worker %d: %s", index, exc)
         raise SystemExit(2) from None

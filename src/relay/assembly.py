@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from publicsuffixlist import PublicSuffixList
 
@@ -31,6 +33,9 @@ from relay.policy.reload import service_problems
 from relay.proc.celsandbox import ConditionSandbox
 from relay.secretkey import SecretKey
 from relay.state import open_state
+
+if TYPE_CHECKING:  # the relay process imports serving only when a model is enabled
+    from relay.classifier.serving import Classifier
 
 
 async def open_services(
@@ -54,7 +59,9 @@ async def open_services(
     psl = PublicSuffixList()  # organisational domains for auth, header and bulk facts
     authenticator: Authenticator | None = None
     if settings.auth.enabled:
-        authenticator = Authenticator.from_settings(resolver, settings.auth, psl)
+        # With the classifier on, verification runs in its children (open_classifier).
+        shared = settings.model.enabled
+        authenticator = Authenticator.from_settings(resolver, settings.auth, psl, shared=shared)
         stack.push_async_callback(authenticator.close)
         await authenticator.start()
     # Counters every worker shares (bulk, rates): facts read them, the recorder writes.
@@ -64,19 +71,12 @@ async def open_services(
     stack.push_async_callback(state.close)
     classifier = None
     if settings.model.enabled:
-        from relay.classifier.serving import Classifier
-
         # Raises ModelError for a missing, changed or untrusted model: never serve without it.
         from relay.models.registry import current_model_path
 
         # The promoted version (relay model promote), else [model] path.
         path = current_model_path(settings)
-        classifier = await Classifier.open(
-            path,
-            workers=settings.model.workers,
-            kill_after=settings.model.timeout,
-            max_pending=settings.model.max_pending,
-        )
+        classifier = await open_classifier(settings, path, authenticator)
         stack.push_async_callback(classifier.close)
     # Learned reputation (facts/reputation.py) reads the feedback store's counters; a
     # read-only scan reads them too (nothing created or written), so `relay scan` explains
@@ -99,6 +99,33 @@ async def open_services(
         greylist=settings.greylist,  # always given: "enabled = false" is the facts' "off"
         ratelimit=settings.ratelimit,
     )
+
+
+async def open_classifier(
+    settings: Settings, path: Path, authenticator: Authenticator | None = None
+) -> Classifier:
+    """The classifier serving the model at ``path`` (at start-up and at each model hot
+    swap). When ``authenticator`` verifies in shared children, the classifier's children
+    are ``relay.analysis`` processes that verify too (one interpreter per relay worker, not
+    two: issue 17), max(``[model] workers``, ``[auth] workers``) of them, and the
+    authenticator moves to them; the pool it leaves closes with the classifier that owned
+    it, once no message uses that classifier (models/holder.py). Raises ModelError."""
+    from relay.analysis import MODULE as ANALYSIS_MODULE
+    from relay.classifier.serving import CHILD_MODULE, Classifier
+
+    m = settings.model
+    shared = authenticator is not None and authenticator.shared
+    classifier = await Classifier.open(
+        path,
+        workers=max(m.workers, settings.auth.workers) if shared else m.workers,
+        kill_after=m.timeout,
+        max_pending=m.max_pending,
+        module=ANALYSIS_MODULE if shared else CHILD_MODULE,
+    )
+    if shared:
+        assert authenticator is not None
+        authenticator.share(classifier.children)
+    return classifier
 
 
 def check_services(

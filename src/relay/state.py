@@ -65,11 +65,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import RedisError
+if TYPE_CHECKING:  # the redis package itself loads with a Redis backend only: redis_error
+    import redis.asyncio as aioredis
 
 from relay.config import StateSettings
 from relay.errors import StateError
@@ -647,6 +646,7 @@ class RedisState(StateStore):
         self.url = url
         self.readonly = readonly  # writes raise StateError; reads are plain commands
         self._redis: aioredis.Redis[bytes] = redis_client(url, timeout)
+        self._error = redis_error()
 
     async def incr_windows(
         self, keys: Sequence[str], members: Sequence[str], window: float, now: float
@@ -666,7 +666,7 @@ class RedisState(StateStore):
                     pipe.zcount(name, f"({since!r}", "+inf")
                     pipe.expire(name, math.ceil(window) + _REDIS_GRACE)
                 results = await pipe.execute()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         return [int(results[4 * i + 2]) for i in range(len(keys))]
 
@@ -684,7 +684,7 @@ class RedisState(StateStore):
                     for member in unique:
                         pipe.zscore(name, member)
                 results = await pipe.execute()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         counts: list[int] = []
         step = 1 + len(unique)
@@ -701,13 +701,13 @@ class RedisState(StateStore):
         expiry = None if ttl is None else math.ceil(ttl) + _REDIS_GRACE
         try:
             await self._redis.set(_PREFIX + "f:" + key, value, ex=expiry)
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
 
     async def seen(self, key: str, now: float) -> bool:
         try:
             value = await self._redis.get(_PREFIX + "f:" + key)
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         return value is not None and float(value) > now
 
@@ -717,7 +717,7 @@ class RedisState(StateStore):
                 for key in keys:
                     pipe.hmget(_PREFIX + "g:" + key, ["f", "p", "e"])
                 results = await pipe.execute()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         out: list[GreyEntry | None] = []
         for first, passed, expires in results:
@@ -743,7 +743,7 @@ class RedisState(StateStore):
         try:
             # One script: read and transition every key atomically (greylist_step).
             results = await self._script(_GREY_SCRIPT, names, args)
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         return [GreyEntry(float(f), p == b"1", float(e)) for f, p, e in results]
 
@@ -753,7 +753,7 @@ class RedisState(StateStore):
                 for bucket in buckets:
                     pipe.hmget(_PREFIX + "b:" + bucket.key, ["t", "s"])
                 results = await pipe.execute()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         out: list[float] = []
         for bucket, (tokens, ts) in zip(buckets, results, strict=True):
@@ -775,7 +775,7 @@ class RedisState(StateStore):
             args += [repr(float(bucket.rate)), repr(float(bucket.burst))]
         try:
             results = await self._script(_BUCKET_SCRIPT, names, args)
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state: {exc}") from exc
         return [int(r) == 1 for r in results]
 
@@ -786,7 +786,7 @@ class RedisState(StateStore):
     async def ping(self) -> None:
         try:
             await self._redis.ping()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis state {redacted(self.url)}: {exc}") from exc
 
     async def close(self) -> None:
@@ -862,6 +862,17 @@ def redacted(url: str) -> str:
 SENTINEL_SCHEME = "redis+sentinel://"
 
 
+def redis_error() -> type[Exception]:
+    """redis-py's base exception, for the Redis backends' ``except`` clauses.
+
+    The redis package (7 MiB of RSS in every worker, issue 17) is imported here and by the
+    client functions below, never at the top of a module: with the SQLite backend, the
+    default, no relay process loads it."""
+    from redis.exceptions import RedisError
+
+    return RedisError
+
+
 def redis_client(url: str, timeout: float | None) -> aioredis.Redis[bytes]:
     """A client of ``url`` whose connects and commands give up after ``timeout`` seconds
     (a hung or unreachable Redis fails the fact instead of holding the session). Its pool
@@ -874,10 +885,14 @@ def redis_client(url: str, timeout: float | None) -> aioredis.Redis[bytes]:
     restart either."""
     if url.startswith(SENTINEL_SCHEME):
         return _sentinel_client(url, timeout)
+    import redis.asyncio as aioredis
+
     return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _sentinel_client(url: str, timeout: float | None) -> aioredis.Redis[bytes]:
+    from redis.asyncio.sentinel import Sentinel
+
     parts = urllib.parse.urlsplit(url)
     userinfo, _, hosts = parts.netloc.rpartition("@")
     password = (urllib.parse.unquote(userinfo.partition(":")[2]) or None) if userinfo else None
@@ -904,6 +919,8 @@ def _sentinel_client(url: str, timeout: float | None) -> aioredis.Redis[bytes]:
 
 async def close_redis(client: aioredis.Redis[bytes]) -> None:
     """Closes ``client`` and, for a Sentinel URL, its connections to the Sentinels."""
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
     pool = client.connection_pool
     # types-redis predates aclose(); close() is deprecated in redis >= 5.0.1.
     await client.aclose()  # type: ignore[attr-defined]

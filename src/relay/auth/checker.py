@@ -6,7 +6,9 @@ Order of work, all DNS through the one shared resolver:
 2. at once: fetch every DKIM/ARC key, run SPF (pyspf on the loop over answers fetched
    asynchronously, see auth/spf.py), discover the DMARC record;
 3. verify signatures with only the prefetched keys, in a child process fed over a pipe
-   (``[auth] workers``, relay/pipeproc.py) or, with ``workers = 0``, in a thread;
+   (``[auth] workers``, relay/proc/pipes.py: its own ``relay.auth.cryptoproc`` children, or
+   the classifier's ``relay.analysis`` children when given them with ``share``) or, with
+   ``workers = 0``, in a thread;
 4. evaluate DMARC alignment from the results.
 A DNS failure turns into temperror for the check that needed it; nothing here raises for
 bad input.
@@ -24,7 +26,7 @@ from publicsuffixlist import PublicSuffixList
 
 from relay.auth import dmarc
 from relay.auth.batch import Batcher
-from relay.auth.cryptoproc import decode_answer, encode_request
+from relay.auth.cryptoproc import VERIFY, decode_answer, encode_request
 from relay.auth.domains import OrgDomains
 from relay.auth.headerscan import HeaderScan, quick_scan, scan_headers
 from relay.auth.results import ArcResult, AuthResults, DkimResults, SpfResult
@@ -32,6 +34,7 @@ from relay.auth.spf import SpfCache, check_spf, check_spf_cached
 from relay.auth.verify import TEMPERROR, verify_message
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
+from relay.errors import WorkerBusy, WorkerDied
 from relay.message import Message
 from relay.proc.pipes import PipeWorkers
 
@@ -66,12 +69,15 @@ class Authenticator:
         max_signatures: int = MAX_SIGNATURES,
         verify_timeout: float = VERIFY_TIMEOUT,
         max_pending: int = MAX_PENDING,
+        shared: bool = False,
     ) -> None:
-        """Where signatures are verified: ``processes`` > 0: that many child processes fed
-        over pipes by the loop (relay/pipeproc.py: no helper thread takes the GIL from the
-        loop); else ``executor`` (not ours to close; ``executor_workers`` batches run in
-        it at once); else one thread of our own. ``verify_timeout`` and ``max_pending``
-        bound the children (relay/proc/pipes.py)."""
+        """Where signatures are verified: ``shared``: in the children ``share`` hands over
+        (the classifier's, which verify too), ``processes`` ignored; ``processes`` > 0:
+        that many child processes of our own fed over pipes by the loop
+        (relay/proc/pipes.py: no helper thread takes the GIL from the loop); else
+        ``executor`` (not ours to close; ``executor_workers`` batches run in it at once);
+        else one thread of our own. ``verify_timeout`` and ``max_pending`` bound the
+        children (relay/proc/pipes.py)."""
         self.resolver = resolver
         self.verify_timeout = verify_timeout
         self.max_signatures = max_signatures
@@ -80,12 +86,20 @@ class Authenticator:
         # Large or hostile header blocks are scanned here, off the loop (see check).
         self._io = ThreadPoolExecutor(1, thread_name_prefix="relay-auth-scan")
         self._workers: PipeWorkers | None = None
+        self._own_workers = False  # ours to start and close (not shared)
+        self._op = b""  # the request prefix the children need (VERIFY when shared)
+        # Requests held in children, bounded here rather than by the pool: a shared pool
+        # also holds the classifier's requests, which have their own bound.
+        self._max_pending = max_pending
+        self._held = 0
         self._owned: ThreadPoolExecutor | None = None
         self._batcher: Batcher[tuple[DkimResults, ArcResult]] | None = None
-        if processes > 0:
-            self._workers = PipeWorkers(
-                CRYPTO_MODULE, processes, name="relay-auth", max_pending=max_pending
-            )
+        self.shared = shared
+        if shared:
+            self._op = VERIFY
+        elif processes > 0:
+            self._workers = PipeWorkers(CRYPTO_MODULE, processes, name="relay-auth")
+            self._own_workers = True
         else:
             if executor is None:
                 executor = self._owned = ThreadPoolExecutor(1, thread_name_prefix="relay-auth")
@@ -93,16 +107,34 @@ class Authenticator:
 
     @classmethod
     def from_settings(
-        cls, resolver: Resolver, settings: AuthSettings, psl: PublicSuffixList | None = None
+        cls,
+        resolver: Resolver,
+        settings: AuthSettings,
+        psl: PublicSuffixList | None = None,
+        *,
+        shared: bool = False,
     ) -> Authenticator:
-        """``[auth] workers = N`` > 0 verifies in N processes; 0 in one thread here."""
+        """``[auth] workers = N`` > 0 verifies in N processes; 0 in one thread here.
+        ``shared`` (N > 0 and the classifier on): in the classifier's children, handed over
+        with ``share`` (assembly.open_classifier)."""
         return cls(
             resolver,
             processes=settings.workers,
             psl=psl,
             verify_timeout=settings.timeout,
             max_pending=settings.max_pending,
+            shared=shared and settings.workers > 0,
         )
+
+    def share(self, children: PipeWorkers) -> None:
+        """Verify in ``children`` from now on: child processes that answer ``VERIFY``
+        requests (``relay.analysis``), owned by the classifier that opened them. Called
+        again at a model hot swap with the new classifier's pool: a verification in flight
+        in the old pool finishes there, or is sent once more to this one when the old pool
+        closes under it."""
+        if not self.shared:
+            raise ValueError("share: this authenticator verifies in children of its own")
+        self._workers = children
 
     @property
     def pids(self) -> list[int]:
@@ -111,17 +143,19 @@ class Authenticator:
 
     @property
     def pending(self) -> int:
-        """Messages sent to the verification children and not answered yet."""
-        return 0 if self._workers is None else self._workers.pending
+        """Messages sent to the verification children (or waiting for one to start) and
+        not answered yet."""
+        return self._held
 
     async def start(self) -> None:
-        """Start the verification processes now rather than on the first message."""
-        if self._workers is not None:
+        """Start the verification processes now rather than on the first message (shared
+        ones are started by the classifier that opens them)."""
+        if self._workers is not None and self._own_workers:
             await self._workers.start()
 
     async def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
-        if self._workers is not None:
+        if self._workers is not None and self._own_workers:
             await self._workers.close()
         if self._owned is not None:
             await asyncio.to_thread(self._owned.shutdown, wait=True, cancel_futures=True)
@@ -129,15 +163,34 @@ class Authenticator:
     async def _verify(
         self, message: Message, keys: dict[bytes, bytes | None], arc: bool
     ) -> tuple[DkimResults, ArcResult]:
-        if self._workers is None:
-            assert self._batcher is not None
+        if self._batcher is not None:
             call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
             return await self._batcher.run(call)
-        request = encode_request(message.raw, keys, self.max_signatures, arc)
+        if self._held >= self._max_pending:
+            raise WorkerBusy(f"relay-auth: {self._held} requests pending already")
+        request: tuple[bytes, ...] = encode_request(message.raw, keys, self.max_signatures, arc)
+        if self._op:
+            request = (self._op, *request)
+        self._held += 1
+        try:
+            return decode_answer(await self._call(request))
+        finally:
+            self._held -= 1
+
+    async def _call(self, request: tuple[bytes, ...]) -> bytes:
+        workers = self._workers
+        if workers is None:  # shared, and no classifier has handed its children over
+            raise WorkerDied("relay-auth: no verification processes")
         # A dead process is replaced and the message sent once more; one that overruns the
         # timeout is killed and the message's auth facts fail, as for a death twice.
-        answer = await self._workers.call(*request, kill_after=self.verify_timeout, retry=True)
-        return decode_answer(answer)
+        try:
+            return await workers.call(*request, kill_after=self.verify_timeout, retry=True)
+        except WorkerDied:
+            if not workers.closed or self._workers is workers or self._workers is None:
+                raise
+            # A model hot swap closed the pool this request was in (not the request's
+            # fault): once more in the pool that replaced it.
+            return await self._workers.call(*request, kill_after=self.verify_timeout, retry=True)
 
     async def check(self, message: Message) -> AuthResults:
         start = time.perf_counter()

@@ -1,7 +1,10 @@
-"""The DKIM/ARC verification child process (``[auth] workers`` > 0).
+"""The DKIM/ARC verification child process (``[auth] workers`` > 0), and the request
+codec the shared analysis child (``relay.analysis``) speaks too.
 
 Started by the relay as ``python -m relay.auth.cryptoproc PARENT_PID`` through
-``relay.pipeproc.PipeWorkers``; it runs ``verify_message`` on each request and answers
+``relay.proc.pipes.PipeWorkers`` when the classifier is off (with it on, one
+``relay.analysis`` child per relay worker verifies and classifies, its verification
+requests prefixed with ``VERIFY``); it runs ``verify_message`` on each request and answers
 with the results. Requests and answers are parsed, never unpickled:
 
 - request: a JSON line ``{"limit": N, "arc": bool, "keys": [[name, record], ...]}``
@@ -17,6 +20,10 @@ import sys
 from relay.auth.results import ArcResult, DkimResults
 from relay.auth.verify import KeyRecords, verify_message
 from relay.proc.pipes import serve
+
+# The op byte that marks a verification request in a child that also classifies (the
+# classifier's ops are C, B and I: relay/classifier/child.py).
+VERIFY = b"V"
 
 
 def encode_request(raw: bytes, keys: KeyRecords, limit: int, arc: bool) -> tuple[bytes, bytes]:

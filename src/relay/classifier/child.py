@@ -112,16 +112,23 @@ def load(path: Path) -> Served:
     return Served(model)
 
 
-def main(argv: list[str]) -> int:
+def start(argv: list[str], program: str) -> Served | None:
+    """A child's start from its command line ``PROGRAM PARENT_PID MODEL_PATH``: dies with
+    its parent from now on, then loads the model (None: bad usage, said on stderr)."""
     if len(argv) != 3 or not argv[1].isdigit():
-        print("usage: python -m relay.classifier.child PARENT_PID MODEL_PATH", file=sys.stderr)
-        return 2
+        print(f"usage: python -m {program} PARENT_PID MODEL_PATH", file=sys.stderr)
+        return None
     # now, not only in serve: a relay killed during the seconds of loading leaves no orphan
     die_with_parent(int(argv[1]), signal.SIGKILL)
     served = load(Path(argv[2]))
     if served.model is None:  # said to the parent on its first question; logged here too
-        print(f"relay-classifier: cannot load the model: {served.error}", file=sys.stderr)
-    return serve(served.handle, served.handle_many)
+        print(f"{program}: cannot load the model: {served.error}", file=sys.stderr)
+    return served
+
+
+def main(argv: list[str]) -> int:
+    served = start(argv, "relay.classifier.child")
+    return 2 if served is None else serve(served.handle, served.handle_many)
 
 
 if __name__ == "__main__":

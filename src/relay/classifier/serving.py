@@ -11,6 +11,11 @@ more; one that gives no answer within ``kill_after`` seconds is killed, and that
 default policy requires ``spam_probability``: 451, retried later). At most
 ``max_pending`` messages wait for the children; more fail at once (docs/operations.md
 "Overload").
+
+The children may also verify signatures for the relay worker's ``Authenticator``
+(``module="relay.analysis"``, opened so by ``assembly.open_classifier``): the bound and
+the pids here are then this classifier's own, and a verification that overruns its deadline
+kills a child under classifications too, which are sent once more like after any death.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.classifier.child import BASE_SCORE, CLASSIFY, INFO, decode_answer
-from relay.errors import ModelError, WorkerFailure, WorkerTimeout
+from relay.errors import ModelError, WorkerBusy, WorkerFailure, WorkerTimeout
 from relay.message import Message
 from relay.proc.pipes import PipeWorkers
 
@@ -57,12 +62,21 @@ class Classifier:
     """
 
     def __init__(
-        self, children: PipeWorkers, info: ServedModel, max_raw_bytes: int, kill_after: float
+        self,
+        children: PipeWorkers,
+        info: ServedModel,
+        max_raw_bytes: int,
+        kill_after: float,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self._children = children
         self._info = info
         self._max_raw = max_raw_bytes
         self._timeout = kill_after
+        # Counted here, not by the pool: a pool that also verifies holds requests of both
+        # kinds, and each kind keeps its own bound ([model] and [auth] max_pending).
+        self._max_pending = max_pending
+        self._held = 0
 
     @classmethod
     async def open(
@@ -72,11 +86,15 @@ class Classifier:
         workers: int = 1,
         kill_after: float = TIMEOUT,
         max_pending: int = MAX_PENDING,
+        module: str = CHILD_MODULE,
     ) -> Classifier:
+        """``module``: the child to run, ``python -m module PARENT_PID MODEL_PATH``; one
+        that answers the classifier's requests (``relay.analysis`` answers verification
+        requests too)."""
         children = PipeWorkers(
-            CHILD_MODULE,
+            module,
             workers,
-            name="relay-classifier",
+            name="relay-classifier" if module == CHILD_MODULE else "relay-analysis",
             args=(str(path),),
         )
         try:
@@ -92,7 +110,6 @@ class Classifier:
         if errors:
             await children.close()
             raise ModelError(errors[0])
-        children.max_pending = max_pending  # from now on: the questions above are never refused
         first: dict[str, Any] = answers[0]
         info = ServedModel(
             path=str(first["path"]),
@@ -100,11 +117,17 @@ class Classifier:
             trained_at=str(first["trained_at"]),
             thresholds={str(k): float(v) for k, v in first["thresholds"].items()},
         )
-        return cls(children, info, int(first["max_raw_bytes"]), kill_after)
+        return cls(children, info, int(first["max_raw_bytes"]), kill_after, max_pending)
 
     @property
     def info(self) -> ServedModel:
         return self._info
+
+    @property
+    def children(self) -> PipeWorkers:
+        """The pool of child processes (shared with verification when opened on
+        ``relay.analysis``); closed by ``close``."""
+        return self._children
 
     @property
     def pids(self) -> list[int]:
@@ -118,8 +141,9 @@ class Classifier:
 
     @property
     def pending(self) -> int:
-        """Messages sent to the children and not answered yet."""
-        return self._children.pending
+        """Classifier requests sent to the children (or waiting for one to start) and not
+        answered yet; verification requests in shared children are not counted."""
+        return self._held
 
     @property
     def closed(self) -> bool:
@@ -143,7 +167,13 @@ class Classifier:
 
     async def _ask(self, op: bytes, raw: bytes) -> bytes:
         try:
-            return await self._children.call(op, raw, kill_after=self._timeout, retry=True)
+            if self._held >= self._max_pending:
+                raise WorkerBusy(f"classifier: {self._held} messages pending already")
+            self._held += 1
+            try:
+                return await self._children.call(op, raw, kill_after=self._timeout, retry=True)
+            finally:
+                self._held -= 1
         except WorkerTimeout:
             raise  # a failure of its own kind (timeout) to the facts' fault counting
         except WorkerFailure as exc:

@@ -27,10 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from relay.config import FeedbackSettings, StateSettings
 from relay.errors import FeedbackRefused, StateError
@@ -45,7 +42,11 @@ from relay.state import (
     connect_readonly,
     redacted,
     redis_client,
+    redis_error,
 )
+
+if TYPE_CHECKING:  # redis loads with a Redis backend only (state.redis_error)
+    import redis.asyncio as aioredis
 
 T = TypeVar("T")
 DAY = 86400.0
@@ -570,12 +571,13 @@ class RedisFeedback(FeedbackStore):
         super().__init__(key, settings)
         self.url = url
         self._redis: aioredis.Redis[bytes] = redis_client(url, timeout)
+        self._error = redis_error()
         self._script = self._redis.register_script(_SCRIPT)
 
     async def _eval(self, args: list[str | bytes | float | int]) -> list[Any]:
         try:
             return cast(list[Any], await self._script(keys=[], args=args))
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
 
     def _head(
@@ -627,7 +629,7 @@ class RedisFeedback(FeedbackStore):
                 pipe.scard(_P + "spam")
                 pipe.scard(_P + "ham")
                 spam, ham = await pipe.execute()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
         return FeedbackStats(spam=int(spam), ham=int(ham))
 
@@ -647,14 +649,14 @@ class RedisFeedback(FeedbackStore):
                     ),
                 ]
                 found.append(_entry(row))
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
         return found
 
     async def record_score(self, digest: str, model_sha256: str, probability: float) -> None:
         try:
             await self._redis.hset(_P + "score:" + model_sha256, digest, repr(probability))
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
 
     async def scores(self, model_sha256: str) -> dict[str, float]:
@@ -668,7 +670,7 @@ class RedisFeedback(FeedbackStore):
             gone = [d for d, at in zip(digests, present, strict=True) if at is None]
             if gone:
                 await self._redis.hdel(key, *gone)
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
         return {d: p for d, p in found.items() if d not in set(gone)}
 
@@ -680,7 +682,7 @@ class RedisFeedback(FeedbackStore):
                 for identity in identities:
                     pipe.hgetall(f"{_P}rep:{identity.kind}:{identity.domain}")
                 found: list[dict[bytes, bytes]] = await pipe.execute()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
         out: dict[Identity, Standing] = {}
         for identity, fields in zip(identities, found, strict=True):
@@ -699,14 +701,14 @@ class RedisFeedback(FeedbackStore):
                 for field, n in (await self._redis.hgetall(key)).items():
                     label, _, day = field.decode().partition(":")
                     out[(cast(Kind, kind), domain, cast(Label, label), int(day))] = int(n)
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
         return out
 
     async def ping(self) -> None:
         try:
             await self._redis.ping()
-        except RedisError as exc:
+        except self._error as exc:
             raise StateError(f"redis feedback {redacted(self.url)}: {exc}") from exc
 
     async def close(self) -> None:

@@ -6,10 +6,11 @@ imported: with ``PROMETHEUS_MULTIPROC_DIR`` set, every metric writes to a memory
 file ``<kind>_<pid>.db`` in that directory, otherwise to process memory. So:
 
 - the supervisor calls ``prepare_multiprocess_dir`` (fresh, empty directory; sets the
-  variable) BEFORE any worker imports prometheus_client. Workers started with the
-  ``spawn`` or ``forkserver`` method import it afresh and see the variable; workers
-  *forked* from a supervisor that had already imported prometheus_client inherit the
-  in-memory value class, which ``Metrics`` detects (``values_are_mmapped``) and refuses;
+  variable) BEFORE any worker imports prometheus_client. Workers are fresh
+  interpreters (``python -m relay.launch``, inheriting the environment) that import it
+  afresh and see the variable; workers *forked* from a supervisor that had already
+  imported prometheus_client inherit the in-memory value class, which ``Metrics``
+  detects (``values_are_mmapped``) and refuses;
 - the supervisor serves the endpoint, which aggregates every file (``scrape_registry``);
   counters of a dead worker stay in its file, so totals survive a worker restart;
 - the supervisor calls ``worker_exited(pid)`` when a worker ends, so live gauges (open

@@ -8,6 +8,7 @@ methods.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 
@@ -22,12 +23,17 @@ from relay.reply import (
     SMUGGLING,
     TOO_MANY_RCPTS,
 )
-from relay.smtp.server import RelaySMTP
+from relay.smtp.server import RelaySMTP, introspected_names
 from relay.smtp.xforward import EHLO_KEYWORD, client_address
 
 
 class Handler:
     """aiosmtpd hooks; all state is on the RelaySMTP instance passed as ``server``."""
+
+    def __dir__(self) -> list[str]:
+        """Only the hooks: aiosmtpd introspects the handler on every connection too
+        (``RelaySMTP.__dir__``)."""
+        return list(introspected_names(type(self)))
 
     async def handle_EHLO(
         self,
@@ -115,6 +121,12 @@ class Handler:
             return reply.line
         finally:
             server.end_transaction()
+
+
+# aiosmtpd reads handle_EHLO's signature on every connection too (to tell its old
+# 4-argument hook from this one); inspect.signature returns the __signature__ a function
+# carries, so it is worked out once, here: 21 us a connection down to 7.
+Handler.handle_EHLO.__signature__ = inspect.signature(Handler.handle_EHLO)  # type: ignore[attr-defined]
 
 
 def _mail_options(options: Sequence[str]) -> list[str]:
