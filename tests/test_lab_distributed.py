@@ -2,15 +2,18 @@
 
 The cluster is started the way an operator would start one, as `dask scheduler` and
 `dask worker` processes bound to 127.0.0.1, and `relay lab` reaches it by its address.
-The report must be identical to the local pool's on the same corpus, and a batch whose
+The report must be identical to the local pool's on the same corpus (the stateful facts
+too: pass 2 runs there as a key-sharded replay, shards.py), and a batch or shard whose
 worker dies must be computed anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -30,12 +33,22 @@ from relay.cli.main import main
 from relay.config import settings_from_mapping
 from relay.lab.compute import parallel_pass
 from relay.lab.corpus import load_corpus, sources_from_labels
-from relay.lab.engine import EngineSpec, Payload, Task, compute_batch, dask_pass
+from relay.lab.engine import (
+    EngineSpec,
+    Payload,
+    ShardTask,
+    Task,
+    compute_batch,
+    dask_ordered,
+    dask_pass,
+    replay_task,
+)
 from relay.lab.env import LabEnv
+from relay.lab.run import LabOptions, run_lab
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lab"
 TRUSTED = "mx.lab.example"
-TIMINGS = ("parallel_seconds", "sequential_seconds")
+TIMINGS = ("parallel_seconds", "sequential_seconds", "pass2")  # how, not what
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -51,7 +64,14 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A scheduler and two single-thread worker processes (each under a nanny, which
     restarts it if it dies), all on 127.0.0.1; yields the scheduler's address."""
-    tmp = tmp_path_factory.mktemp("dask")
+    with _cluster(tmp_path_factory.mktemp("dask"), 2) as (address, _):
+        yield address
+
+
+@contextlib.contextmanager
+def _cluster(tmp: Path, workers: int) -> Iterator[tuple[str, int]]:
+    """The scheduler's address and process id, with ``workers`` workers attached."""
+    tmp.mkdir(parents=True, exist_ok=True)
     info = tmp / "scheduler.json"
     procs = [
         _start(
@@ -65,7 +85,7 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         while not info.exists():
             assert time.monotonic() < deadline, (tmp / "scheduler.log").read_text()
             time.sleep(0.1)
-        for n in range(2):
+        for n in range(workers):
             procs.append(
                 _start(
                     ["worker", "--scheduler-file", str(info), "--host", "127.0.0.1",
@@ -79,9 +99,9 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         from distributed import Client
 
         with Client(address, set_as_default=False, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
+            client.wait_for_workers(workers, timeout=60)
         assert _listening(procs) <= {"127.0.0.1"}, "the cluster must listen on loopback only"
-        yield address
+        yield address, procs[0].pid
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -252,3 +272,194 @@ def test_engine_options_are_checked(kind: Any, scheduler: str | None, workers: i
 
     with pytest.raises(RelayError):
         EngineSpec(kind, scheduler, workers)
+
+
+# ---- pass 2: stateful facts, sharded on the workers ----------------------------------
+
+STATEFUL_POLICY = """[policy]
+name = "counts"
+mode = "enforce"
+[policy.thresholds]
+tag = 1.0
+reject = 5.0
+[[rule]]
+name = "third_copy"
+when = "bulk_count >= 3"
+score = 5.0
+[[rule]]
+name = "busy_sender"
+when = "sender_volume_24h >= 4"
+score = 1.0
+[[rule]]
+name = "fast_client"
+when = "connection_rate >= 3"
+score = 1.0
+"""
+
+
+def _stateful_corpus(root: Path) -> Path:
+    """A newsletter sent in copies from one client address (some within a minute, one a
+    day later), other mail of the same sender's domain, and personal mail from another
+    address sharing a recipient; file order is not time order."""
+    body = "Weekly deals on printers and ink, order today at the shop.\n" * 5
+    mails = [
+        ("ham", "n1", "deals@shop.example", "u1@example.net", "203.0.113.5", "03:00:00", body),
+        ("ham", "n2", "deals@shop.example", "u2@example.net", "203.0.113.5", "03:00:20", body),
+        ("ham", "n3", "deals@shop.example", "u3@example.net", "203.0.113.5", "03:00:40", body),
+        ("ham", "n4", "deals@shop.example", "u4@example.net", "203.0.113.5", "03:00:40", body),
+        ("spam", "n5", "deals@shop.example", "u5@example.net", "203.0.113.5", "03:05:00", body),
+        ("ham", "o1", "info@news.shop.example", "u1@example.net", "203.0.113.9", "02:00:00",
+         "Your order has shipped and will arrive on Tuesday.\n"),
+        ("ham", "p1", "alice@example.org", "u1@example.net", "198.51.100.7", "03:00:10",
+         "See you on Friday at noon.\n"),
+        ("spam", "p2", "alice@example.org", "u1@example.net", "198.51.100.7", "03:00:30",
+         "See you on Friday at noon, and bring the ink.\n"),
+    ]  # fmt: skip
+    for label, name, sender, rcpt, ip, hms, text in mails:
+        box = root / label
+        box.mkdir(parents=True, exist_ok=True)
+        (box / f"{name}.eml").write_text(
+            f"Received: from mx.sender.example ([{ip}]) by {TRUSTED} with ESMTP;"
+            f" Mon, 2 Sep 2002 {hms} +0000\nFrom: <{sender}>\nTo: {rcpt}\nSubject: {name}\n"
+            f"Date: Mon, 2 Sep 2002 {hms} +0000\nMessage-ID: <{name}@x.example>\n\n{text}"
+        )
+    (root / "counts.toml").write_text(STATEFUL_POLICY)
+    return root / "counts.toml"
+
+
+def _stateful_run(tmp_path: Path, out: str, engine: EngineSpec) -> dict[str, Any]:
+    from relay.lab.corpus import sources_from_box
+
+    policy = _stateful_corpus(tmp_path / "corpus")
+    options = LabOptions(
+        sources=(
+            *sources_from_box(tmp_path / "corpus" / "spam", "spam"),
+            *sources_from_box(tmp_path / "corpus" / "ham", "ham"),
+        ),
+        description="stateful",
+        policies=(policy,),
+        out=tmp_path / out,
+        env=_env(),
+        cache_dir=tmp_path / "cache",
+        jobs=2,
+        engine=engine,
+    )
+    return run_lab(options)
+
+
+def test_stateful_facts_on_the_cluster_match_the_ordered_loop(
+    tmp_path: Path, scheduler: str
+) -> None:
+    local = _stateful_run(tmp_path, "local", EngineSpec())
+    local_rows = _cache_rows(tmp_path)
+    shutil.rmtree(tmp_path / "cache")
+    dask = _stateful_run(tmp_path, "dask", EngineSpec("dask", scheduler))
+
+    assert local["facts"]["pass2"] == {"mode": "sequential"}
+    pass2 = dask["facts"]["pass2"]
+    # Pass 2 really ran sharded, as tasks in the worker processes (not the driver's).
+    assert (pass2["mode"], pass2["engine"], pass2["shards"]) == ("sharded", "dask", 4)
+    assert pass2["processes"] >= 1 and sum(pass2["shard_ops"]) >= 8
+    assert set(dask["facts"]["stateful"]) >= {"bulk_count", "sender_volume_24h", "connection_rate"}
+    # The counts mattered: the corpus-time third copy and later ones are refused.
+    [counts] = [r for r in dask["regimes"] if r["name"] == "counts"]
+    assert {b["id"] for b in counts["ham_blocks"]} == {"ham/n3.eml", "ham/n4.eml"}
+    assert _report(tmp_path / "dask") == _report(tmp_path / "local")
+    for name in ("verdicts.jsonl", "report.md"):
+        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    for shard in (tmp_path / "local" / "messages").glob("*.json"):
+        assert (tmp_path / "dask" / "messages" / shard.name).read_bytes() == shard.read_bytes()
+    assert _cache_rows(tmp_path) == local_rows  # stateful rows included
+
+
+def _shard_dies_once(marker: Path) -> ShardTask:
+    """A pass 2 task whose first run kills its worker process (shipped by value)."""
+
+    def task(env: LabEnv, ops: list[Payload], run: str) -> dict[str, Any]:
+        try:
+            with marker.open("x") as fh:
+                fh.write(str(os.getpid()))
+        except FileExistsError:
+            return replay_task(env, ops, run)
+        os._exit(1)
+
+    return task
+
+
+def test_a_dead_workers_shard_is_replayed_again(tmp_path: Path, scheduler: str) -> None:
+    import asyncio
+
+    from relay.lab.compute import DEFERRED, sequential_pass
+
+    policy = _stateful_corpus(tmp_path / "corpus")
+    assert policy.exists()
+    from relay.lab.corpus import sources_from_box
+
+    corpus = load_corpus(
+        (
+            *sources_from_box(tmp_path / "corpus" / "spam", "spam"),
+            *sources_from_box(tmp_path / "corpus" / "ham", "ham"),
+        ),
+        "x",
+    )
+    names = ("bulk_fingerprint", "bulk_count", "sender_volume_24h", "connection_rate")
+    items = [(m, names) for m in corpus.messages]
+    known = {d: c.outcomes for d, c in parallel_pass(_env(), items, 1, lambda n: None).items()}
+    deferred = sorted(
+        {n for o in known.values() for n, c in o.items() if c.error and DEFERRED in c.error}
+    )
+    assert deferred == ["bulk_count", "connection_rate", "sender_volume_24h"]
+    marker = tmp_path / "died"
+    ticks: list[int] = []
+    got, info = dask_ordered(
+        EngineSpec("dask", scheduler, shards=3),
+        _env(),
+        corpus.messages,
+        known,
+        deferred,
+        jobs=2,
+        progress=ticks.append,
+        task=_shard_dies_once(marker),
+    )
+    assert marker.exists(), "no worker died: the test proved nothing"
+    assert int(marker.read_text()) != os.getpid()
+    want = asyncio.run(
+        sequential_pass(_env(), corpus.messages, known, {}, deferred, lambda n: None)
+    )
+    assert got == want
+    assert info["shards"] == 3 and sum(ticks) == len(corpus.messages)
+
+
+def _kills_the_scheduler(pid: int) -> ShardTask:
+    """A pass 2 task that takes the whole cluster down (its scheduler) and waits."""
+
+    def task(env: LabEnv, ops: list[Payload], run: str) -> dict[str, Any]:
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(30)
+        return replay_task(env, ops, run)
+
+    return task
+
+
+def test_a_cluster_gone_in_pass_2_fails_clearly_and_caches_none_of_it(
+    tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay.errors import RelayError
+    from relay.lab import engine
+
+    with _cluster(tmp_path / "doomed", 1) as (address, pid):
+        monkeypatch.setattr(engine, "replay_task", _kills_the_scheduler(pid))
+        with pytest.raises(RelayError, match="pass 2 on the Dask cluster failed"):
+            _stateful_run(tmp_path, "gone", EngineSpec("dask", address))
+    monkeypatch.undo()
+    rows = _cache_rows(tmp_path)
+    contexts = {row[3] for row in rows}
+    assert rows and not any("/order:" in c for c in contexts)  # pass 1 kept, no pass 2
+    assert not (tmp_path / "gone" / "report.json").exists()
+    # Run again on a live cluster: only the stateful facts are asked again (pass 1's
+    # values are cached), and pass 2 is computed whole: the report is the local one.
+    again = _stateful_run(tmp_path, "again", EngineSpec("dask", scheduler))
+    assert again["facts"]["pass2"]["mode"] == "sharded"
+    shutil.rmtree(tmp_path / "cache")
+    _stateful_run(tmp_path, "local", EngineSpec())
+    assert _report(tmp_path / "again") == _report(tmp_path / "local")

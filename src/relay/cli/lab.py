@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else args.cache,
         jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
         progress=not args.no_progress and sys.stderr.isatty(),
-        engine=EngineSpec(args.engine, args.scheduler, args.workers),
+        engine=EngineSpec(
+            args.engine, args.scheduler, args.workers, pass2=args.pass2, shards=args.shards
+        ),
     )
     report = run_lab(options)
     for e in report["regime_errors"]:

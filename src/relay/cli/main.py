@@ -270,6 +270,19 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="--engine dask without --scheduler: loopback workers to start (default: --jobs)",
     )
     p.add_argument(
+        "--pass2",
+        choices=("auto", "sequential", "sharded"),
+        default="auto",
+        help="stateful facts: one ordered loop, or a key-sharded replay (auto: sharded "
+        "with --engine dask, sequential locally; docs/lab.md)",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="--pass2 sharded: shards (default: --jobs, or 2 per Dask worker thread)",
+    )
+    p.add_argument(
         "--config",
         type=Path,
         help="relay.toml: [dns] nameservers (else DNS stays offline), [model], [auth]",

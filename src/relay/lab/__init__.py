@@ -5,7 +5,8 @@ offline_auth.py  authentication facts from trusted Authentication-Results (DNS o
 env.py           registry and services, rebuilt identically in every process
 cache.py         SQLite fact cache keyed by digest, fact name + version and context
 compute.py       pass 1: stateless facts in a process pool; pass 2: stateful, in order
-engine.py        where pass 1 runs: that pool, or Dask tasks over batches (--engine dask)
+engine.py        where the passes run: that pool, or Dask tasks over batches (--engine dask)
+shards.py        pass 2 as a key-sharded replay, exactly the ordered loop's values
 evaluate.py      every policy over the cached facts with the relay's own engine
 complete.py      every rule a message matches, past the engine's early stop (probes)
 rescore.py       a verdict recomputed from matched rules (other thresholds, a rule removed)

@@ -9,7 +9,8 @@ depends on (the decoded body, say), so pass 2 does not decode every body again.
 Pass 2 runs the deferred facts in the main process, one message after another in corpus
 time, with a fresh SQLite state store of its own (never the relay's): facts only read it,
 and the relay's recorder records each message after its facts were read, so counts grow
-as they would have live.
+as they would have live. shards.py splits the same replay by state key over several
+processes or a cluster's workers, with the same values.
 """
 
 from __future__ import annotations

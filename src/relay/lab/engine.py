@@ -16,10 +16,15 @@ outcomes, so a report is identical whichever engine computed it:
   lost worker held, up to ``distributed.scheduler.allowed-failures``); a batch that
   raises is retried ``RETRIES`` times, then the run stops with the error.
 
-Pass 2 (stateful facts) never runs here: bulk counts and sender volumes depend on every
-earlier message in corpus time, so it stays one ordered loop on the driver (compute.py).
-Pass 1's live structured values (the decoded body that pass 2 would reuse) are not plain
-data and are not shipped back; pass 2 recomputes the few it needs.
+Pass 2 (stateful facts: bulk counts, sender volumes, in corpus time) runs here too, as a
+key-sharded replay (shards.py): workers derive each message's state keys (a map step,
+``declare_task``), the driver groups them and plans which messages each shard replays, each
+shard is one task (``replay_task``: plain ops in, plain values out, a pure function of
+its ops, so a retried or rescheduled shard gives the same values), and the driver joins
+and caches the values only once every shard has finished: a run that stops in pass 2
+caches nothing of it. ``--pass2 sequential`` keeps the single ordered loop on the driver
+(compute.py), the local engine's default. Pass 1's live structured values (the decoded
+body) are not plain data and are not shipped back; pass 2 recomputes the few it needs.
 """
 
 from __future__ import annotations
@@ -40,17 +45,31 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from relay.errors import RelayError
 from relay.facts import Services
+from relay.lab import shards
 from relay.lab.cache import Cached
-from relay.lab.compute import Computed, Item, Progress, parallel_pass, share_with
+from relay.lab.compute import (
+    Computed,
+    Item,
+    Outcomes,
+    Progress,
+    parallel_pass,
+    sequential_pass,
+    share_with,
+)
 from relay.lab.corpus import CorpusMessage
 from relay.lab.env import LabEnv, lab_services
 from relay.message import Envelope, Peer
+from relay.pipeline.recorder import Record
+from relay.secretkey import SecretKey
 
 if TYPE_CHECKING:
     from distributed import Client
 
 EngineKind = Literal["local", "dask"]
 ENGINES: tuple[EngineKind, ...] = ("local", "dask")
+Pass2 = Literal["auto", "sequential", "sharded"]
+PASS2: tuple[Pass2, ...] = ("auto", "sequential", "sharded")
+SHARDS_PER_WORKER = 2  # pass 2 shards per worker thread: balance without much set-up
 BATCH = 100  # messages per task: a few seconds of work, a few MB of bytes
 IN_FLIGHT = 3  # batches submitted per worker: one running, the next ones already shipped
 RETRIES = 2  # extra attempts for a batch that raised (a dead worker's batch is separate)
@@ -68,14 +87,25 @@ class EngineSpec:
     scheduler: str | None = None  # tcp://HOST:PORT of a running Dask scheduler
     workers: int = 0  # no scheduler: start a loopback LocalCluster of this many (0: --jobs)
     batch: int = BATCH
+    pass2: Pass2 = "auto"  # auto: sharded on a cluster, the ordered loop locally
+    shards: int = 0  # pass 2 shards (0: --jobs locally, 2 per worker thread on a cluster)
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINES:
             raise RelayError(f"--engine: one of {', '.join(ENGINES)}, not {self.kind!r}")
+        if self.pass2 not in PASS2:
+            raise RelayError(f"--pass2: one of {', '.join(PASS2)}, not {self.pass2!r}")
+        if self.shards < 0:
+            raise RelayError("--shards: 0 or more")
         if self.kind == "local" and (self.scheduler is not None or self.workers):
             raise RelayError("--scheduler and --workers need --engine dask")
         if self.workers < 0 or self.batch < 1:
             raise RelayError("--workers: 0 or more; batch: at least 1")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether pass 2 runs as a sharded replay (else the ordered loop, compute.py)."""
+        return self.pass2 == "sharded" or (self.pass2 == "auto" and self.kind == "dask")
 
 
 def first_pass(
@@ -234,13 +264,17 @@ def compute_batch(env: LabEnv, batch: list[Payload], run: str = "") -> dict[str,
     }
 
 
-def computed_from_result(result: Mapping[str, Any], env_key: str) -> dict[str, Computed]:
-    if result["env_key"] != env_key:
+def check_env(worker_key: str, env_key: str) -> None:
+    if worker_key != env_key:
         raise RelayError(
             "lab: a worker computed facts in another environment (its model file or lab "
-            f"inputs differ from the driver's: key {result['env_key']} != {env_key}); "
+            f"inputs differ from the driver's: key {worker_key} != {env_key}); "
             "give every worker the same files at the same paths"
         )
+
+
+def computed_from_result(result: Mapping[str, Any], env_key: str) -> dict[str, Computed]:
+    check_env(result["env_key"], env_key)
     return {
         digest: Computed({n: Cached(v, e) for n, (v, e) in outcomes.items()})
         for digest, outcomes in result["results"]
@@ -350,3 +384,181 @@ def _take(it: Iterator[tuple[int, list[Payload]]], n: int) -> list[tuple[int, li
         if len(taken) == n:
             break
     return taken
+
+
+# ---- pass 2 ---------------------------------------------------------------------------
+
+
+def ordered_pass(
+    spec: EngineSpec,
+    env: LabEnv,
+    messages: Sequence[CorpusMessage],
+    known: Mapping[str, Outcomes],
+    carried: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str],
+    jobs: int,
+    progress: Progress,
+    task: ShardTask | None = None,
+) -> tuple[dict[str, Outcomes], dict[str, Any]]:
+    """Pass 2 (``names`` for every message, in corpus time) where ``spec`` says; returns
+    the values and how they were computed (the report's ``facts.pass2``)."""
+    if not spec.sharded:
+        got = asyncio.run(sequential_pass(env, messages, known, carried, names, progress))
+        return got, {"mode": "sequential"}
+    if spec.kind == "local":
+        got, info = shards.sharded_pass(
+            env,
+            messages,
+            known,
+            names,
+            spec.shards or jobs,
+            shards.pool_runner(jobs),
+            progress,
+            shards.pool_declarer(jobs),
+        )
+        return got, {"mode": "sharded", "engine": "local", **info}
+    return dask_ordered(spec, env, messages, known, names, jobs, progress, task or replay_task)
+
+
+def op_payload(op: shards.Op) -> Payload:
+    return {
+        "position": op.position,
+        "message": message_payload(op.message, ()),
+        "families": [[record.value, list(asked)] for record, asked in op.families],
+        "preset": dict(op.preset),
+    }
+
+
+def op_from_payload(p: Payload) -> shards.Op:
+    message, _ = message_from_payload(p["message"])
+    families = tuple((Record(r), tuple(asked)) for r, asked in p["families"])
+    return shards.Op(p["position"], message, families, p["preset"])
+
+
+ShardTask = Callable[[LabEnv, list[Payload], str], dict[str, Any]]
+
+
+def replay_task(env: LabEnv, ops: list[Payload], run: str = "") -> dict[str, Any]:
+    """The pass 2 task: one shard's replay, in the worker's process, as plain values
+    (with the worker's ``env.key()``, checked as pass 1's, and who ran it)."""
+    result = shards.replay_shard(env, [op_from_payload(p) for p in ops])
+    return {"env_key": env.key(), "pid": os.getpid(), "rows": shards.outcomes_plain(result)}
+
+
+def dask_ordered(
+    spec: EngineSpec,
+    env: LabEnv,
+    messages: Sequence[CorpusMessage],
+    known: Mapping[str, Outcomes],
+    names: Sequence[str],
+    jobs: int,
+    progress: Progress,
+    task: ShardTask = replay_task,
+) -> tuple[dict[str, Outcomes], dict[str, Any]]:
+    """Pass 2 as one Dask task per shard; values come back only when every shard did."""
+    from distributed import as_completed
+
+    env_key = env.key()
+    pids: set[int] = set()
+    with dask_client(spec, jobs) as client:
+        threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        count = spec.shards or SHARDS_PER_WORKER * max(1, threads)
+        run = os.urandom(6).hex()
+
+        def runner(
+            env: LabEnv, planned: Sequence[Sequence[shards.Op]], tick: Progress
+        ) -> list[shards.ShardResult]:
+            futures = {
+                client.submit(
+                    task,
+                    env,
+                    [op_payload(op) for op in ops],
+                    run,
+                    key=f"relay-lab-{run}-pass2-{number}",
+                    retries=RETRIES,
+                    pure=False,
+                ): (number, len(ops))
+                for number, ops in enumerate(planned)
+            }
+            results: dict[int, shards.ShardResult] = {}
+            try:
+                for future in as_completed(futures, loop=client.loop):
+                    got = future.result()
+                    number, size = futures[future]
+                    check_env(got["env_key"], env_key)
+                    pids.add(int(got["pid"]))
+                    results[number] = shards.outcomes_from_plain(got["rows"])
+                    future.release()
+                    tick(size)
+            except RelayError:
+                raise
+            except Exception as exc:  # the cluster went away, or a shard kept failing
+                raise _gone(exc) from exc
+            return [results[n] for n in range(len(planned))]
+
+        def declarer(
+            env: LabEnv,
+            messages: Sequence[CorpusMessage],
+            presets: Sequence[Mapping[str, Any]],
+            records: Sequence[Record],
+            key: SecretKey,
+        ) -> list[shards.KeyRow]:
+            # The map step as tasks, in bounded batches as pass 1: each message's keys.
+            futures = [
+                client.submit(
+                    declare_task,
+                    env,
+                    [message_payload(messages[i], ()) for i in part],
+                    [presets[i] for i in part],
+                    [r.value for r in records],
+                    key,
+                    key=f"relay-lab-{run}-keys-{number}",
+                    retries=RETRIES,
+                    pure=False,
+                )
+                for number, part in enumerate(shards.chunks(len(messages), count))
+            ]
+            try:
+                done = client.gather(futures)
+            except RelayError:
+                raise
+            except Exception as exc:
+                raise _gone(exc) from exc
+            for got in done:
+                check_env(got["env_key"], env_key)
+            return [
+                [(Record(r), k, w, bool(x)) for r, k, w, x in row]
+                for got in done
+                for row in got["rows"]
+            ]
+
+        got, info = shards.sharded_pass(
+            env, messages, known, names, count, runner, progress, declarer
+        )
+    return got, {"mode": "sharded", "engine": "dask", **info, "processes": len(pids)}
+
+
+def declare_task(
+    env: LabEnv,
+    messages: list[Payload],
+    presets: list[dict[str, Any]],
+    records: list[str],
+    key: SecretKey,
+) -> dict[str, Any]:
+    """The map step's task: the declared keys of a batch of messages, as plain rows."""
+    rows = shards.declare_chunk(
+        env,
+        [message_from_payload(p)[0] for p in messages],
+        presets,
+        [Record(r) for r in records],
+        key,
+    )
+    plain = [[[r.value, k, w, x] for r, k, w, x in row] for row in rows]
+    return {"env_key": env.key(), "rows": plain}
+
+
+def _gone(exc: Exception) -> RelayError:
+    return RelayError(
+        f"lab: pass 2 on the Dask cluster failed ({type(exc).__name__}: {exc}); "
+        "nothing of pass 2 was cached (pass 1's values were): run again"
+    )

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from relay.facts import FactRegistry
 from relay.lab import plots, render, tables
 from relay.lab.cache import Cached, FactCache
-from relay.lab.compute import DEFERRED, Computed, Item, Outcomes, sequential_pass
+from relay.lab.compute import DEFERRED, Computed, Item, Outcomes
 from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
 from relay.lab.diff import write_verdicts
-from relay.lab.engine import EngineSpec, first_pass
+from relay.lab.engine import EngineSpec, first_pass, ordered_pass
 from relay.lab.env import LabEnv, check_services
 from relay.lab.evaluate import (
     Decision,
@@ -43,7 +43,7 @@ class LabOptions:
     cache_dir: Path | None = Path("var/lab-cache")  # None: compute everything, keep nothing
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     progress: bool = False
-    engine: EngineSpec = field(default_factory=EngineSpec)  # where pass 1 runs (engine.py)
+    engine: EngineSpec = field(default_factory=EngineSpec)  # where passes 1 and 2 run (engine.py)
 
 
 @contextmanager
@@ -115,20 +115,23 @@ def compute_facts(
         parallel_seconds = time.perf_counter() - start
         rerun = sorted(n for n in stateful if any(n not in o for o in outcomes.values()))
         start = time.perf_counter()
+        pass2: dict[str, Any] = {"mode": "cached" if stateful else "none"}
         if rerun:
             # Stateful facts are only true for the whole sequence: recompute them all, in order.
             names_seq = sorted(stateful)
             with _bar(options.progress, len(corpus.messages), "stateful facts") as progress:
-                ordered = asyncio.run(
-                    sequential_pass(
-                        env,
-                        corpus.messages,
-                        outcomes,
-                        {d: c.carry for d, c in computed.items()},
-                        names_seq,
-                        progress,
-                    )
+                ordered, pass2 = ordered_pass(
+                    options.engine,
+                    env,
+                    corpus.messages,
+                    outcomes,
+                    {d: c.carry for d, c in computed.items()},
+                    names_seq,
+                    options.jobs,
+                    progress,
                 )
+            # Cached only now that every message has its values: a pass 2 that stopped
+            # (a cluster gone) leaves nothing of itself behind.
             for digest, got in ordered.items():
                 outcomes[digest].update(got)
                 cache.store(digest, got, versions, order_key)
@@ -142,6 +145,7 @@ def compute_facts(
             "jobs": options.jobs,
             "parallel_seconds": round(parallel_seconds, 3),
             "sequential_seconds": round(time.perf_counter() - start, 3),
+            "pass2": pass2,
             "errors": _error_counts(outcomes),
         }
         return outcomes, info
