@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from relay.cli.main import main
 from relay.errors import RelayError
 from relay.facts import default_registry
 from relay.lab import tune
+from relay.lab.cache import Cached
 from relay.lab.rescore import RuleDef
 from relay.policy import compile_policy
 
@@ -329,4 +333,125 @@ def test_end_to_end_uses_train_rows_only(
     assert "0 spam, 1 ham" in err and "only set 'train' is used" in err
     assert main([*args, "--set", "test"]) == 2
     assert "never on a test split" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# -- preset probabilities (out-of-fold spam_probability for the train rows) -----------------
+
+PRESET_POLICY = """[policy]
+name = "fixture_preset"
+mode = "enforce"
+
+[policy.thresholds]
+quarantine = 5.0
+
+[[rule]]
+name = "classifier_spam"
+when = "spam_probability >= 0.9"
+score = 6
+"""
+
+PRESET_ROWS = [
+    "ham/personal.eml\tham\ttrain",
+    "ham/list-post.eml\tham\ttrain",
+    "ham/authenticated.eml\tham\ttrain",
+    "ham/forged-upstream.eml\tham\ttest",
+    "spam/no-date.eml\tspam\ttrain",
+    "spam/mortgage.eml\tspam\ttrain",
+    "spam/spoof.eml\tspam\ttest",
+]
+
+
+def _message(id_: str, digest: str) -> Any:
+    return SimpleNamespace(id=id_, digest=digest)
+
+
+def test_apply_presets_overrides_listed_messages_only_and_copies() -> None:
+    live = {
+        "d1": {"spam_probability": Cached(0.5), "dkim": Cached("pass")},
+        "d2": {"spam_probability": Cached(0.6)},
+        "d3": {"spam_probability": Cached(None, "classifier unavailable")},
+    }
+    messages = [_message("a", "d1"), _message("b", "d2"), _message("c", "d3")]
+    out, applied = tune.apply_presets(messages, live, {"a": 0.97, "c": 0.01, "elsewhere": 0.4})
+    assert applied == 2
+    assert out["d1"] == {"spam_probability": Cached(0.97), "dkim": Cached("pass")}
+    assert out["d2"]["spam_probability"] == Cached(0.6)  # not listed: the live value
+    assert out["d3"]["spam_probability"] == Cached(0.01)  # a live error replaced too
+    # What the cache returned (and stored) is untouched.
+    assert live["d1"]["spam_probability"] == Cached(0.5)
+    assert live["d3"]["spam_probability"].error == "classifier unavailable"
+    with pytest.raises(RelayError, match="different probability"):
+        tune.apply_presets([_message("a", "d1"), _message("b", "d1")], live, {"a": 0.9, "b": 0.1})
+
+
+def test_read_presets(tmp_path: Path) -> None:
+    good = tmp_path / "oof.tsv"
+    good.write_text("relative_path\tspam_probability\n# c\na/1\t0.25\nb/2\t1\n")
+    assert tune.read_presets(good) == {"a/1": 0.25, "b/2": 1.0}
+    for text, message in (
+        ("a/1\t1.5\n", "not in"),
+        ("a/1\n", "path<TAB>probability"),
+        ("a/1\t0.1\na/1\t0.2\n", "listed twice"),
+    ):
+        good.write_text(text)
+        with pytest.raises(RelayError, match=message):
+            tune.read_presets(good)
+
+
+def _preset_run(tmp_path: Path, presets: Path | None) -> dict[str, Any]:
+    policy = tmp_path / "fixture_preset.toml"
+    policy.write_text(PRESET_POLICY)
+    _, labels, config = _setup(tmp_path, PRESET_ROWS)
+    args = [*_tune_args(policy, labels, config, tmp_path), "--heldout"]
+    if presets is not None:
+        args += ["--preset-probabilities", str(presets)]
+    assert main(args) == 0
+    data: dict[str, Any] = json.loads((tmp_path / "out" / "tune.json").read_text())
+    return data
+
+
+def test_preset_probabilities_override_listed_train_rows_and_stay_out_of_the_cache(
+    tmp_path: Path,
+) -> None:
+    # The model is disabled: live, spam_probability fails and the rule never matches. Only
+    # the preset spam (no-date) can match it; mortgage is not listed and keeps the live value.
+    presets = tmp_path / "oof.tsv"
+    presets.write_text(
+        "relative_path\tspam_probability\n"
+        "spam/no-date.eml\t0.95\nham/personal.eml\t0.02\nham/list-post.eml\t0.03\n"
+    )
+    data = _preset_run(tmp_path, presets)
+    assert data["presets"]["applied"] == 3 and data["presets"]["live"] == 2
+    rule = {r["name"]: r for r in data["rules"]}["classifier_spam"]
+    assert (rule["spam"], rule["ham"]) == (1, 0)
+    assert data["original"]["figures"]["spam_stopped"]["k"] == 1
+    # The held-out split runs on the live classifier: nothing matches there.
+    assert data["heldout"]["original"]["spam_stopped"]["k"] == 0
+    assert any("preset from" in n for n in data["notes"])
+    assert "preset from" in (tmp_path / "out" / "tune.md").read_text()
+    # The cache holds the live outcome (an error) for every message, never a preset value.
+    with sqlite3.connect(tmp_path / "cache" / "facts.sqlite3") as db:
+        rows = db.execute(
+            "SELECT value, error FROM facts WHERE name = 'spam_probability'"
+        ).fetchall()
+    assert len(rows) == 7 and all(v is None and e for v, e in rows)
+    # A warm run without presets reads the same cache and sees live values only.
+    again = _preset_run(tmp_path, None)
+    assert again["presets"] is None
+    assert {r["name"]: r for r in again["rules"]}["classifier_spam"]["spam"] == 0
+    assert again["original"]["figures"]["spam_stopped"]["k"] == 0
+
+
+def test_preset_probabilities_refuse_rows_outside_the_train_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    presets = tmp_path / "oof.tsv"
+    presets.write_text("spam/no-date.eml\t0.95\nspam/spoof.eml\t0.99\n")  # spoof: set test
+    policy = tmp_path / "fixture_preset.toml"
+    policy.write_text(PRESET_POLICY)
+    _, labels, config = _setup(tmp_path, PRESET_ROWS)
+    args = [*_tune_args(policy, labels, config, tmp_path), "--preset-probabilities", str(presets)]
+    assert main(args) == 2
+    assert "spam/spoof.eml" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

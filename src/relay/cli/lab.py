@@ -140,6 +140,7 @@ def run_tune(args: argparse.Namespace) -> int:
         jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
         progress=not args.no_progress and sys.stderr.isatty(),
         heldout=args.heldout,
+        presets=args.preset_probabilities,
     )
     data = tune.run_tune(options)
     before, after = data["original"]["figures"], data["tuned"]["out_of_fold"]

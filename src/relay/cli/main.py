@@ -365,6 +365,13 @@ def _add_lab_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="also report the test split before and after (never used to fit)",
     )
+    p.add_argument(
+        "--preset-probabilities",
+        type=Path,
+        metavar="TSV",
+        help="path<TAB>probability: spam_probability for these train rows instead of the "
+        "model's (out-of-fold values: bench/oof_probabilities.py); never the test split",
+    )
     p.add_argument("--inputs", type=Path, help="lab-only oracle lists (docs/lab.md)")
     p.add_argument("--config", type=Path, help="relay.toml: [dns], [model], [auth]")
     p.add_argument("--trust-authserv-id", action="append", default=[], metavar="ID")

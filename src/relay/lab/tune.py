@@ -49,7 +49,11 @@ decimals), so rounding or summation order never moves a message across one.
 In-sample facts. When the policy reads ``spam_probability`` and the model's card says it
 was trained on this very labels file, the classifier's values on the train rows are
 in-sample (near perfect); the report says so, and only the held-out figures
-(``--heldout``) show what the classifier does on unseen mail.
+(``--heldout``) show what the classifier does on unseen mail. ``--preset-probabilities``
+replaces them with out-of-fold values (bench/oof_probabilities.py) for the train messages
+it lists: the override is applied in memory after the facts are read from the cache, so
+the cache only ever holds the live classifier's values, and the held-out split always
+uses the live model.
 
 Split. Only rows of set ``train`` are used (a labels row without a set column is in set
 train, relay/corpus.py); tuning on ``test`` is refused. The held-out test split may be
@@ -82,7 +86,9 @@ import tomlkit
 from scipy.optimize import minimize
 
 from relay.errors import PolicyError, RelayError
-from relay.lab.corpus import Source, load_corpus, sources_from_labels
+from relay.lab.cache import Cached
+from relay.lab.compute import Outcomes
+from relay.lab.corpus import CorpusMessage, Source, load_corpus, sources_from_labels
 from relay.lab.diff import mcnemar_exact, newcombe_paired
 from relay.lab.env import LabEnv
 from relay.lab.evaluate import Regime, evaluate, load_regimes, needed_facts
@@ -693,6 +699,13 @@ def markdown(data: Mapping[str, Any]) -> str:
         + "; 95% Wilson intervals.",
         "",
     ]
+    if data.get("presets"):
+        pr = data["presets"]
+        lines += [
+            f"`{pr['fact']}` preset from `{pr['file']}` (out-of-fold values) on "
+            f"{pr['applied']} train messages; the live classifier on {pr['live']}.",
+            "",
+        ]
     if not data["budget_reachable"]:
         lines += ["**Forced rules alone block more legitimate mail than the budget.**", ""]
     lines += [
@@ -795,6 +808,7 @@ class TuneOptions:
     jobs: int = 1
     progress: bool = False
     heldout: bool = False  # also report the test split before/after (never used)
+    presets: Path | None = None  # TSV path -> spam_probability for train rows (read_presets)
 
 
 def set_counts(labels: Path) -> Counter[str]:
@@ -823,11 +837,71 @@ def refuse_set(name: str | None) -> None:
         )
 
 
+def refuse_preset_rows(presets: Mapping[str, float], train_ids: set[str]) -> None:
+    """Presets may only name train rows: a listed test row (or a path the labels file does
+    not have as train) means the file was made for another split, never silently used."""
+    stray = sorted(set(presets) - train_ids)
+    if stray:
+        raise RelayError(
+            f"--preset-probabilities: {len(stray)} listed paths are not train rows of the "
+            f"labels file (first: {stray[0]}); presets are for set {TRAIN_SET!r} only"
+        )
+
+
 def policy_thresholds(policy: Policy) -> dict[str, float]:
     """[policy.thresholds] as numbers, by name (absent ones left out)."""
     t = policy.thresholds
     values = (t.tag, t.quarantine, t.tempfail, t.reject)
     return {k: v for k, v in zip(THRESHOLD_NAMES, values, strict=True) if v is not None}
+
+
+PRESET_FACT = "spam_probability"
+
+
+def read_presets(path: Path) -> dict[str, float]:
+    """``relative_path<TAB>probability`` rows (a header row and ``#`` comments skipped):
+    the spam_probability to use for those train messages instead of the live model's."""
+    out: dict[str, float] = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
+                if not row or row[0].startswith("#") or (lineno == 1 and row[0] == "relative_path"):
+                    continue
+                try:
+                    value = float(row[1])
+                except (IndexError, ValueError):
+                    raise RelayError(f"{path}:{lineno}: want path<TAB>probability") from None
+                if not 0.0 <= value <= 1.0:
+                    raise RelayError(f"{path}:{lineno}: probability {row[1]} not in [0, 1]")
+                if out.setdefault(row[0], value) != value:
+                    raise RelayError(f"{path}:{lineno}: {row[0]} listed twice")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RelayError(f"{path}: cannot read preset probabilities: {exc}") from None
+    return out
+
+
+def apply_presets(
+    messages: Sequence[CorpusMessage],
+    outcomes: Mapping[str, Outcomes],
+    presets: Mapping[str, float],
+) -> tuple[dict[str, Outcomes], int]:
+    """Outcomes with spam_probability replaced for the messages ``presets`` lists (by id),
+    and how many were replaced. A new mapping: ``outcomes`` (what the cache returned and
+    stored) is left as it is, so preset values never reach the cache."""
+    out: dict[str, Outcomes] = dict(outcomes)
+    by_digest: dict[str, float] = {}
+    for m in messages:
+        value = presets.get(m.id)
+        if value is None:
+            continue
+        # Identical bytes share one outcome row; their out-of-fold values agree (one fold).
+        if by_digest.setdefault(m.digest, value) != value:
+            raise RelayError(
+                f"preset probabilities: {m.id} has the bytes of another message "
+                "listed with a different probability"
+            )
+        out[m.digest] = {**outcomes.get(m.digest, {}), PRESET_FACT: Cached(value)}
+    return out, sum(1 for m in messages if m.id in presets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -836,10 +910,15 @@ class _Replay:
     messages: int
     unreadable: int
     seconds: Mapping[str, float]
+    preset: int = 0  # messages whose spam_probability was preset
 
 
 def _replay(
-    sources: Sequence[Source], description: str, options: TuneOptions, regime: Regime
+    sources: Sequence[Source],
+    description: str,
+    options: TuneOptions,
+    regime: Regime,
+    presets: Mapping[str, float] | None = None,
 ) -> _Replay:
     policy = regime.policy
     if not isinstance(policy, Policy):
@@ -859,6 +938,9 @@ def _replay(
     )
     names = needed_facts([regime], registry)
     outcomes, _ = compute_facts(corpus, names, registry, lab)
+    preset = 0
+    if presets is not None:
+        outcomes, preset = apply_presets(corpus.messages, outcomes, presets)
     t1 = time.perf_counter()
     decisions = asyncio.run(evaluate([regime], corpus.messages, outcomes, registry, lambda _: None))
     t2 = time.perf_counter()
@@ -887,7 +969,7 @@ def _replay(
         unevaluable=tuple(unevaluable),
     )
     seconds = {"facts": t1 - t0, "evaluate": t2 - t1}
-    return _Replay(problem, len(corpus.messages), len(corpus.unreadable), seconds)
+    return _Replay(problem, len(corpus.messages), len(corpus.unreadable), seconds, preset)
 
 
 IN_SAMPLE = (
@@ -932,8 +1014,14 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
         raise RelayError(NO_BLOCKING)
     counts = set_counts(options.labels)
     sources = sources_from_labels(options.corpus, options.labels, TRAIN_SET)
+    presets = None
+    if options.presets is not None:
+        if PRESET_FACT not in needed_facts([regime], registry):
+            raise RelayError(f"--preset-probabilities: {options.policy} never reads {PRESET_FACT}")
+        presets = read_presets(options.presets)
+        refuse_preset_rows(presets, {s.id for s in sources})
     description = f"{options.labels.name} (set {TRAIN_SET})"
-    replay = _replay(sources, description, options, regime)
+    replay = _replay(sources, description, options, regime, presets)
     t1 = time.perf_counter()
     result = tune(replay.problem, options.budget, options.folds, options.seed)
     t2 = time.perf_counter()
@@ -956,10 +1044,20 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
     )
     notes: list[str] = []
     policy = regime.policy
-    if "spam_probability" in needed_facts([regime], registry) and in_sample_model(
-        options.env, options.labels
+    live = replay.messages - replay.preset
+    if (
+        PRESET_FACT in needed_facts([regime], registry)
+        and live
+        and in_sample_model(options.env, options.labels)
     ):
         notes.append(IN_SAMPLE)
+    if presets is not None and options.presets is not None:
+        notes.append(
+            f"spam_probability preset from `{options.presets}` on {replay.preset} of "
+            f"{replay.messages} train messages (out-of-fold values); the live classifier "
+            f"on the other {live}"
+            + ("; the held-out split uses the live classifier" if options.heldout else "")
+        )
     if getattr(policy, "overrides", ()):
         notes.append(
             "[[override]] thresholds are kept as written: they were set for the old scores, "
@@ -985,6 +1083,16 @@ def run_tune(options: TuneOptions) -> dict[str, Any]:
         },
         "dns": options.env.dns_description(),
         "inputs": options.env.inputs_description(),
+        "presets": None
+        if options.presets is None or presets is None
+        else {
+            "file": str(options.presets),
+            "sha256": hashlib.sha256(options.presets.read_bytes()).hexdigest(),
+            "fact": PRESET_FACT,
+            "listed": len(presets),
+            "applied": replay.preset,
+            "live": live,
+        },
         "notes": notes,
     }
     data = report_data(result, context)
@@ -1039,10 +1147,13 @@ __all__ = [
     "RuleFit",
     "TuneOptions",
     "TuneResult",
+    "apply_presets",
     "choose_cutoff",
     "fit_logistic",
     "fit_perceptron",
     "parse_budget",
+    "read_presets",
+    "refuse_preset_rows",
     "refuse_set",
     "rewrite_policy",
     "run_tune",
