@@ -9,6 +9,8 @@
     │   └── DnsTemporaryError        dns.py: SERVFAIL, timeout (the check says temperror)
     ├── MessageTimeError       a stored message has no usable date and none was given
     ├── CorpusError            a labels file, message source or corpus member is unreadable
+    ├── ShardContractError     lab/shards.py: a state-backed fact touched a key its family
+    │                          did not declare (the sharded pass 2 stops, nothing cached)
     ├── StateError             the shared-state backend failed
     ├── FeedbackRefused        feedback/: a report was refused (unparsable, too big, capped)
     ├── DeliveryError          the downstream did not take the message
