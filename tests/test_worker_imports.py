@@ -9,8 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.support.relay import free_port
 from tests.test_lifecycle import write_config
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "spam.skops"
 
 # Runs in a fresh interpreter (this test process has long imported everything): the
 # worker's whole start-up (config, lifespan: state store, feedback store, learn endpoint),
@@ -63,3 +67,114 @@ def test_a_worker_with_the_sqlite_backend_never_imports_redis(tmp_path: Path) ->
     )
     found = json.loads(out.stdout.decode().splitlines()[-1])
     assert found == {"serving": [], "with_redis_store": ["redis"]}, out.stderr.decode()[-2000:]
+
+
+# The same probe for the verifier's libraries: with verification in child processes
+# (``[auth] workers`` > 0, the default) the worker only encodes requests (auth/wire.py);
+# dkimpy, PyNaCl and cryptography (~8 MiB of RSS a worker) are the children's. Then an
+# authenticator that verifies in a thread is built here, which must load them.
+_AUTH_PROBE = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from relay.app import lifespan
+    from relay.auth.checker import Authenticator
+    from relay.config import load_settings
+
+    WATCHED = {"cryptography", "dkim", "nacl"}
+
+    def loaded():
+        return sorted({m.split(".")[0] for m in sys.modules} & WATCHED)
+
+    async def main():
+        settings = load_settings(Path(sys.argv[1]))
+        async with lifespan(settings) as runtime:
+            serving = loaded()
+            children = len(runtime.services.authenticator.pids)
+        in_thread = Authenticator(None, processes=0)
+        await in_thread.close()
+        print(json.dumps({"serving": serving, "children": children, "in_thread": loaded()}))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("model", [True, False], ids=["analysis child", "verification child"])
+def test_a_worker_verifying_in_children_never_imports_the_verifier(
+    tmp_path: Path, model: bool
+) -> None:
+    cfg = write_config(tmp_path, free_port())
+    text = cfg.read_text().replace("[auth]\nenabled = false\n", "[auth]\nworkers = 1\n")
+    if model:  # the default: one relay.analysis child classifies and verifies
+        text = text.replace(
+            "[model]\nenabled = false\n",
+            f'[model]\npath = "{MODEL}"\nregistry = "{tmp_path / "models"}"\n',
+        )
+    cfg.write_text(text + '[dns]\nnameservers = ["127.0.0.1"]\ntimeout = 1\n')
+    out = subprocess.run(
+        [sys.executable, "-c", _AUTH_PROBE, str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(out.stdout.decode().splitlines()[-1])
+    expected = {"serving": [], "children": 1, "in_thread": ["cryptography", "dkim", "nacl"]}
+    assert found == expected, out.stderr.decode()[-2000:]
+
+
+# A verification child (cryptoproc or analysis) after its start: dkimpy's own resolver
+# module, and dnspython with it (3.5 MiB a child), never loads; a signature still verifies
+# (its key came with the request), and an ARC chain asking dkimpy's default lookup is
+# refused rather than resolved. Then the same import without ``load_offline`` loads dns.
+_CHILD_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from relay.auth.cryptoproc import decode_answer, encode_request, handle, load_offline
+    from relay.auth.wire import decode_request
+
+    load_offline()
+    raw, keys, limit, arc = decode_request(Path(sys.argv[1]).read_bytes())
+    dkim_results, _arc = decode_answer(handle(b"".join(encode_request(raw, keys, limit, arc))))
+    try:
+        sys.modules["dkim.dnsplug"].get_txt(b"sel._domainkey.example.com")
+        lookup = "resolved"
+    except RuntimeError:
+        lookup = "refused"
+    print(json.dumps({
+        "results": [s.result for s in dkim_results.signatures],
+        "dns": "dns" in sys.modules,
+        "lookup": lookup,
+    }))
+    """
+)
+
+
+def test_a_verification_child_never_loads_a_resolver(tmp_path: Path) -> None:
+    from relay.auth.wire import encode_request
+    from tests.support.dkimkeys import make_message, rsa_key, sign
+
+    key = rsa_key("example.com", "sel", 1024)
+    raw = sign(make_message(body="Shall we meet at noon?\r\n"), key)
+    request = tmp_path / "request"
+    request.write_bytes(
+        b"".join(encode_request(raw, {key.name.encode(): key.txt.encode()}, 10, True))
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD_PROBE, str(request)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(out.stdout.decode().splitlines()[-1])
+    assert found == {"results": ["pass"], "dns": False, "lookup": "refused"}, out.stderr.decode()
+    plain = subprocess.run(
+        [sys.executable, "-c", "import sys, relay.auth.verify; print('dns' in sys.modules)"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert plain.stdout.decode().split() == ["True"]  # the check sees dnspython when it loads

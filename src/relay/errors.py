@@ -12,6 +12,8 @@
     ├── ShardContractError     lab/shards.py: a state-backed fact touched a key its family
     │                          did not declare (the sharded pass 2 stops, nothing cached)
     ├── StateError             the shared-state backend failed
+    ├── TagListError           auth/tagvalue.py: a DKIM/DMARC tag list that does not parse
+    │                          (the scan fetches no key, the record is ignored)
     ├── FeedbackRefused        feedback/: a report was refused (unparsable, too big, capped)
     ├── DeliveryError          the downstream did not take the message
     │   ├── TemporaryDeliveryError   4xx, refused connection, drop, timeout -> our 451

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 
@@ -26,12 +27,11 @@ from publicsuffixlist import PublicSuffixList
 
 from relay.auth import dmarc
 from relay.auth.batch import Batcher
-from relay.auth.cryptoproc import VERIFY, decode_answer, encode_request
 from relay.auth.domains import OrgDomains
 from relay.auth.headerscan import HeaderScan, quick_scan, scan_headers
 from relay.auth.results import ArcResult, AuthResults, DkimResults, SpfResult
 from relay.auth.spf import SpfCache, check_spf, check_spf_cached
-from relay.auth.verify import TEMPERROR, verify_message
+from relay.auth.wire import TEMPERROR, VERIFY, KeyRecords, decode_answer, encode_request
 from relay.config import AuthSettings
 from relay.dns import DnsTemporaryError, Resolver
 from relay.errors import WorkerBusy, WorkerDied
@@ -39,6 +39,8 @@ from relay.message import Message
 from relay.proc.pipes import PipeWorkers
 
 log = logging.getLogger("relay.auth")
+
+Verifier = Callable[[bytes, KeyRecords, int, bool], tuple[DkimResults, ArcResult]]
 
 MAX_SIGNATURES = 10  # DKIM-Signature fields verified per message; the rest are listed
 # Header blocks up to this size are scanned on the loop (0.35 ms at most, measured); a
@@ -94,6 +96,7 @@ class Authenticator:
         self._held = 0
         self._owned: ThreadPoolExecutor | None = None
         self._batcher: Batcher[tuple[DkimResults, ArcResult]] | None = None
+        self._verify_here: Verifier | None = None  # verify_message, when it runs here
         self.shared = shared
         if shared:
             self._op = VERIFY
@@ -101,6 +104,11 @@ class Authenticator:
             self._workers = PipeWorkers(CRYPTO_MODULE, processes, name="relay-auth")
             self._own_workers = True
         else:
+            # Only here does this process import the verifier: dkimpy, PyNaCl and
+            # cryptography cost a worker that verifies in children ~8 MiB for nothing.
+            from relay.auth.verify import verify_message
+
+            self._verify_here = verify_message
             if executor is None:
                 executor = self._owned = ThreadPoolExecutor(1, thread_name_prefix="relay-auth")
             self._batcher = Batcher(executor, in_flight=executor_workers)
@@ -163,8 +171,8 @@ class Authenticator:
     async def _verify(
         self, message: Message, keys: dict[bytes, bytes | None], arc: bool
     ) -> tuple[DkimResults, ArcResult]:
-        if self._batcher is not None:
-            call = partial(verify_message, message.raw, keys, self.max_signatures, arc)
+        if self._batcher is not None and self._verify_here is not None:
+            call = partial(self._verify_here, message.raw, keys, self.max_signatures, arc)
             return await self._batcher.run(call)
         if self._held >= self._max_pending:
             raise WorkerBusy(f"relay-auth: {self._held} requests pending already")

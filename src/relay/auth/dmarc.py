@@ -13,10 +13,9 @@ import hashlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from dkim.util import parse_tag_value
-
 from relay.auth.domains import OrgDomains
 from relay.auth.results import DkimResults, DmarcResult, SpfResult
+from relay.auth.tagvalue import TagListError, parse_tag_value
 from relay.dns import DnsTemporaryError, Resolver
 
 POLICIES = ("none", "quarantine", "reject")
@@ -46,7 +45,7 @@ def parse_record(text: bytes, domain: str) -> DmarcRecord | str:
     """A record, or why it is unusable (RFC 7489 6.3)."""
     try:
         tags = parse_tag_value(text)
-    except Exception:  # any malformed tag list (dkimpy raises several kinds)
+    except TagListError:
         return "malformed DMARC record"
     if next(iter(tags), None) != b"v" or tags.get(b"v") != b"DMARC1":
         return "v=DMARC1 is not the first tag"

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from email import policy as email_policy
 from email.headerregistry import AddressHeader
 
-from dkim.util import parse_tag_value
-
 from relay.auth.domains import normalise_domain
+from relay.auth.tagvalue import TagListError, parse_tag_value
 from relay.errors import RelayError
 from relay.message import split_fields
 
@@ -73,7 +72,7 @@ def key_name(tags: dict[bytes, bytes]) -> bytes | None:
 def _tags(value: bytes) -> dict[bytes, bytes] | None:
     try:
         tags: dict[bytes, bytes] = parse_tag_value(b" ".join(value.split()))
-    except Exception:  # any malformed tag list: no key to fetch
+    except TagListError:  # no key to fetch
         return None
     return tags
 

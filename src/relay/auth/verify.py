@@ -1,6 +1,8 @@
 """DKIM and ARC verification with dkimpy: synchronous, CPU-bound, never touches the network.
 
-``verify_message`` runs in a worker thread or process. Its key records were fetched by the
+``verify_message`` runs in a child process (``auth/cryptoproc.py``, ``analysis.py``) or,
+with ``[auth] workers = 0``, in a thread of the relay worker, the only case in which a
+worker imports this module (and dkimpy, cryptography). Its key records were fetched by the
 async resolver beforehand; the ``dnsfunc`` handed to dkimpy only reads that mapping, so a
 signature whose key was not prefetched simply has no key.
 
@@ -32,13 +34,11 @@ from relay.auth.dkimparse import split_message
 from relay.auth.headerscan import MAX_ARC_INSTANCES, MAX_SIGNATURE_FIELD, key_name
 from relay.auth.results import ArcResult, DkimResults, DkimSignatureResult
 from relay.auth.sigcrypto import KEY_CACHE_SIZE, load_key, verify_signature
+from relay.auth.wire import TEMPERROR as TEMPERROR
+from relay.auth.wire import KeyRecords as KeyRecords  # the worker's light half (re-exported)
 from relay.message import Fields
 
 MIN_KEY_BITS = 1024  # RFC 8301 3.2: smaller RSA keys MUST NOT be considered valid
-
-# A key record looked up ahead: the TXT value, None (no record) or TEMPERROR.
-TEMPERROR = b"\x00temperror"
-KeyRecords = Mapping[bytes, bytes | None]
 
 _HAS_SIGNATURE = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _H_SEPARATOR = re.compile(rb"\s*:\s*")  # between h= names, as dkimpy splits them

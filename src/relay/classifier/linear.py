@@ -28,10 +28,10 @@ import math
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import mmh3
 import numpy as np
@@ -202,48 +202,21 @@ class LinearScorer:
         if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
             raise ModelError(f"{path}: sha256 differs from the model card's compiled entry")
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            header = json.loads(str(arrays.pop("header")))
-            return cls._from_arrays(header, arrays)
+            # Members are read a chunk at a time straight into the dense arrays: a stored
+            # array is never held whole, so loading peaks near the loaded scorer's size
+            # (the analysis child's peak RSS is paid once per relay worker, issue 17).
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                with archive.open("header.npy") as fh:
+                    header = json.loads(str(np.lib.format.read_array(fh, allow_pickle=False)))
+                return cls._from_archive(header, archive)
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise ModelError(f"{path}: malformed compiled model: {exc}") from None
 
     @classmethod
-    def _from_arrays(cls, header: dict[str, Any], arrays: dict[str, Any]) -> LinearScorer:
+    def _from_archive(cls, header: dict[str, Any], archive: zipfile.ZipFile) -> LinearScorer:
         if header.get("format") != FORMAT:
             raise ValueError(f"format {header.get('format')}, this relay reads {FORMAT}")
-        blocks = []
-        for spec in header["blocks"]:
-            name, n = str(spec["name"]), int(spec["n_features"])
-            index = np.asarray(arrays[f"{name}.index"], dtype=np.int64)
-            idf_values = np.asarray(arrays[f"{name}.idf"], dtype=np.float64)
-            coef_values = np.asarray(arrays[f"{name}.coef"], dtype=np.float64)
-            if not (len(index) == len(idf_values) == len(coef_values)) or (
-                len(index) and (index.min() < 0 or index.max() >= n)
-            ):
-                raise ValueError(f"block {name}: inconsistent arrays")
-            default = float(spec["default_idf"])
-            table = np.unique(np.append(idf_values, default))
-            if len(table) > np.iinfo(np.uint16).max:
-                raise ValueError(f"block {name}: {len(table)} distinct idf values")
-            idf_code = np.full(n, np.searchsorted(table, default), dtype=np.uint16)
-            idf_code[index] = np.searchsorted(table, idf_values)
-            coef_idf = np.zeros(n, dtype=np.float64)
-            coef_idf[index] = coef_values * idf_values
-            blocks.append(
-                Block(
-                    name=name,
-                    column=int(spec["column"]),
-                    n_features=n,
-                    weight=float(spec["weight"]),
-                    sublinear_tf=bool(spec["sublinear_tf"]),
-                    analyzer=Analyzer.from_dict(spec["analyzer"]),
-                    idf_table=table,
-                    idf_code=idf_code,
-                    coef_idf=coef_idf,
-                )
-            )
+        blocks = [_block(spec, archive) for spec in header["blocks"]]
         a, b = (float(x) for x in header["platt"])
         numbers = [float(header["intercept"]), a, b, *(blk.weight for blk in blocks)]
         finite = all(
@@ -325,6 +298,82 @@ class LinearScorer:
         lengths = np.fromiter((len(p) for p in parts), np.int64, len(parts))
         counts = np.repeat(np.fromiter(words.values(), np.float64, len(words)), lengths)
         return _merge(np.concatenate(parts), counts)
+
+
+LOAD_CHUNK = 1 << 16  # stored features read at a time when loading (~1 MiB of temporaries)
+
+
+def _npy_header(fh: IO[bytes]) -> tuple[int, np.dtype[Any]]:
+    """Length and dtype of the 1-d array whose .npy header ``fh`` starts with."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"npy format version {version}")
+    if len(shape) != 1 or dtype.hasobject:
+        raise ValueError("a stored array is not a 1-d numeric array")
+    return int(shape[0]), dtype
+
+
+def _chunks(archive: zipfile.ZipFile, member: str) -> Iterator[np.ndarray[Any, Any]]:
+    """A stored array, ``LOAD_CHUNK`` elements at a time (read-only views of what was read)."""
+    with archive.open(member + ".npy") as fh:
+        count, dtype = _npy_header(fh)
+        for start in range(0, count, LOAD_CHUNK):
+            size = min(LOAD_CHUNK, count - start) * dtype.itemsize
+            data = fh.read(size)
+            if len(data) != size:
+                raise ValueError(f"{member}: truncated")
+            yield np.frombuffer(data, dtype=dtype)
+
+
+def _length(archive: zipfile.ZipFile, member: str) -> tuple[int, np.dtype[Any]]:
+    with archive.open(member + ".npy") as fh:
+        return _npy_header(fh)
+
+
+def _block(spec: dict[str, Any], archive: zipfile.ZipFile) -> Block:
+    """One block's dense arrays, filled from its stored features a chunk at a time (the
+    same numbers, element for element, as from the whole stored arrays)."""
+    name, n = str(spec["name"]), int(spec["n_features"])
+    members = (f"{name}.index", f"{name}.idf", f"{name}.coef")
+    (count, index_type), *others = (_length(archive, m) for m in members)
+    if index_type.kind not in "iu" or any(c != count for c, _ in others):
+        raise ValueError(f"block {name}: inconsistent arrays")
+
+    def stored(*which: str) -> Iterator[tuple[np.ndarray[Any, Any], ...]]:
+        for parts in zip(*(_chunks(archive, m) for m in which), strict=True):
+            index = parts[0]
+            if len(index) and (index.min() < 0 or index.max() >= n):
+                raise ValueError(f"block {name}: inconsistent arrays")
+            yield (index, *(np.asarray(p, dtype=np.float64) for p in parts[1:]))
+
+    # pass 1: SVM weight x idf, and the block's distinct idf values
+    coef_idf = np.zeros(n, dtype=np.float64)
+    distinct = [np.array([float(spec["default_idf"])])]
+    for index, idf_values, coef_values in stored(*members):
+        coef_idf[index] = coef_values * idf_values
+        distinct.append(np.unique(idf_values))
+    table = np.unique(np.concatenate(distinct))
+    if len(table) > np.iinfo(np.uint16).max:
+        raise ValueError(f"block {name}: {len(table)} distinct idf values")
+    # pass 2: each feature's idf as its position in that table
+    idf_code = np.full(n, np.searchsorted(table, distinct[0][0]), dtype=np.uint16)
+    for index, idf_values in stored(*members[:2]):
+        idf_code[index] = np.searchsorted(table, idf_values)
+    return Block(
+        name=name,
+        column=int(spec["column"]),
+        n_features=n,
+        weight=float(spec["weight"]),
+        sublinear_tf=bool(spec["sublinear_tf"]),
+        analyzer=Analyzer.from_dict(spec["analyzer"]),
+        idf_table=table,
+        idf_code=idf_code,
+        coef_idf=coef_idf,
+    )
 
 
 _NON_SPACE = r"\S+"  # the meta block's pattern: str.split() gives the same tokens
