@@ -42,7 +42,7 @@ from tests.support import chromium
 
 from relay.config import settings_from_mapping
 from relay.corpus import Label
-from relay.lab.corpus import CorpusMessage
+from relay.lab.corpus import CorpusMessage, holding
 from relay.lab.env import LabEnv
 from relay.lab.evaluate import Decision, Regime, load_regimes, regime_rules
 from relay.lab.rescore import action_of, rescore
@@ -74,7 +74,7 @@ def synthetic(n: int, seed: int) -> tuple[list[CorpusMessage], list[Regime], dic
                 id=mid,
                 label=label,
                 digest=hashlib.sha256(mid.encode()).hexdigest(),
-                raw=b"",
+                source=holding(mid, label, b""),
                 time=float(i),
                 index=i,
                 envelope=Envelope("a@example.org", ("b@example.net",)),

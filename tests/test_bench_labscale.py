@@ -3,6 +3,7 @@ message distinct, labels kept, and the lab reads what it writes."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import tarfile
 from pathlib import Path
@@ -121,6 +122,10 @@ def test_archive_members_are_read_at_their_own_size(
         return handle
 
     monkeypatch.setattr(tarfile.TarFile, "extractfile", extractfile)
-    items = list(stream_archive(tmp_path / "corpus.tar", "ham"))
+    plain = list(stream_archive(tmp_path / "corpus.tar", "ham"))
+    assert not asked and all(i.span and i.data is None for i in plain)  # read by offset later
+    packed = tmp_path / "corpus.tar.gz"  # a compressed archive's members are read here
+    packed.write_bytes(gzip.compress((tmp_path / "corpus.tar").read_bytes()))
+    items = list(stream_archive(packed, "ham"))
     assert len(items) == 5 and all(i.data for i in items)
     assert asked and max(asked) < 4096  # each member's size, never the limit

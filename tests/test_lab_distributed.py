@@ -249,6 +249,7 @@ def test_messages_travel_as_plain_values_and_come_back_exact() -> None:
             stack.extend(value.values() if isinstance(value, dict) else [])
             stack.extend(value if isinstance(value, list) else [])
         assert message_from_payload(payload) == (message, names)
+        assert message_from_payload(payload)[0].raw() == message.raw()
     with pytest.raises(RelayError, match="not matching its digest"):
         message_from_payload({**payload, "raw": payload["raw"] + b"x"})
 

@@ -15,7 +15,7 @@ from relay.facts import FactRegistry, FactSpec, FactType, default_registry
 from relay.facts.services import STATE
 from relay.lab import shards
 from relay.lab.compute import DEFERRED, Outcomes, parallel_pass, sequential_pass
-from relay.lab.corpus import CorpusMessage
+from relay.lab.corpus import CorpusMessage, holding
 from relay.lab.env import LabEnv
 from relay.message import Envelope, Peer
 from relay.pipeline.recorder import Record
@@ -63,7 +63,7 @@ def _message(i: int, rng: random.Random, t: float) -> CorpusMessage:
         id=f"m{i}",
         label="spam" if i % 2 else "ham",
         digest=hashlib.sha256(raw + str(i).encode()).hexdigest(),
-        raw=raw,
+        source=holding(f"m{i}", "ham", raw),
         time=t,
         index=i,
         envelope=Envelope(mail_from=sender, rcpt_to=tuple(rcpts)),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from relay.lab import render, tables
-from relay.lab.corpus import CorpusMessage
+from relay.lab.corpus import CorpusMessage, holding
 from relay.lab.evaluate import Decision, Regime
 from relay.lab.stats import disagreement_key, disagreements, rank_ham_blocks
 from relay.message import Envelope, Peer
@@ -44,7 +44,7 @@ def _message(mid: str, label: str) -> CorpusMessage:
         id=mid,
         label="spam" if label == "spam" else "ham",
         digest=hashlib.sha256(mid.encode()).hexdigest(),
-        raw=b"",
+        source=holding(mid, "ham", b""),
         time=0.0,
         index=0,
         envelope=Envelope("a@example.org", ("b@example.net",)),

@@ -7,7 +7,7 @@ from
 - a labels (split) file: TSV, an optional header row ``relative_path  label  [set]``,
   label ``ham`` or ``spam``; paths are relative to the corpus root, which is a directory
   or a ``.tar``/``.tar.gz``/``.tar.bz2``/``.tar.xz`` archive (read in place: the archive
-  is streamed once, nothing is extracted);
+  is streamed once to list it, nothing is extracted);
 - one source per label: a Maildir (has ``cur/``), an mbox file, a directory of message
   files (searched recursively; ``cmds`` and dotfiles skipped), or a tar archive of them.
 
@@ -20,6 +20,10 @@ Decisions (docs/classifier.md, docs/lab.md):
   same directory listed in a labels file beside it give the same ids; an archive member
   is its member name (``easy_ham/00001.…``, as if extracted beside the archive); a
   Maildir or mbox message is ``<box name>#<key>`` (the key is not a path).
+- a member of an uncompressed tar is listed with where its bytes are (``span``), not the
+  bytes, and read again by seeking, so a listing of any size holds no message bytes; a
+  compressed archive cannot be read by offset without decompressing it from the start,
+  so its members are listed with their bytes.
 - archive members are read under a size limit (MAX_MEMBER_BYTES); a member whose name
   is absolute or climbs out with ``..`` is never read: it becomes an item that fails to
   load with a clear reason. Links, devices and directories are skipped.
@@ -55,7 +59,8 @@ SKIPPED_NAMES = frozenset({"cmds"})  # SpamAssassin's list of mv commands
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One labelled message of a corpus, not yet read (archive members come pre-read)."""
+    """One labelled message of a corpus, not yet read (members of compressed archives
+    come pre-read)."""
 
     id: str  # path relative to the corpus root (see the module docstring)
     label: Label
@@ -65,6 +70,13 @@ class Item:
     origin: str = ""  # where it was listed, for errors ("labels.tsv:12")
     data: bytes | None = field(default=None, repr=False, compare=False)
     error: str | None = None  # why it cannot be loaded, known before reading
+    span: tuple[int, int] | None = None  # (offset, size) of a member in an uncompressed tar
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether its bytes can be read again cheaply, alone: a plain file, or a member of
+        an uncompressed archive (a Maildir or mbox is opened and indexed whole)."""
+        return self.error is None and (self.key is None or self.span is not None)
 
     def load(self) -> bytes:
         """The exact bytes as stored; CorpusError (naming the item) when unreadable."""
@@ -125,7 +137,12 @@ def _from_archive(archive: Path, items: list[Item]) -> list[Item]:
         row = wanted.get(_member_key(member.id))
         if row is not None:
             found[row.id] = dataclasses.replace(
-                row, path=archive, key=member.key, data=member.data, error=member.error
+                row,
+                path=archive,
+                key=member.key,
+                data=member.data,
+                error=member.error,
+                span=member.span,
             )
     missing = f"cannot read: not a member of {archive.name}"
     return [
@@ -183,8 +200,10 @@ def stream_archive(
 ) -> Iterator[Item]:
     """Every message member of a tar archive (those whose name ``select`` accepts), read
     in one streaming pass (``r|*``: no seeking, no extraction). Unsafe names and members
-    over ``limit`` bytes are not read: they come out as items carrying the reason."""
+    over ``limit`` bytes are not read: they come out as items carrying the reason. In an
+    uncompressed archive a member is not read either: its item has its ``span``."""
     try:
+        plain = _uncompressed_tar(archive)
         with tarfile.open(archive, mode="r|*") as tar:
             for member in tar:
                 if not member.isreg() or not _is_message_name(PurePosixPath(member.name).name):
@@ -199,6 +218,8 @@ def stream_archive(
                 elif member.size > limit:
                     reason = f"refused: member is {member.size} bytes, over {limit}"
                     yield dataclasses.replace(item, error=reason)
+                elif plain and not member.issparse():  # sparse data is not one run of bytes
+                    yield dataclasses.replace(item, span=(member.offset_data, member.size))
                 else:
                     handle = tar.extractfile(member)
                     # Exactly the member's size (checked above): read(limit) would allocate
@@ -208,6 +229,23 @@ def stream_archive(
                     yield dataclasses.replace(item, data=data)
     except (OSError, EOFError, tarfile.TarError) as exc:
         raise CorpusError(f"{archive}: unreadable archive: {exc}") from None
+
+
+def _uncompressed_tar(archive: Path) -> bool:
+    """A POSIX (ustar / GNU) tar stored as is: its members' offsets are file offsets."""
+    with archive.open("rb") as fh:
+        fh.seek(257)
+        return fh.read(5) == b"ustar"
+
+
+def _read_span(path: Path, span: tuple[int, int]) -> bytes:
+    offset, size = span
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise CorpusError(f"{path.name} is shorter than when it was listed")
+    return data
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -234,9 +272,13 @@ def _read_one(item: Item, boxes: dict[Path, mailbox.Mailbox[mailbox.Message]]) -
     try:
         if item.key is None:
             return item.path.read_bytes()
+        if item.span is not None:
+            return _read_span(item.path, item.span)
         if is_archive(item.path):  # an archive item listed without its bytes
             want = _member_key(item.key)
             for member in stream_archive(item.path, item.label, select=want.__eq__):
+                if member.span is not None:
+                    return _read_span(item.path, member.span)
                 return member.error or member.data or b""
             return f"cannot read: not a member of {item.path.name}"
         box = boxes.get(item.path)

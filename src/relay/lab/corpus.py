@@ -1,7 +1,11 @@
 """A labelled corpus as the lab replays it. Listing and reading the messages (a split
 file, Maildir, mbox, directory or tar archive) is relay/corpus.py's, shared with training.
 
-Each message becomes a CorpusMessage with its exact bytes, digest and time. Messages that
+Each message becomes a CorpusMessage with its digest, time and where its exact bytes are:
+a file or a member of an uncompressed tar is read again when a pass needs it (``raw()``,
+checked against the digest), so the driver holds no message bytes between passes; a
+Maildir, mbox or compressed archive has no cheap way back to one message, so those
+messages keep their bytes. Messages that
 cannot be read or parsed become Unreadable entries, which the report counts and lists:
 nothing is dropped silently. Order is corpus time, then file order. A message's time is
 its own (``header_time``: the newest Received date, else the Date header); one with
@@ -11,17 +15,20 @@ epoch), so a corpus always replays the same way, whatever day it is.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parseaddr
+from pathlib import Path
 
 from relay.corpus import Item, Label, read, read_labels, read_source
+from relay.errors import CorpusError
 from relay.message import (
     Envelope,
     Message,
@@ -55,21 +62,47 @@ sources_from_labels = read_labels
 sources_from_box = read_source
 
 
+def holding(id: str, label: Label, raw: bytes) -> Item:
+    """A source that is its bytes (a message shipped to a worker, a test's message)."""
+    return Item(id, label, Path(id), key=id, data=raw)
+
+
 @dataclass(frozen=True, slots=True)
 class CorpusMessage:
     id: str
     label: Label
     digest: str  # sha256 of the raw bytes as read
-    raw: bytes
+    # Where the bytes are (``data`` set only when they cannot be read again); not part of
+    # equality: the same message shipped to a worker holds its bytes instead.
+    source: Item = field(compare=False)
     time: float  # corpus time (header_time), used to order stateful facts
     index: int  # position in file order
     envelope: Envelope
     peer: Peer
 
+    def raw(self) -> bytes:
+        """The exact bytes, read again from the corpus unless held: read them once per
+        pass. CorpusError naming the file when they are gone or changed since the lab
+        read them (cached facts belong to the digest, not to whatever is there now)."""
+        if self.source.data is not None:
+            return self.source.data
+        [(_, data)] = read([self.source])
+        if isinstance(data, str):
+            raise CorpusError(self.source.describe(f"{self.source.path}: {data} (during the run)"))
+        found = hashlib.sha256(data).hexdigest()
+        if found != self.digest:
+            raise CorpusError(
+                self.source.describe(
+                    f"{self.source.path} changed during the run "
+                    f"(sha256 {self.digest[:12]}… when listed, {found[:12]}… now)"
+                )
+            )
+        return data
+
     def to_message(self) -> Message:
         """The Message as the relay would have seen it, rebuilt from the stored headers."""
         return Message(
-            raw=to_crlf(strip_mbox_from(self.raw)),
+            raw=to_crlf(strip_mbox_from(self.raw())),
             envelope=self.envelope,
             peer=self.peer,
             queue_id=self.digest[:16],
@@ -115,8 +148,9 @@ def _headers(raw: bytes) -> EmailMessage:
 
 
 def load_corpus(sources: Sequence[Source], description: str) -> Corpus:
-    """Read every source; order readable messages by their time, then file order."""
-    staged: list[tuple[float | None, int, Source, bytes, EmailMessage]] = []
+    """Read every source; order readable messages by their time, then file order. Bytes
+    that can be read again are let go as soon as their message's values are taken."""
+    staged: list[tuple[float | None, CorpusMessage]] = []
     unreadable: list[Unreadable] = []
     for index, (src, data) in enumerate(read(sources)):
         if isinstance(data, str):
@@ -127,25 +161,31 @@ def load_corpus(sources: Sequence[Source], description: str) -> Corpus:
             unreadable.append(Unreadable(src.id, src.label, problem))
             continue
         headers = _headers(data)
-        staged.append((header_time(headers.raw_items()), index, src, data, headers))
+        message = CorpusMessage(
+            id=src.id,
+            label=src.label,
+            digest=hashlib.sha256(data).hexdigest(),
+            source=_where(src, data),
+            time=0.0,  # set below, once every earlier message's time is known
+            index=index,
+            envelope=_envelope(data, headers),
+            peer=_peer(headers),
+        )
+        staged.append((header_time(headers.raw_items()), message))
     messages: list[CorpusMessage] = []
     last = 0.0
-    for date, index, src, data, headers in staged:
+    for date, message in staged:
         last = date if date is not None else last
-        messages.append(
-            CorpusMessage(
-                id=src.id,
-                label=src.label,
-                digest=hashlib.sha256(data).hexdigest(),
-                raw=data,
-                time=last,
-                index=index,
-                envelope=_envelope(data, headers),
-                peer=_peer(headers),
-            )
-        )
+        messages.append(dataclasses.replace(message, time=last))
     messages.sort(key=lambda m: (m.time, m.index))
     return Corpus(tuple(messages), tuple(unreadable), description)
+
+
+def _where(src: Source, data: bytes) -> Source:
+    """``src`` holding ``data`` only when it cannot be read again alone."""
+    if src.rereadable:
+        return src if src.data is None else dataclasses.replace(src, data=None)
+    return src if src.data is not None else dataclasses.replace(src, data=data)
 
 
 def _values(headers: EmailMessage, name: str) -> list[str]:

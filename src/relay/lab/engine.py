@@ -56,7 +56,7 @@ from relay.lab.compute import (
     sequential_pass,
     share_with,
 )
-from relay.lab.corpus import CorpusMessage
+from relay.lab.corpus import CorpusMessage, holding
 from relay.lab.env import LabEnv, lab_services
 from relay.message import Envelope, Peer
 from relay.pipeline.recorder import Record
@@ -134,7 +134,7 @@ def message_payload(message: CorpusMessage, names: Sequence[str]) -> Payload:
         "id": message.id,
         "label": message.label,
         "digest": message.digest,
-        "raw": message.raw,
+        "raw": message.raw(),  # read here, per message: the driver holds no bytes
         "time": message.time,
         "index": message.index,
         "envelope": {
@@ -164,7 +164,7 @@ def message_from_payload(p: Payload) -> Item:
         id=p["id"],
         label=p["label"],
         digest=p["digest"],
-        raw=raw,
+        source=holding(p["id"], p["label"], raw),
         time=p["time"],
         index=p["index"],
         envelope=envelope,

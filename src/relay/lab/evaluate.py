@@ -185,7 +185,7 @@ def _light_message(m: CorpusMessage) -> Message:
     # Every fact comes from the cache, so nothing parses the message again; the envelope
     # is there for per-recipient-domain overrides.
     return Message(
-        raw=m.raw,
+        raw=m.raw(),  # once per message per evaluation pass
         envelope=m.envelope,
         peer=m.peer,
         queue_id=m.digest[:16],
