@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.relay import RawClient, free_port, simple_message, wait_listening
+from tests.support.relay import RawClient, free_port, free_ports, simple_message, wait_listening
 
 SECRET_BODY = "the-body-must-never-be-logged-7f3a"
 
@@ -191,7 +191,7 @@ def test_worker_start_failure_stops_the_supervisor(tmp_path: Path) -> None:
 async def test_every_worker_serves_the_learn_endpoint(tmp_path: Path) -> None:
     """With two workers the learn endpoint is up (each binds it with SO_REUSEPORT) and
     every report lands in the one shared store."""
-    port, learn_port = free_port(), free_port()
+    port, learn_port = free_ports(2)
     token = "t" * 32
     token_file = tmp_path / "learn.token"
     token_file.write_text(token)
@@ -277,7 +277,7 @@ async def test_relay_milter_with_workers_serves_the_milter_door_only(tmp_path: P
     the SMTP one (the door travels on the worker's command line)."""
     import socket
 
-    port, milter_port = free_port(), free_port()
+    port, milter_port = free_ports(2)
     cfg = write_config(tmp_path, port, workers=2)
     cfg.write_text(cfg.read_text() + f'[milter]\nlisten = "inet:127.0.0.1:{milter_port}"\n')
     log_path = tmp_path / "relay.log"

@@ -21,7 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.app import lifespan
 from relay.errors import ConfigError
-from tests.support.relay import free_port, make_settings, send, simple_message, sink_server
+from tests.support.relay import (
+    free_port,
+    free_ports,
+    make_settings,
+    send,
+    simple_message,
+    sink_server,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +108,7 @@ async def test_metrics_port_in_use_stops_start_up(tmp_path: Path) -> None:
 
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], Path]]:
-    smtp_port, metrics_port = free_port(), free_port()
+    smtp_port, metrics_port = free_ports(2)
     (tmp_path / "relay.toml").write_text(
         f"""
 [smtp]

@@ -30,7 +30,7 @@ from tests.support.dnsserver import LocalDns
 from tests.support.postfix import (
     Postfix,
     ThreadedSink,
-    free_port,
+    free_ports,
     main_cf_settings,
     postfix_or_skip,
     running_postfix,
@@ -167,7 +167,7 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     postfix_or_skip()
     work = tmp_path_factory.mktemp("milter-postfix")
-    port, release = free_port(), free_port()
+    port, release = free_ports(2)
     (work / "policy.toml").write_text(POLICY)
     relay_toml = snippet(
         "milter.toml",

@@ -47,7 +47,7 @@ from tests.support.postfix import (
     DEPLOY_POSTFIX,
     Postfix,
     ThreadedSink,
-    free_port,
+    free_ports,
     postfix_or_skip,
     running_postfix,
     send,
@@ -211,7 +211,8 @@ class Placement:
 @contextlib.contextmanager
 def placement(name: str) -> Iterator[Placement]:
     postfix_or_skip()
-    relay_port, return_port = free_port(), free_port()
+    # every port at once, so no two are the same (free_ports)
+    relay_port, return_port, public, stall, aux, aux_relay, speedy = free_ports(7)
     work = Path(tempfile.mkdtemp(prefix=f"relay-{name}-"))
     relay = RelayProcess(work, relay_config(work, relay_port, return_port), relay_port)
     ports = {
@@ -238,7 +239,6 @@ def placement(name: str) -> Iterator[Placement]:
                 ) as postfix:
                     yield Placement(postfix, sink, relay, relay_port, return_port)
             else:
-                public, stall = free_port(), free_port()
                 master = snippet(
                     "before-queue.master.cf",
                     {**ports, PUBLIC_IN_SNIPPET: f"127.0.0.1:{public} inet"},
@@ -251,7 +251,6 @@ def placement(name: str) -> Iterator[Placement]:
                 # A third, proxying to a relay a test starts in-process on aux_relay_port
                 # with its own settings; its proxy timeout (6 s) is above that relay's
                 # [delivery] timeout (2 s), the order before-queue.master.cf asks for.
-                aux, aux_relay = free_port(), free_port()
                 master += "\n" + (
                     public_smtpd(master)
                     .replace(f"127.0.0.1:{public} ", f"127.0.0.1:{aux} ")
@@ -260,7 +259,6 @@ def placement(name: str) -> Iterator[Placement]:
                 )
                 # A fourth: the snippet's own plus speed_adjust, which the guide used to
                 # ship, to show what it does to a recipient the relay refuses.
-                speedy = free_port()
                 master += "\n" + (
                     public_smtpd(master).replace(f"127.0.0.1:{public} ", f"127.0.0.1:{speedy} ")
                     + "  -o smtpd_proxy_options=speed_adjust\n"

@@ -40,7 +40,7 @@ from relay.config import StateSettings
 from relay.errors import StateError
 from relay.secretkey import SecretKey, load_key
 from relay.state import open_state
-from tests.support.relay import free_port, send, wait_listening
+from tests.support.relay import free_port, free_ports, send, wait_listening
 from tests.test_metrics_http import get, http
 from tests.test_state import _real_clock
 
@@ -136,7 +136,7 @@ def write_config(
 ) -> tuple[Path, int, int]:
     home = tmp / name
     home.mkdir()
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     config = home / "relay.toml"
     config.write_text(
         f"""

@@ -81,6 +81,8 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP
 
+from tests.support.ports import free_port as free_port  # re-exported
+from tests.support.ports import free_ports as free_ports
 from tests.support.relay import Received, Sink
 
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -141,12 +143,6 @@ def real_clock_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
         kept["LD_PRELOAD"] = " ".join(p for p in preload if p)
     kept["PATH"] = f"{SBIN}:{env.get('PATH', '')}"
     return kept
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def base_main_cf(root: Path, name: str, relayhost: str) -> dict[str, str]:

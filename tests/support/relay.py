@@ -18,12 +18,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.app import Runtime, lifespan
 from relay.config import Settings, settings_from_mapping
 from relay.contracts import Observer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.ports import free_port as free_port  # re-exported
+from tests.support.ports import free_ports as free_ports
 
 
 async def wait_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 15) -> None:
