@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from publicsuffixlist import PublicSuffixList
 
+from relay.classifier import minhash
+from relay.classifier.minhash import fingerprint, normalise
 from relay.contracts import Outcome
 from relay.facts import bulk, text
 from relay.facts.base import FactRegistry, Facts
-from relay.facts.bulk import fingerprint, normalise
 from relay.facts.services import Services
 from relay.message import Message, Peer
 from relay.pipeline.recorder import Recorder
@@ -82,7 +83,7 @@ def test_normalise_flattens_case_digits_and_query_strings() -> None:
 
 def test_fingerprint_matches_near_duplicates_only() -> None:
     keys = set(fingerprint(BODY))
-    assert len(keys) == bulk.BANDS
+    assert len(keys) == minhash.BANDS
     personalised = "Dear Mary,\n" + BODY.upper() + "\nOrder 12345: https://t.example/?u=mary"
     assert keys & set(fingerprint(personalised))
     one_word = BODY.replace(BODY.split()[100], "changed", 1)

@@ -178,3 +178,70 @@ def test_a_verification_child_never_loads_a_resolver(tmp_path: Path) -> None:
         check=True,
     )
     assert plain.stdout.decode().split() == ["True"]  # the check sees dnspython when it loads
+
+
+# The same probe for numpy (with OpenBLAS ~12 MiB of RSS a worker): with the model on (the
+# default) the classifier's children compute the bulk fingerprint too, the model registry
+# and the feedback store read their files without the model's modules, so a worker that
+# started and handled a message through SMTP and the bulk facts holds no numpy. Then the
+# in-process fingerprint (the fallback without children) must load it.
+_NUMPY_PROBE = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from relay.app import lifespan
+    from relay.config import load_settings
+    from relay.facts.base import Facts
+    from relay.message import Message
+    from tests.support.postfix import send
+
+    RAW = b"From: a@sender.test\\r\\nTo: bob@example.org\\r\\nSubject: hi\\r\\n\\r\\n" + (
+        b"Shall we meet at noon on Friday? " * 20 + b"\\r\\n"
+    )
+
+    def loaded():
+        return "numpy" in sys.modules
+
+    async def main():
+        settings = load_settings(Path(sys.argv[1]))
+        async with lifespan(settings) as runtime:
+            reply = await send(runtime.port, ["bob@example.org"], RAW, timeout=60)
+            message = Message.from_file_bytes(RAW, received_at=1_773_133_200.0)
+            facts = Facts(runtime.registry, message, runtime.services)
+            keys = await facts.get("bulk_fingerprint")
+            serving = loaded()
+            children = len(runtime.services.classifier.pids)
+        from relay.classifier.minhash import fingerprint
+        fingerprint("in process")
+        print(json.dumps({"code": reply.code, "keys": len(keys), "children": children,
+                          "serving": serving, "in_process": loaded()}))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_worker_with_the_model_on_never_imports_numpy(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, free_port())
+    policy = Path(__file__).resolve().parents[1] / "config" / "policy.toml"
+    text = cfg.read_text().replace("[auth]\nenabled = false\n", "[auth]\nworkers = 1\n")
+    text = text.replace(
+        "[model]\nenabled = false\n",
+        f'[model]\npath = "{MODEL}"\nregistry = "{tmp_path / "models"}"\n',
+    )
+    text = text.replace('[policy]\npath = ""\n', f'[policy]\npath = "{policy}"\n')
+    text = text.replace(
+        "[metrics]\nenabled = false\n", f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
+    )
+    cfg.write_text(text + '[dns]\nnameservers = ["127.0.0.1"]\ntimeout = 1\n')
+    out = subprocess.run(
+        [sys.executable, "-c", _NUMPY_PROBE, str(cfg)],
+        cwd=Path(__file__).resolve().parents[1],  # tests.support importable
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    found = json.loads(out.stdout.decode().splitlines()[-1])
+    expected = {"code": 250, "keys": 4, "children": 1, "serving": False, "in_process": True}
+    assert found == expected, out.stderr.decode()[-2000:]

@@ -7,6 +7,9 @@ scikit-learn); the SMTP worker sends bytes and reads bytes. Parsed, never unpick
 
 - ``C`` + raw message -> 8-byte big-endian float (spam probability) + 1 byte (parse
   degraded); the classify requests that arrive together go through one ``classify_many``;
+- ``F`` + a body's text (UTF-8, surrogates passed through) -> its MinHash band keys
+  (``minhash.fingerprint``) joined by newlines: the ``bulk_count`` fact's work, here so a
+  relay worker never loads numpy; needs no model;
 - ``B`` + raw message -> JSON ``{"sha256": root model digest, "p": root model probability}``;
 - ``I`` -> JSON ``{"path", "version", "trained_at", "thresholds", "max_raw_bytes"}``, or
   ``{"error": reason}`` when the model could not be loaded (the child stays up to say so:
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay.classifier.minhash import fingerprint
 from relay.errors import ModelError
 from relay.proc.lifetime import die_with_parent, release_free_memory
 from relay.proc.pipes import serve
@@ -31,7 +35,8 @@ from relay.proc.pipes import serve
 if TYPE_CHECKING:
     from relay.classifier.model import LoadedModel
 
-CLASSIFY, BASE_SCORE, INFO = b"C", b"B", b"I"
+CLASSIFY, BASE_SCORE, INFO, FINGERPRINT = b"C", b"B", b"I", b"F"
+TEXT_ERRORS = "surrogatepass"  # the child sees the very text the worker holds
 ANSWER = struct.Struct(">d?")  # probability, degraded
 
 
@@ -66,14 +71,15 @@ class Served:
             return json.dumps(answer).encode()
         if op == INFO:
             return json.dumps(self.describe()).encode()
+        if op == FINGERPRINT:
+            return "\n".join(fingerprint(body.decode("utf-8", TEXT_ERRORS))).encode()
         raise ValueError("unknown request")
 
     def handle_many(self, payloads: list[bytes]) -> list[bytes]:
         """Classify requests in one prediction call (most of one message's cost is the
         prediction's per-call overhead); any other request on its own."""
-        model = self.loaded()
         raws = [p[1:] for p in payloads if p[:1] == CLASSIFY]
-        results = iter(model.classify_many(raws) if raws else [])
+        results = iter(self.loaded().classify_many(raws) if raws else [])
         return [
             encode_answer(*next(results)) if p[:1] == CLASSIFY else self.handle(p) for p in payloads
         ]

@@ -42,6 +42,12 @@ from selectolax.lexbor import LexborHTMLParser as HTMLParser
 from relay.message import Message, decode_8bit, undo_surrogates
 
 FEATURE_VERSION = 2
+# The hashed vector's blocks (classifier/selection.py's vectoriser). Here, not there: the
+# feedback store's layout (feedback/record.py) needs them in a relay worker, which must
+# not load selection's numpy (~12 MiB, issue 17).
+WORD_FEATURES = 2**20
+CHAR_FEATURES = 2**20
+META_FEATURES = 2**14
 
 # Corpus masking and the era's collector hosts: present in both classes, meaningless later.
 # (baddomain.com is modern-dev's masking of the recipient's own domain.)

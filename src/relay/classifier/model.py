@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from relay.classifier.cardfile import card_path as card_path  # re-exported: its old home
 from relay.classifier.features import FEATURE_VERSION, Extractor, Features, FeatureSettings
 from relay.classifier.linear import LinearScorer, compiled_path
 from relay.errors import ModelError
@@ -159,11 +160,6 @@ def _narrowed(allowed: Sequence[str] | None) -> tuple[str, ...]:
     if wider:
         raise ModelError(f"type allowlist can only be narrowed, not widened: {', '.join(wider)}")
     return tuple(allowed)
-
-
-def card_path(model_path: Path) -> Path:
-    """``models/spam.skops`` -> ``models/spam.card.json``."""
-    return model_path.with_name(model_path.stem + ".card.json")
 
 
 def _installed_versions() -> dict[str, str]:

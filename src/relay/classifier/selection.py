@@ -20,6 +20,9 @@ import numpy as np
 
 from relay.classifier import evaluation
 from relay.classifier.dataset import Dataset
+from relay.classifier.features import CHAR_FEATURES as CHAR_FEATURES
+from relay.classifier.features import META_FEATURES as META_FEATURES
+from relay.classifier.features import WORD_FEATURES as WORD_FEATURES
 
 SEED = 20260
 CV_FOLDS = 5
@@ -65,9 +68,6 @@ CANDIDATES = (
         "words+chars+svm C=1 meta x0.75 words x0.5 balance 1", True, "svm", 1.0, 0.75, 0.5, 1.0
     ),
 )
-WORD_FEATURES = 2**20
-CHAR_FEATURES = 2**20
-META_FEATURES = 2**14
 
 
 def _blocks(chars: bool) -> list[tuple[str, int, int]]:

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.classifier.child import BASE_SCORE, CLASSIFY, INFO, decode_answer
+from relay.classifier.child import (
+    BASE_SCORE,
+    CLASSIFY,
+    FINGERPRINT,
+    INFO,
+    TEXT_ERRORS,
+    decode_answer,
+)
 from relay.errors import ModelError, WorkerBusy, WorkerFailure, WorkerTimeout
 from relay.message import Message
 from relay.proc.pipes import PipeWorkers
@@ -164,6 +171,13 @@ class Classifier:
         keeps so a model update can fit its combiner without the message body."""
         answer = json.loads(await self._ask(BASE_SCORE, raw[: self._max_raw]))
         return str(answer["sha256"]), float(answer["p"])
+
+    async def fingerprint(self, text: str) -> tuple[str, ...]:
+        """A body's MinHash band keys (classifier/minhash.py), computed by a child so this
+        process never loads numpy. Fails as ``classify`` does, and counts against the same
+        ``max_pending``."""
+        answer = await self._ask(FINGERPRINT, text.encode("utf-8", TEXT_ERRORS))
+        return tuple(answer.decode().split("\n"))
 
     async def _ask(self, op: bytes, raw: bytes) -> bytes:
         try:

@@ -232,7 +232,9 @@ def missing_services(
             if spec.lab_only:
                 continue
             found.extend(
-                (read, name, key) for key in spec.needs if getattr(services, key.field) is None
+                (read, name, key)
+                for key in spec.needs
+                if getattr(services, key.field) is None and not key.optional
             )
             stack.extend(spec.depends)
     return found

@@ -2,8 +2,9 @@
 
 - ``bulk_count`` (T2): how many distinct recipients got a near-identical body in the last
   24 hours. The decoded text is normalised (case, whitespace, digits, URL query strings),
-  cut into 4-word shingles and MinHashed (12 hashes, 4 bands of 3); each band is hashed
-  into a key, and the count is the largest number of distinct recipients seen under any of
+  cut into 4-word shingles and MinHashed (12 hashes, 4 bands of 3; classifier/minhash.py,
+  run by the classifier's children when there are any); each band is hashed into a key,
+  and the count is the largest number of distinct recipients seen under any of
   the message's band keys (locality-sensitive hashing: bodies with high shingle overlap
   share at least one band with high probability). Only hashes are stored, never text, and
   recipients are hashed too (keyed: ``StateStore.hashed``).
@@ -25,19 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
-from collections.abc import Sequence
 
-import numpy as np
-import numpy.typing as npt
 from publicsuffixlist import PublicSuffixList
 
 from relay.auth.domains import org_domain
+from relay.classifier.minhash import fingerprint
 from relay.errors import FactError
 from relay.facts.base import FactContext, FactSpec, FactType
 from relay.facts.envelope import address_domain
 from relay.facts.headers import from_address, header_recipients
-from relay.facts.services import PSL, STATE
+from relay.facts.services import FINGERPRINTER, PSL, STATE, Fingerprinter
 from relay.facts.text import BodyText
 from relay.message import Message
 from relay.state import StateStore
@@ -47,48 +45,6 @@ BULK_WINDOW = 24 * 3600.0
 VOLUME_WINDOW = 24 * 3600.0
 BULK_SENDER_VOLUME = 5000  # Gmail: "close to 5,000 messages ... within 24 hours"
 CORRESPONDENT_TTL = 365 * 24 * 3600.0
-SHINGLE = 4
-BANDS, ROWS = 4, 3
-_PRIME = np.uint64(4294967311)  # smallest prime above 2**32: universal hashing mod p
-_rng = np.random.default_rng(20121214)  # fixed: fingerprints must agree across processes
-_A: npt.NDArray[np.uint64] = _rng.integers(1, 2**31, BANDS * ROWS, dtype=np.uint64)
-_B: npt.NDArray[np.uint64] = _rng.integers(0, 2**31, BANDS * ROWS, dtype=np.uint64)
-_A.setflags(write=False)
-_B.setflags(write=False)
-del _rng
-
-_URL_QUERY = re.compile(r"((?:https?|ftp)://[^\s?#]*)[?#]\S*", re.IGNORECASE)
-_DIGITS = re.compile(r"\d+")
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-def normalise(text: str) -> list[str]:
-    """Tokens of ``text`` with case, digit runs and URL query strings flattened."""
-    text = _URL_QUERY.sub(r"\1", text.lower())
-    return _TOKEN.findall(_DIGITS.sub("0", text))
-
-
-def _shingle_hashes(tokens: Sequence[str]) -> npt.NDArray[np.uint64]:
-    if len(tokens) <= SHINGLE:
-        shingles = {" ".join(tokens)}
-    else:
-        shingles = {" ".join(tokens[i : i + SHINGLE]) for i in range(len(tokens) - SHINGLE + 1)}
-    values = [
-        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "big") for s in shingles
-    ]
-    return np.fromiter(values, dtype=np.uint64, count=len(values))
-
-
-def fingerprint(text: str) -> tuple[str, ...]:
-    """Band keys of ``text``: near-identical texts share at least one with high probability."""
-    hashes = _shingle_hashes(normalise(text))
-    # (a * h + b) mod p for every (hash function, shingle); a, h < 2**32 so no overflow.
-    mins = ((_A[:, None] * hashes[None, :] + _B[:, None]) % _PRIME).min(axis=1)
-    keys = []
-    for band in range(BANDS):
-        rows = mins[band * ROWS : (band + 1) * ROWS]
-        keys.append(f"{band}:" + hashlib.blake2b(rows.tobytes(), digest_size=12).hexdigest())
-    return tuple(keys)
 
 
 def _message_key(message: Message) -> str:
@@ -107,16 +63,23 @@ def bulk_members(state: StateStore, message: Message) -> list[str]:
     return [state.hashed("rcpt", r) for r in recipients]
 
 
-async def bulk_keys(body: object) -> list[str]:
-    """The state keys of a body's fingerprint bands (``body`` is ``body_text``'s value)."""
+async def bulk_keys(body: object, children: Fingerprinter | None = None) -> list[str]:
+    """The state keys of a body's fingerprint bands (``body`` is ``body_text``'s value).
+    ``children``: the classifier's children, which compute them (a relay worker then never
+    loads numpy); None (model disabled, the lab, ``relay scan``): computed here, by the
+    same function (classifier/minhash.py), so the keys are the same either way."""
     if not isinstance(body, BodyText):
         raise FactError("body_text is not available for fingerprinting")
-    # MinHash over every shingle: up to ~13 ms on large bodies, so off the event loop.
-    return ["bulk:" + key for key in await asyncio.to_thread(fingerprint, body.text)]
+    if children is not None:
+        keys = await children.fingerprint(body.text)
+    else:
+        # MinHash over every shingle: up to ~13 ms on large bodies, so off the event loop.
+        keys = await asyncio.to_thread(fingerprint, body.text)
+    return ["bulk:" + key for key in keys]
 
 
 async def _bulk_fingerprint(ctx: FactContext) -> list[str]:
-    return await bulk_keys(await ctx.get("body_text"))
+    return await bulk_keys(await ctx.get("body_text"), ctx.service(FINGERPRINTER))
 
 
 async def _bulk_count(ctx: FactContext) -> int:
@@ -200,6 +163,7 @@ FACTS = (
         Tier.FINGERPRINT,
         _bulk_fingerprint,
         depends=("body_text",),
+        needs=(FINGERPRINTER,),
         doc="internal: the state keys of the body's MinHash bands (hashes only), computed "
         "once for bulk_count and the recorder",
     ),

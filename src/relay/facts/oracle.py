@@ -25,8 +25,6 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import TypeVar
 
-import numpy as np
-
 from relay.errors import FactError
 from relay.facts.base import Compute, FactContext, FactSpec, FactType
 from relay.facts.headers import from_address, header_recipients
@@ -112,7 +110,10 @@ async def _opted_out_business_days(ctx: FactContext) -> int:
     if not dates:
         return -1
     today = dt.datetime.fromtimestamp(ctx.message.received_at, dt.UTC).date()
-    # Monday-Friday; public holidays differ by country and are not modelled.
+    # Monday-Friday; public holidays differ by country and are not modelled. numpy here:
+    # a lab-only fact, and a relay worker must not load numpy (~12 MiB, issue 17).
+    import numpy as np
+
     return int(np.busday_count(min(dates), today))
 
 

@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 S = TypeVar("S")
 
 
+class Fingerprinter(Protocol):
+    """The classifier's children (classifier/serving.py Classifier): the band keys of a
+    body's MinHash fingerprint (classifier/minhash.py), computed off the relay worker."""
+
+    async def fingerprint(self, text: str) -> tuple[str, ...]: ...
+
+
 class ReputationReader(Protocol):
     """Learned reputation (feedback/store.py FeedbackStore): decayed (spam, ham) report
     counts of plain domains, kind "sender" or "link". Only reads."""
@@ -57,9 +64,10 @@ class Services:
     ratelimit: RateLimitSettings | None = None  # [ratelimit]: the token buckets
 
     def require(self, key: Service[S]) -> S:
-        """The service, or FactError naming it when it is not configured."""
+        """The service, or FactError naming it when it is not configured (None for an
+        optional key)."""
         value = getattr(self, key.field)
-        if value is None:
+        if value is None and not key.optional:
             raise FactError(not_configured(key))
         return cast(S, value)
 
@@ -70,6 +78,8 @@ class Service(Generic[S]):
 
     field: str
     setting: str = ""  # why it can be missing, for start-up errors
+    # The fact works without it (None): never a start-up error (facts.base.missing_services).
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.field not in Services.__dataclass_fields__:
@@ -86,6 +96,9 @@ STATE: Service[StateStore] = Service("state")
 PSL: Service[PublicSuffixList] = Service("psl")
 AUTHENTICATOR: Service[Authenticator] = Service("authenticator", "[auth] enabled = false")
 CLASSIFIER: Service[Classifier] = Service("classifier", "[model] enabled = false")
+# The same children, optional: without them (model disabled, the lab, relay scan) the
+# fingerprint is computed in process (facts/bulk.py).
+FINGERPRINTER: Service[Fingerprinter | None] = Service("classifier", optional=True)
 ORACLE: Service[OracleLists] = Service("oracle", "lab only: relay lab --inputs")
 REPUTATION: Service[ReputationReader] = Service(
     "reputation", "the feedback store is not opened (relay scan)"

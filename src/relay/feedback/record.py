@@ -15,8 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from relay.classifier.features import FEATURE_VERSION, Extractor
-from relay.classifier.selection import META_FEATURES, WORD_FEATURES, vectoriser
+from relay.classifier.features import FEATURE_VERSION, META_FEATURES, WORD_FEATURES, Extractor
 from relay.errors import FeedbackRefused
 from relay.message import (
     Message,
@@ -101,6 +100,9 @@ class EntryMaker:
 
     def __init__(self) -> None:
         import numpy as np
+
+        # here: selection loads numpy, which a relay worker only needs once feedback comes
+        from relay.classifier.selection import vectoriser
 
         self._np = np
         self._extractor = Extractor()

@@ -30,14 +30,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from relay.classifier.model import card_path, load_model, read_card
-from relay.classifier.training import library_versions, sha256_file
+from relay.classifier.cardfile import card_path
 from relay.config import Settings
 from relay.durable import fsync_dir, replace_file
 from relay.errors import ModelError
-from relay.models.update import Candidate
+
+if TYPE_CHECKING:
+    from relay.models.update import Candidate
+
+# The model's modules (classifier.model, training, models.update: numpy, ~12 MiB of RSS)
+# are imported in the functions that use them: a relay worker imports this module for
+# current_model_path and registry_stats, which read small files only (issue 17).
 
 MODEL_NAME = "spam.skops"
 BASE_NAME = "base.skops"
@@ -121,6 +126,8 @@ class Registry:
         """Write a candidate as a new version (status candidate, or refused with the gate's
         reasons); returns it. The base file is copied, so a version stands alone."""
         import skops.io as sio
+
+        from relay.classifier.training import library_versions, sha256_file
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".new-{os.getpid()}-{int(now * 1000)}"
@@ -222,6 +229,8 @@ class Registry:
 
     def verify(self, name: str) -> None:
         """Load the version through the audited loader; ModelError when it must not serve."""
+        from relay.classifier.model import load_model
+
         load_model(self.model_path(name))
 
     def promote(self, name: str, *, now: float, force: bool = False) -> None:
@@ -317,6 +326,8 @@ def registry_stats(root: Path) -> dict[str, Any]:
 
 def card_summary(path: Path) -> dict[str, Any]:
     """The card fields `relay model list` shows (digest-checked)."""
+    from relay.classifier.model import read_card
+
     card = read_card(path)
     held = card.get("evaluation", {}).get("held_out_feedback", {}).get("candidate") or {}
     return {
