@@ -260,7 +260,9 @@ class PipeWorkers:
             self._children.remove(child)
             if not self._closed:
                 self.replaced += 1
-                log.warning("%s exited; starting another", child.name)
+                # Replaced on demand, not here: a child that dies at start would otherwise
+                # be restarted in a loop; the next request starts (and waits for) another.
+                log.warning("%s exited; the next request starts another", child.name)
 
     @property
     def pids(self) -> list[int]:
