@@ -287,19 +287,22 @@ def _tune_args(policy: Path, labels: Path, config: Path, tmp_path: Path) -> list
     ]  # fmt: skip
 
 
+# The fixture corpus split: a test row of each label, never tuned on.
+FIXTURE_ROWS = [
+    "ham/personal.eml\tham\ttrain",
+    "ham/list-post.eml\tham\ttrain",
+    "ham/authenticated.eml\tham\ttrain",
+    "ham/forged-upstream.eml\tham\ttest",
+    "spam/no-date.eml\tspam\ttrain",
+    "spam/mortgage.eml\tspam\ttrain",
+    "spam/spoof.eml\tspam\ttest",
+]
+
+
 def test_end_to_end_on_the_fixture_corpus(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows = [
-        "ham/personal.eml\tham\ttrain",
-        "ham/list-post.eml\tham\ttrain",
-        "ham/authenticated.eml\tham\ttrain",
-        "ham/forged-upstream.eml\tham\ttest",
-        "spam/no-date.eml\tspam\ttrain",
-        "spam/mortgage.eml\tspam\ttrain",
-        "spam/spoof.eml\tspam\ttest",
-    ]
-    policy, labels, config = _setup(tmp_path, rows)
+    policy, labels, config = _setup(tmp_path, FIXTURE_ROWS)
     assert main([*_tune_args(policy, labels, config, tmp_path), "--heldout"]) == 0
     out = tmp_path / "out"
     assert "fixture_tune: 5 train messages" in capsys.readouterr().out
@@ -351,16 +354,6 @@ when = "spam_probability >= 0.9"
 score = 6
 """
 
-PRESET_ROWS = [
-    "ham/personal.eml\tham\ttrain",
-    "ham/list-post.eml\tham\ttrain",
-    "ham/authenticated.eml\tham\ttrain",
-    "ham/forged-upstream.eml\tham\ttest",
-    "spam/no-date.eml\tspam\ttrain",
-    "spam/mortgage.eml\tspam\ttrain",
-    "spam/spoof.eml\tspam\ttest",
-]
-
 
 def _message(id_: str, digest: str) -> Any:
     return SimpleNamespace(id=id_, digest=digest)
@@ -402,7 +395,7 @@ def test_read_presets(tmp_path: Path) -> None:
 def _preset_run(tmp_path: Path, presets: Path | None) -> dict[str, Any]:
     policy = tmp_path / "fixture_preset.toml"
     policy.write_text(PRESET_POLICY)
-    _, labels, config = _setup(tmp_path, PRESET_ROWS)
+    _, labels, config = _setup(tmp_path, FIXTURE_ROWS)
     args = [*_tune_args(policy, labels, config, tmp_path), "--heldout"]
     if presets is not None:
         args += ["--preset-probabilities", str(presets)]
@@ -450,7 +443,7 @@ def test_preset_probabilities_refuse_rows_outside_the_train_split(
     presets.write_text("spam/no-date.eml\t0.95\nspam/spoof.eml\t0.99\n")  # spoof: set test
     policy = tmp_path / "fixture_preset.toml"
     policy.write_text(PRESET_POLICY)
-    _, labels, config = _setup(tmp_path, PRESET_ROWS)
+    _, labels, config = _setup(tmp_path, FIXTURE_ROWS)
     args = [*_tune_args(policy, labels, config, tmp_path), "--preset-probabilities", str(presets)]
     assert main(args) == 2
     assert "spam/spoof.eml" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,21 @@ from tests.support.relay import free_port
 from tests.test_lifecycle import write_config
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "spam.skops"
+
+
+def _probe(script: str, arg: Path, cwd: Path) -> tuple[Any, str]:
+    """Runs ``script`` in a fresh interpreter (nothing imported yet) with ``arg``: the JSON
+    it prints last, and its stderr's tail for the assertion message."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(arg)],
+        cwd=cwd,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return json.loads(out.stdout.decode().splitlines()[-1]), out.stderr.decode()[-2000:]
+
 
 # Runs in a fresh interpreter (this test process has long imported everything): the
 # worker's whole start-up (config, lifespan: state store, feedback store, learn endpoint),
@@ -58,15 +74,8 @@ def test_a_worker_with_the_sqlite_backend_never_imports_redis(tmp_path: Path) ->
         + f'http_token_file = "{token}"\n'
         + f'[security]\nkey_file = "{tmp_path / "relay.key"}"\n'
     )
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(cfg)],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    found = json.loads(out.stdout.decode().splitlines()[-1])
-    assert found == {"serving": [], "with_redis_store": ["redis"]}, out.stderr.decode()[-2000:]
+    found, err = _probe(_PROBE, cfg, tmp_path)
+    assert found == {"serving": [], "with_redis_store": ["redis"]}, err
 
 
 # The same probe for the verifier's libraries: with verification in child processes
@@ -112,16 +121,9 @@ def test_a_worker_verifying_in_children_never_imports_the_verifier(
             f'[model]\npath = "{MODEL}"\nregistry = "{tmp_path / "models"}"\n',
         )
     cfg.write_text(text + '[dns]\nnameservers = ["127.0.0.1"]\ntimeout = 1\n')
-    out = subprocess.run(
-        [sys.executable, "-c", _AUTH_PROBE, str(cfg)],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    found = json.loads(out.stdout.decode().splitlines()[-1])
+    found, err = _probe(_AUTH_PROBE, cfg, tmp_path)
     expected = {"serving": [], "children": 1, "in_thread": ["cryptography", "dkim", "nacl"]}
-    assert found == expected, out.stderr.decode()[-2000:]
+    assert found == expected, err
 
 
 # A verification child (cryptoproc or analysis) after its start: dkimpy's own resolver
@@ -162,15 +164,8 @@ def test_a_verification_child_never_loads_a_resolver(tmp_path: Path) -> None:
     request.write_bytes(
         b"".join(encode_request(raw, {key.name.encode(): key.txt.encode()}, 10, True))
     )
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD_PROBE, str(request)],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    found = json.loads(out.stdout.decode().splitlines()[-1])
-    assert found == {"results": ["pass"], "dns": False, "lookup": "refused"}, out.stderr.decode()
+    found, err = _probe(_CHILD_PROBE, request, tmp_path)
+    assert found == {"results": ["pass"], "dns": False, "lookup": "refused"}, err
     plain = subprocess.run(
         [sys.executable, "-c", "import sys, relay.auth.verify; print('dns' in sys.modules)"],
         capture_output=True,
@@ -234,14 +229,7 @@ def test_a_worker_with_the_model_on_never_imports_numpy(tmp_path: Path) -> None:
         "[metrics]\nenabled = false\n", f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
     )
     cfg.write_text(text + '[dns]\nnameservers = ["127.0.0.1"]\ntimeout = 1\n')
-    out = subprocess.run(
-        [sys.executable, "-c", _NUMPY_PROBE, str(cfg)],
-        cwd=Path(__file__).resolve().parents[1],  # tests.support importable
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    found = json.loads(out.stdout.decode().splitlines()[-1])
+    repo = Path(__file__).resolve().parents[1]  # tests.support importable from there
+    found, err = _probe(_NUMPY_PROBE, cfg, repo)
     expected = {"code": 250, "keys": 4, "children": 1, "serving": False, "in_process": True}
-    assert found == expected, out.stderr.decode()[-2000:]
+    assert found == expected, err
