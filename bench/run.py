@@ -95,6 +95,7 @@ class Options:
     in_flight: int = 8  # concurrent scans
     profile: tuple[str, ...] = ()  # relay scenarios whose CPU is split by stage
     probe_interval: float = 0.2  # seconds between NOOPs on each probe connection
+    stacks: Path | None = None  # keep the profiled phase's raw py-spy stacks here
 
 
 @dataclass
@@ -624,6 +625,8 @@ async def profile_stages(
         after = cpu_by_pid(t.pids())
         roles = {pid: stages.role(pid, t.root_pid, workers) for pid in after}
         raw = sampler.stop()
+        if opts.stacks is not None:
+            opts.stacks.write_text(raw)
     finally:
         sampler.stop()
         shutil.rmtree(out.parent, ignore_errors=True)
@@ -733,6 +736,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default=0.2,
         help="seconds between NOOPs on each of the 4 loop-lag probe connections",
     )
+    p.add_argument(
+        "--stacks",
+        type=Path,
+        help="also write the profiled phase's raw py-spy stacks (collapsed) to this file",
+    )
     a = p.parse_args(argv)
     quick = bool(a.quick)
     messages = a.messages or (300 if quick else 5000)
@@ -762,6 +770,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         in_flight=a.in_flight,
         profile=profile,
         probe_interval=a.probe_interval,
+        stacks=a.stacks,
     )
 
 

@@ -188,6 +188,7 @@ class FeedbackSettings:
     ham_on_release: bool = True  # `relay quarantine release` records the message as ham
     reputation_half_life_days: float = 30.0  # a report's weight halves every this many days
     reputation_per_reporter: int = 3  # reports one reporter adds to one identity's counts
+    reputation_cache_seconds: float = 10.0  # a worker reuses counters it read; 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +307,14 @@ class _Reader:
         value = self.get(table, section, key, float, float(default))
         if value <= 0:
             raise self.fail(f"{section}.{key}", "must be greater than 0")
+        return value
+
+    def seconds_or_off(
+        self, table: Mapping[str, Any], section: str, key: str, default: float
+    ) -> float:
+        value = self.get(table, section, key, float, float(default))
+        if value < 0:
+            raise self.fail(f"{section}.{key}", "must be 0 (off) or more")
         return value
 
     def count(self, table: Mapping[str, Any], section: str, key: str, default: int) -> int:
@@ -636,6 +645,9 @@ def _feedback(r: _Reader, t: Mapping[str, Any]) -> FeedbackSettings:
             t, s, "reputation_half_life_days", d.reputation_half_life_days
         ),
         reputation_per_reporter=r.count(t, s, "reputation_per_reporter", d.reputation_per_reporter),
+        reputation_cache_seconds=r.seconds_or_off(
+            t, s, "reputation_cache_seconds", d.reputation_cache_seconds
+        ),
     )
 
 

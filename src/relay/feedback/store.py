@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from relay.config import FeedbackSettings, StateSettings
 from relay.errors import FeedbackRefused, StateError
+from relay.feedback.recent import RecentRows, Row
 from relay.feedback.record import LABELS, Domains, FeedbackEntry, Label
 from relay.feedback.reputation import Identity, Kind, Standing, day_of, weight
 from relay.secretkey import SecretKey
@@ -108,6 +109,7 @@ class FeedbackStore:
     def __init__(self, key: SecretKey, settings: FeedbackSettings) -> None:
         self.settings = settings
         self._hasher = StateStore(key)  # the state layer's keyed hashing, nothing else
+        self._recent = RecentRows(settings.reputation_cache_seconds)
 
     def reporter_id(self, name: str) -> str:
         return self._hasher.hashed(_REPORTER_PURPOSE, name)
@@ -123,7 +125,18 @@ class FeedbackStore:
     async def reputation(
         self, identities: Sequence[Identity], *, now: float
     ) -> dict[Identity, Standing]:
-        """Decayed spam and ham counts of each identity at ``now`` (only reads)."""
+        """Decayed spam and ham counts of each identity at ``now`` (only reads). Counters
+        read in the last ``reputation_cache_seconds`` are reused (feedback/recent.py)."""
+        rows = self._recent.known(identities)
+        missing = [i for i in dict.fromkeys(identities) if i not in rows]
+        if missing:
+            found = await self._rows(missing)
+            self._recent.keep(found)
+            rows.update(found)
+        return {i: self._standing(rows[i], now) for i in identities}
+
+    async def _rows(self, identities: Sequence[Identity]) -> dict[Identity, tuple[Row, ...]]:
+        """Every (label, day, count) counter of each identity, read from the store."""
         raise NotImplementedError
 
     async def counters(self) -> Counters:
@@ -396,15 +409,15 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
         )
         return [_entry(row) for row in rows]
 
-    def _reputation(self, identities: Sequence[Identity], now: float) -> dict[Identity, Standing]:
+    def _read_rows(self, identities: Sequence[Identity]) -> dict[Identity, tuple[Row, ...]]:
         db = self._conn()
         return {
-            identity: self._standing(
-                db.execute(
+            identity: tuple(
+                (str(label), int(day), int(n))
+                for label, day, n in db.execute(
                     "SELECT label, day, n FROM feedback_reputation WHERE kind = ? AND domain = ?",
                     (identity.kind, identity.domain),
-                ).fetchall(),
-                now,
+                )
             )
             for identity in identities
         }
@@ -421,18 +434,22 @@ class SqliteFeedback(FeedbackStore, SqliteOnThread):
     async def record(
         self, entry: FeedbackEntry, *, now: float, identities: Sequence[Identity] = ()
     ) -> Label | None:
-        return await self._run(self._record, entry, now, identities)
+        try:
+            return await self._run(self._record, entry, now, identities)
+        finally:
+            self._recent.clear()  # a write also ages out and evicts others' counts
 
-    async def reputation(
-        self, identities: Sequence[Identity], *, now: float
-    ) -> dict[Identity, Standing]:
-        return await self._run(self._reputation, identities, now)
+    async def _rows(self, identities: Sequence[Identity]) -> dict[Identity, tuple[Row, ...]]:
+        return await self._run(self._read_rows, identities)
 
     async def counters(self) -> Counters:
         return await self._run(self._counters)
 
     async def forget(self, digest: str, reporter: str, *, now: float) -> bool:
-        return await self._run(self._forget, digest, reporter, now)
+        try:
+            return await self._run(self._forget, digest, reporter, now)
+        finally:
+            self._recent.clear()
 
     async def stats(self) -> FeedbackStats:
         return await self._run(self._stats)
@@ -612,13 +629,19 @@ class RedisFeedback(FeedbackStore):
             day_of(entry.at),
             "".join(f"{i.kind}\t{i.domain}\n" for i in dict.fromkeys(identities)),
         ]
-        status, old = await self._eval(args)
+        try:
+            status, old = await self._eval(args)
+        finally:
+            self._recent.clear()  # a write also ages out and evicts others' counts
         if int(status) < 0:
             raise _capped(self.settings)
         return None if old is None else cast(Label, old.decode())
 
     async def forget(self, digest: str, reporter: str, *, now: float) -> bool:
-        status, old = await self._eval(self._head("forget", reporter, digest, now))
+        try:
+            status, old = await self._eval(self._head("forget", reporter, digest, now))
+        finally:
+            self._recent.clear()
         if int(status) < 0:
             raise _capped(self.settings)
         return old is not None
@@ -674,9 +697,7 @@ class RedisFeedback(FeedbackStore):
             raise StateError(f"redis feedback: {exc}") from exc
         return {d: p for d, p in found.items() if d not in set(gone)}
 
-    async def reputation(
-        self, identities: Sequence[Identity], *, now: float
-    ) -> dict[Identity, Standing]:
+    async def _rows(self, identities: Sequence[Identity]) -> dict[Identity, tuple[Row, ...]]:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for identity in identities:
@@ -684,13 +705,13 @@ class RedisFeedback(FeedbackStore):
                 found: list[dict[bytes, bytes]] = await pipe.execute()
         except self._error as exc:
             raise StateError(f"redis feedback: {exc}") from exc
-        out: dict[Identity, Standing] = {}
+        out: dict[Identity, tuple[Row, ...]] = {}
         for identity, fields in zip(identities, found, strict=True):
             rows = []
             for field, n in fields.items():
                 label, _, day = field.decode().partition(":")
                 rows.append((label, int(day), int(n)))
-            out[identity] = self._standing(rows, now)
+            out[identity] = tuple(rows)
         return out
 
     async def counters(self) -> Counters:

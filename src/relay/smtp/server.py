@@ -144,7 +144,8 @@ class RelaySMTP(SMTP):
         self._plain_replies = False  # EHLO/HELO lines carry no enhanced status (RFC 2034)
         self.errors = 0  # 4xx/5xx replies since the session began or last delivered
         self.junk_commands = 0  # NOOP/RSET/VRFY/HELP/EHLO/HELO, counted the same way
-        self._last_code = 0  # the code of the last reply line pushed
+        self._last_code = 0  # the code of the last reply pushed
+        self._held: list[bytes] = []  # lines of a multi-line reply not yet written
         # aiosmtpd dispatches through this table: the junk commands are counted on the way
         # in, whichever method (ours or aiosmtpd's) answers them.
         self._smtp_methods = {
@@ -211,22 +212,38 @@ class RelaySMTP(SMTP):
             self._handler_coroutine.cancel()
 
     async def push(self, status: AnyStr) -> None:
+        """One reply line. The lines of a multi-line reply (EHLO's six or seven) are held
+        and written with its last line: one write and one send() instead of one each."""
         if self.transport is None or self.transport.is_closing():
+            self._held.clear()
             return  # hung up: nothing more is said
+        final = len(status) < 4 or status[3:4] not in ("-", b"-")
         code = 0
         with contextlib.suppress(ValueError):
             code = int(status[:3])
-            self.deps.observer.smtp_reply(code)
+            if final:  # a reply, not a line, is counted
+                self.deps.observer.smtp_reply(code)
         if isinstance(status, str) and not self._plain_replies:
             status = with_enhanced_status(status)
-        await super().push(status)
-        final = len(status) < 4 or status[3:4] not in ("-", b"-")
-        if final:
-            self._last_code = code
-        if final and code >= 400 and code != 421:
+        if not final:
+            self._held.append(self._encoded(status))
+            return
+        if self._held:
+            lines = [*self._held, self._encoded(status)]
+            self._held.clear()
+            await super().push(b"\r\n".join(lines))
+        else:
+            await super().push(status)
+        self._last_code = code
+        if code >= 400 and code != 421:
             self.errors += 1
             if self.errors >= self.deps.settings.smtp.max_errors:
                 self.hang_up(TOO_MANY_ERRORS, f"{self.errors} errors")
+
+    def _encoded(self, line: str | bytes) -> bytes:
+        if isinstance(line, bytes):
+            return line
+        return line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug or an unexpected library error: 451, the transaction dropped, never
