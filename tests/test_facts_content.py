@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from publicsuffixlist import PublicSuffixList
 
 from relay.facts import content, text
 from relay.facts.base import FactRegistry, Facts, Services
-from relay.facts.content import commercial_score, is_meaningless, mismatch
+from relay.facts.content import SendingHeaders, commercial_score, is_meaningless, mismatch
 from relay.facts.text import BodyText, Link, decoded_text, extract
 from relay.message import Message
 from relay.verdict import Tier
@@ -244,10 +246,10 @@ def test_promotion_stays_commercial() -> None:
     assert score > 0.9
 
 
-def test_commercial_probability_is_version_4() -> None:
+def test_commercial_probability_is_version_5() -> None:
     """The lab caches facts by version: changed cues or weights need a new one."""
     spec = next(s for s in content.FACTS if s.name == "commercial_probability")
-    assert spec.version == 4
+    assert spec.version == 5
 
 
 # Version 4 (issue 18): the Subject's own cues and community posts.
@@ -307,3 +309,65 @@ def test_the_technical_cue_counts_as_before_in_linear_time() -> None:
         assert [m.span() for m in after.finditer(text)] == [
             m.span() for m in before.finditer(text)
         ], text
+
+
+# Version 5 (issue 18): header evidence of list mailing, account words in the Subject,
+# price density.
+UPDATE = "Here is what is new at the studio this month: two classes and an open evening.\n"
+
+
+def test_list_unsubscribe_counts_outside_discussion_lists() -> None:
+    """A List-Unsubscribe field says the message went to a subscriber list; on a list its
+    members post to, the field is the list's, not the author's, and counts for nothing."""
+    bare, counts = commercial_score("March", BodyText(UPDATE))
+    assert counts["list_unsubscribe"] == 0
+    listed = SendingHeaders(list_unsubscribe=True)
+    bulk, counts = commercial_score("March", BodyText(UPDATE), headers=listed)
+    assert counts["list_unsubscribe"] == 1 and bulk > bare
+    post, counts = commercial_score("March", BodyText(UPDATE), True, listed)
+    assert counts["list_unsubscribe"] == 0 and post == bare
+
+
+def test_campaign_platform_fields_are_read_from_the_header() -> None:
+    def sent(headers: str) -> SendingHeaders:
+        return content.sending_headers(_mime(UPDATE, headers))
+
+    assert sent("") == SendingHeaders()
+    assert sent("X-SFMC-Stack: 11\n").campaign_platform
+    assert sent("X-Mailer: Mailchimp Mailer - **CID0a1b2c**\n").campaign_platform
+    assert not sent("X-Mailer: Apple Mail (2.3608)\n").campaign_platform
+    both = sent("List-Unsubscribe: <https://e.example/u>\nX-CSA-Complaints: csa@eco.de\n")
+    assert both == SendingHeaders(list_unsubscribe=True, campaign_platform=True)
+    platform, _ = commercial_score("March", BodyText(UPDATE), headers=sent("X-MC-User: 1\n"))
+    assert platform > commercial_score("March", BodyText(UPDATE))[0]
+
+
+async def test_the_fact_reads_the_sending_headers(services: Services) -> None:
+    """End to end: the same body scores higher with a List-Unsubscribe field."""
+    plain = await _commercial(_mime(UPDATE), services)
+    bulk = await _commercial(_mime(UPDATE, "List-Unsubscribe: <mailto:u@e.example>\n"), services)
+    assert bulk > plain
+
+
+def test_a_subject_naming_the_readers_account_counts_against() -> None:
+    neutral, counts = commercial_score("March at the studio", BodyText(UPDATE))
+    assert counts["subject_account"] == 0
+    notice, counts = commercial_score("Your payment is due: renew now", BodyText(UPDATE))
+    assert counts["subject_account"] == 2 and notice < neutral
+    _, counts = commercial_score("March", BodyText("Your order has shipped."))
+    assert counts["subject_account"] == 0, "the body's words are not the Subject's"
+
+
+def test_prices_dense_in_little_text_read_as_a_catalogue() -> None:
+    """The same four prices count more in a short list than spread through a long text."""
+    prices = "Rain shell $129. Trail socks $24. Wool cap $19. Day pack $89.\n"
+    catalogue, counts = commercial_score("New this week", BodyText(prices))
+    assert counts["price"] == 4
+    long_text = prices + "The studio opens at nine and closes at six on weekdays.\n" * 30
+    spread, counts = commercial_score("New this week", BodyText(long_text))
+    assert counts["price"] == 4 and counts["words"] > 300
+    assert catalogue > spread
+    terms = content.commercial_terms(counts)
+    assert terms["price_density"] == pytest.approx(math.log1p(400 / counts["words"]))
+    capped = content.commercial_terms({**counts, "words": 4})
+    assert capped["price_density"] == pytest.approx(math.log1p(content.PRICE_DENSITY_CAP))

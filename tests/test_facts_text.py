@@ -135,10 +135,11 @@ async def test_commercial_probability_reads_the_html_of_a_stub_alternative() -> 
 
 def test_body_text_version_keys_the_cache() -> None:
     """The lab caches facts by version: the extraction changed, so body_text and the
-    facts reading it moved on (commercial_probability 4, meaningless_text 3, others 2)."""
+    facts reading it moved on (commercial_probability 4 and later, meaningless_text 3,
+    others 2)."""
     assert text.FACTS[0].version == 2
     versions = {spec.name: spec.version for spec in content.FACTS}
-    assert versions["commercial_probability"] == 4
+    assert versions["commercial_probability"] >= 4
     assert versions["meaningless_text"] == 3
     assert all(v >= 2 for v in versions.values())
 

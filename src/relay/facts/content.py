@@ -2,9 +2,11 @@
 
 These are transparent heuristics, not classifiers: every cue is a documented pattern
 (docs/facts.md lists them and their limits), results are deterministic, and each fact reads
-only the decoded body (``body_text``) and the Subject. They exist so that content-based
-regimes (CAN-SPAM, EU opt-in, the 2.13 draft) can be run and their privacy cost measured;
-they are English-first with a few German/French/Spanish cues, and easy to fool on purpose.
+only the decoded body (``body_text``) and the Subject; the commercial score also notes
+whether two kinds of header field are present (list mailing, campaign platforms). They
+exist so that content-based regimes (CAN-SPAM, EU opt-in, the 2.13 draft) can be run and
+their privacy cost measured; they are English-first with a few German/French/Spanish cues,
+and easy to fool on purpose.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from relay.facts.envelope import address_domain
 from relay.facts.headers import addresses
 from relay.facts.services import PSL, Service
 from relay.facts.text import BodyText
+from relay.message import Message
 from relay.verdict import Tier
 
 
@@ -45,21 +48,22 @@ def _lower(text: str) -> re.Pattern[str]:
     return re.compile(text)
 
 
-# Version 4 weights were fitted (L2 logistic regression, C=1) on the legitimate mail of
+# Version 5 weights were fitted (L2 logistic regression, C=1) on the legitimate mail of
 # modern-dev labelled by primary purpose (data/modern-dev-purpose.tsv), commercial against
 # transactional and other, read with body_text version 2 (the HTML alternative when the
 # plain one is a stub), and checked by 5-fold cross-validation grouped by sender
 # organisation (bench/bench_detectors.py); rounded to one decimal. "technical" keeps its
 # hand-set version-2 weight: modern-dev has no patches or logs, so the fit cannot see it.
 # A weight says how much one cue moves the score, not that the cue means "commercial" by
-# itself (price is negative because receipts and statements quote prices as often as offers do).
-COMMERCIAL_BIAS = -1.4
+# itself (price is negative because receipts and statements quote prices as often as offers
+# do; many prices in few words, a catalogue, is the price_density term below).
+COMMERCIAL_BIAS = -1.7
 COMMERCIAL_CUES = (
     Cue("price", _lower(r"[$€£¥]\s?\d|\b\d+(?:[.,]\d\d)?\s?(?:usd|eur|gbp|dollars?|euros?)"
-                        r"\b"), -0.4),
+                        r"\b"), -0.7),
     Cue("discount", _lower(r"\b\d{1,2}\s?%\s?off\b|\bdiscount|\bsale\b|\bcoupon|\bpromo(?:tion"
                         r"|code)?\b|\bspecial offer|\blimited[- ]time|\bclearance|\bfree "
-                        r"(?:shipping|delivery|trial|gift)|\bbest price|\blowest price"), 1.3),
+                        r"(?:shipping|delivery|trial|gift)|\bbest price|\blowest price"), 1.4),
     Cue("call_to_action", _lower(r"\b(?:buy|order|shop|subscribe|sign up|register|call|apply|act"
                               r"|book|download|join)\s+(?:now|today)\b|\bclick here\b|\bget "
                               r"(?:yours|started)\b|\bdon'?t miss\b|\bhurry\b"), 0.7),
@@ -70,9 +74,9 @@ COMMERCIAL_CUES = (
                          r"|earn|income|investment|mortgage|loans?|credit|pharmacy|casino|"
                          r"newsletter|products?|brand|new arrivals|catalog(?:ue)?|customers?"
                          r"|members?hip|savings?|save|cheap|order|free|cash|money|wholesale|"
-                         r"prices?|opportunity|deals?|business|profits?|sales|gifts?)\b"), 0.2,
+                         r"prices?|opportunity|deals?|business|profits?|sales|gifts?)\b"), 0.3,
         cap=10),
-    Cue("ad_statement", _lower(r"\b(?:advertisement|advertising|promotional|sponsored)\b"), 0.6,
+    Cue("ad_statement", _lower(r"\b(?:advertisement|advertising|promotional|sponsored)\b"), 0.5,
         cap=2),
     # Shopping calls (version 3): what a promotion asks the reader to do.
     Cue("shop", _lower(r"\bshop (?:now|all|the|our|sale|new|today|deals?|gifts?|here)\b|\badd to "
@@ -80,11 +84,11 @@ COMMERCIAL_CUES = (
                     r"|\bcode:|\bbogo\b|\bsitewide\b|\bsave (?:up to|an? |\$|\d)|\bends "
                     r"(?:tonight|today|soon|tomorrow|sunday|monday)\b|\blast (?:chance|call|day)\b"
                     r"|\bdeals?\b|\bgift guide\b|\bbest ?sellers?\b|\bnew arrivals\b|\bshop\b"),
-        1.1),
+        1.0),
     # Transactional and personal mail: receipts, security codes, thread replies.
     Cue("transactional", _lower(r"\b(?:receipt|invoice|tracking number|has shipped|order "
                              r"(?:number|#|confirmation)|password reset|verification code|"
-                             r"security alert|your account statement)\b"), -1.2, cap=3),
+                             r"security alert|your account statement)\b"), -1.0, cap=3),
     # The reader's own account, order, payment or appointment (version 3): the wider
     # vocabulary of transactional mail, which bulk senders share with their promotions.
     Cue("account", _lower(r"\byour (?:order|payment|account|statement|invoice|receipt|package|"
@@ -117,14 +121,39 @@ COMMERCIAL_CUES = (
     Cue("subject_promo", _lower(r"\b(?:sale|off|save|savings|offers?|deals?|gifts?|shop|launch\w*"
                              r"|presale|ends|last chance|don'?t miss|free|exclusive|introducing|"
                              r"now available|limited|new arrivals?|rewards?|bonus|discount|coupon|"
-                             r"\d+%)\b|\$\d|!"), 1.1, cap=3, subject=True),
-    Cue("subject_emoji", re.compile(r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"), 1.9, cap=1,
+                             r"\d+%)\b|\$\d|!"), 0.7, cap=3, subject=True),
+    Cue("subject_emoji", re.compile(r"[\U0001F300-\U0001FAFF\u2600-\u27BF]"), 1.3, cap=1,
         subject=True),
     Cue("community", _lower(r"\bneighbou?rs?\b|\bnear you\b|\bposted\b|\bsupport group\b|"
                          r"\bcommunity\b|\bmeeting\b|\bnew message\b|\breplied\b|\bcommented\b|"
                          r"\bmentioned you\b"), -1.0, cap=3),
+    # The Subject names the reader's own business with the sender (version 5): an order,
+    # receipt, payment, sign-in, appointment, renewal or notice. Account mail says so where
+    # the reader decides whether to open it; a promotion's Subject names the offer instead.
+    Cue("subject_account", _lower(r"\b(?:order|receipt|invoice|statement|account|password|"
+                               r"security|sign[- ]?in|log[- ]?in|verif\w*|confirm\w*|shipped|"
+                               r"delivered|deliver(?:y|ing)|payment|paid|bill|billing|appointment"
+                               r"|reminder|reservation|booking|renew\w*|expir\w*|refund|return|"
+                               r"tracking|alert|notice|update to|changes? to|action required|"
+                               r"important information)\b"), -1.0, cap=2, subject=True),
 )  # fmt: skip
-MANY_LINKS = (3, 0.1)  # at least 3 links adds 0.1 per log1p(links)
+# Terms beside the cues, read from the counts by commercial_terms.
+# price_density (version 5): prices per 100 words of the text read, capped at 10, as
+# log1p. One price in a long text is a receipt line or a quoted figure; prices dense in
+# little text are a catalogue or an offer grid (the "price" cue alone counts against).
+PRICE_DENSITY_CAP = 10.0
+# Header evidence of how the message was sent (version 5; see sending_headers):
+# list_unsubscribe: a List-Unsubscribe field (RFC 2369) outside discussion lists. Bulk
+# mailing to a subscriber list carries it (the 2024 bulk-sender rules require it for
+# marketing mail); one-to-one account notices mostly do not.
+# campaign_platform: a marketing-automation platform's campaign fields (below).
+# (Version 4's "many links" term, 0.1 * log1p(links) from 3 links on, fits to 0.01 beside
+# the header evidence, which says more directly that a message went to a list: dropped.)
+COMMERCIAL_TERMS = {
+    "price_density": 0.8,
+    "list_unsubscribe": 1.0,
+    "campaign_platform": 0.8,
+}
 
 # (anchor, full pattern): the cheap anchor is searched first, the full pattern only if found.
 _POSTAL = (
@@ -226,13 +255,58 @@ def own_words(text: str, discussion_list: bool) -> str:
     return kept
 
 
+@dataclass(frozen=True, slots=True)
+class SendingHeaders:
+    """What the header says about how the message was sent (commercial_probability v5)."""
+
+    list_unsubscribe: bool = False  # a List-Unsubscribe field (RFC 2369)
+    campaign_platform: bool = False  # a marketing-automation platform's campaign fields
+
+
+# Fields that marketing-automation platforms add to campaign sends, and X-Mailer names of
+# such platforms: the send was built as a campaign to a list. X-Campaign / X-CampaignID
+# (Mailchimp and others), X-MC-User (Mailchimp's account), X-SFMC-Stack (Salesforce
+# Marketing Cloud), X-CSA-Complaints (the Certified Senders Alliance, which certifies
+# commercial bulk senders); Mailchimp, Brevo (formerly Sendinblue), Adobe Campaign
+# ("nlserver"), Campaign Monitor ("createsend"), MailUp, Klaviyo, Constant Contact. The
+# same platforms send some account notices too: evidence, weighed like the cues.
+_CAMPAIGN_FIELDS = ("x-campaign", "x-campaignid", "x-mc-user", "x-sfmc-stack", "x-csa-complaints")
+_CAMPAIGN_MAILER = _re(
+    r"mailchimp|sendinblue|brevo|nlserver|create ?send|mailup|klaviyo|constant ?contact"
+)
+
+
+def sending_headers(message: Message) -> SendingHeaders:
+    """The header evidence commercial_score weighs (see COMMERCIAL_TERMS)."""
+    return SendingHeaders(
+        list_unsubscribe=message.header("list-unsubscribe") is not None,
+        campaign_platform=any(message.header(f) is not None for f in _CAMPAIGN_FIELDS)
+        or _CAMPAIGN_MAILER.search(message.header("x-mailer") or "") is not None,
+    )
+
+
+def commercial_terms(counts: dict[str, int]) -> dict[str, float]:
+    """Each weighted term's value from commercial_score's counts: the one reading shared
+    by the score and the fit of its weights (bench/bench_detectors.py)."""
+    terms = {cue.name: math.log1p(min(counts[cue.name], cue.cap)) for cue in COMMERCIAL_CUES}
+    density = 100.0 * counts["price"] / max(counts["words"], 1)
+    terms["price_density"] = math.log1p(min(density, PRICE_DENSITY_CAP))
+    terms["list_unsubscribe"] = float(counts["list_unsubscribe"])
+    terms["campaign_platform"] = float(counts["campaign_platform"])
+    return terms
+
+
 def commercial_score(
-    subject: str, body: BodyText, discussion_list: bool = False
+    subject: str,
+    body: BodyText,
+    discussion_list: bool = False,
+    headers: SendingHeaders = SendingHeaders(),
 ) -> tuple[float, dict[str, int]]:
     """Probability-like score and the matches per cue (for explanations and tests).
 
     ``discussion_list``: the message came through a list its members post to (List-Post
-    names an address, RFC 2369); its footer is the list's, not the author's."""
+    names an address, RFC 2369); its footer is the list's, not the author's, and so is its
+    List-Unsubscribe field, which says nothing about the author's purpose."""
     # Cue patterns are lower-case: lowering once is cheaper than IGNORECASE in every scan.
     text = (subject + "\n" + own_words(body.text, discussion_list)).lower()
     lowered = subject.lower()
@@ -240,13 +314,14 @@ def commercial_score(
         cue.name: len(cue.pattern.findall(lowered if cue.subject else text))
         for cue in COMMERCIAL_CUES
     }
+    counts["links"] = len(body.links)
+    counts["words"] = len(text.split())
+    counts["list_unsubscribe"] = int(headers.list_unsubscribe and not discussion_list)
+    counts["campaign_platform"] = int(headers.campaign_platform)
+    terms = commercial_terms(counts)
     z = COMMERCIAL_BIAS
-    for cue in COMMERCIAL_CUES:
-        z += cue.weight * math.log1p(min(counts[cue.name], cue.cap))
-    links = len(body.links)
-    if links >= MANY_LINKS[0]:
-        z += MANY_LINKS[1] * math.log1p(links)
-    counts["links"] = links
+    z += sum(cue.weight * terms[cue.name] for cue in COMMERCIAL_CUES)
+    z += sum(weight * terms[name] for name, weight in COMMERCIAL_TERMS.items())
     return 1.0 / (1.0 + math.exp(-z)), counts
 
 
@@ -260,7 +335,9 @@ def is_discussion_list(list_post: str | None, mailing_list: str | None) -> bool:
 async def _commercial_probability(ctx: FactContext) -> float:
     message = ctx.message
     listed = is_discussion_list(message.header("list-post"), message.header("mailing-list"))
-    score, _ = await asyncio.to_thread(commercial_score, _subject(ctx), await _body(ctx), listed)
+    score, _ = await asyncio.to_thread(
+        commercial_score, _subject(ctx), await _body(ctx), listed, sending_headers(message)
+    )
     return round(score, 4)
 
 
@@ -390,11 +467,13 @@ FACTS = (
         "commercial_probability",
         FactType.FLOAT,
         _commercial_probability,
-        "heuristic 0..1: weighted commercial cues (prices, offers, calls to action ...)",
+        "heuristic 0..1: weighted commercial cues (offers, calls to action, bulk headers ...)",
         # 2: quoted lines, discussion-list footers and technical cues; 3: shop, account
         # and editorial cues, weights fitted on purpose-labelled modern-dev mail; 4: the
-        # Subject's own cues and community posts, refitted on body_text version 2
-        version=4,
+        # Subject's own cues and community posts, refitted on body_text version 2; 5: header
+        # evidence of list mailing and campaign platforms, account words in the Subject,
+        # price density
+        version=5,
     ),
     # Every fact below reads body_text, whose version 2 reads the HTML alternative when the
     # plain one is a stub: each is one version up so the lab's cache drops older values.
