@@ -333,14 +333,14 @@ async def test_relay_serve_runs_one_child_per_worker_for_both_kinds(
         (delivered,) = _delivered(tmp_path).values()
         assert "dkim=pass" in _auth_results(delivered)
 
-        # SIGKILL: each worker's child dies; the next messages start replacements, and are
+        # SIGKILL: each worker's child dies and is replaced; the next messages are
         # verified and classified as before (250: the policy requires the classifier).
         old = {w: _analysischildren(w)[0] for w in workers}
         for child in old.values():
             os.kill(child, signal.SIGKILL)
         await until(lambda: not any(_alive(c) for c in old.values()), "children killed", 30)
-        # A worker starts its replacement with its next message, and SO_REUSEPORT spreads
-        # connections by hash: send until both workers had one (not a fixed count).
+        # Each worker starts its replacement at once; SO_REUSEPORT spreads connections by
+        # hash, so messages go until both replacements are there (not a fixed count).
         for _ in range(64):
             assert (await send(port, RCPT, signed, timeout=120)).code == 250
             if all(_analysischildren(w) for w in workers):

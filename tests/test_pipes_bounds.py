@@ -5,11 +5,14 @@ pending requests, and a child's batch handler."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from relay.errors import WorkerBusy, WorkerDied, WorkerTimeout
 from relay.proc.pipes import ERROR, OK, PipeWorkers, _answer, split_frames
+from relay.proc.restarts import Restarts
 
 CHILD = "tests.support.echochild"
 
@@ -40,6 +43,67 @@ async def test_a_request_that_kills_its_child_twice_fails() -> None:
         assert (await workers.call(b"after")).endswith(b"retfa")
     finally:
         await workers.close()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_exited_child_is_replaced_before_the_next_request() -> None:
+    workers = PipeWorkers(CHILD, 1, name="echo")
+    try:
+        await workers.start()
+        (first,) = workers.pids
+        with pytest.raises(WorkerDied):
+            await workers.call(b"exit")
+        await until(lambda: bool(workers.pids))  # no request asked for it
+        (second,) = workers.pids
+        assert second != first and workers.replaced == 1
+        assert (await workers.call(b"next")).startswith(str(second).encode())
+    finally:
+        await workers.close()
+
+
+async def test_a_child_that_cannot_start_is_tried_again_after_growing_pauses(
+    tmp_path: Path,
+) -> None:
+    starts = tmp_path / "starts"
+    workers = PipeWorkers(
+        "tests.support.dyingchild",
+        1,
+        name="dying",
+        args=[str(starts)],
+        restarts=Restarts(delays=(0.0, 0.3, 3600.0)),
+    )
+
+    def started() -> int:
+        return len(starts.read_text().splitlines()) if starts.exists() else 0
+
+    try:
+        with pytest.raises(WorkerDied):
+            await workers.start()
+        # Again at once, then after 0.3 s; the third pause is an hour.
+        await until(lambda: workers.failed_starts == 3)
+        assert started() == 3
+        for _ in range(20):  # requests meanwhile start nothing and fail at once
+            with pytest.raises(WorkerDied, match="3 failed starts in a row"):
+                await workers.call(b"x")
+        await asyncio.sleep(0.5)
+        assert started() == 3
+    finally:
+        await workers.close()
+
+
+def test_pauses_grow_with_failed_starts_and_end_with_a_start() -> None:
+    r = Restarts(delays=(0.5, 1.0, 5.0))
+    assert [r.failed(now=100.0) for _ in range(4)] == [0.5, 1.0, 5.0, 5.0]
+    assert r.wait(now=103.0) == 2.0 and r.wait(now=105.0) == 0.0
+    r.started()
+    assert r.wait(now=100.0) == 0.0 and r.failed(now=200.0) == 0.5
 
 
 async def test_an_overrun_is_not_retried_but_the_requests_behind_it_are() -> None:

@@ -29,6 +29,10 @@ Bounds (docs/operations.md "Overload"): a pool holds at most ``max_pending`` req
 fails with ``WorkerTimeout`` and its child is killed (a stopped or looping child would hold
 every later request); the other requests that child held fail with ``WorkerDied``, and a
 caller that asked for ``retry`` tries those once more on the replacement.
+
+A child that exits is replaced at once, before the next request needs it. A child that
+cannot start is tried again after a growing pause (proc/restarts.py); while the pause
+lasts, a request with no living child fails at once with ``WorkerDied``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from collections.abc import Callable, Sequence
 
 from relay.errors import WorkerBusy, WorkerDied, WorkerError, WorkerTimeout
 from relay.proc.lifetime import die_with_parent, release_free_memory
+from relay.proc.restarts import Restarts
 
 log = logging.getLogger("relay.proc.pipes")
 
@@ -206,6 +211,7 @@ class PipeWorkers:
         name: str = "worker",
         args: Sequence[str] = (),
         max_pending: int | None = None,
+        restarts: Restarts | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError("at least one process")
@@ -222,16 +228,38 @@ class PipeWorkers:
         self._closed = False
         self._spawned = 0
         self._waiting = 0  # callers waiting for a child to start
+        self._restarts = restarts or Restarts()
+        self._restart: asyncio.TimerHandle | None = None  # the next start, scheduled
+
+    def _time(self) -> float:
+        return asyncio.get_running_loop().time()
 
     async def start(self) -> None:
-        """Start the missing children (at most one start at a time)."""
+        """Start the missing children (at most one start at a time); nothing while a
+        pause after early exits lasts (the scheduled start comes after it)."""
+        if self._restarts.wait(self._time()) > 0:
+            return
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_missing())
         await asyncio.shield(self._starting)
 
     async def _start_missing(self) -> None:
         while not self._closed and len(self._children) < self.processes:
-            self._children.append(await self._spawn())
+            try:
+                child = await self._spawn()
+            except Exception:
+                if not self._closed:
+                    self._schedule(self._restarts.failed(self._time()))
+                raise
+            self._restarts.started()
+            self._children.append(child)
+
+    def _schedule(self, delay: float) -> None:
+        """Try to start the missing children ``delay`` seconds from now, whether or not a
+        request asks for one."""
+        if self._restart is not None:
+            self._restart.cancel()
+        self._restart = asyncio.get_running_loop().call_later(delay, self._start_soon)
 
     async def _spawn(self) -> _Child:
         self._spawned += 1
@@ -260,9 +288,8 @@ class PipeWorkers:
             self._children.remove(child)
             if not self._closed:
                 self.replaced += 1
-                # Replaced on demand, not here: a child that dies at start would otherwise
-                # be restarted in a loop; the next request starts (and waits for) another.
-                log.warning("%s exited; the next request starts another", child.name)
+                log.warning("%s exited; starting another", child.name)
+                self._start_soon()  # before the next request needs it
 
     @property
     def pids(self) -> list[int]:
@@ -271,6 +298,11 @@ class PipeWorkers:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def failed_starts(self) -> int:
+        """Starts in a row whose child exited before it was ready (0 once one is)."""
+        return self._restarts.failures
 
     @property
     def pending(self) -> int:
@@ -307,6 +339,11 @@ class PipeWorkers:
             raise WorkerDied(f"{self.name} pool is closed")
         if self.max_pending is not None and self.pending >= self.max_pending:
             raise WorkerBusy(f"{self.name}: {self.pending} requests pending already")
+        if not self._children and (pause := self._restarts.wait(self._time())) > 0:
+            raise WorkerDied(
+                f"{self.name}: {self._restarts.failures} failed starts in a row; "
+                f"next try in {pause:.1f} s"
+            )
         if not self._children:  # none alive: wait for one (counted against the bound)
             self._waiting += 1
             try:
@@ -332,6 +369,8 @@ class PipeWorkers:
             timer.cancel()
 
     def _start_soon(self) -> None:
+        if self._closed or self._restarts.wait(self._time()) > 0:
+            return  # the scheduled start comes after the pause
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_missing())
             self._starting.add_done_callback(_log_start_failure)
@@ -346,6 +385,8 @@ class PipeWorkers:
     async def close(self) -> None:
         """Close every child's stdin (it exits at end of input) and wait for it."""
         self._closed = True
+        if self._restart is not None:
+            self._restart.cancel()
         if self._starting is not None:
             await asyncio.gather(self._starting, return_exceptions=True)
         children, self._children = self._children, []
