@@ -59,6 +59,53 @@ async def test_computed_once_even_when_asked_concurrently() -> None:
     assert read.name == "n" and read.value == 7 and read.error is None and read.seconds > 0
 
 
+async def test_a_reader_waiting_on_a_cancelled_computation_computes_it_itself() -> None:
+    """The first reader computes in its own task; cancelling it stops the computation,
+    and a reader that was waiting for it (not cancelled itself) computes the fact again
+    instead of failing with the other's cancellation."""
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def gated(ctx: FactContext) -> int:
+        started.append(len(started))
+        await release.wait()
+        return 5
+
+    reg = FactRegistry([FactSpec("g", FactType.INT, Tier.ENVELOPE, gated)])
+    facts = Facts(reg, message(), Services())
+    first = asyncio.ensure_future(facts.get("g"))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(facts.get("g"))
+    await asyncio.sleep(0)
+    assert started == [0]  # one computation, the second reader waits for it
+    first.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await second == 5
+    assert first.cancelled() and started == [0, 1]
+    assert await facts.get("g") == 5 and started == [0, 1]  # known now: not again
+
+
+async def test_a_cancelled_reader_leaves_the_fact_to_be_computed_later() -> None:
+    calls = 0
+
+    async def slow(ctx: FactContext) -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3600 if calls == 1 else 0)
+        return calls
+
+    reg = FactRegistry([FactSpec("s", FactType.INT, Tier.ENVELOPE, slow)])
+    facts = Facts(reg, message(), Services())
+    reader = asyncio.ensure_future(facts.get("s"))
+    await asyncio.sleep(0)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert not facts.computed("s")
+    assert await facts.get("s") == 2
+
+
 async def test_failure_is_recorded_and_repeated_never_crashes() -> None:
     async def broken(ctx: FactContext) -> int:
         raise RuntimeError("model exploded")

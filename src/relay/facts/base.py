@@ -293,15 +293,41 @@ class Facts:
             self._reads[name] = FactRead(name, spec.tier, _jsonable(value), 0.0, None)
 
     async def get(self, name: str) -> Any:
+        """The fact's value, computed at most once per message. The first reader computes
+        it in its own task (a task and a shield per fact cost about 4 us each, some 15
+        facts a message); readers meanwhile wait for that result. Should the first reader
+        be cancelled, the computation stops with it and the next reader starts again."""
+        while True:
+            pending = self._tasks.get(name)
+            if pending is None:
+                return await self._first_read(name)
+            if pending.done():  # read again (views, stamps): no shield, no extra future
+                return pending.result()
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not pending.cancelled() or (current is not None and current.cancelling()):
+                    raise  # this reader was cancelled, not the one computing
+                # the computing reader was cancelled: this one computes it instead
+
+    async def _first_read(self, name: str) -> Any:
         if name not in self.registry:
             raise FactError(f"unknown fact {name!r}")
-        task = self._tasks.get(name)
-        if task is None:
-            task = asyncio.ensure_future(self._compute(self.registry[name]))
-            self._tasks[name] = task
-        elif task.done():  # read again (views, stamps): no shield, no extra future
-            return task.result()
-        return await asyncio.shield(task)
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._tasks[name] = result
+        try:
+            value = await self._compute(self.registry[name])
+        except asyncio.CancelledError:
+            del self._tasks[name]  # unknown, not failed: a later read computes it again
+            result.cancel()
+            raise
+        except BaseException as exc:
+            result.set_exception(exc)
+            result.exception()  # marked retrieved: nobody else may be waiting for it
+            raise
+        result.set_result(value)
+        return value
 
     async def _compute(self, spec: FactSpec) -> Any:
         start = time.perf_counter()

@@ -28,6 +28,7 @@ past a slow reject rule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from bisect import bisect_right
 from collections import Counter
@@ -247,7 +248,10 @@ class Policy:
             return
         requested.extend(todo)
         pending = [n for n in todo if not facts.computed(n)]
-        if pending:  # independent facts of one tier (DNS lookups) run concurrently
+        if len(pending) == 1:  # no task to make for one (a fact's failure is read below)
+            with contextlib.suppress(Exception):
+                await facts.get(pending[0])
+        elif pending:  # independent facts of one tier (DNS lookups) run concurrently
             await asyncio.gather(*(facts.get(n) for n in pending), return_exceptions=True)
         for name in todo:
             read = facts.read(name)
