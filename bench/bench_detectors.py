@@ -46,6 +46,7 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
+from bench.sacorpus import TARBALLS as SA_TARBALLS
 from relay.facts import content, text
 from relay.intervals import Z95, wilson
 from relay.message import Message
@@ -53,13 +54,6 @@ from relay.message import Message
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 CORPORA = REPO.parent / "shared" / "corpora"
-SA_TARBALLS = (
-    "20030228_easy_ham.tar.bz2",
-    "20030228_easy_ham_2.tar.bz2",
-    "20030228_hard_ham.tar.bz2",
-    "20030228_spam.tar.bz2",
-    "20050311_spam_2.tar.bz2",
-)
 THRESHOLD = 0.5  # every shipped regime: commercial_probability > 0.5
 FACT_NAMES = ("commercial_probability", "has_postal_address", "has_ad_label", "meaningless_text")
 DETECTORS = ("commercial", "has_postal_address", "has_ad_label", "meaningless_text")

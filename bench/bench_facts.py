@@ -27,6 +27,7 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
+from bench.sacorpus import TARBALLS
 from relay.contracts import Outcome
 from relay.errors import FactError
 from relay.facts import bulk, content, headers, text
@@ -39,13 +40,6 @@ from relay.verdict import ACCEPT_ALL
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-TARBALLS = (
-    "20030228_easy_ham.tar.bz2",
-    "20030228_easy_ham_2.tar.bz2",
-    "20030228_hard_ham.tar.bz2",
-    "20030228_spam.tar.bz2",
-    "20050311_spam_2.tar.bz2",
-)
 FAMILIES = (headers.FACTS, text.FACTS, content.FACTS, bulk.FACTS)
 # has_one_click_unsubscribe needs DKIM verification (DNS); it is left out here.
 SKIP = {"has_one_click_unsubscribe", "body_text"}

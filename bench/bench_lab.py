@@ -28,17 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstats import CLOCK_TICKS, descendants, rss_bytes
+from bench.sacorpus import TARBALLS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"cold_seconds": 180.0, "warm_seconds": 20.0, "peak_pss_bytes": 1024**3}
-TARBALLS = (
-    "20030228_easy_ham.tar.bz2",
-    "20030228_easy_ham_2.tar.bz2",
-    "20030228_hard_ham.tar.bz2",
-    "20030228_spam.tar.bz2",
-    "20050311_spam_2.tar.bz2",
-)
 
 
 def shared_dir() -> Path:

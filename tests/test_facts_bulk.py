@@ -81,6 +81,35 @@ def test_normalise_flattens_case_digits_and_query_strings() -> None:
     ]  # fmt: skip
 
 
+def test_normalise_equals_its_regexes_on_random_mixtures() -> None:
+    """normalise skips the URL regex without "://" and splits ASCII text instead of
+    running the token regex: the tokens must be the regexes' own."""
+    rng = random.Random(41)
+    pieces = [
+        "http://A.b/c?d=1", "FTP://x#y", "://", "?", "#", " ", "\n", "\t", "123", "\u0661\u0662",
+        "\u00e9t\u00e9", "ab", "_x", "-", "$", "\u0130", "\u00b2", "a1b2", "www.x.com", "\u00a0",
+    ]  # fmt: skip
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        flat = minhash._DIGITS.sub("0", minhash._URL_QUERY.sub(r"\1", text.lower()))
+        assert normalise(text) == minhash._TOKEN.findall(flat), repr(text)
+
+
+def test_fingerprint_keys_never_change() -> None:
+    """Band keys are state keys shared by every worker and instance: these are the keys
+    the first implementation gave (a faster one must give them too)."""
+    assert fingerprint(BODY) == (
+        "0:ae9aa45d32ef3c864bcc85c5", "1:e4973735816548eef5988efb",
+        "2:9531cf0c1b2957556d5877d5", "3:323b3ccc31205fe65b95c1dc",
+    )  # fmt: skip
+    mixed = "Caf\u00e9 \u00c9t\u00e9 \u0661\u0662 https://X.example/p?q=1 " + BODY[:300]
+    assert fingerprint(mixed) == (
+        "0:cf4c40b5b9484265b6e3df57", "1:ce65893907cac1f3b1a62b60",
+        "2:752bf29aa184700b175fe468", "3:c48c61b4c9315759d815ffd0",
+    )  # fmt: skip
+    assert fingerprint("")[0] == "0:354a29fadd083b9c02f10fa4"
+
+
 def test_fingerprint_matches_near_duplicates_only() -> None:
     keys = set(fingerprint(BODY))
     assert len(keys) == minhash.BANDS

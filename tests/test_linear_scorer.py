@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from email.parser import BytesParser
+from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,62 @@ def test_a_full_word_cache_starts_again_and_scores_the_same(compiled: Any) -> No
     for _ in range(2):
         for text in ("alpha beta", "alpha gamma delta epsilon zeta", *TRICKY_TEXTS):
             assert small.probability(text, "meta") == full.probability(text, "meta")
+
+
+TOKEN_PIECES = [
+    "a", "Zq", "_", "09", "ab", " ", "\t", "\n", "\x1c", ".", "-", "$", "!", "\u20ac", "\u00a3",
+    "'", "\u00e9", "\u0130", "\u017f", "\u00a0", "\u2028", "\u200b", "\U0001d401", "\uff26",
+    "\u0660", "\u00b2", "\u2163", "\u3000", "\u65e5", "\U0001f600",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern", sorted(linear.WORD_TOKENS))
+def test_word_tokens_equal_the_token_pattern(pattern: str) -> None:
+    """The scorer's tokeniser (``\\w{2,}``, or translate and split in ASCII text) gives
+    re.findall's tokens, in ASCII text and not, for every pattern it stands for."""
+    tokens, regex = linear.WORD_TOKENS[pattern], re.compile(pattern)
+    rng = random.Random(31)
+    for _ in range(20000):
+        doc = "".join(rng.choice(TOKEN_PIECES) for _ in range(rng.randint(0, 16)))
+        assert tokens(doc) == regex.findall(doc), repr(doc)
+    for doc in (*TRICKY_TEXTS, "".join(map(chr, range(128))) * 2):
+        assert tokens(doc) == regex.findall(doc), repr(doc)
+    assert set(linear.WORD_TOKENS) == linear.TOKEN_PATTERNS - {r"\S+"}
+
+
+def test_word_grams_equal_char_wb_ngrams() -> None:
+    """The scorer cuts a new word's n-grams with a prebuilt itemgetter: the very n-grams,
+    in order, of the reference cut (itself checked against sklearn above), for words
+    shorter than the largest n, around the getters' size limit and longer."""
+    rng = random.Random(37)
+    letters = "ab\u00e9\u65e5\U0001f600$!_"
+    for _ in range(3000):
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(1, linear.GETTER_SIZES)))
+        for ngram_range in ((3, 5), (1, 1), (2, 4), (1, 8), (4, 4)):
+            want = linear.char_wb_ngrams(word, ngram_range)
+            assert list(linear.word_grams(word, ngram_range)) == want, (word, ngram_range)
+
+
+def _merge_reference(index: Any, counts: Any) -> tuple[Any, Any]:
+    """What the scorer did before its packed sort: np.unique and np.bincount."""
+    unique, inverse = np.unique(index, return_inverse=True)
+    if len(unique) == len(index):
+        return index, counts.astype(np.float64)
+    return unique, np.bincount(inverse, weights=counts, minlength=len(unique))
+
+
+def test_merged_counts_equal_unique_and_bincount_bit_for_bit() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(5000):
+        size = int(rng.integers(1, 60))
+        # few buckets (many collisions) to 2**31 + 1 (abs(-2**31) % n is 2**31)
+        index = rng.integers(0, int(rng.choice([3, 50, 2**20, 2**31 + 1])), size)
+        counts = rng.integers(1, int(rng.choice([5, 2**30])), size)
+        want = _merge_reference(index, counts)
+        for most in (int(counts.max()), 2**31):  # packed, and counts too large to pack
+            got = linear._merge(index, counts, most)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
 
 
 def test_hash_is_sklearns_murmurhash3() -> None:
@@ -384,6 +442,44 @@ def test_artefact_hints_cover_every_case_insensitive_match() -> None:
         and chr(c).lower() not in letters
     ]
     assert sorted(odd) == sorted(features._FOLDS_TO_HINT)
+
+
+def test_url_hints_cover_every_case_insensitive_match() -> None:
+    """_urls skips the URL regex when str.lower() finds neither "http" nor "www.": every
+    character the regex's IGNORECASE matches to h, t, p or w must lower() to it."""
+    any_letter = re.compile("[htpw]", re.IGNORECASE)
+    odd = [
+        chr(c)
+        for c in range(128, sys.maxunicode + 1)
+        if not 0xD800 <= c <= 0xDFFF and any_letter.fullmatch(chr(c))
+    ]
+    assert odd == []
+
+
+def test_urls_equal_the_url_regex_on_random_mixtures() -> None:
+    rng = random.Random(29)
+    pieces = [
+        "http", "HTTPS", "hTtP", "://", "www", "WWW", ".", " ", "\n", "a", "x.com", "/p?q=1",
+        "<", '"', "(", "\u017f", "\u0130", "\u00e9", "ftp://", "wwww.", "h\u200bttp",
+    ]  # fmt: skip
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert features._urls(text) == features._URL.findall(text), repr(text)
+
+
+def test_header_fields_are_the_values_get_all_gives() -> None:
+    """The extractor reads every header through one index: the same values, in order, as
+    ``get_all`` for any case of the name, raw 8-bit and repeated fields included."""
+    raw = (
+        b"Subject: one\r\nsubject: two\r\nFROM: =?utf-8?q?J=C3=B6rg?= <j@x.test>\r\n"
+        b"X-Mailer: caf\xe9 mailer\r\nList-Id: <l.x.test>\r\nTo: a@b.test,\r\n c@d.test\r\n"
+        b"subJECT: three\r\n\r\nbody\r\n"
+    )
+    msg = BytesParser(policy=compat32).parsebytes(raw)
+    fields = features._fields(msg)
+    for name in ("subject", "from", "x-mailer", "list-id", "to", "cc", "feedback-id"):
+        assert fields.get(name, []) == (msg.get_all(name) or []), name
+    assert [str(v) for v in fields["subject"]] == ["one", "two", "three"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import re
 
 import pytest
 
@@ -70,6 +72,17 @@ def test_file_bytes_drop_mbox_line_and_normalise_line_ends() -> None:
     assert m.raw == b"Subject: a\r\n\r\nb\r\nc\r\n"
     assert strip_mbox_from(b"Subject: x\n") == b"Subject: x\n"
     assert to_crlf(b"a\nb\r\nc\rd") == b"a\r\nb\r\nc\r\nd"
+
+
+def test_to_crlf_equals_the_line_end_regex_on_every_short_mixture() -> None:
+    """Mail already in CRLF is returned as it is (no regex pass): every other mixture of
+    CR, LF and text must still be rewritten exactly as the regex does."""
+    for size in range(7):
+        for pieces in itertools.product((b"\r", b"\n", b"a"), repeat=size):
+            data = b"".join(pieces)
+            assert to_crlf(data) == re.sub(rb"\r\n|\r|\n", b"\r\n", data), data
+    wire = b"Subject: a\r\n\r\nb\r\n"
+    assert to_crlf(wire) is wire
 
 
 def test_garbage_never_raises() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench.sacorpus import TARBALLS
 
 from relay.classifier.features import FEATURE_VERSION, FeatureSettings
 from relay.classifier.model import card_path, load_model
@@ -26,13 +27,6 @@ from relay.secretkey import SecretKey
 MODEL = Path(__file__).resolve().parents[1] / "models" / "spam.skops"
 SHARED = Path(os.environ.get("RELAY_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 CORPUS = SHARED / "corpora" / "spamassassin"
-TARBALLS = (
-    "20030228_easy_ham.tar.bz2",
-    "20030228_easy_ham_2.tar.bz2",
-    "20030228_hard_ham.tar.bz2",
-    "20030228_spam.tar.bz2",
-    "20050311_spam_2.tar.bz2",
-)
 # ../shared/anchors.md: the best peer (SpamAssassin 4.0.1, stock rules + Bayes) on this split.
 ANCHOR_AUC = 0.99926
 ANCHOR_RECALL_AT_0_1_PCT_FPR = 0.850

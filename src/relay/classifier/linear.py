@@ -21,6 +21,7 @@ digest matches, else loads the skops pipeline. docs/classifier.md "Compiled scor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -28,8 +29,10 @@ import math
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,6 +119,67 @@ def char_wb_ngrams(word: str, ngram_range: tuple[int, int]) -> list[str]:
         if size <= n:  # sklearn's ``offset == 0``: the whole padded word was one gram
             break
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class WordTokens:
+    r"""The tokens ``re.findall(pattern, doc)`` gives for a ``\b\w\w+\b`` token pattern,
+    found faster (the word block's tokenising was a quarter of scoring a message).
+
+    ``\b\w\w+\b`` matches exactly the maximal runs of two or more word characters: a
+    run's first character is the only place inside it where ``\b`` holds, and greedy
+    ``\w+`` ends where the run does, a boundary again. So ``\w{2,}`` finds the same runs
+    without testing ``\b`` at every position; and in ASCII text, where ``\w`` is
+    ``[A-Za-z0-9_]``, mapping every other character to a space (a symbol token to itself
+    between spaces) and splitting does too. tests/test_linear_scorer.py holds both to the
+    pattern on random text."""
+
+    regex: re.Pattern[str]
+    symbols: frozenset[str]  # the one-character tokens of the pattern's ``|[...]``
+    ascii_table: dict[int, str]  # str.translate table for ASCII text
+
+    @classmethod
+    def of(cls, symbols: str) -> WordTokens:
+        table = {c: " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")}
+        table.update({ord(s): f" {s} " for s in symbols if s.isascii()})
+        alternative = f"|[{re.escape(symbols)}]" if symbols else ""
+        return cls(re.compile(r"\w{2,}" + alternative), frozenset(symbols), table)
+
+    def __call__(self, doc: str) -> list[str]:
+        if not doc.isascii():
+            return self.regex.findall(doc)
+        parts = doc.translate(self.ascii_table).split()
+        symbols = self.symbols
+        return [t for t in parts if len(t) > 1 or t in symbols]
+
+
+# The word token patterns TOKEN_PATTERNS allows, each with its faster tokeniser (``\S+`` is
+# ``str.split``).
+WORD_TOKENS = {
+    r"(?u)\b\w\w+\b|[$€£!]": WordTokens.of("$€£!"),
+    r"(?u)\b\w\w+\b": WordTokens.of(""),
+}
+
+
+# Padded word lengths whose n-grams are cut by one prebuilt itemgetter (longer words, rare,
+# by the comprehension): at most ~60 getters a block's n-gram range, each holding its slices.
+GETTER_SIZES = 64
+
+
+@functools.lru_cache(maxsize=4 * GETTER_SIZES)
+def _gram_getter(size: int, lo: int, hi: int) -> Callable[[str], tuple[str, ...]]:
+    """Cuts every n-gram (``lo <= n <= hi < size``) of a ``size``-character string, in
+    ``char_wb_ngrams``' order, in one C call (at least two slices: a tuple comes back)."""
+    return itemgetter(*(slice(i, i + n) for n in range(lo, hi + 1) for i in range(size - n + 1)))
+
+
+def word_grams(word: str, ngram_range: tuple[int, int]) -> Sequence[str]:
+    """``char_wb_ngrams(word, ngram_range)``, twice as fast for the usual word: hashing a
+    word the scorer has not cached yet was mostly cutting its n-grams one by one."""
+    lo, hi = ngram_range
+    if hi < len(word) + 2 <= GETTER_SIZES:
+        return _gram_getter(len(word) + 2, lo, hi)(" " + word + " ")
+    return char_wb_ngrams(word, ngram_range)
 
 
 def analyze(analyzer: Analyzer, doc: str) -> list[str]:
@@ -265,20 +329,22 @@ class LinearScorer:
         an = block.analyzer
         if an.kind == "char_wb":
             return self._char_counts(block, doc)
-        if an.token_pattern == _NON_SPACE and an.ngram_range == (1, 1):
-            tokens = doc.split()  # the same tokens as re.findall(r"\S+"), faster
+        if an.token_pattern == _NON_SPACE:
+            words = doc.split()  # the same tokens as re.findall(r"\S+"), faster
         else:
-            tokens = word_ngrams(re.findall(an.token_pattern, doc), an.ngram_range)
+            words = WORD_TOKENS[an.token_pattern](doc)
+        tokens = word_ngrams(words, an.ngram_range)
         if not tokens:
             return _EMPTY_INDEX, _EMPTY_COUNTS
         by_token = Counter(tokens)
         index = hashed_indices(by_token, len(by_token), n, utf8_safe(doc))
-        counts = np.fromiter(by_token.values(), np.float64, len(by_token))
-        return _merge(index, counts)
+        counts = np.fromiter(by_token.values(), np.int64, len(by_token))
+        return _merge(index, counts, len(tokens))
 
     def _char_counts(self, block: Block, doc: str) -> tuple[IntArray, FloatArray]:
         # A word's n-grams depend on the word alone: count words, hash each new word once.
-        words = Counter(doc.split())
+        split = doc.split()
+        words = Counter(split)
         if not words:
             return _EMPTY_INDEX, _EMPTY_COUNTS
         cache = self._char_cache[block.name]
@@ -287,17 +353,18 @@ class LinearScorer:
             cache.clear()  # full: start again (this message's words are all hashed anew)
             missing = list(words)
         if missing:
-            grams = [char_wb_ngrams(w, block.analyzer.ngram_range) for w in missing]
-            flat = [g for word_grams in grams for g in word_grams]
+            ngram_range = block.analyzer.ngram_range
+            grams = [word_grams(w, ngram_range) for w in missing]
+            flat = list(chain.from_iterable(grams))
             index = hashed_indices(flat, len(flat), block.n_features, utf8_safe(doc))
             start = 0
-            for word, word_grams in zip(missing, grams, strict=True):
-                cache[word] = index[start : start + len(word_grams)]
-                start += len(word_grams)
+            for word, its_grams in zip(missing, grams, strict=True):
+                cache[word] = index[start : start + len(its_grams)]
+                start += len(its_grams)
         parts = [cache[w] for w in words]
-        lengths = np.fromiter((len(p) for p in parts), np.int64, len(parts))
-        counts = np.repeat(np.fromiter(words.values(), np.float64, len(words)), lengths)
-        return _merge(np.concatenate(parts), counts)
+        lengths = np.fromiter(map(len, parts), np.int64, len(parts))
+        counts = np.repeat(np.fromiter(words.values(), np.int64, len(words)), lengths)
+        return _merge(np.concatenate(parts), counts, len(split))
 
 
 LOAD_CHUNK = 1 << 16  # stored features read at a time when loading (~1 MiB of temporaries)
@@ -381,13 +448,37 @@ _EMPTY_INDEX: IntArray = np.zeros(0, dtype=np.int64)
 _EMPTY_COUNTS: FloatArray = np.zeros(0, dtype=np.float64)
 
 
-def _merge(index: IntArray, counts: FloatArray) -> tuple[IntArray, FloatArray]:
-    """Sum the counts of equal indices (distinct tokens may hash alike, as in sklearn)."""
+def _merge(index: IntArray, counts: IntArray, most: int) -> tuple[IntArray, FloatArray]:
+    """Sum the counts of equal indices (distinct tokens may hash alike, as in sklearn):
+    the arrays as they are when all indices differ, else by increasing index (what
+    ``np.unique`` and ``np.bincount`` gave). ``most`` bounds every count (the number of
+    tokens): below 2**31, index and count are packed into one int64 (an index is at most
+    2**31: ``hashed_indices``) and sorted together, a third faster than ``np.unique``
+    with its inverse; the counts are whole numbers, so their sums are exact in any order."""
+    if len(index) < 2 or most >= _PACKED_COUNT:
+        return _merge_any(index, counts)
+    keys = np.sort(index << _PACK_SHIFT | counts)
+    ordered = keys >> _PACK_SHIFT
+    starts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    if len(starts) == len(index) - 1:
+        return index, counts.astype(np.float64)
+    starts = np.concatenate((_FIRST, starts))
+    merged = np.add.reduceat(keys & (_PACKED_COUNT - 1), starts)
+    return ordered[starts], merged.astype(np.float64)
+
+
+def _merge_any(index: IntArray, counts: IntArray) -> tuple[IntArray, FloatArray]:
+    """``_merge`` for counts of any size."""
     unique, inverse = np.unique(index, return_inverse=True)
     if len(unique) == len(index):
-        return index, counts
+        return index, counts.astype(np.float64)
     merged = np.bincount(inverse, weights=counts, minlength=len(unique))
     return unique, np.asarray(merged, dtype=np.float64)
+
+
+_PACK_SHIFT = 31
+_PACKED_COUNT = 1 << _PACK_SHIFT
+_FIRST: IntArray = np.zeros(1, dtype=np.int64)
 
 
 # -- export -------------------------------------------------------------------------------

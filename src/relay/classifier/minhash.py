@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,10 +34,19 @@ _DIGITS = re.compile(r"\d+")
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
+# ASCII text's tokens by str.split: every character \w does not match becomes a space.
+_ASCII_NON_WORD = {c: " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")}
+
+
 def normalise(text: str) -> list[str]:
     """Tokens of ``text`` with case, digit runs and URL query strings flattened."""
-    text = _URL_QUERY.sub(r"\1", text.lower())
-    return _TOKEN.findall(_DIGITS.sub("0", text))
+    text = text.lower()
+    if "://" in text:  # the URL regex tries every position; no match without "://"
+        text = _URL_QUERY.sub(r"\1", text)
+    text = _DIGITS.sub("0", text)
+    if text.isascii():  # \w+ runs are what is left between non-word characters
+        return text.translate(_ASCII_NON_WORD).split()
+    return _TOKEN.findall(text)
 
 
 @functools.cache
@@ -52,14 +62,20 @@ def _coefficients() -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     return a, b
 
 
-def _shingle_hashes(tokens: Sequence[str]) -> list[int]:
+def _shingles(tokens: Sequence[str]) -> set[str]:
     if len(tokens) <= SHINGLE:
-        shingles = {" ".join(tokens)}
-    else:
-        shingles = {" ".join(tokens[i : i + SHINGLE]) for i in range(len(tokens) - SHINGLE + 1)}
-    return [
-        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "big") for s in shingles
-    ]
+        return {" ".join(tokens)}
+    return set(map(" ".join, zip(*(tokens[i:] for i in range(SHINGLE)), strict=False)))
+
+
+_SHINGLE_HASH = functools.partial(hashlib.blake2b, digest_size=4)
+_DIGEST = operator.methodcaller("digest")
+
+
+def _shingle_hashes(tokens: Sequence[str]) -> bytes:
+    """Each distinct shingle's 4-byte blake2b digest, concatenated (big-endian numbers):
+    the loop runs in ``map`` rather than Python code (-20%; blake2b itself is the rest)."""
+    return b"".join(map(_DIGEST, map(_SHINGLE_HASH, map(str.encode, _shingles(tokens)))))
 
 
 def fingerprint(text: str) -> tuple[str, ...]:
@@ -67,8 +83,7 @@ def fingerprint(text: str) -> tuple[str, ...]:
     import numpy as np
 
     a, b = _coefficients()
-    values = _shingle_hashes(normalise(text))
-    hashes = np.fromiter(values, dtype=np.uint64, count=len(values))
+    hashes = np.frombuffer(_shingle_hashes(normalise(text)), dtype=">u4").astype(np.uint64)
     # (a * h + b) mod p for every (hash function, shingle); a, h < 2**32 so no overflow.
     mins = ((a[:, None] * hashes[None, :] + b[:, None]) % np.uint64(_PRIME)).min(axis=1)
     keys = []
