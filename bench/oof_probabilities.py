@@ -77,6 +77,7 @@ def candidate_of(card: dict[str, Any]) -> selection.Candidate:
         float(e["meta_weight"]),
         float(e["word_weight"]),
         float(e["balance"]),
+        float(e.get("recent_words", 0.0)),
     )
 
 
@@ -114,7 +115,8 @@ def out_of_fold(
         raise CorpusError(f"fold grouping {grouping} differs from the card's")
     log(f"{len(data.labels)} rows, {selection.CV_FOLDS} folds grouped by {grouping}: {chosen.name}")
     x = selection.vectoriser(chosen.chars).fit_transform(data.rows).tocsr()
-    oof = selection.out_of_fold(x, data, chosen, ids, seed, calibrated=True)
+    recent = card["estimator"].get("recent_set")
+    oof = selection.out_of_fold(x, data, chosen, ids, seed, True, recent)
     return data, oof
 
 

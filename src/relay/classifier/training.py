@@ -144,10 +144,12 @@ def train(
     candidates: Sequence[Candidate] = CANDIDATES,
     settings: FeatureSettings | None = None,
     log: Any = print,
+    recent: str | None = None,
 ) -> dict[str, Any]:
     """Choose by grouped CV, fit on every training set, save model + card in ``out_dir``.
 
-    ``trained_at`` is given by the caller (the command's start), never read here."""
+    ``trained_at`` is given by the caller (the command's start), never read here.
+    ``recent`` names the training set of today's mail (``selection.Candidate.recent_words``)."""
     import skops.io as sio
 
     started = time.perf_counter()
@@ -156,6 +158,8 @@ def train(
     names = [ts.name for ts in sets]
     if len(set(names)) != len(names):
         raise CorpusError(f"training sets need distinct names, got {names}")
+    if recent is not None and recent not in names:
+        raise CorpusError(f"recent set {recent!r} is not a training set ({names})")
     samples = [s for ts in sets for s in ts.samples]
     counts = {label: sum(s.label == label for s in samples) for label in LABELS}
     if min(counts.values()) < CV_FOLDS:
@@ -164,10 +168,10 @@ def train(
     log(f"features of {len(samples)} messages ({data.degraded} degraded)")
 
     ids, grouping = selection.fold_ids(data, seed)
-    chosen, grid = selection.select(data, seed, candidates, log, ids)
+    chosen, grid = selection.select(data, seed, candidates, log, ids, recent)
     log(f"chosen: {chosen.name}")
     x = selection.vectoriser(chosen.chars).fit_transform(data.rows).tocsr()
-    oof = selection.out_of_fold(x, data, chosen, ids, seed, calibrated=True)
+    oof = selection.out_of_fold(x, data, chosen, ids, seed, True, recent)
     # Operating points on the pooled held-out probabilities of every training set.
     thresholds = {
         "fpr_0.1%": evaluation.threshold_at_fpr(data.spam, oof, 0.001),
@@ -179,7 +183,17 @@ def train(
     pipeline = selection.build_pipeline(chosen, ids, seed)
     fit_start = time.perf_counter()
     weights = selection.sample_weights(data, chosen.balance)
-    pipeline.fit(data.rows, data.labels, classify__sample_weight=weights)
+    if chosen.recent_words:
+        # The sum of two SVMs has no scikit-learn fit of its own: fit the feature step,
+        # then the calibrated classifier on its output (same types as the plain fit).
+        features = pipeline.named_steps["features"]
+        xw = features.fit_transform(data.rows).tocsr()
+        classifier = selection.fit_calibrated(
+            chosen, xw, data.labels, weights, selection.recent_rows(data, recent), ids, seed
+        )
+        pipeline.steps[-1] = ("classify", classifier)
+    else:
+        pipeline.fit(data.rows, data.labels, classify__sample_weight=weights)
     fit_seconds = time.perf_counter() - fit_start
 
     test_figures = None
@@ -223,8 +237,14 @@ def train(
         },
         "estimator": {
             **chosen.as_dict(),
+            "recent_set": recent if chosen.recent_words else None,
             "calibration": "sigmoid (Platt) fitted on the out-of-fold decision values of the "
-            f"{CV_FOLDS} grouped folds below (PredefinedSplit), one SVM refit on all data",
+            f"{CV_FOLDS} grouped folds below (PredefinedSplit), one SVM refit on all data"
+            + (
+                f" plus {chosen.recent_words:g} x an SVM fitted on the recent set's words"
+                if chosen.recent_words
+                else ""
+            ),
         },
         "training": {
             "seed": seed,

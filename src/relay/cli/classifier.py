@@ -29,13 +29,17 @@ def train_command(
     spam: Sequence[Path] = (),
     seed: int = selection.SEED,
     quick: bool = False,
+    recent: Path | None = None,
 ) -> int:
     """`relay train`: from labels files (train rows; test rows only scored) or sources.
 
     Each ``--labels`` is one training set; ``--corpus`` gives, in the same order, the root
-    its paths are relative to (default: the labels file's directory)."""
+    its paths are relative to (default: the labels file's directory). ``recent`` is the
+    labels file (one of ``labels``) of today's mail, for ``Candidate.recent_words``."""
     if corpus and len(corpus) != len(labels):
         raise CorpusError("give one --corpus per --labels (in the same order), or none")
+    if recent is not None and recent not in labels:
+        raise CorpusError(f"--recent {recent} is not one of the --labels files")
     sets: list[training.TrainingSet] = []
     tests = []
     for i, labels_file in enumerate(labels):
@@ -58,6 +62,7 @@ def train_command(
         test_samples=tests,
         seed=seed,
         candidates=selection.CANDIDATES[-1:] if quick else selection.CANDIDATES,
+        recent=set_name(recent) if recent is not None else None,
     )
     return 0
 

@@ -409,6 +409,12 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--out", type=Path, default=Path("models"), help="output directory")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fixed)")
     p.add_argument("--quick", action="store_true", help="skip model selection (one candidate)")
+    p.add_argument(
+        "--recent",
+        type=Path,
+        default=None,
+        help="the --labels file of today's mail: also try adding an SVM of its words alone",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from relay.classifier.selection import SEED
@@ -424,6 +430,7 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             spam=args.spam,
             seed=SEED if args.seed is None else args.seed,
             quick=args.quick,
+            recent=args.recent,
         )
 
     p.set_defaults(handler=run)

@@ -253,6 +253,8 @@ class PipeWorkers:
                 raise
             self._restarts.started()
             self._children.append(child)
+            if self.replaced:
+                log.info("%s ready (a replacement)", child.name)
 
     def _schedule(self, delay: float) -> None:
         """Try to start the missing children ``delay`` seconds from now, whether or not a
