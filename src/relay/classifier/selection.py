@@ -48,8 +48,9 @@ class Candidate:
     balance: float = 0.0
     # Weight of a second SVM, fitted on the recent training set's rows and word block alone,
     # added to the SVM of all sets (0: none). Words, not meta: meta tokens' weights learnt
-    # from a few hundred messages carry the collectors' habits (measured: with meta the
-    # 2002 set lost 0.002 AUC, words alone 0.0002; bench/results/modern_auc_exp.md).
+    # from a few hundred messages carry the collectors' habits (at x0.5 with every block
+    # the 2002 set lost 0.0005 AUC, with words alone 0.0002, and modern-dev gained less;
+    # bench/results/modern_auc_exp.md).
     recent_words: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
