@@ -25,8 +25,8 @@ request for every SpamAssassin message and a verify request for every dkim-sampl
 otherwise: exit status 1).
 
 Usage: .venv/bin/python -m bench.bench_child_cpu --base DIR [--src DIR] [--rounds 3]
-(``DIR`` holds ``relay/``: ``mkdir -p /tmp/base && git archive HEAD src | tar -x -C
-/tmp/base`` gives ``--base /tmp/base/src``; ``--src`` defaults to this checkout's src).
+(``DIR`` holds ``relay/``: ``mkdir -p var/base && git archive HEAD src | tar -x -C
+var/base`` gives ``--base var/base/src``; ``--src`` defaults to this checkout's src).
 Writes bench/results/child_cpu.{json,md}.
 """
 
