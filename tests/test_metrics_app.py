@@ -132,7 +132,10 @@ listen = "127.0.0.1:{metrics_port}"
 path = "var/state.sqlite3"
 """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # This checkout's src first; what was on the path stays (under `make unit-future` that
+    # is tests/future_clock, without which time.sleep fails in the relay under faketime).
+    path = os.pathsep.join(filter(None, (str(REPO / "src"), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with (tmp_path / "relay.log").open("wb") as log:
         proc = subprocess.Popen(

@@ -52,7 +52,8 @@ print(os.getpid())
 
 
 def run_worker(directory: Path, messages: int) -> int:
-    env = {**os.environ, MULTIPROC_ENV: str(directory), "PYTHONPATH": str(REPO / "src")}
+    path = os.pathsep.join(filter(None, (str(REPO / "src"), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, MULTIPROC_ENV: str(directory), "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-c", WORKER, str(messages)],
         env=env,
