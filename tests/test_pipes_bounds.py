@@ -5,7 +5,6 @@ pending requests, and a child's batch handler."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from relay.errors import WorkerBusy, WorkerDied, WorkerTimeout
 from relay.proc.pipes import ERROR, OK, PipeWorkers, _answer, split_frames
 from relay.proc.restarts import Restarts
+from tests.support.postfix import until
 
 CHILD = "tests.support.echochild"
 
@@ -45,14 +45,6 @@ async def test_a_request_that_kills_its_child_twice_fails() -> None:
         await workers.close()
 
 
-async def until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def test_an_exited_child_is_replaced_before_the_next_request() -> None:
     workers = PipeWorkers(CHILD, 1, name="echo")
     try:
@@ -60,7 +52,7 @@ async def test_an_exited_child_is_replaced_before_the_next_request() -> None:
         (first,) = workers.pids
         with pytest.raises(WorkerDied):
             await workers.call(b"exit")
-        await until(lambda: bool(workers.pids))  # no request asked for it
+        await until(lambda: bool(workers.pids), "a replacement")  # no request asked for it
         (second,) = workers.pids
         assert second != first and workers.replaced == 1
         assert (await workers.call(b"next")).startswith(str(second).encode())
@@ -87,7 +79,7 @@ async def test_a_child_that_cannot_start_is_tried_again_after_growing_pauses(
         with pytest.raises(WorkerDied):
             await workers.start()
         # Again at once, then after 0.3 s; the third pause is an hour.
-        await until(lambda: workers.failed_starts == 3)
+        await until(lambda: workers.failed_starts == 3, "three failed starts")
         assert started() == 3
         for _ in range(20):  # requests meanwhile start nothing and fail at once
             with pytest.raises(WorkerDied, match="3 failed starts in a row"):
