@@ -3,10 +3,6 @@ costs more than the work), in a thread for big ones (the loop must not stall).""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 
 from relay.facts import text
@@ -22,19 +18,6 @@ def message(body_bytes: int) -> Message:
     line = "Meeting notes for the quarterly review of the network budget.\n"
     body = (line * (body_bytes // len(line) + 1))[:body_bytes]
     return Message.from_file_bytes((head + body).encode(), received_at=1_795_000_000.0)
-
-
-@pytest.fixture
-def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    real = asyncio.to_thread
-
-    async def counted(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        calls.append(getattr(fn, "__name__", "?"))
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counted)
-    return calls
 
 
 @pytest.mark.parametrize(

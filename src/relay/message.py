@@ -185,9 +185,13 @@ def decode_8bit(raw: bytes) -> str:
         return raw.decode("cp1252", "replace")
 
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # an 8-bit byte read with surrogateescape
+
+
 def undo_surrogates(text: str) -> str:
     """Text read with ``surrogateescape`` (8-bit header bytes) decoded by ``decode_8bit``."""
-    if any("\udc80" <= c <= "\udcff" for c in text):
+    # ASCII (nearly every header value) holds no surrogate: no per-character scan.
+    if not text.isascii() and _ESCAPED_BYTE.search(text):
         return decode_8bit(text.encode("utf-8", "surrogateescape"))
     return text
 

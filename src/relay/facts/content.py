@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.auth.domains import org_domain
 from relay.facts.base import FactContext, FactSpec, FactType
@@ -37,6 +37,15 @@ class Cue:
     weight: float
     cap: int = 5
     subject: bool = False  # matched against the Subject alone, not the Subject and body
+    # Strings every match contains (the pattern is case-sensitive): a text holding none of
+    # them has no match, found without running the pattern over it. Empty: always run.
+    needles: tuple[str, ...] = ()
+
+    def count(self, text: str) -> int:
+        """Matches of the pattern in ``text`` (as ``len(findall)``)."""
+        if self.needles and not any(n in text for n in self.needles):
+            return 0
+        return len(self.pattern.findall(text))
 
 
 def _re(text: str) -> re.Pattern[str]:
@@ -60,16 +69,21 @@ def _lower(text: str) -> re.Pattern[str]:
 COMMERCIAL_BIAS = -1.7
 COMMERCIAL_CUES = (
     Cue("price", _lower(r"[$€£¥]\s?\d|\b\d+(?:[.,]\d\d)?\s?(?:usd|eur|gbp|dollars?|euros?)"
-                        r"\b"), -0.7),
+                        r"\b"), -0.7,
+        needles=("$", "€", "£", "¥", "usd", "eur", "gbp", "dollar")),
     Cue("discount", _lower(r"\b\d{1,2}\s?%\s?off\b|\bdiscount|\bsale\b|\bcoupon|\bpromo(?:tion"
                         r"|code)?\b|\bspecial offer|\blimited[- ]time|\bclearance|\bfree "
-                        r"(?:shipping|delivery|trial|gift)|\bbest price|\blowest price"), 1.4),
+                        r"(?:shipping|delivery|trial|gift)|\bbest price|\blowest price"), 1.4,
+        needles=("%", "discount", "sale", "coupon", "promo", "special offer", "limited",
+                 "clearance", "free ", "best price", "lowest price")),
     Cue("call_to_action", _lower(r"\b(?:buy|order|shop|subscribe|sign up|register|call|apply|act"
                               r"|book|download|join)\s+(?:now|today)\b|\bclick here\b|\bget "
-                              r"(?:yours|started)\b|\bdon'?t miss\b|\bhurry\b"), 0.7),
+                              r"(?:yours|started)\b|\bdon'?t miss\b|\bhurry\b"), 0.7,
+        needles=("now", "today", "click here", "get yours", "get started", "t miss", "hurry")),
     Cue("unsubscribe", _lower(r"\bunsubscribe|\bopt[- ]?out\b|\bremoved? from (?:our|this|the)"
                            r"[\w ]{0,20}list|\bto be removed\b|\bno longer wish\b|"
-                           r"\bmanage (?:your )?(?:preferences|subscription)"), 1.5, cap=2),
+                           r"\bmanage (?:your )?(?:preferences|subscription)"), 1.5, cap=2,
+        needles=("unsubscribe", "opt", "remove", "no longer wish", "manage ")),
     Cue("marketing", _lower(r"\b(?:offers?|exclusive|bonus|guaranteed?|winner|prize|risk[- ]free"
                          r"|earn|income|investment|mortgage|loans?|credit|pharmacy|casino|"
                          r"newsletter|products?|brand|new arrivals|catalog(?:ue)?|customers?"
@@ -77,18 +91,23 @@ COMMERCIAL_CUES = (
                          r"prices?|opportunity|deals?|business|profits?|sales|gifts?)\b"), 0.3,
         cap=10),
     Cue("ad_statement", _lower(r"\b(?:advertisement|advertising|promotional|sponsored)\b"), 0.5,
-        cap=2),
+        cap=2, needles=("advertis", "promotional", "sponsored")),
     # Shopping calls (version 3): what a promotion asks the reader to do.
     Cue("shop", _lower(r"\bshop (?:now|all|the|our|sale|new|today|deals?|gifts?|here)\b|\badd to "
                     r"(?:cart|bag)\b|\b(?:use|with|enter|apply) (?:promo |discount |the )?code\b"
                     r"|\bcode:|\bbogo\b|\bsitewide\b|\bsave (?:up to|an? |\$|\d)|\bends "
                     r"(?:tonight|today|soon|tomorrow|sunday|monday)\b|\blast (?:chance|call|day)\b"
                     r"|\bdeals?\b|\bgift guide\b|\bbest ?sellers?\b|\bnew arrivals\b|\bshop\b"),
-        1.0),
+        1.0,
+        needles=("shop", "add to ", "code", "bogo", "sitewide", "save ", "ends ", "last ", "deal",
+                 "gift guide", "best", "new arrivals")),
     # Transactional and personal mail: receipts, security codes, thread replies.
     Cue("transactional", _lower(r"\b(?:receipt|invoice|tracking number|has shipped|order "
                              r"(?:number|#|confirmation)|password reset|verification code|"
-                             r"security alert|your account statement)\b"), -1.0, cap=3),
+                             r"security alert|your account statement)\b"), -1.0, cap=3,
+        needles=("receipt", "invoice", "tracking number", "has shipped", "order ",
+                 "password reset", "verification code", "security alert",
+                 "your account statement")),
     # The reader's own account, order, payment or appointment (version 3): the wider
     # vocabulary of transactional mail, which bulk senders share with their promotions.
     Cue("account", _lower(r"\byour (?:order|payment|account|statement|invoice|receipt|package|"
@@ -108,13 +127,19 @@ COMMERCIAL_CUES = (
                          r"highlights|posted by|replied|comments?|neighbou?rs?|question|answers?|"
                          r"this week in|good morning|podcast|episode|update)\b"), -1.0),
     Cue("personal", _lower(r"\b(?:i think|let me know|see you|talk soon|thanks for your|as we "
-                        r"discussed|attached is|i'll|i've)\b"), -0.7, cap=5),
+                        r"discussed|attached is|i'll|i've)\b"), -0.7, cap=5,
+        needles=("i think", "let me know", "see you", "talk soon", "thanks for your",
+                 "as we discussed", "attached is", "i'll", "i've")),
     # Technical discussion: patches, code, logs (kernel, SDR, hypervisor lists). Their
     # "free", "order", "save", "credit", "business" are not offers.
     Cue("technical", re.compile(r"^(?:diff --git|index [0-9a-f]{7,}\.\.|@@ -\d|signed-off-by:|"
                          r"reviewed-by:|acked-by:|\+\+\+ |--- a/)|#include\b|\bstruct \w+ \{|"
                          r"\b(?:if|for|while) \(.*\) \{$|\b\w+\(\);$|\btraceback \(most recent"
-                         r"|\bsegfault|\bkernel:? |\bcommit [0-9a-f]{12,}\b", re.M), -1.2, cap=5),
+                         r"|\bsegfault|\bkernel:? |\bcommit [0-9a-f]{12,}\b", re.M), -1.2, cap=5,
+        # One per alternative, in order (the most expensive cue to run: ~30% of the score).
+        needles=("diff --git", "index ", "@@ -", "signed-off-by:", "reviewed-by:", "acked-by:",
+                 "+++ ", "--- a/", "#include", "struct ", "if (", "for (", "while (", "();",
+                 "traceback (most recent", "segfault", "kernel", "commit ")),
     # The Subject alone (version 4): promotions announce the offer there ("40% off ends
     # tonight", "Presale starts tomorrow") and decorate it with emoji; news, account notices
     # and personal mail mostly do not. Community: neighbourhood, group and thread posts.
@@ -126,7 +151,9 @@ COMMERCIAL_CUES = (
         subject=True),
     Cue("community", _lower(r"\bneighbou?rs?\b|\bnear you\b|\bposted\b|\bsupport group\b|"
                          r"\bcommunity\b|\bmeeting\b|\bnew message\b|\breplied\b|\bcommented\b|"
-                         r"\bmentioned you\b"), -1.0, cap=3),
+                         r"\bmentioned you\b"), -1.0, cap=3,
+        needles=("neighbo", "near you", "posted", "support group", "community", "meeting",
+                 "new message", "replied", "commented", "mentioned you")),
     # The Subject names the reader's own business with the sender (version 5): an order,
     # receipt, payment, sign-in, appointment, renewal or notice. Account mail says so where
     # the reader decides whether to open it; a promotion's Subject names the offer instead.
@@ -189,6 +216,17 @@ _POSTAL = (
         ),
     ),
 )
+# For each _POSTAL entry, a pattern every match of its anchor contains that starts with a
+# character class, so re skips ahead to candidates instead of trying every position (a
+# leading \b defeats that): one of ~4 us where the anchor takes ~30 us, and most text has
+# no five-digit run, postcode or house number before a capital.
+_POSTAL_GATES = (
+    re.compile(r"[bB][oO][xX]"),  # IGNORECASE equates b, o, x with nothing else
+    re.compile(r"\d{5}"),
+    re.compile(r"\d[A-Z]{2}"),
+    re.compile(r"\d[A-Z]\s?\d[A-Z]\d"),
+    re.compile(r"\d{4}\s+[A-ZÄÖÜÉ]"),  # \d{4,5}\s+: the last four digits, then the space
+)
 _AD_LABEL = _re(
     r"\bthis (?:e-?mail|message) is an? (?:advertisement|commercial (?:message|communication)"
     r"|promotion(?:al (?:message|e-?mail))?)\b|^\s*(?:adv|advertisement|anzeige|werbung|"
@@ -221,7 +259,22 @@ def _subject(ctx: FactContext) -> str:
 
 
 # The detectors scan up to 64 K characters with many patterns (up to ~14 ms on the
-# corpus's largest bodies), so each runs in a thread, off the event loop.
+# corpus's largest bodies), so on a long text each runs in a thread, off the event loop.
+# On a short one the trip to the thread costs more than the work (about 40 us of CPU each
+# way and a loop wake-up, docs/benchmarks.md "Thread hops"), so up to INLINE_CHARS of text
+# they run on the loop: all five detectors of one such text together took 0.3 ms on
+# average and 1.1 ms at most over 10,000 synthetic messages (docs/lab.md "Pass 1: where
+# the CPU goes"), within the loop-lag budget body_text keeps.
+INLINE_CHARS = 2048
+
+R = TypeVar("R")
+
+
+async def _scan(text: str, fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)``, a detector over ``text``: on the loop when the text is short."""
+    if len(text) <= INLINE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 async def _body(ctx: FactContext) -> BodyText:
@@ -310,10 +363,7 @@ def commercial_score(
     # Cue patterns are lower-case: lowering once is cheaper than IGNORECASE in every scan.
     text = (subject + "\n" + own_words(body.text, discussion_list)).lower()
     lowered = subject.lower()
-    counts = {
-        cue.name: len(cue.pattern.findall(lowered if cue.subject else text))
-        for cue in COMMERCIAL_CUES
-    }
+    counts = {cue.name: cue.count(lowered if cue.subject else text) for cue in COMMERCIAL_CUES}
     counts["links"] = len(body.links)
     counts["words"] = len(text.split())
     counts["list_unsubscribe"] = int(headers.list_unsubscribe and not discussion_list)
@@ -335,23 +385,41 @@ def is_discussion_list(list_post: str | None, mailing_list: str | None) -> bool:
 async def _commercial_probability(ctx: FactContext) -> float:
     message = ctx.message
     listed = is_discussion_list(message.header("list-post"), message.header("mailing-list"))
-    score, _ = await asyncio.to_thread(
-        commercial_score, _subject(ctx), await _body(ctx), listed, sending_headers(message)
+    body = await _body(ctx)
+    score, _ = await _scan(
+        body.text, commercial_score, _subject(ctx), body, listed, sending_headers(message)
     )
     return round(score, 4)
 
 
 def has_postal(text: str) -> bool:
     """Whether ``text`` holds a postal address pattern (see _POSTAL)."""
-    return any(anchor.search(text) and full.search(text) for anchor, full in _POSTAL)
+    return any(
+        gate.search(text) and anchor.search(text) and full.search(text)
+        for gate, (anchor, full) in zip(_POSTAL_GATES, _POSTAL, strict=True)
+    )
 
 
 async def _has_postal_address(ctx: FactContext) -> bool:
-    return await asyncio.to_thread(has_postal, (await _body(ctx)).text)
+    text = (await _body(ctx)).text
+    return await _scan(text, has_postal, text)
+
+
+# Every match of _AD_LABEL holds one of these, ignoring case: a text holding none is
+# answered without running the pattern (most mail; the pattern costs ~0.2 ms a message).
+_AD_NEEDLES = ("adv", "commercial", "promotion", "anzeige", "werbung", "publicit", "sponsored")
+# The characters IGNORECASE equates with an ASCII letter that str.lower() does not turn
+# into it (U+0130 and U+0131 with i, U+017F with s; the Kelvin sign lowers to k): a
+# text holding one is searched.
+_FOLDS_TO_ASCII = ("\u0130", "\u0131", "\u017f")
 
 
 def has_ad_label(text: str) -> bool:
     """Whether ``text`` says it is an advertisement (see _AD_LABEL)."""
+    if not any(c in text for c in _FOLDS_TO_ASCII):
+        lowered = text.lower()
+        if not any(n in lowered for n in _AD_NEEDLES):
+            return False
     return _AD_LABEL.search(text) is not None
 
 
@@ -397,7 +465,7 @@ def _wordlike(word: str) -> bool:
 # Code, patches and logs are mostly "non-words" and still mean something: a line with
 # code punctuation, or the technical cue's markers (diff headers, sign-offs, tracebacks).
 _CODE_LINE = re.compile(r"[;{}()\[\]=<>]|->|::")
-_TECHNICAL = next(cue.pattern for cue in COMMERCIAL_CUES if cue.name == "technical")
+_TECHNICAL = next(cue for cue in COMMERCIAL_CUES if cue.name == "technical")
 CODE_MIN_LINES = 5
 CODE_MIN_SHARE = 0.3
 
@@ -409,14 +477,17 @@ def is_code(text: str) -> bool:
     code = sum(1 for line in lines if _CODE_LINE.search(line))
     if code >= CODE_MIN_LINES and code >= CODE_MIN_SHARE * len(lines):
         return True
-    return len(_TECHNICAL.findall(text.lower())) >= 2
+    return _TECHNICAL.count(text.lower()) >= 2
 
 
 def is_meaningless(text: str) -> bool:
     """Too few words, mostly non-words, or one word repeated (see docs/facts.md); code,
     patches and logs are not meaningless, whatever their share of words."""
     tokens = text.split()
-    words = [w for w in _WORD.findall(text) if _wordlike(w)]
+    found = _WORD.findall(text)
+    # Each distinct word tested once (a word recurs about twice in ordinary text).
+    wordlike = {w for w in set(found) if _wordlike(w)}
+    words = [w for w in found if w in wordlike]
     if len(words) < MEANINGFUL_MIN_WORDS:
         return True
     if len(words) / max(len(tokens), 1) < MEANINGFUL_MIN_WORDLIKE:
@@ -426,7 +497,8 @@ def is_meaningless(text: str) -> bool:
 
 
 async def _meaningless_text(ctx: FactContext) -> bool:
-    return await asyncio.to_thread(is_meaningless, (await _body(ctx)).text)
+    text = (await _body(ctx)).text
+    return await _scan(text, is_meaningless, text)
 
 
 def _stems(text: str) -> set[str]:
@@ -446,7 +518,8 @@ def mismatch(subject: str, text: str) -> float:
 
 
 async def _subject_body_mismatch(ctx: FactContext) -> float:
-    return await asyncio.to_thread(mismatch, _subject(ctx), (await _body(ctx)).text)
+    text = (await _body(ctx)).text
+    return await _scan(text, mismatch, _subject(ctx), text)
 
 
 def _spec(
