@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.bench_labscale --sizes 10000 100000
     .venv/bin/python -m bench.bench_labscale --sizes 10000 --engine dask   # loopback cluster
+    .venv/bin/python -m bench.bench_labscale --sizes 10000 --code COPY --tag NAME  # a given copy
 
 Messages are synthesised from the SpamAssassin corpus (var/sa, or ../shared's tarballs
 extracted there) by deterministic, seeded perturbation (``perturb``): a new topmost
@@ -279,36 +280,52 @@ def measure(
 
 def extrapolation(results: dict[str, Any]) -> list[str]:
     """1M messages from the largest local size measured, linearly (CPU per message and
-    the per-message memory slope between the two largest sizes): an extrapolation,
-    labelled as one."""
-    local = sorted(
-        (s for s in results["sizes"].values() if s["engine"] == "local" and not s.get("tag")),
-        key=lambda s: s["messages"],
-    )
-    if not local:
-        return []
+    the per-message memory slope between the two largest sizes), per tag (one tree):
+    an extrapolation, labelled as one."""
+    out: list[str] = []
+    tags = sorted({s.get("tag", "") for s in results["sizes"].values()})
+    for tag in tags:
+        local = sorted(
+            (
+                s
+                for s in results["sizes"].values()
+                if s["engine"] == "local" and s.get("tag", "") == tag
+            ),
+            key=lambda s: s["messages"],
+        )
+        if not local or (tag and len(local) < 2):
+            continue  # a tagged tree measured at one size: no slope to extrapolate
+        out += _extrapolate(local, f" ({tag})" if tag else " (untagged rows)")
+    return out
+
+
+def _extrapolate(local: list[dict[str, Any]], label: str) -> list[str]:
     big = local[-1]
     n, jobs = big["messages"], big["jobs"]
     cold_cpu = big["runs"]["cold"]["cpu_seconds"] / n * 1_000_000
     changed_cpu = big["runs"]["changed"]["cpu_seconds"] / n * 1_000_000
     out = [
-        f"Extrapolated to 1,000,000 messages from {n} (linear; not measured): cold "
+        f"Extrapolated to 1,000,000 messages from {n}{label} (linear; not measured): cold "
         f"{cold_cpu / 3600:.1f} h of CPU, at best {cold_cpu / jobs / 3600:.1f} h on {jobs} "
         f"otherwise idle cores (target < 1 h); the changed-regime rerun {changed_cpu:.0f} s "
         f"of CPU, mostly single-threaded (target < 120 s)."
     ]
     if len(local) > 1:
         small = local[-2]
-        for name in ("cold", "changed"):
+        for name in ("cold", "warm", "changed"):
             a, b = small["runs"][name]["peak_pss_bytes"], big["runs"][name]["peak_pss_bytes"]
             slope = (b - a) / (n - small["messages"])
             base = a - slope * small["messages"]
             out.append(
-                f"Peak PSS, {name}: {base / 2**20:.0f} MiB + {slope / 1024:.1f} KiB per "
+                f"Peak PSS{label}, {name}: {base / 2**20:.0f} MiB + {slope / 1024:.1f} KiB per "
                 f"message (from {small['messages']} and {n}); 1M messages: "
                 f"{(base + slope * 1e6) / 2**30:.1f} GiB."
             )
     return out
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -334,7 +351,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {r['seconds']:.0f} s "
                 f"| {r['cpu_seconds']:.0f} s | {1000 * r['cpu_seconds'] / s['messages']:.2f} "
                 f"| {r['peak_pss_bytes'] / 2**20:.0f} MiB ({r['peak_rss_bytes'] / 2**20:.0f} MiB) "
-                f"| {t['facts']:.0f} / {t['evaluate']:.0f} / {t['report']:.0f} "
+                f"| {_secs(t['facts'])} / {_secs(t['evaluate'])} / {_secs(t['report'])} "
                 f"| {r['load_average_1m'][0]} / {r['load_average_1m'][1]} |"
             )
     lines += ["", "Disk: synthetic tar, labels and fact cache per size:", ""]
@@ -348,7 +365,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", *extrapolation(results)]
     if results.get("notes"):
         lines += ["", *results["notes"]]
-    lines += ["", "Command: `.venv/bin/python -m bench.bench_labscale --sizes 10000 100000`", ""]
+    lines += [
+        "",
+        "Command: `.venv/bin/python -m bench.bench_labscale --sizes 10000 100000`; two trees "
+        "side by side: `--code DIR --tag NAME` per frozen copy.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -367,6 +389,12 @@ def main() -> int:
     parser.add_argument("--synthesise-only", action="store_true")
     parser.add_argument("--tag", default="", help="kept beside an untagged run of a size")
     parser.add_argument("--sample", type=float, default=0.25, help="/proc sampling, seconds")
+    parser.add_argument(
+        "--code",
+        type=Path,
+        help="an existing frozen copy (src/, config/, models/) to run instead of a fresh "
+        "snapshot of the tree: two copies taken together compare one change side by side",
+    )
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))[: args.jobs]
     os.sched_setaffinity(0, cores)  # the lab and its workers inherit this
@@ -377,8 +405,12 @@ def main() -> int:
         return 0
     path = RESULTS / "labscale.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
-    code = SCRATCH / "code"
-    env = snapshot(code)
+    if args.code is None:
+        code = SCRATCH / "code"
+        env = snapshot(code)
+    else:
+        code = args.code.resolve()
+        env = {**os.environ, "PYTHONPATH": str(code / "src")}
     for size in args.sizes:
         result = measure(size, args, bases, env, code)
         result["code_digest"] = tree_digest(code / "src")

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.policy:
         raise RelayError("give at least one --policy file")
+    if args.pages < 0:
+        raise RelayError("--pages: 0 (a fact page for every listed message) or more")
     settings = load_settings(args.config) if args.config is not None else Settings()
     sources, description = _sources(args)
     trusted = tuple(dict.fromkeys([settings.authserv_id, *args.trust_authserv_id]))
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else args.cache,
         jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
         progress=not args.no_progress and sys.stderr.isatty(),
+        pages=args.pages if args.pages > 0 else None,
         engine=EngineSpec(
             args.engine, args.scheduler, args.workers, pass2=args.pass2, shards=args.shards
         ),

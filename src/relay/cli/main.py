@@ -253,6 +253,13 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fact cache directory (default var/lab-cache)",
     )
     p.add_argument("--no-cache", action="store_true", help="compute everything, keep nothing")
+    p.add_argument(
+        "--pages",
+        type=int,
+        default=1000,
+        metavar="K",
+        help="fact pages for the first K rows of each message list (default 1000, 0: all)",
+    )
     p.add_argument("--jobs", type=int, default=0, help="worker processes (default: all cores)")
     p.add_argument(
         "--engine",

@@ -3,7 +3,8 @@
 corpus.py        read a split file / Maildir / mbox / directory; time order; unreadables
 offline_auth.py  authentication facts from trusted Authentication-Results (DNS offline)
 env.py           registry and services, rebuilt identically in every process
-cache.py         SQLite fact cache keyed by digest, fact name + version and context
+cache.py         SQLite cache: facts (digest, fact name + version, context), each
+                 regime's decisions (regime key), the corpus's header values
 compute.py       pass 1: stateless facts in a process pool; pass 2: stateful, in order
 engine.py        where the passes run: that pool, or Dask tasks over batches (--engine dask)
 shards.py        pass 2 as a key-sharded replay, exactly the ordered loop's values
@@ -18,7 +19,8 @@ render.py, plots.py  Markdown, HTML and PNGs drawn from that JSON
 tables.py        the HTML's message lists: first page inline, other pages and filters as
                  static files loaded on demand (file:// or HTTP)
 render_curves.py, svgcurve.py  the curve and rule sections (inline SVG, no script)
-run.py           one study from options to files (and verdicts.jsonl, every message)
+run.py           one study from options to files, streamed (verdicts.jsonl, every
+                 message; fact pages for the first rows of each list)
 diff.py          `relay lab diff`: two reports, two regimes, or a shadow log, message by
                  message, with the rules responsible and paired intervals
 tune.py          `relay lab tune`: rule scores and thresholds fitted to the train split

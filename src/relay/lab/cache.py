@@ -1,16 +1,28 @@
-"""On-disk fact cache: one row per (message digest, fact name, fact version, context).
+"""On-disk caches of the lab: facts, and each regime's decisions.
 
-``context`` ties a value to what else it depended on: the lab environment (offline or
-resolver DNS, trusted authserv-ids, oracle lists, model file) for every fact, plus the
-corpus order for stateful facts (a bulk count is only true for one sequence of mail).
-Errors are cached too, so a warm run does not retry a fact that cannot be computed.
+Facts: one row per (message digest, fact name, fact version, context). ``context`` ties
+a value to what else it depended on: the lab environment (offline or resolver DNS,
+trusted authserv-ids, oracle lists, model file) for every fact, plus the corpus order for
+stateful facts (a bulk count is only true for one sequence of mail). Errors are cached
+too, so a warm run does not retry a fact that cannot be computed. Facts are read a batch
+of messages at a time (``load_batch``, ``BatchReader``): the driver never holds every
+message's facts at once.
+
+Corpus index: per message digest, what its header gave the lab (time, envelope, client),
+so a rerun does not parse every header again (CorpusIndex).
+
+Decisions: one row per (regime key, message digest), the regime key a digest of the
+regime file, the versions of the facts it can read, the fact context and the deciding
+code (evaluate.regime_key). A rerun with one regime file changed evaluates that regime
+only; the others' decisions are read back (DecisionCache).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +37,33 @@ CREATE TABLE IF NOT EXISTS facts (
     error TEXT,
     PRIMARY KEY (digest, name, version, context)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS corpus_index (
+    digest TEXT NOT NULL,
+    version TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (digest, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decision_values (
+    regime TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (regime, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decision_ids (
+    regime TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (regime, digest)
+) WITHOUT ROWID;
 """
+BATCH = 500  # messages per cache query: well under SQLite's 32766 bound variables
+
+
+def _batches(digests: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """``digests`` BATCH at a time, each part with its ``?,?,...`` placeholders."""
+    for start in range(0, len(digests), BATCH):
+        part = digests[start : start + BATCH]
+        yield part, ",".join("?" * len(part))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +113,63 @@ class FactCache:
             )
         return out
 
+    def load_batch(
+        self,
+        digests: Sequence[str],
+        versions: Mapping[str, int],
+        contexts: Sequence[str],
+        *,
+        values: bool = True,
+    ) -> dict[str, dict[str, Cached]]:
+        """Like ``load`` for these messages only, by the digest index (``values=False``:
+        which facts are cached, each with an empty Cached, without parsing a value)."""
+        out: dict[str, dict[str, Cached]] = {}
+        if not versions:
+            return out
+        column = "value" if values else "NULL"
+        names = sorted(versions)  # only these are parsed: a regime reads a few of them
+        for start in range(0, len(digests), BATCH):
+            part = digests[start : start + BATCH]
+            rows = self._db.execute(
+                f"SELECT digest, name, version, {column}, error FROM facts "  # noqa: S608
+                f"WHERE digest IN ({','.join('?' * len(part))}) "
+                f"AND context IN ({','.join('?' * len(contexts))}) "
+                f"AND name IN ({','.join('?' * len(names))})",
+                (*part, *contexts, *names),
+            )
+            for digest, name, version, value, error in rows:
+                if versions.get(name) != version:
+                    continue
+                out.setdefault(digest, {})[name] = Cached(
+                    None if value is None else json.loads(value), error
+                )
+        return out
+
+    def survey(
+        self, digests: Sequence[str], versions: Mapping[str, int], contexts: Sequence[str]
+    ) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """Per message, how many of these facts are cached in any of ``contexts`` (each
+        fact once) and which ones failed in the first context, counted by SQLite: a
+        warm run's check that nothing is missing, without a Python object per fact."""
+        out: dict[str, tuple[int, tuple[str, ...]]] = {}
+        if not versions:
+            return out
+        pairs = ",".join("(?, ?)" for _ in versions)
+        flat = [x for name, version in sorted(versions.items()) for x in (name, version)]
+        for start in range(0, len(digests), BATCH):
+            part = digests[start : start + BATCH]
+            rows = self._db.execute(
+                "SELECT digest, count(DISTINCT name), group_concat(CASE WHEN error "  # noqa: S608
+                "IS NOT NULL AND context = ? THEN name END, ',') FROM facts "
+                f"WHERE digest IN ({','.join('?' * len(part))}) "
+                f"AND context IN ({','.join('?' * len(contexts))}) "
+                f"AND (name, version) IN (VALUES {pairs}) GROUP BY digest",
+                (contexts[0], *part, *contexts, *flat),
+            )
+            for digest, count, failed in rows:
+                out[digest] = (count, tuple(failed.split(",")) if failed else ())
+        return out
+
     def store(
         self,
         digest: str,
@@ -96,6 +191,122 @@ class FactCache:
                 for name, c in values.items()
             ],
         )
+
+    def commit(self) -> None:
+        self._db.commit()
+
+    def decisions(self) -> DecisionCache:
+        return DecisionCache(self._db)
+
+    def corpus_index(self) -> CorpusIndex:
+        return CorpusIndex(self._db)
+
+
+class BatchReader(Mapping[str, dict[str, Cached]]):
+    """Every message's cached facts as a read-only mapping, read a batch at a time in
+    corpus order: a pass that walks the messages in order (pass 2, evaluation) holds one
+    batch of facts, not the corpus's."""
+
+    def __init__(
+        self,
+        cache: FactCache,
+        digests: Sequence[str],
+        versions: Mapping[str, int],
+        contexts: Sequence[str],
+    ) -> None:
+        self._cache = cache
+        self._digests = list(dict.fromkeys(digests))
+        self._position = {d: i for i, d in enumerate(self._digests)}
+        self._versions = versions
+        self._contexts = contexts
+        self._batch: dict[str, dict[str, Cached]] = {}
+
+    def __getitem__(self, digest: str) -> dict[str, Cached]:
+        if digest not in self._position:
+            raise KeyError(digest)
+        if digest not in self._batch:
+            start = self._position[digest]
+            part = self._digests[start : start + BATCH]
+            loaded = self._cache.load_batch(part, self._versions, self._contexts)
+            self._batch = {d: loaded.get(d, {}) for d in part}
+        return self._batch[digest]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
+class CorpusIndex:
+    """What each message's header gave the lab (lab/corpus.py header_values), by digest
+    and the version of the code that derived it: a rerun reads it instead of parsing."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def get(self, digests: Sequence[str], version: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part, marks in _batches(digests):
+            rows = self._db.execute(
+                f"SELECT digest, value FROM corpus_index WHERE version = ? AND digest IN ({marks})",  # noqa: S608
+                (version, *part),
+            )
+            out.update((digest, json.loads(value)) for digest, value in rows)
+        return out
+
+    def put(self, rows: Sequence[tuple[str, Any]], version: str) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO corpus_index VALUES (?, ?, ?)",
+            [(d, version, json.dumps(v, separators=(",", ":"))) for d, v in rows],
+        )
+        self._db.commit()
+
+
+class DecisionCache:
+    """Each regime's decisions by regime key and message digest, as JSON values (the
+    caller encodes them: evaluate.decision_row). Stored once per distinct value under an
+    id made from the value itself (64 bits of its SHA-256): most messages share their
+    decision with many others, so a message costs an integer and each distinct value is
+    parsed once per run, and two runs writing at once agree on every id."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._values: dict[tuple[str, int], Any] = {}
+
+    def load(self, regime: str, digests: Sequence[str]) -> dict[str, int]:
+        """The id of each cached decision of these messages (``value`` gives it)."""
+        out: dict[str, int] = {}
+        for part, marks in _batches(digests):
+            rows = self._db.execute(
+                f"SELECT digest, id FROM decision_ids WHERE regime = ? AND digest IN ({marks})",  # noqa: S608
+                (regime, *part),
+            )
+            out.update(rows)
+        return out
+
+    def value(self, regime: str, id_: int) -> Any:
+        key = (regime, id_)
+        if key not in self._values:
+            (text,) = self._db.execute(
+                "SELECT value FROM decision_values WHERE regime = ? AND id = ?", key
+            ).fetchone()
+            self._values[key] = json.loads(text)
+        return self._values[key]
+
+    def store(self, regime: str, rows: Iterable[tuple[str, Any]]) -> None:
+        values: dict[int, str] = {}
+        pairs: list[tuple[str, str, int]] = []
+        for digest, value in rows:
+            text = json.dumps(value, separators=(",", ":"))
+            id_ = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+            values[id_] = text
+            pairs.append((regime, digest, id_))
+        self._db.executemany(
+            "INSERT OR IGNORE INTO decision_values VALUES (?, ?, ?)",
+            [(regime, i, t) for i, t in values.items()],
+        )
+        self._db.executemany("INSERT OR REPLACE INTO decision_ids VALUES (?, ?, ?)", pairs)
 
     def commit(self) -> None:
         self._db.commit()

@@ -11,6 +11,11 @@ nothing is dropped silently. Order is corpus time, then file order. A message's 
 its own (``header_time``: the newest Received date, else the Date header); one with
 neither keeps the time of the message before it in file order (the first such: 0, the
 epoch), so a corpus always replays the same way, whatever day it is.
+
+What a message's header gives the lab (its time, envelope and client, or why it is not a
+message) depends only on its bytes: with an ``index`` (the lab's cache, cache.CorpusIndex)
+it is stored by digest and read back in later runs instead of parsing every header again.
+The bytes are still read and hashed, so the digest is always the one of the bytes now.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import dataclasses
 import hashlib
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parseaddr
 from pathlib import Path
+from typing import Any, Protocol
 
 from relay.corpus import Item, Label, read, read_labels, read_source
 from relay.errors import CorpusError
@@ -147,31 +153,104 @@ def _headers(raw: bytes) -> EmailMessage:
     return BytesHeaderParser(policy=compat32).parsebytes(head)
 
 
-def load_corpus(sources: Sequence[Source], description: str) -> Corpus:
+class HeaderIndex(Protocol):
+    """Stored header values by message digest (cache.CorpusIndex)."""
+
+    def get(self, digests: Sequence[str], version: str) -> Mapping[str, Any]: ...
+
+    def put(self, rows: Sequence[tuple[str, Any]], version: str) -> None: ...
+
+
+INDEX_BATCH = 500  # messages looked up in the index at once (their bytes held meanwhile)
+
+
+def index_version() -> str:
+    """The source of the code that derives the indexed values: this module and
+    relay/message.py (header_time, split_header_block); a change to either re-parses."""
+    here = Path(__file__)
+    h = hashlib.sha256()
+    for f in (here, here.parents[1] / "message.py"):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def header_values(data: bytes) -> list[Any]:
+    """[problem] for bytes that are not a message, else [None, time or None, envelope,
+    peer] as JSON values: everything load_corpus takes from a message's header."""
+    problem = parse_problem(data)
+    if problem is not None:
+        return [problem]
+    headers = _headers(data)
+    e = _envelope(data, headers)
+    envelope = [e.mail_from, list(e.rcpt_to), list(e.mail_options), e.smtputf8]
+    return [None, header_time(headers.raw_items()), envelope, dataclasses.asdict(_peer(headers))]
+
+
+def _from_values(values: Sequence[Any]) -> tuple[float | None, Envelope, Peer]:
+    _, when, (mail_from, rcpt_to, options, smtputf8), peer = values
+    envelope = Envelope(mail_from, tuple(rcpt_to), tuple(options), smtputf8)
+    return when, envelope, Peer(**peer)
+
+
+def _read_with_values(
+    sources: Sequence[Source], index: HeaderIndex | None
+) -> Iterator[tuple[int, Source, bytes | str, str, list[Any]]]:
+    """(position, source, bytes or why not, digest, header values) in file order."""
+    version = index_version() if index is not None else ""
+    batch: list[tuple[int, Source, bytes | str, str]] = []
+
+    def flush() -> Iterator[tuple[int, Source, bytes | str, str, list[Any]]]:
+        digests = [d for _, _, data, d in batch if not isinstance(data, str)]
+        found = dict(index.get(digests, version)) if index is not None and digests else {}
+        fresh: list[tuple[str, Any]] = []
+        for position, src, data, digest in batch:
+            if isinstance(data, str):
+                yield position, src, data, "", []
+                continue
+            values = found.get(digest)
+            if values is None:
+                values = found[digest] = header_values(data)
+                fresh.append((digest, values))
+            yield position, src, data, digest, values
+        if index is not None and fresh:
+            index.put(fresh, version)
+        batch.clear()
+
+    for position, (src, data) in enumerate(read(sources)):
+        digest = "" if isinstance(data, str) else hashlib.sha256(data).hexdigest()
+        batch.append((position, src, data, digest))
+        if len(batch) >= INDEX_BATCH:
+            yield from flush()
+    yield from flush()
+
+
+def load_corpus(
+    sources: Sequence[Source], description: str, index: HeaderIndex | None = None
+) -> Corpus:
     """Read every source; order readable messages by their time, then file order. Bytes
-    that can be read again are let go as soon as their message's values are taken."""
+    that can be read again are let go as soon as their message's values are taken;
+    ``index`` keeps the header values by digest between runs."""
     staged: list[tuple[float | None, CorpusMessage]] = []
     unreadable: list[Unreadable] = []
-    for index, (src, data) in enumerate(read(sources)):
+    for index_, src, data, digest, values in _read_with_values(sources, index):
         if isinstance(data, str):
             unreadable.append(Unreadable(src.id, src.label, data))
             continue
-        problem = parse_problem(data)
-        if problem is not None:
-            unreadable.append(Unreadable(src.id, src.label, problem))
+        if values[0] is not None:
+            unreadable.append(Unreadable(src.id, src.label, values[0]))
             continue
-        headers = _headers(data)
+        when, envelope, peer = _from_values(values)
         message = CorpusMessage(
             id=src.id,
             label=src.label,
-            digest=hashlib.sha256(data).hexdigest(),
+            digest=digest,
             source=_where(src, data),
             time=0.0,  # set below, once every earlier message's time is known
-            index=index,
-            envelope=_envelope(data, headers),
-            peer=_peer(headers),
+            index=index_,
+            envelope=envelope,
+            peer=peer,
         )
-        staged.append((header_time(headers.raw_items()), message))
+        staged.append((when, message))
     messages: list[CorpusMessage] = []
     last = 0.0
     for date, message in staged:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,12 +116,26 @@ def build_curve(
     """The curve of (label, rescored verdict) pairs; ``lowest_block`` is the regime's own
     lowest blocking threshold (None: its score never blocks, so it operates at the
     forced-only point)."""
-    n = Counter(label for label, _ in messages)
-    forced = Counter(label for label, r in messages if r.forced is not None and r.forced in BLOCKED)
+    return build_curve_counts(Counter(messages), lowest_block, limit)
+
+
+def build_curve_counts(
+    counts: Mapping[tuple[str, Rescored], int],
+    lowest_block: float | None,
+    limit: int = MAX_POINTS,
+) -> Curve:
+    """build_curve from how many messages share each (label, rescored verdict): a large
+    corpus has few distinct scores, so the report keeps these counts, not one pair per
+    message."""
+    n: Counter[str] = Counter()
+    forced: Counter[str] = Counter()
     by_score: dict[float, Counter[str]] = {}
-    for label, r in messages:
+    for (label, r), k in counts.items():
+        n[label] += k
+        if r.forced is not None and r.forced in BLOCKED:
+            forced[label] += k
         if r.forced is None:
-            by_score.setdefault(r.score, Counter())[label] += 1
+            by_score.setdefault(r.score, Counter())[label] += k
     cuts: list[float | None] = [None, *sorted(by_score, reverse=True)]
     if lowest_block is not None and lowest_block not in by_score:
         cuts.append(lowest_block)

@@ -10,16 +10,25 @@ After each verdict, the rules the early stop left unevaluated are checked once e
 (complete.py), so a Decision also records every rule the message matches and its
 recipients' thresholds: the report's curves and rule statistics are recomputed from
 those (rescore.py), never decided again.
+
+Decisions are cached per regime (cache.DecisionCache) under ``regime_key``: a digest of
+the regime file, the cache versions of every fact it can read, the facts' context (lab
+environment and corpus order) and the source of the code that decides (the policy
+package, this module, complete.py, verdict.py). A rerun re-evaluates only the regimes
+whose key changed; ``decision_row`` and ``decision_from_row`` are the stored form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import relay.policy
 from relay.errors import FactError, PolicyError, RelayError
 from relay.facts import FactContext, FactRegistry, Facts, FactSpec, FactType, Services
 from relay.lab.cache import Cached
@@ -111,6 +120,74 @@ class Decision:
             "facts": list(self.facts),
             "skipped": list(self.skipped),
         }
+
+
+def decision_row(d: Decision) -> list[Any]:
+    """A Decision as a compact JSON list (the decision cache's stored form)."""
+    return [
+        d.action,
+        d.score,
+        d.tier,
+        list(d.rules),
+        d.forced_by,
+        d.reason,
+        list(d.facts),
+        list(d.skipped),
+        None if d.matched is None else list(d.matched),
+        [[list(step) for step in band] for band in d.bands],
+    ]
+
+
+def decision_from_row(row: Sequence[Any]) -> Decision:
+    action, score, tier, rules, forced_by, reason, facts, skipped, matched, bands = row
+    return Decision(
+        action=action,
+        score=score,
+        tier=tier,
+        rules=tuple(rules),
+        forced_by=forced_by,
+        reason=reason,
+        facts=tuple(facts),
+        skipped=tuple(skipped),
+        matched=None if matched is None else tuple(matched),
+        bands=tuple(tuple((float(t), str(a)) for t, a in band) for band in bands),
+    )
+
+
+DECISION_FORMAT = "relay-lab-decision/1"
+_DECIDING_CODE = ("evaluate.py", "complete.py")
+
+
+def _code_digest() -> str:
+    """The source of the code that turns cached facts into a Decision: a change to the
+    engine invalidates every cached decision, as a new fact version does its values."""
+    here = Path(__file__).parent
+    files = [here / name for name in _DECIDING_CODE]
+    files += sorted(Path(relay.policy.__file__).parent.glob("*.py"))
+    files.append(Path(relay.policy.__file__).parents[1] / "verdict.py")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def regime_key(regime: Regime, registry: FactRegistry, context: str) -> str | None:
+    """The decision cache's key for one regime (None: its file cannot be read again, so
+    its decisions are not cached). ``context`` names what the facts' values depend on
+    besides the message (the lab environment's key and the corpus order)."""
+    try:
+        policy_bytes = regime.path.read_bytes()
+    except OSError:
+        return None
+    facts = sorted(registry.closure(n for n in regime.policy.fact_names if n in registry))
+    parts = {
+        "format": DECISION_FORMAT,
+        "code": _code_digest(),
+        "policy": hashlib.sha256(policy_bytes).hexdigest(),
+        "facts": {n: registry.cache_version(n) for n in facts if n in registry},
+        "context": context,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def regime_rules(policy: LabPolicy) -> RegimeRules | None:
@@ -252,21 +329,36 @@ async def evaluate(
     progress: Callable[[int], None],
 ) -> dict[str, dict[str, Decision]]:
     """{message id: {regime name: Decision}} for every message and regime."""
-    evaluation = cached_registry(registry)
-    completers: dict[str, Completer | None] = {
-        r.name: completer_for(r.policy, registry) for r in regimes
-    }
-    band_cache: dict[ScoreMap, Bands] = {}
+    decider = RegimeDecider(regimes, registry)
     out: dict[str, dict[str, Decision]] = {}
     for m in messages:
-        known = outcomes.get(m.digest, {})
+        out[m.id] = await decider.decide(m, regimes, outcomes.get(m.digest, {}))
+        progress(1)
+    return out
+
+
+class RegimeDecider:
+    """Decides regimes on one message at a time over its cached facts (``evaluate`` for
+    a whole corpus; run.py for the regimes whose decisions are not cached)."""
+
+    def __init__(self, regimes: Sequence[Regime], registry: FactRegistry) -> None:
+        self._evaluation = cached_registry(registry)
+        self._completers: dict[str, Completer | None] = {
+            r.name: completer_for(r.policy, registry) for r in regimes
+        }
+        self._band_cache: dict[ScoreMap, Bands] = {}
+
+    async def decide(
+        self, m: CorpusMessage, regimes: Sequence[Regime], known: Mapping[str, Cached]
+    ) -> dict[str, Decision]:
+        evaluation = self._evaluation
         services = Services()  # nothing is computed here: every fact is cached
         message = _light_message(m)
         decisions: dict[str, Decision] = {}
         for regime in regimes:
             facts = LabFacts(evaluation, message, services, known)
             verdict = await regime.policy.decide(message, facts)
-            completer = completers[regime.name]
+            completer = self._completers[regime.name]
             if completer is None or not isinstance(regime.policy, Policy):
                 decisions[regime.name] = Decision.of(verdict)
                 continue
@@ -275,10 +367,8 @@ async def evaluate(
             probe_facts = LabFacts(evaluation, message, services, known)
             matched = await completer.matched(verdict, message, probe_facts)
             bands = tuple(
-                band_cache.setdefault(r.scores, _bands(r.scores))
+                self._band_cache.setdefault(r.scores, _bands(r.scores))
                 for r in regime.policy.regimes_for(message.envelope.rcpt_to)
             )
             decisions[regime.name] = Decision.of(verdict, matched, bands)
-        out[m.id] = decisions
-        progress(1)
-    return out
+        return decisions

@@ -149,7 +149,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         for i, d in enumerate(dis[:MD_LIST_LIMIT], 1):
             acts = " | ".join(d["actions"][n] for n in names)
             lines.append(
-                f"| {d.get('rank', i)} | [{d['id']}]({d['facts']}) | {d['label']} "
+                f"| {d.get('rank', i)} | {_message_md(d)} | {d['label']} "
                 f"| {_ranked_as(d)} | {acts} |"
             )
         lines += _more(len(dis), "`disagreements`", "t-dis")
@@ -185,6 +185,16 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def _message_cell(row: Mapping[str, Any]) -> Cell:
+    """The message id, linked to its fact page when the report wrote one (the first
+    rows of each list: stats.PAGES)."""
+    return row["id"] if row.get("facts") is None else (row["id"], row["facts"])
+
+
+def _message_md(row: Mapping[str, Any]) -> str:
+    return row["id"] if row.get("facts") is None else f"[{row['id']}]({row['facts']})"
+
+
 def _ham_key(report: Mapping[str, Any], regime: Mapping[str, Any]) -> str:
     return f"hb{report['regimes'].index(regime)}"
 
@@ -193,7 +203,7 @@ def _disagreement_table(report: Mapping[str, Any]) -> Table:
     names = [r["name"] for r in report["regimes"]]
     dis = report["disagreements"]
     rows: list[list[Cell]] = [
-        [str(d.get("rank", i)), (d["id"], d["facts"]), d["label"], _ranked_as(d)]
+        [str(d.get("rank", i)), _message_cell(d), d["label"], _ranked_as(d)]
         + [d["actions"][n] for n in names]
         for i, d in enumerate(dis, 1)
     ]
@@ -235,7 +245,7 @@ def _ham_table(report: Mapping[str, Any], regime: Mapping[str, Any]) -> Table:
     rows: list[list[Cell]] = [
         [
             str(b.get("rank", i)),
-            (b["id"], b["facts"]),
+            _message_cell(b),
             b["action"],
             b["forced_by"] or "",
             ", ".join(b["rules"]),

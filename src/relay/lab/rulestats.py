@@ -19,7 +19,7 @@ A message whose recomputed verdict differs from the engine's actual one is count
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,46 +98,62 @@ class RuleStats:
         }
 
 
-def rule_stats(regime: RegimeRules, messages: Sequence[Matched]) -> RuleStats:
-    defs = regime.by_name()
-    hits: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
-    unevaluated: Counter[str] = Counter()
-    co: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
-    moves: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
-    unreproduced = 0
+def rule_stats(regime: RegimeRules, messages: Iterable[Matched]) -> RuleStats:
+    tally = RuleTally(regime)
     for m in messages:
+        tally.add(m)
+    return tally.result()
+
+
+class RuleTally:
+    """rule_stats one message at a time: counters only, nothing kept per message."""
+
+    def __init__(self, regime: RegimeRules) -> None:
+        self._regime = regime
+        self._defs = regime.by_name()
+        self._hits: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
+        self._unevaluated: Counter[str] = Counter()
+        self._co: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
+        self._moves: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
+        self._unreproduced = 0
+
+    def add(self, m: Matched) -> None:
+        defs = self._defs
         matched = [n for n in m.rules if n in defs]
         action = action_of(rescore(matched, defs), m.bands)
         if action != m.action:
-            unreproduced += 1
+            self._unreproduced += 1
         for name in matched:
-            hits[name][m.label] += 1
+            self._hits[name][m.label] += 1
             if name not in m.fired:
-                unevaluated[name] += 1
-            co[name].update(other for other in matched if other != name)
+                self._unevaluated[name] += 1
+            self._co[name].update(other for other in matched if other != name)
             without = action_of(rescore(matched, defs, without=name), m.bands)
             if without == action:
                 continue
-            moves[name]["changed"] += 1
+            moves = self._moves[name]
+            moves["changed"] += 1
             blocked, still = action in BLOCKED, without in BLOCKED
             if blocked and not still:
-                moves[name][f"{m.label}_released"] += 1
+                moves[f"{m.label}_released"] += 1
             elif still and not blocked:
-                moves[name][f"{m.label}_caught"] += 1
-    stats = tuple(
-        RuleStat(
-            name=r.name,
-            score=r.score,
-            action=r.action,
-            spam=hits[r.name]["spam"],
-            ham=hits[r.name]["ham"],
-            unevaluated=unevaluated[r.name],
-            co_hits=tuple(sorted(co[r.name].items(), key=lambda kv: (-kv[1], kv[0]))),
-            marginal=Marginal(**moves[r.name]),
+                moves[f"{m.label}_caught"] += 1
+
+    def result(self) -> RuleStats:
+        stats = tuple(
+            RuleStat(
+                name=r.name,
+                score=r.score,
+                action=r.action,
+                spam=self._hits[r.name]["spam"],
+                ham=self._hits[r.name]["ham"],
+                unevaluated=self._unevaluated[r.name],
+                co_hits=tuple(sorted(self._co[r.name].items(), key=lambda kv: (-kv[1], kv[0]))),
+                marginal=Marginal(**self._moves[r.name]),
+            )
+            for r in self._regime.rules
         )
-        for r in regime.rules
-    )
-    return RuleStats(stats, unreproduced)
+        return RuleStats(stats, self._unreproduced)
 
 
 def unavailable(reason: str) -> dict[str, Any]:

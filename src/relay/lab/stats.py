@@ -11,6 +11,13 @@ Rates carry 95% Wilson score intervals.
 Message lists (the disagreements, each regime's blocked legitimate mail) are complete and
 ranked, most informative first (RANKING says how; it goes into the report too): each row
 carries its ``rank``, a disagreement also its ranking ``key``. The renderings page them.
+A row's ``facts`` links to the message's fact page, written for the first ``pages`` rows
+of each list only (PAGES by default, `relay lab --pages`); further rows have ``facts``
+None and are still counted in every figure.
+
+ReportBuilder takes one message's decisions at a time and keeps counters, the rows of
+the message lists and, per regime, counts of (label, rescored verdict): no decision is
+held per message, so the driver can stream a corpus through it.
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ from typing import Any
 
 from relay.intervals import wilson as wilson  # re-exported: the lab reports use it
 from relay.lab.corpus import CorpusMessage, Unreadable
-from relay.lab.curves import build_curve
+from relay.lab.curves import build_curve_counts
 from relay.lab.evaluate import Decision, Regime, RegimeProblem, regime_rules
-from relay.lab.rescore import Matched, rescore
-from relay.lab.rulestats import rule_stats, unavailable
+from relay.lab.rescore import Matched, RegimeRules, Rescored, RuleDef, rescore
+from relay.lab.rulestats import RuleTally, unavailable
 from relay.lab.shares import proportion as proportion  # re-exported, as before
 
 TIERS = ("none", "T0", "T1", "T2", "T3")
@@ -32,6 +39,7 @@ HARD = frozenset({"reject", "tempfail"})
 SOFT = frozenset({"tag", "quarantine"})
 BLOCKED = frozenset({"reject", "tempfail", "quarantine"})
 ACTIONS = ("accept", "tag", "quarantine", "tempfail", "reject")
+PAGES = 1000  # fact pages per message list: its first (most informative) rows
 
 
 def outcome_class(action: str) -> str:
@@ -58,44 +66,59 @@ def curve_and_rules(
     decisions: Mapping[str, Mapping[str, Decision]],
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The regime's threshold curve and rule statistics, from complete rule matches."""
-    rules = regime_rules(regime.policy)
-    if rules is None:
-        return None, unavailable("not a relay policy: its rules cannot be read")
-    matched: list[Matched] = []
+    tally = _RegimeTally(regime)
     for m in messages:
-        d = decisions[m.id][regime.name]
+        tally.curve_and_rules(m.label, decisions[m.id][regime.name])
+    return tally.curve_result()
+
+
+class _RegimeTally:
+    """One regime's figures, one message at a time."""
+
+    def __init__(self, regime: Regime) -> None:
+        self.regime = regime
+        self.counts: dict[str, Counter[str]] = {"ham": Counter(), "spam": Counter()}
+        self.tiers: Counter[str] = Counter()
+        self.tiers_by_label: dict[str, Counter[str]] = {"ham": Counter(), "spam": Counter()}
+        self.rule_hits: dict[str, Counter[str]] = {}
+        self.skipped: Counter[str] = Counter()
+        self.ham_blocks: list[dict[str, Any]] = []
+        self.rules: RegimeRules | None = regime_rules(regime.policy)
+        self.defs: dict[str, RuleDef] = {} if self.rules is None else self.rules.by_name()
+        self.rule_tally = None if self.rules is None else RuleTally(self.rules)
+        self.scores: Counter[tuple[str, Rescored]] = Counter()
+        self.unmatched = False  # some decision did not record its rule matches
+
+    def curve_and_rules(self, label: str, d: Decision) -> None:
+        if self.rule_tally is None or self.unmatched:
+            return
         if d.matched is None:
+            self.unmatched = True
+            return
+        self.rule_tally.add(Matched(label, d.matched, frozenset(d.rules), d.bands, d.action))
+        self.scores[(label, rescore(d.matched, self.defs))] += 1
+
+    def curve_result(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        if self.rules is None or self.rule_tally is None:
+            return None, unavailable("not a relay policy: its rules cannot be read")
+        if self.unmatched:
             return None, unavailable("rule matches were not recorded for every message")
-        matched.append(Matched(m.label, d.matched, frozenset(d.rules), d.bands, d.action))
-    defs = rules.by_name()
-    curve = build_curve([(x.label, rescore(x.rules, defs)) for x in matched], rules.lowest_block)
-    return curve.to_dict(), rule_stats(rules, matched).to_dict()
+        curve = build_curve_counts(self.scores, self.rules.lowest_block)
+        return curve.to_dict(), self.rule_tally.result().to_dict()
 
-
-def _regime(
-    regime: Regime,
-    messages: Sequence[CorpusMessage],
-    decisions: Mapping[str, Mapping[str, Decision]],
-) -> dict[str, Any]:
-    counts: dict[str, Counter[str]] = {"ham": Counter(), "spam": Counter()}
-    tiers: Counter[str] = Counter()
-    tiers_by_label: dict[str, Counter[str]] = {"ham": Counter(), "spam": Counter()}
-    rule_hits: dict[str, Counter[str]] = {}
-    skipped: Counter[str] = Counter()
-    ham_blocks: list[dict[str, Any]] = []
-    for m in messages:
-        d = decisions[m.id][regime.name]
-        counts[m.label][d.action] += 1
+    def add(self, m: CorpusMessage, decisions: Mapping[str, Decision]) -> None:
+        name = self.regime.name
+        d = decisions[name]
+        self.counts[m.label][d.action] += 1
         tier = d.tier or "none"
-        tiers[tier] += 1
-        tiers_by_label[m.label][tier] += 1
+        self.tiers[tier] += 1
+        self.tiers_by_label[m.label][tier] += 1
         for rule in d.rules:
-            rule_hits.setdefault(rule, Counter())[m.label] += 1
+            self.rule_hits.setdefault(rule, Counter())[m.label] += 1
         for s in d.skipped:
-            skipped[s] += 1
+            self.skipped[s] += 1
         if m.label == "ham" and d.action in BLOCKED:
-            others = decisions[m.id]
-            ham_blocks.append(
+            self.ham_blocks.append(
                 {
                     "id": m.id,
                     "action": d.action,
@@ -107,46 +130,59 @@ def _regime(
                     # The other regimes that delivered it: what ranks this regime's own
                     # mistakes above mail every regime blocks.
                     "delivered_by": [
-                        n for n, o in others.items() if n != regime.name and o.action not in BLOCKED
+                        n for n, o in decisions.items() if n != name and o.action not in BLOCKED
                     ],
                 }
             )
-    n_spam = sum(counts["spam"].values())
-    n_ham = sum(counts["ham"].values())
-    n = n_spam + n_ham
-    spam_hard = sum(counts["spam"][a] for a in HARD)
-    spam_soft = sum(counts["spam"][a] for a in SOFT)
-    read = [t for t in TIERS if tiers[t]]
-    block_rules: Counter[str] = Counter()
-    for b in ham_blocks:
-        block_rules[b["forced_by"] or "score: " + " + ".join(b["rules"])] += 1
-    curve, rules = curve_and_rules(regime, messages, decisions)
-    return {
-        "name": regime.name,
-        "file": str(regime.path),
-        "messages": n,
-        "actions": {label: {a: counts[label][a] for a in ACTIONS} for label in ("spam", "ham")},
-        "spam_stopped_hard": proportion(spam_hard, n_spam),
-        "spam_stopped_soft": proportion(spam_soft, n_spam),
-        "spam_stopped": proportion(spam_hard + spam_soft, n_spam),
-        "ham_blocked": proportion(sum(counts["ham"][a] for a in BLOCKED), n_ham),
-        "ham_tagged": proportion(counts["ham"]["tag"], n_ham),
-        "content_read": proportion(tiers["T3"], n),
-        "highest_tier": read[-1] if read else "none",
-        "tiers": {t: proportion(tiers[t], n) for t in TIERS},
-        "tiers_by_label": {
-            label: {t: tiers_by_label[label][t] for t in TIERS} for label in ("spam", "ham")
-        },
-        "rule_hits": {
-            rule: {"spam": c["spam"], "ham": c["ham"]}
-            for rule, c in sorted(rule_hits.items(), key=lambda kv: -sum(kv[1].values()))
-        },
-        "ham_block_causes": dict(block_rules.most_common()),
-        "ham_blocks": rank_ham_blocks(ham_blocks),
-        "skipped": dict(skipped.most_common(20)),
-        "curve": curve,
-        "rule_stats": rules,
-    }
+        self.curve_and_rules(m.label, d)
+
+    def result(self, pages: int | None) -> dict[str, Any]:
+        regime, counts, tiers = self.regime, self.counts, self.tiers
+        n_spam = sum(counts["spam"].values())
+        n_ham = sum(counts["ham"].values())
+        n = n_spam + n_ham
+        spam_hard = sum(counts["spam"][a] for a in HARD)
+        spam_soft = sum(counts["spam"][a] for a in SOFT)
+        read = [t for t in TIERS if tiers[t]]
+        block_rules: Counter[str] = Counter()
+        for b in self.ham_blocks:
+            block_rules[b["forced_by"] or "score: " + " + ".join(b["rules"])] += 1
+        curve, rules = self.curve_result()
+        return {
+            "name": regime.name,
+            "file": str(regime.path),
+            "messages": n,
+            "actions": {label: {a: counts[label][a] for a in ACTIONS} for label in ("spam", "ham")},
+            "spam_stopped_hard": proportion(spam_hard, n_spam),
+            "spam_stopped_soft": proportion(spam_soft, n_spam),
+            "spam_stopped": proportion(spam_hard + spam_soft, n_spam),
+            "ham_blocked": proportion(sum(counts["ham"][a] for a in BLOCKED), n_ham),
+            "ham_tagged": proportion(counts["ham"]["tag"], n_ham),
+            "content_read": proportion(tiers["T3"], n),
+            "highest_tier": read[-1] if read else "none",
+            "tiers": {t: proportion(tiers[t], n) for t in TIERS},
+            "tiers_by_label": {
+                label: {t: self.tiers_by_label[label][t] for t in TIERS}
+                for label in ("spam", "ham")
+            },
+            "rule_hits": {
+                rule: {"spam": c["spam"], "ham": c["ham"]}
+                for rule, c in sorted(self.rule_hits.items(), key=lambda kv: -sum(kv[1].values()))
+            },
+            "ham_block_causes": dict(block_rules.most_common()),
+            "ham_blocks": _paged(rank_ham_blocks(self.ham_blocks), pages),
+            "skipped": dict(self.skipped.most_common(20)),
+            "curve": curve,
+            "rule_stats": rules,
+        }
+
+
+def _paged(rows: list[dict[str, Any]], pages: int | None) -> list[dict[str, Any]]:
+    """Ranked rows past the first ``pages`` lose their fact-page link (None: all keep it)."""
+    if pages is not None:
+        for row in rows[pages:]:
+            row["facts"] = None
+    return rows
 
 
 RANKING = {
@@ -218,20 +254,29 @@ def disagreements(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """Messages whose outcome (pass / soft / hard) differs between regimes, ranked
     (RANKING["disagreements"]), and pair counts."""
-    names = [r.name for r in regimes]
-    pairs = {a: dict.fromkeys(names, 0) for a in names}
-    out: list[dict[str, Any]] = []
+    tally = _Disagreements([r.name for r in regimes])
     for m in messages:
-        ds = decisions[m.id]
+        tally.add(m, decisions[m.id])
+    return tally.result(None)
+
+
+class _Disagreements:
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.pairs = {a: dict.fromkeys(names, 0) for a in names}
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, m: CorpusMessage, ds: Mapping[str, Decision]) -> None:
+        names = self.names
         classes = {n: outcome_class(ds[n].action) for n in names}
         if len(set(classes.values())) <= 1:
-            continue
+            return
         for a in names:
             for b in names:
                 if classes[a] != classes[b]:
-                    pairs[a][b] += 1
+                    self.pairs[a][b] += 1
         actions = {n: ds[n].action for n in names}
-        out.append(
+        self.rows.append(
             {
                 "id": m.id,
                 "label": m.label,
@@ -243,10 +288,77 @@ def disagreements(
                 "key": disagreement_key(m.label, actions),
             }
         )
-    out.sort(key=_disagreement_order)
-    for i, row in enumerate(out, 1):
-        row["rank"] = i
-    return out, pairs
+
+    def result(self, pages: int | None) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+        out = self.rows
+        out.sort(key=_disagreement_order)
+        for i, row in enumerate(out, 1):
+            row["rank"] = i
+        return _paged(out, pages), self.pairs
+
+
+class ReportBuilder:
+    """The report's figures and lists, fed one message's decisions at a time (``add``, in
+    corpus order), then ``build`` as build_report."""
+
+    def __init__(self, regimes: Sequence[Regime]) -> None:
+        self.regimes = list(regimes)
+        self._tallies = [_RegimeTally(r) for r in regimes]
+        self._disagreements = _Disagreements([r.name for r in regimes])
+        self._labels: Counter[str] = Counter()
+
+    def add(self, m: CorpusMessage, decisions: Mapping[str, Decision]) -> None:
+        self._labels[m.label] += 1
+        for tally in self._tallies:
+            tally.add(m, decisions)
+        self._disagreements.add(m, decisions)
+
+    def build(
+        self,
+        *,
+        corpus_description: str,
+        unreadable: Sequence[Unreadable],
+        regime_errors: Sequence[RegimeProblem],
+        dns: Mapping[str, Any],
+        inputs: Mapping[str, Any],
+        model: Mapping[str, Any],
+        facts_info: Mapping[str, Any],
+        timings: Mapping[str, float],
+        pages: int | None = None,
+    ) -> dict[str, Any]:
+        """The report; ``pages``: rows of each message list that link to a fact page
+        (None: every row)."""
+        labels = self._labels
+        disagree, pairs = self._disagreements.result(pages)
+        tallies = self._tallies
+        # The rows now belong to the report alone: a caller that drops it frees them.
+        self._tallies, self._disagreements = [], _Disagreements([])
+        return {
+            "format": "relay-lab-report/1",
+            "corpus": {
+                "source": corpus_description,
+                "messages": labels.total() + len(unreadable),
+                "readable": labels.total(),
+                "ham": labels["ham"],
+                "spam": labels["spam"],
+                "unreadable": [
+                    {"id": u.id, "label": u.label, "reason": u.reason} for u in unreadable
+                ],
+            },
+            "dns": dict(dns),
+            "inputs": dict(inputs),
+            "model": dict(model),
+            "facts": dict(facts_info),
+            "regimes": [t.result(pages) for t in tallies],
+            "regime_errors": [
+                {"file": str(e.path), "problems": list(e.problems)} for e in regime_errors
+            ],
+            "disagreements": disagree,
+            "disagreement_pairs": pairs,
+            "ranking": dict(RANKING),
+            "pages": pages,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
 
 
 def build_report(
@@ -262,29 +374,20 @@ def build_report(
     model: Mapping[str, Any],
     facts_info: Mapping[str, Any],
     timings: Mapping[str, float],
+    pages: int | None = None,
 ) -> dict[str, Any]:
-    labels = Counter(m.label for m in messages)
-    disagree, pairs = disagreements(regimes, messages, decisions)
-    return {
-        "format": "relay-lab-report/1",
-        "corpus": {
-            "source": corpus_description,
-            "messages": len(messages) + len(unreadable),
-            "readable": len(messages),
-            "ham": labels["ham"],
-            "spam": labels["spam"],
-            "unreadable": [{"id": u.id, "label": u.label, "reason": u.reason} for u in unreadable],
-        },
-        "dns": dict(dns),
-        "inputs": dict(inputs),
-        "model": dict(model),
-        "facts": dict(facts_info),
-        "regimes": [_regime(r, messages, decisions) for r in regimes],
-        "regime_errors": [
-            {"file": str(e.path), "problems": list(e.problems)} for e in regime_errors
-        ],
-        "disagreements": disagree,
-        "disagreement_pairs": pairs,
-        "ranking": dict(RANKING),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-    }
+    """The report of decisions held in memory (ReportBuilder for a stream of them)."""
+    builder = ReportBuilder(regimes)
+    for m in messages:
+        builder.add(m, decisions[m.id])
+    return builder.build(
+        corpus_description=corpus_description,
+        unreadable=unreadable,
+        regime_errors=regime_errors,
+        dns=dns,
+        inputs=inputs,
+        model=model,
+        facts_info=facts_info,
+        timings=timings,
+        pages=pages,
+    )

@@ -305,7 +305,7 @@ SCRIPT = """
       var tr = document.createElement("tr");
       row.forEach(function (cell, k) {
         var td = document.createElement("td"), inner;
-        if (kinds[k] === "link") {
+        if (kinds[k] === "link" && Array.isArray(cell)) {
           inner = document.createElement("a"); inner.href = cell[1]; inner.textContent = cell[0];
           td.appendChild(inner);
         } else if (kinds[k] === "action") {
