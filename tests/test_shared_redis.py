@@ -384,8 +384,11 @@ async def test_a_sentinel_url_follows_a_failover(tmp_path: Path) -> None:
     """``redis+sentinel://``: the store asks the Sentinel for the master and, after the
     master dies and the Sentinel promotes the replica, writes to the new one (with the
     counts it had replicated) without being reopened."""
-    master, replica = RedisServer(free_port(), tmp_path), RedisServer(free_port(), tmp_path)
-    sentinel_port = free_port()
+    # Three distinct ports: free_port() three times may hand one port out twice, and a
+    # Sentinel that cannot bind never names the master (one loaded run timed out on that
+    # wait; a shared port is the one cause found that fits).
+    master_port, replica_port, sentinel_port = free_ports(3)
+    master, replica = RedisServer(master_port, tmp_path), RedisServer(replica_port, tmp_path)
     conf = tmp_path / "sentinel.conf"  # Sentinel rewrites its file: a writable copy
     conf.write_text(
         f"port {sentinel_port}\nbind 127.0.0.1\n"
