@@ -38,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,7 @@ from tests.support.postfix import (
     postfix_or_skip,
     running_postfix,
     send,
+    until,
 )
 
 # Moved to the harness; re-exported for tests/test_milter_postfix.py, which imports them
@@ -437,8 +439,14 @@ async def test_after_queue_relay_down_defers_and_loses_nothing(after_queue: Plac
         assert result.code == 250, result
         qid = result.queue_id
         await p.postfix.wait_log(rf"{qid}: to=<bob@example.org>, relay=none.*status=deferred")
-        queued = [m for m in p.postfix.queue() if m["queue_id"] == qid]
-        assert len(queued) == 1 and queued[0]["queue_name"] == "deferred", queued
+
+        def mine() -> list[dict[str, Any]]:
+            return [m for m in p.postfix.queue() if m["queue_id"] == qid]
+
+        # qmgr logs "deferred" before it moves the file out of the active queue: wait for
+        # the move rather than read the queue in between (a loaded run saw "active").
+        await until(lambda: [m["queue_name"] for m in mine()] == ["deferred"], f"{qid} deferred")
+        queued = mine()
         assert "Connection refused" in queued[0]["recipients"][0]["delay_reason"]
     p.postfix.flush()
     got = await arrived(p, "relay down aq")
