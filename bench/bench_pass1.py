@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.bench_pass1 breakdown --corpus C.tar --labels L.tsv -n 1500
     # cold `relay lab` runs of two source trees, alternated (CPU of the whole tree)
     .venv/bin/python -m bench.bench_pass1 compare --corpus C.tar --labels L.tsv \
-        --tree before=/tmp/B/before/src --tree after=src --rounds 2
+        --tree before=var/base/src --tree after=src --rounds 2
 
 ``breakdown`` runs in this process with the lab's own services (offline DNS, the shipped
 model in its child, the regimes' oracle inputs): each message's facts are asked for one at
@@ -201,7 +201,8 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
             runs[name].append(r)
             line = f"{name}: {r['cpu_seconds']} s CPU, {r['cpu_ms_per_message']} ms/msg"
             print(f"{line}, {r['seconds']} s wall, load {r['load_average_1m']}", file=sys.stderr)
-    return {"jobs": args.jobs, "trees": trees, "runs": runs}
+    # Tree names only: their paths are this machine's (scratch copies), not results.
+    return {"jobs": args.jobs, "trees": sorted(trees), "runs": runs}
 
 
 def main() -> int:
