@@ -42,7 +42,8 @@ def add_delta(total: Buckets, after: Buckets, before: Buckets) -> None:
 
 
 def summary(buckets: Buckets) -> dict[str, float | int | None]:
-    """Samples and the bucket bounds of p50, p99 and the largest sample, in ms."""
+    """Samples, how many were later than 5 ms, and the bucket bounds of p50, p99 and the
+    largest sample, in ms."""
     count = buckets.get(math.inf, 0.0)
 
     def bound(q: float) -> float | None:
@@ -52,8 +53,11 @@ def summary(buckets: Buckets) -> dict[str, float | int | None]:
         return None
 
     top = next((le for le in sorted(buckets) if buckets[le] >= count), math.inf)
+    over_5ms = count - buckets.get(0.005, count)
     return {
         "samples": int(count),
+        "over_5ms": int(over_5ms),  # the samples past the target's bound
+        "over_5ms_share": round(over_5ms / count, 4) if count else None,
         "p50_le_ms": bound(0.5) if count else None,
         "p99_le_ms": bound(0.99) if count else None,
         "max_le_ms": None if math.isinf(top) or not count else round(top * 1000, 1),

@@ -209,6 +209,20 @@ def build(
             features=("auth", "policy", "model", "metrics"),
         )
     )
+    # The same with the analysis children at the workers' own priority ([model] nice = 0),
+    # to measure what lowering theirs does to the workers' event-loop lag (issue 17).
+    level = {k: dict(v) for k, v in full.items()}
+    level["model"]["nice"] = 0
+    out.append(
+        Scenario(
+            f"relay-full-w{top}-nice0",
+            f"relay, everything on, analysis children at the workers' priority, {top} worker(s)",
+            "relay",
+            top,
+            overrides=level,
+            features=("auth", "policy", "model", "metrics"),
+        )
+    )
     out += [
         Scenario(
             "rspamd-scan",

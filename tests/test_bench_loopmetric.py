@@ -26,12 +26,21 @@ def test_rounds_count_only_what_they_added_and_percentiles_are_bucket_bounds() -
     loopmetric.add_delta(total, after, before)
     assert total[math.inf] == 100
     got = loopmetric.summary(total)
-    assert got == {"samples": 100, "p50_le_ms": 0.5, "p99_le_ms": 5.0, "max_le_ms": 50.0}
+    assert got == {
+        "samples": 100,
+        "over_5ms": 1,
+        "over_5ms_share": 0.01,
+        "p50_le_ms": 0.5,
+        "p99_le_ms": 5.0,
+        "max_le_ms": 50.0,
+    }
 
 
 def test_nothing_scraped_is_no_figure() -> None:
     assert loopmetric.summary({}) == {
         "samples": 0,
+        "over_5ms": 0,
+        "over_5ms_share": None,
         "p50_le_ms": None,
         "p99_le_ms": None,
         "max_le_ms": None,

@@ -147,3 +147,29 @@ def test_children_die_with_their_parent() -> None:
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids)
+
+
+async def test_children_run_at_a_lower_priority_when_asked() -> None:
+    """``nice`` lowers the children's CPU priority below the caller's, replacements too,
+    so the relay's event loop wins a contended core (docs/operations.md)."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    if own + 3 > 19:
+        pytest.skip(f"this test process already runs at nice {own}: no room to lower")
+    plain, lowered = PipeWorkers(CHILD, 1, name="plain"), PipeWorkers(CHILD, 1, name="low", nice=3)
+    try:
+        await plain.start()
+        await lowered.start()
+        assert os.getpriority(os.PRIO_PROCESS, plain.pids[0]) == own
+        first = lowered.pids[0]
+        assert os.getpriority(os.PRIO_PROCESS, first) == own + 3
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while first in lowered.pids:  # until the pool has seen it go
+                await asyncio.sleep(0.01)
+        await lowered.call(b"after")  # served by the replacement
+        (second,) = lowered.pids
+        assert second != first
+        assert os.getpriority(os.PRIO_PROCESS, second) == own + 3
+    finally:
+        await plain.close()
+        await lowered.close()

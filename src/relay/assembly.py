@@ -121,6 +121,7 @@ async def open_classifier(
         kill_after=m.timeout,
         max_pending=m.max_pending,
         module=ANALYSIS_MODULE if shared else CHILD_MODULE,
+        nice=m.nice,
     )
     if shared:
         assert authenticator is not None

@@ -109,6 +109,7 @@ class DnsSettings:
 # A child's answer must come well before the sender gives up on the reply to DATA (RFC 5321
 # 4.5.3.2.6: 10 minutes), or the deferral it triggers would never reach the sender.
 MAX_CHILD_TIMEOUT = 300.0
+MAX_NICE = 19  # the lowest priority Linux has
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,9 @@ class ModelSettings:
     # replaced (the message fails: 451 when the policy requires spam_probability).
     timeout: float = 10.0
     max_pending: int = 256  # messages waiting for the children, per worker; more fail at once
+    # Steps of nice above the worker's for its analysis children, so a worker's event loop
+    # wins a contended core from them (docs/operations.md "Event-loop lag"); 0 to 19.
+    nice: int = 5
     # Model versions (relay/models/, docs/classifier.md "Model versions"):
     registry: Path = Path("var/models")  # one folder per version, CURRENT, history
     held_out_share: float = 0.2  # newest share of scored feedback never trained on
@@ -490,6 +494,7 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
         workers=r.count(t, "model", "workers", ModelSettings().workers),
         timeout=r.positive(t, "model", "timeout", ModelSettings().timeout),
         max_pending=r.count(t, "model", "max_pending", ModelSettings().max_pending),
+        nice=r.get(t, "model", "nice", int, ModelSettings().nice),
         registry=Path(r.get(t, "model", "registry", str, str(ModelSettings().registry))),
         held_out_share=r.positive(t, "model", "held_out_share", ModelSettings().held_out_share),
         promote_threshold=r.positive(
@@ -500,6 +505,8 @@ def settings_from_mapping(data: Mapping[str, Any], path: str = "<mapping>") -> S
     )
     if model.timeout > MAX_CHILD_TIMEOUT:
         raise r.fail("model.timeout", f"must be at most {MAX_CHILD_TIMEOUT:g} seconds")
+    if not 0 <= model.nice <= MAX_NICE:
+        raise r.fail("model.nice", f"must be between 0 and {MAX_NICE}")
     for key in ("held_out_share", "promote_threshold"):
         if not 0 < getattr(model, key) < 1:
             raise r.fail(f"model.{key}", "must be between 0 and 1")

@@ -94,15 +94,17 @@ class Classifier:
         kill_after: float = TIMEOUT,
         max_pending: int = MAX_PENDING,
         module: str = CHILD_MODULE,
+        nice: int = 0,
     ) -> Classifier:
         """``module``: the child to run, ``python -m module PARENT_PID MODEL_PATH``; one
         that answers the classifier's requests (``relay.analysis`` answers verification
-        requests too)."""
+        requests too). ``nice``: how far below the caller's the children's CPU priority is."""
         children = PipeWorkers(
             module,
             workers,
             name="relay-classifier" if module == CHILD_MODULE else "relay-analysis",
             args=(str(path),),
+            nice=nice,
         )
         try:
             await children.start()

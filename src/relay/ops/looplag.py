@@ -4,8 +4,9 @@ records how late it fired.
 Everything a relay process does runs on one loop, so CPU work or a blocking call there
 delays every session it holds: the lateness of a timer is that delay, seen from the loop
 itself (an SMTP NOOP round trip measures it from outside, plus the network). Sampling
-four times a second costs nothing measurable and catches any stall longer than the
-interval; shorter ones show up statistically.
+fifty times a second costs about 25 us of CPU a sample (1.3 ms a second, under 0.2 % of a
+core) and gives a p99 worth reading: at four a second, a one-minute run held 240 samples,
+so its "p99" was its second-largest sample.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-EVERY = 0.25  # seconds between samples
+EVERY = 0.02  # seconds between samples
 
 
 @contextlib.asynccontextmanager

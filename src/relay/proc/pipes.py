@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -212,6 +213,7 @@ class PipeWorkers:
         args: Sequence[str] = (),
         max_pending: int | None = None,
         restarts: Restarts | None = None,
+        nice: int = 0,
     ) -> None:
         if processes < 1:
             raise ValueError("at least one process")
@@ -222,6 +224,7 @@ class PipeWorkers:
         self.name = name
         self.args = tuple(args)
         self.max_pending = max_pending
+        self.nice = nice
         self.replaced = 0  # children that exited (died, killed) while the pool was open
         self._children: list[_Child] = []
         self._starting: asyncio.Task[None] | None = None
@@ -266,7 +269,7 @@ class PipeWorkers:
     async def _spawn(self) -> _Child:
         self._spawned += 1
         child = _Child(f"{self.name}-{self._spawned}", self._exited)
-        await asyncio.get_running_loop().subprocess_exec(
+        transport, _ = await asyncio.get_running_loop().subprocess_exec(
             lambda: child,
             sys.executable,
             "-m",
@@ -277,6 +280,8 @@ class PipeWorkers:
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # a child's traceback reaches the relay's log stream
         )
+        if self.nice:
+            _lower_priority(transport.get_pid(), self.nice)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await child.ready
@@ -402,6 +407,13 @@ class PipeWorkers:
                 await asyncio.wait_for(asyncio.shield(child.exited), 5)
             except TimeoutError:
                 child.kill()
+
+
+def _lower_priority(pid: int, by: int) -> None:
+    """Raise a child's nice value ``by`` steps above the relay's own (lowering a priority
+    needs no privilege). A child that has already exited is replaced anyway."""
+    with contextlib.suppress(ProcessLookupError):
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + by)
 
 
 def _log_start_failure(task: asyncio.Task[None]) -> None:
