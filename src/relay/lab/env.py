@@ -103,12 +103,15 @@ def _file_digest(path: Path) -> str:
 
 
 def lab_settings(env: LabEnv, state_dir: Path, *, classifier: bool = True) -> Settings:
-    """The relay's settings with a private state file and one classifier process."""
+    """The relay's settings with a private state file and one classifier process, at the
+    pool worker's own priority (no event loop here whose replies a lower one would speed)."""
     s = env.settings
     return dataclasses.replace(
         s,
         state=StateSettings(backend="sqlite", path=state_dir / "state.sqlite3"),
-        model=ModelSettings(enabled=s.model.enabled and classifier, path=s.model.path, workers=1),
+        model=ModelSettings(
+            enabled=s.model.enabled and classifier, path=s.model.path, workers=1, nice=0
+        ),
     )
 
 
