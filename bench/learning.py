@@ -32,6 +32,8 @@ Usage (corpus paths as arguments):
       --corpus ../shared/corpora/modern-dev/modern-dev.tar.gz \\
       --labels ../shared/corpora/modern-dev/labels.tsv \\
       --trust-ar hotel.example.com --trust-ar juliett.example.com \\
+      --trust-ar hotel.baddomain.com --trust-ar juliett.baddomain.com \\
+      --trust-ar hotel.testdomain.com --trust-ar juliett.testdomain.com \\
       --steps 50,100,250 --out bench/results/learning-modern-dev.json
 """
 
