@@ -16,6 +16,7 @@ from relay.auth.headerscan import (
     scan_headers,
     single_domain,
 )
+from relay.message import split_fields
 
 SIMPLE = [
     b" alice@example.com",
@@ -114,3 +115,17 @@ def test_quick_scan_leaves_large_or_hostile_blocks_to_the_thread() -> None:
     assert quick_scan(hostile, 10, 32 * 1024) is None
     assert scan_headers(hostile, 10).from_error  # the thread still answers
     assert quick_scan(plain + b"X-Pad: " + b"a" * 40000 + b"\r\n", 10, 32 * 1024) is None
+
+
+def test_quick_scan_reads_the_fields_it_is_given() -> None:
+    """The checker hands over the message's own split (``Message.header_split``), so the
+    header is split once; the scan must use those fields, not split again."""
+    block = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=sel; h=from; bh=x; b=y\r\n"
+        b"From: Alice <alice@example.com>\r\n"
+    )
+    fields = split_fields(block).fields
+    assert quick_scan(block, 10, 32 * 1024, fields) == scan_headers(block, 10)
+    other = split_fields(b"From: bob@example.org\r\n").fields
+    scan = quick_scan(block, 10, 32 * 1024, other)
+    assert scan is not None and (scan.from_domain, scan.dkim_keys) == ("example.org", ())

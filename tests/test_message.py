@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import email.policy
 import itertools
 import re
+from email.message import Message as MimeMessage
+from email.parser import BytesParser
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +17,10 @@ from relay.message import (
     Envelope,
     Message,
     Peer,
+    _single_part,
     format_header,
     header_time,
+    parse_header_fields,
     strip_mbox_from,
     to_crlf,
 )
@@ -157,3 +163,77 @@ def test_file_bytes_without_a_date_are_an_error_not_now() -> None:
 def test_a_message_has_no_default_time() -> None:
     with pytest.raises(TypeError, match="received_at"):
         Message(b"x", Envelope("", ()), Peer("192.0.2.1"))  # type: ignore[call-arg]
+
+
+# Message.parsed builds plain single-part messages without the stdlib parser (issue 17):
+# what it builds must be what the parser makes of them, and anything else is parsed.
+_EML = sorted(Path(__file__).parent.rglob("*.eml"))
+
+
+def _parser(raw: bytes) -> MimeMessage:
+    return BytesParser(policy=email.policy.compat32).parsebytes(raw)
+
+
+def _assert_parsed_alike(built: MimeMessage, raw: bytes) -> None:
+    ref = _parser(raw)
+    assert list(built.raw_items()) == list(ref.raw_items())
+    assert not built.is_multipart() and not ref.is_multipart()
+    assert built.get_payload() == ref.get_payload()
+    assert built.get_payload(decode=True) == ref.get_payload(decode=True)
+    assert built.get_unixfrom() == ref.get_unixfrom()
+
+
+SINGLE_PART = [
+    RAW,
+    b"Subject: \r\n\tfolded after a blank start\r\nX-A:no space\r\n\r\nbody",
+    b"Subject: caf\xc3\xa9 8-bit \xff\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\naGVsbG8gd29ybGQ=\r\n",
+    b"Content-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+    b"<p>caf=C3=A9</p>\r\n.\r\nlone\nLF and lone\rCR in the body\r\n",
+    b"Subject: empty body\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SINGLE_PART)
+def test_single_part_messages_are_built_as_the_parser_reads_them(raw: bytes) -> None:
+    built = _single_part(raw)
+    assert built is not None  # the fast path was taken ...
+    _assert_parsed_alike(built, raw)  # ... and gave the parser's reading
+    assert list(msg(raw).parsed.raw_items()) == list(built.raw_items())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n",
+        b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nx\r\n",
+        b"From sender@example.com Mon Jan  1 00:00:00 2024\r\nSubject: mbox\r\n\r\nx",
+        b"Subject: a\r\nFrom x\r\nTo: b\r\n\r\nx",  # a misplaced mbox line
+        b"Subject: a\nTo: lone LF\r\n\r\nx",
+        b"Subject: a\r\nnot a field\r\n\r\nx",
+        b"Bad Name: a\r\n\r\nx",
+        b" continuation first\r\nSubject: a\r\n\r\nx",
+        b"\r\nno header at all\r\n\r\nx",
+        b"Subject: no body separator\r\n",
+    ],
+)
+def test_anything_else_goes_to_the_parser(raw: bytes) -> None:
+    assert _single_part(raw) is None
+    assert list(msg(raw).parsed.raw_items()) == list(_parser(raw).raw_items())
+
+
+@pytest.mark.parametrize("path", _EML, ids=lambda p: p.name)
+def test_test_messages_parse_alike_either_way(path: Path) -> None:
+    data = path.read_bytes()
+    for raw in (data, to_crlf(strip_mbox_from(data))):
+        built = _single_part(raw)
+        if built is not None:
+            _assert_parsed_alike(built, raw)
+
+
+def test_the_header_is_split_once_and_read_alike() -> None:
+    m = msg()
+    assert m.header_split is m.header_split  # cached: the scan and the stamps share it
+    assert m.header_fields == parse_header_fields(m.header_block)
+    stripped = m.without_headers(lambda name, _f: name == "authentication-results")
+    assert stripped.raw == RAW.replace(b"Authentication-Results: relay.test; spf=pass\r\n", b"")

@@ -15,7 +15,7 @@ from email.headerregistry import AddressHeader
 from relay.auth.domains import normalise_domain
 from relay.auth.tagvalue import TagListError, parse_tag_value
 from relay.errors import RelayError
-from relay.message import split_fields
+from relay.message import Fields, split_fields
 
 MAX_SIGNATURE_FIELD = 16 * 1024  # a DKIM-Signature larger than this is refused unread
 MAX_ARC_INSTANCES = 50  # RFC 8617 5.1.1.1: i= is at most 50
@@ -131,17 +131,23 @@ def scan_headers(header_block: bytes, max_signatures: int) -> HeaderScan:
     return scan
 
 
-def quick_scan(header_block: bytes, max_signatures: int, limit: int) -> HeaderScan | None:
+def quick_scan(
+    header_block: bytes, max_signatures: int, limit: int, fields: Fields | None = None
+) -> HeaderScan | None:
     """The scan when it is cheap enough for the event loop (well under a millisecond):
     None when the block is over ``limit`` bytes or its From field would need the full
-    parser and is over FROM_PARSE_ON_LOOP bytes."""
+    parser and is over FROM_PARSE_ON_LOOP bytes. ``fields``: the block's ``split_fields``
+    when the caller has them (``Message.header_split``)."""
     if len(header_block) > limit:
         return None
-    return _scan(header_block, max_signatures, FROM_PARSE_ON_LOOP)
+    return _scan(header_block, max_signatures, FROM_PARSE_ON_LOOP, fields)
 
 
-def _scan(header_block: bytes, max_signatures: int, from_limit: int | None) -> HeaderScan | None:
-    fields = split_fields(header_block).fields
+def _scan(
+    header_block: bytes, max_signatures: int, from_limit: int | None, fields: Fields | None = None
+) -> HeaderScan | None:
+    if fields is None:
+        fields = split_fields(header_block).fields
     dkim_keys: list[bytes] = []
     arc_keys: list[bytes] = []
     dkim_total = 0

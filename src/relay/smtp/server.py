@@ -128,6 +128,9 @@ class RelaySMTP(SMTP):
             timeout=s.command_timeout,
             tls_context=deps.tls_context,
             require_starttls=False,
+            # The running loop, which aiosmtpd would look up itself under a
+            # warnings.catch_warnings block: 1.3 us of a connection's set-up (issue 17).
+            loop=asyncio.get_running_loop(),
         )
         self.deps = deps
         self.transaction: Transaction | None = None
