@@ -20,6 +20,9 @@ a copy of the regime files: the facts are all cached, so only the evaluation and
 report should cost). Wall time, CPU and peak PSS of the whole process tree are measured
 as in bench_lab.py. Results: bench/results/labscale.{json,md} (sizes merge into the file,
 so a rerun of one size keeps the others).
+``--reuse`` keeps a size's corpus and fact cache and runs warm and changed only (a cold
+run at 1M takes over an hour); ``--changed-to`` picks the changed line, which must be one
+not run before over that cache, or its decisions are read back and nothing is decided.
 Targets (issue 18): 1M messages x 6 regimes < 1 h cold on 2 cores; warm rerun of one
 changed regime < 2 min.
 """
@@ -182,7 +185,9 @@ def write_corpus(bases: Sequence[Base], count: int, into: Path, seed: int = 0) -
     return {"tar_bytes": tar_path.stat().st_size, "labels_bytes": labels_path.stat().st_size}
 
 
-def regime_copies(into: Path, regimes: Path) -> tuple[list[str], list[str]]:
+def regime_copies(
+    into: Path, regimes: Path, changed_to: str = CHANGED_TO
+) -> tuple[list[str], list[str]]:
     """Two copies of ``regimes``/*.toml: as they are, and with one threshold moved."""
     same, changed = into / "regimes-same", into / "regimes-changed"
     for d in (same, changed):
@@ -194,7 +199,7 @@ def regime_copies(into: Path, regimes: Path) -> tuple[list[str], list[str]]:
     text = target.read_text()
     if CHANGED_FROM not in text:
         raise SystemExit(f"{CHANGED_REGIME}: no {CHANGED_FROM!r} to change")
-    target.write_text(text.replace(CHANGED_FROM, CHANGED_TO, 1))
+    target.write_text(text.replace(CHANGED_FROM, changed_to, 1))
     return sorted(str(p) for p in same.glob("*.toml")), sorted(
         str(p) for p in changed.glob("*.toml")
     )
@@ -237,9 +242,13 @@ def measure(
     t = time.perf_counter()
     disk = write_corpus(bases, size, scratch, args.seed)
     synth_seconds = round(time.perf_counter() - t, 1)
-    same, changed = regime_copies(scratch, code / "config" / "regimes")
+    same, changed = regime_copies(scratch, code / "config" / "regimes", args.changed_to)
     cache = scratch / f"cache-{args.engine}"
-    shutil.rmtree(cache, ignore_errors=True)
+    if args.reuse:
+        if not (cache / "facts.sqlite3").exists():
+            raise SystemExit(f"--reuse: no cache at {cache}")
+    else:
+        shutil.rmtree(cache, ignore_errors=True)
     base = [
         sys.executable, "-m", "relay.cli", "lab",
         "--corpus", str(scratch / "corpus.tar"), "--labels", str(scratch / "labels.tsv"),
@@ -248,7 +257,8 @@ def measure(
         "--engine", args.engine,
     ]  # fmt: skip
     runs: dict[str, Any] = {}
-    for name, regimes in (("cold", same), ("warm", same), ("changed", changed)):
+    plan = [("cold", same), ("warm", same), ("changed", changed)]
+    for name, regimes in plan[1:] if args.reuse else plan:
         out = scratch / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
         r = run([*base, "--out", str(out), "--policy", *regimes], args.sample, code, env)
@@ -256,7 +266,7 @@ def measure(
         runs[name] = _summary(r, report)
         print(f"{size} {name}: {r['seconds']} s, {r['cpu_seconds']} s CPU", file=sys.stderr)
     cache_bytes = sum(p.stat().st_size for p in cache.iterdir())
-    per_message_cpu = runs["cold"]["cpu_seconds"] / size
+    per_message_cpu = runs["cold"]["cpu_seconds"] / size if "cold" in runs else None
     return {
         "messages": report["corpus"]["readable"],
         "unreadable": len(report["corpus"]["unreadable"]),
@@ -266,7 +276,9 @@ def measure(
         "synthesis_seconds": synth_seconds,
         "disk": {**disk, "cache_bytes": cache_bytes},
         "runs": runs,
-        "cold_cpu_ms_per_message": round(1000 * per_message_cpu, 2),
+        "cold_cpu_ms_per_message": None
+        if per_message_cpu is None
+        else round(1000 * per_message_cpu, 2),
         "figures": [
             {
                 "name": r["name"],
@@ -289,7 +301,7 @@ def extrapolation(results: dict[str, Any]) -> list[str]:
             (
                 s
                 for s in results["sizes"].values()
-                if s["engine"] == "local" and s.get("tag", "") == tag
+                if s["engine"] == "local" and s.get("tag", "") == tag and "cold" in s["runs"]
             ),
             key=lambda s: s["messages"],
         )
@@ -344,6 +356,8 @@ def markdown(results: dict[str, Any]) -> str:
     for key in sorted(results["sizes"], key=lambda k: (int(k.split("-")[0]), k)):
         s = results["sizes"][key]
         for name in ("cold", "warm", "changed"):
+            if name not in s["runs"]:
+                continue  # --reuse: no cold run
             r = s["runs"][name]
             t = r["timings"]
             lines.append(
@@ -368,7 +382,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Command: `.venv/bin/python -m bench.bench_labscale --sizes 10000 100000`; two trees "
-        "side by side: `--code DIR --tag NAME` per frozen copy.",
+        "side by side: `--code DIR --tag NAME` per frozen copy; over an existing corpus and "
+        "cache, warm and changed only: `--reuse --changed-to 'quarantine = 8.5'`.",
         "",
     ]
     return "\n".join(lines)
@@ -387,6 +402,17 @@ def main() -> int:
         default=REPO.parent / "shared" / "corpora" / "spamassassin" / "split.tsv",
     )
     parser.add_argument("--synthesise-only", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the size's existing corpus and fact cache: warm and changed runs only",
+    )
+    parser.add_argument(
+        "--changed-to",
+        default=CHANGED_TO,
+        help=f"the changed run's line in {CHANGED_REGIME} (default {CHANGED_TO!r}); a value "
+        "not run before over this cache, or its decisions are read back",
+    )
     parser.add_argument("--tag", default="", help="kept beside an untagged run of a size")
     parser.add_argument("--sample", type=float, default=0.25, help="/proc sampling, seconds")
     parser.add_argument(

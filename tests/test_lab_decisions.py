@@ -29,7 +29,10 @@ POLICIES = FIXTURES / "policies"
 RUN_ONLY = ("timings", "facts", "evaluation")
 
 
-def _options(tmp_path: Path, policies: tuple[Path, ...], out: str, *, cache: bool) -> LabOptions:
+def _options(
+    tmp_path: Path, policies: tuple[Path, ...], out: str, *, cache: bool, **kw: Any
+) -> LabOptions:
+    """The fixture corpus under ``policies``, one job unless ``kw`` says otherwise."""
     settings = settings_from_mapping({"model": {"enabled": False}})
     return LabOptions(
         sources=tuple(sources_from_labels(FIXTURES / "corpus", FIXTURES / "labels.tsv", "test")),
@@ -38,7 +41,7 @@ def _options(tmp_path: Path, policies: tuple[Path, ...], out: str, *, cache: boo
         out=tmp_path / out,
         env=LabEnv(settings=settings, trusted_authserv_ids=("mx.lab.example",)),
         cache_dir=tmp_path / "cache" if cache else None,
-        jobs=1,
+        **{"jobs": 1, **kw},
     )
 
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import mailbox
+import os
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -187,6 +189,8 @@ def _is_message_name(name: str) -> bool:
 
 def unsafe_member_name(name: str) -> bool:
     """An absolute member name, or one with a ``..`` component (path traversal)."""
+    if not name.startswith(("/", "\\")) and ".." not in name and "\0" not in name:
+        return False  # the common case, without building a path (1M names in a corpus)
     pure = PurePosixPath(name.replace("\\", "/"))
     return pure.is_absolute() or ".." in pure.parts or "\0" in name
 
@@ -204,8 +208,14 @@ def stream_archive(
     uncompressed archive a member is not read either: its item has its ``span``."""
     try:
         plain = _uncompressed_tar(archive)
-        with tarfile.open(archive, mode="r|*") as tar:
-            for member in tar:
+        listed = _ustar_listing(archive) if plain else None
+        if listed is not None:
+            yield from _listed_items(archive, label, listed, limit, select)
+            return
+        # An uncompressed tar is listed by seeking from header to header (its members'
+        # bytes are not read); a compressed one is streamed.
+        with tarfile.open(archive, mode="r:" if plain else "r|*") as tar:
+            for member in _members(tar) if plain else tar:
                 if not member.isreg() or not _is_message_name(PurePosixPath(member.name).name):
                     continue
                 name = _member_key(member.name)
@@ -229,6 +239,93 @@ def stream_archive(
                     yield dataclasses.replace(item, data=data)
     except (OSError, EOFError, tarfile.TarError) as exc:
         raise CorpusError(f"{archive}: unreadable archive: {exc}") from None
+
+
+def _listed_items(
+    archive: Path,
+    label: Label,
+    listed: list[tuple[str, int, int]],
+    limit: int,
+    select: Callable[[str], bool] | None,
+) -> Iterator[Item]:
+    """stream_archive's items from a plain listing of regular members."""
+    for member_name, offset, size in listed:
+        plain_name = "/." not in member_name and "//" not in member_name
+        base = member_name.rsplit("/", 1)[-1] if plain_name else PurePosixPath(member_name).name
+        if not _is_message_name(base):
+            continue
+        name = _member_key(member_name)
+        if select is not None and not select(name):
+            continue
+        if unsafe_member_name(member_name):
+            reason = f"refused: unsafe member name {member_name!r} (path traversal)"
+            yield Item(name, label, archive, key=member_name, error=reason)
+        elif size > limit:
+            reason = f"refused: member is {size} bytes, over {limit}"
+            yield Item(name, label, archive, key=member_name, error=reason)
+        else:
+            yield Item(name, label, archive, key=member_name, span=(offset, size))
+
+
+_REGULAR = (b"0", b"\0", b"7")  # tarfile's REGULAR_TYPES
+_DIRECTORY = b"5"
+
+
+def _ustar_listing(archive: Path) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of every regular member of an uncompressed tar made only
+    of plain ustar / GNU headers (regular files and directories), read from the headers
+    alone, about ten times faster than tarfile (1M members: tens of seconds). None
+    for anything else (long names, pax headers, links, sparse files, a bad checksum,
+    base-256 sizes): tarfile lists those archives, with its own rules."""
+    out: list[tuple[str, int, int]] = []
+    encoding = sys.getfilesystemencoding()
+    with archive.open("rb") as fh:
+        # pread, not mmap: a mapping's touched pages count in the process's memory (the
+        # whole archive, with read-ahead), though they are only the page cache.
+        fd, offset, end = fh.fileno(), 0, os.fstat(fh.fileno()).st_size
+        while offset + 512 <= end:
+            header = os.pread(fd, 512, offset)
+            if len(header) < 512:
+                return None  # shorter than when it was measured: let tarfile say so
+            if header.count(0) == 512:
+                return out  # end of archive (tarfile stops at the first zero block)
+            kind = header[156:157]
+            if kind not in _REGULAR and kind != _DIRECTORY:
+                return None
+            if header[257:263] not in (b"ustar\x00", b"ustar "):
+                return None
+            try:
+                size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+                checksum = int(header[148:156].rstrip(b"\0 ") or b"-1", 8)
+            except ValueError:
+                return None
+            if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+                return None  # tarfile also accepts a signed sum: let it decide
+            name = _field(header[0:100], encoding)
+            prefix = _field(header[345:500], encoding)
+            if prefix:
+                name = f"{prefix}/{name}"
+            if name.endswith("/") and kind in (b"0", b"7"):
+                return None  # tarfile: a directory only when AREGTYPE
+            if kind == _DIRECTORY or name.endswith("/"):
+                offset += 512  # a directory's size is not followed by data
+                continue
+            out.append((name, offset + 512, size))
+            offset += 512 + -(-size // 512) * 512
+        return None if offset < end else out  # truncated: let tarfile say so
+
+
+def _field(raw: bytes, encoding: str) -> str:
+    end = raw.find(b"\0")
+    return (raw if end < 0 else raw[:end]).decode(encoding, "surrogateescape")
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Each member of a seekable tar, without the TarFile keeping every TarInfo (about
+    half a KiB each: 1,000,000 members would hold hundreds of MB while listing)."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()  # type: ignore[attr-defined]  # not in the stubs
+        yield member
 
 
 def _uncompressed_tar(archive: Path) -> bool:

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs if args.jobs > 0 else os.cpu_count() or 1,
         progress=not args.no_progress and sys.stderr.isatty(),
         pages=args.pages if args.pages > 0 else None,
+        rehash=args.rehash,
         engine=EngineSpec(
             args.engine, args.scheduler, args.workers, pass2=args.pass2, shards=args.shards
         ),

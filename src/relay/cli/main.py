@@ -254,6 +254,12 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="compute everything, keep nothing")
     p.add_argument(
+        "--rehash",
+        action="store_true",
+        help="read and hash every tar member again, even if the archive's size, mtime and "
+        "inode are those the cache recorded",
+    )
+    p.add_argument(
         "--pages",
         type=int,
         default=1000,

@@ -4,11 +4,13 @@ corpus.py        read a split file / Maildir / mbox / directory; time order; unr
 offline_auth.py  authentication facts from trusted Authentication-Results (DNS offline)
 env.py           registry and services, rebuilt identically in every process
 cache.py         SQLite cache: facts (digest, fact name + version, context), each
-                 regime's decisions (regime key), the corpus's header values
+                 regime's decisions (regime key), the corpus's header values, tar
+                 members' digests by archive stat, surveys that found every fact
 compute.py       pass 1: stateless facts in a process pool; pass 2: stateful, in order
 engine.py        where the passes run: that pool, or Dask tasks over batches (--engine dask)
 shards.py        pass 2 as a key-sharded replay, exactly the ordered loop's values
 evaluate.py      every policy over the cached facts with the relay's own engine
+decide_pool.py   the regimes a rerun must decide, on forked processes, before the report
 complete.py      every rule a message matches, past the engine's early stop (probes)
 rescore.py       a verdict recomputed from matched rules (other thresholds, a rule removed)
 curves.py        spam stopped against legitimate mail blocked over every score cutoff

@@ -11,6 +11,14 @@ message's facts at once.
 Corpus index: per message digest, what its header gave the lab (time, envelope, client),
 so a rerun does not parse every header again (CorpusIndex).
 
+Stat index: per tar member (archive path, the archive's size, mtime and inode, the
+member's offset and size), its digest, so a rerun over an unchanged archive does not
+read and hash every message again (StatIndex; the trust model is in docs/lab.md).
+
+Facts ready: per (fact versions, contexts, corpus order), a note that a survey found
+every fact cached, with what the survey counted, so the next run skips the survey.
+Facts are only ever added or replaced, never removed, so the note stays true.
+
 Decisions: one row per (regime key, message digest), the regime key a digest of the
 regime file, the versions of the facts it can read, the fact context and the deciding
 code (evaluate.regime_key). A rerun with one regime file changed evaluates that regime
@@ -42,6 +50,18 @@ CREATE TABLE IF NOT EXISTS corpus_index (
     version TEXT NOT NULL,
     value TEXT NOT NULL,
     PRIMARY KEY (digest, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stat_index (
+    file TEXT NOT NULL,
+    stat TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (file, stat, offset, size)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS facts_ready (
+    key TEXT PRIMARY KEY,
+    info TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS decision_values (
     regime TEXT NOT NULL,
@@ -201,6 +221,23 @@ class FactCache:
     def corpus_index(self) -> CorpusIndex:
         return CorpusIndex(self._db)
 
+    def stat_index(self) -> StatIndex:
+        return StatIndex(self._db)
+
+    def ready_info(self, key: str) -> dict[str, Any] | None:
+        """What the survey under ``key`` found, if one found every fact cached."""
+        row = self._db.execute("SELECT info FROM facts_ready WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        info: dict[str, Any] = json.loads(row[0])
+        return info
+
+    def mark_ready(self, key: str, info: Mapping[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO facts_ready VALUES (?, ?)", (key, json.dumps(info))
+        )
+        self._db.commit()
+
 
 class BatchReader(Mapping[str, dict[str, Cached]]):
     """Every message's cached facts as a read-only mapping, read a batch at a time in
@@ -263,6 +300,55 @@ class CorpusIndex:
         self._db.commit()
 
 
+class StatIndex:
+    """Digests of tar members by where they are and the archive's stat, like git's index:
+    an archive whose size, mtime_ns, inode and device are those recorded is taken as
+    unchanged, and its members' digests are read back instead of hashing their bytes."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def get(
+        self, file: str, stat: str, spans: Sequence[tuple[int, int]]
+    ) -> dict[tuple[int, int], str]:
+        out: dict[tuple[int, int], str] = {}
+        if not spans:
+            return out
+        offsets = sorted({o for o, _ in spans})
+        rows = self._db.execute(
+            "SELECT offset, size, digest FROM stat_index "  # noqa: S608
+            f"WHERE file = ? AND stat = ? AND offset IN ({','.join('?' * len(offsets))})",
+            (file, stat, *offsets),
+        )
+        wanted = set(spans)
+        for offset, size, digest in rows:
+            if (offset, size) in wanted:
+                out[(offset, size)] = digest
+        return out
+
+    def put(self, file: str, stat: str, rows: Sequence[tuple[int, int, str]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO stat_index VALUES (?, ?, ?, ?, ?)",
+            [(file, stat, offset, size, digest) for offset, size, digest in rows],
+        )
+        self._db.commit()
+
+
+def encode_decisions(
+    rows: Iterable[tuple[str, Any]],
+) -> tuple[dict[int, str], list[tuple[str, int]]]:
+    """(each distinct value's JSON by its id, (digest, id) per row): DecisionCache's
+    stored form, whoever computes it."""
+    values: dict[int, str] = {}
+    ids: list[tuple[str, int]] = []
+    for digest, value in rows:
+        text = json.dumps(value, separators=(",", ":"))
+        id_ = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+        values[id_] = text
+        ids.append((digest, id_))
+    return values, ids
+
+
 class DecisionCache:
     """Each regime's decisions by regime key and message digest, as JSON values (the
     caller encodes them: evaluate.decision_row). Stored once per distinct value under an
@@ -273,6 +359,12 @@ class DecisionCache:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self._values: dict[tuple[str, int], Any] = {}
+
+    def count(self, regime: str) -> int:
+        """How many messages have a decision under ``regime`` (a regime key)."""
+        query = "SELECT count(*) FROM decision_ids WHERE regime = ?"
+        (n,) = self._db.execute(query, (regime,)).fetchone()
+        return int(n)
 
     def load(self, regime: str, digests: Sequence[str]) -> dict[str, int]:
         """The id of each cached decision of these messages (``value`` gives it)."""
@@ -295,18 +387,20 @@ class DecisionCache:
         return self._values[key]
 
     def store(self, regime: str, rows: Iterable[tuple[str, Any]]) -> None:
-        values: dict[int, str] = {}
-        pairs: list[tuple[str, str, int]] = []
-        for digest, value in rows:
-            text = json.dumps(value, separators=(",", ":"))
-            id_ = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
-            values[id_] = text
-            pairs.append((regime, digest, id_))
+        self.store_encoded(regime, *encode_decisions(rows))
+
+    def store_encoded(
+        self, regime: str, values: Mapping[int, str], ids: Sequence[tuple[str, int]]
+    ) -> None:
+        """Rows as ``encode_decisions`` made them (in another process: decide_pool.py)."""
         self._db.executemany(
             "INSERT OR IGNORE INTO decision_values VALUES (?, ?, ?)",
             [(regime, i, t) for i, t in values.items()],
         )
-        self._db.executemany("INSERT OR REPLACE INTO decision_ids VALUES (?, ?, ?)", pairs)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO decision_ids VALUES (?, ?, ?)",
+            [(regime, digest, i) for digest, i in ids],
+        )
 
     def commit(self) -> None:
         self._db.commit()

@@ -15,7 +15,11 @@ epoch), so a corpus always replays the same way, whatever day it is.
 What a message's header gives the lab (its time, envelope and client, or why it is not a
 message) depends only on its bytes: with an ``index`` (the lab's cache, cache.CorpusIndex)
 it is stored by digest and read back in later runs instead of parsing every header again.
-The bytes are still read and hashed, so the digest is always the one of the bytes now.
+The bytes are read and hashed, so the digest is the one of the bytes now, except for the
+members of an uncompressed tar with a ``digests`` index (cache.StatIndex): an archive
+whose size, mtime_ns, inode and device are unchanged is trusted, like git's index, and
+its members' digests are read back (``--rehash`` hashes every message again). Bytes read
+later (``raw()``) are still checked against the digest.
 """
 
 from __future__ import annotations
@@ -192,47 +196,125 @@ def _from_values(values: Sequence[Any]) -> tuple[float | None, Envelope, Peer]:
     return when, envelope, Peer(**peer)
 
 
+class DigestIndex(Protocol):
+    """Digests of tar members by archive stat and span (cache.StatIndex)."""
+
+    def get(
+        self, file: str, stat: str, spans: Sequence[tuple[int, int]]
+    ) -> Mapping[tuple[int, int], str]: ...
+
+    def put(self, file: str, stat: str, rows: Sequence[tuple[int, int, str]]) -> None: ...
+
+
+def stat_key(path: Path) -> tuple[str, str] | None:
+    """(the file's resolved path, its size, mtime_ns, inode and device) or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+def _spanned(src: Source) -> bool:
+    return src.span is not None and src.error is None and src.data is None
+
+
 def _read_with_values(
-    sources: Sequence[Source], index: HeaderIndex | None
-) -> Iterator[tuple[int, Source, bytes | str, str, list[Any]]]:
-    """(position, source, bytes or why not, digest, header values) in file order."""
+    sources: Sequence[Source],
+    index: HeaderIndex | None,
+    digests: DigestIndex | None = None,
+    trust_stat: bool = True,
+) -> Iterator[tuple[int, Source, bytes | str | None, str, list[Any]]]:
+    """(position, source, bytes or why not, digest, header values) in file order. With
+    ``digests`` and ``trust_stat``, a tar member whose archive has the size, mtime and
+    inode recorded gets its digest from the index and its bytes are not read (None),
+    unless its header values are not indexed either."""
     version = index_version() if index is not None else ""
-    batch: list[tuple[int, Source, bytes | str, str]] = []
+    stats: dict[Path, tuple[str, str] | None] = {}
 
-    def flush() -> Iterator[tuple[int, Source, bytes | str, str, list[Any]]]:
-        digests = [d for _, _, data, d in batch if not isinstance(data, str)]
-        found = dict(index.get(digests, version)) if index is not None and digests else {}
-        fresh: list[tuple[str, Any]] = []
-        for position, src, data, digest in batch:
-            if isinstance(data, str):
-                yield position, src, data, "", []
+    def where(src: Source) -> tuple[str, str] | None:
+        if digests is None or not _spanned(src):
+            return None
+        if src.path not in stats:
+            stats[src.path] = stat_key(src.path)
+        return stats[src.path]
+
+    for start in range(0, len(sources), INDEX_BATCH):
+        part = sources[start : start + INDEX_BATCH]
+        known: dict[int, str] = {}  # position in part -> digest from the stat index
+        if digests is not None and trust_stat:
+            by_file: dict[tuple[str, str], list[int]] = {}
+            for i, src in enumerate(part):
+                key = where(src)
+                if key is not None:
+                    by_file.setdefault(key, []).append(i)
+            for (file, stat), positions in by_file.items():
+                spans = [span for i in positions if (span := part[i].span) is not None]
+                found = digests.get(file, stat, spans)
+                for i in positions:
+                    span = part[i].span
+                    if span is not None and span in found:
+                        known[i] = found[span]
+        unread = [src for i, src in enumerate(part) if i not in known]
+        read_back = iter(read(unread))
+        rows: list[tuple[int, Source, bytes | str | None, str]] = []
+        fresh_stat: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+        for i, src in enumerate(part):
+            if i in known:
+                rows.append((start + i, src, None, known[i]))
                 continue
-            values = found.get(digest)
-            if values is None:
-                values = found[digest] = header_values(data)
-                fresh.append((digest, values))
-            yield position, src, data, digest, values
-        if index is not None and fresh:
-            index.put(fresh, version)
-        batch.clear()
+            _, data = next(read_back)
+            digest = "" if isinstance(data, str) else hashlib.sha256(data).hexdigest()
+            key = where(src)
+            if key is not None and src.span is not None and digest:
+                fresh_stat.setdefault(key, []).append((*src.span, digest))
+            rows.append((start + i, src, data, digest))
+        if digests is not None:
+            for (file, stat), stat_rows in fresh_stat.items():
+                digests.put(file, stat, stat_rows)
+        yield from _with_values(rows, index, version)
 
-    for position, (src, data) in enumerate(read(sources)):
-        digest = "" if isinstance(data, str) else hashlib.sha256(data).hexdigest()
-        batch.append((position, src, data, digest))
-        if len(batch) >= INDEX_BATCH:
-            yield from flush()
-    yield from flush()
+
+def _with_values(
+    batch: Sequence[tuple[int, Source, bytes | str | None, str]],
+    index: HeaderIndex | None,
+    version: str,
+) -> Iterator[tuple[int, Source, bytes | str | None, str, list[Any]]]:
+    digests = [d for _, _, data, d in batch if not isinstance(data, str)]
+    found = dict(index.get(digests, version)) if index is not None and digests else {}
+    fresh: list[tuple[str, Any]] = []
+    for position, src, data, digest in batch:
+        if isinstance(data, str):
+            yield position, src, data, "", []
+            continue
+        values = found.get(digest)
+        if values is None:
+            if data is None:  # digest from the stat index, header values not indexed
+                [(_, data)] = read([src])
+                if isinstance(data, str):
+                    yield position, src, data, "", []
+                    continue
+            values = found[digest] = header_values(data)
+            fresh.append((digest, values))
+        yield position, src, data, digest, values
+    if index is not None and fresh:
+        index.put(fresh, version)
 
 
 def load_corpus(
-    sources: Sequence[Source], description: str, index: HeaderIndex | None = None
+    sources: Sequence[Source],
+    description: str,
+    index: HeaderIndex | None = None,
+    digests: DigestIndex | None = None,
+    trust_stat: bool = True,
 ) -> Corpus:
     """Read every source; order readable messages by their time, then file order. Bytes
     that can be read again are let go as soon as their message's values are taken;
-    ``index`` keeps the header values by digest between runs."""
+    ``index`` keeps the header values by digest between runs; ``digests`` the digests of
+    tar members by the archive's stat (``trust_stat=False``: hash them all again)."""
     staged: list[tuple[float | None, CorpusMessage]] = []
     unreadable: list[Unreadable] = []
-    for index_, src, data, digest, values in _read_with_values(sources, index):
+    for index_, src, data, digest, values in _read_with_values(sources, index, digests, trust_stat):
         if isinstance(data, str):
             unreadable.append(Unreadable(src.id, src.label, data))
             continue
@@ -260,9 +342,10 @@ def load_corpus(
     return Corpus(tuple(messages), tuple(unreadable), description)
 
 
-def _where(src: Source, data: bytes) -> Source:
-    """``src`` holding ``data`` only when it cannot be read again alone."""
-    if src.rereadable:
+def _where(src: Source, data: bytes | None) -> Source:
+    """``src`` holding ``data`` only when it cannot be read again alone (``data`` None:
+    not read, a tar member whose digest the stat index gave)."""
+    if src.rereadable or data is None:
         return src if src.data is None else dataclasses.replace(src, data=None)
     return src if src.data is not None else dataclasses.replace(src, data=data)
 

@@ -117,27 +117,31 @@ class RuleTally:
         self._moves: dict[str, Counter[str]] = {r.name: Counter() for r in regime.rules}
         self._unreproduced = 0
 
-    def add(self, m: Matched) -> None:
+    def add(self, m: Matched, count: int = 1) -> None:
+        """``count`` messages like ``m`` (the same label, matches and decision)."""
         defs = self._defs
         matched = [n for n in m.rules if n in defs]
         action = action_of(rescore(matched, defs), m.bands)
         if action != m.action:
-            self._unreproduced += 1
+            self._unreproduced += count
         for name in matched:
-            self._hits[name][m.label] += 1
+            self._hits[name][m.label] += count
             if name not in m.fired:
-                self._unevaluated[name] += 1
-            self._co[name].update(other for other in matched if other != name)
+                self._unevaluated[name] += count
+            co = self._co[name]
+            for other in matched:
+                if other != name:
+                    co[other] += count
             without = action_of(rescore(matched, defs, without=name), m.bands)
             if without == action:
                 continue
             moves = self._moves[name]
-            moves["changed"] += 1
+            moves["changed"] += count
             blocked, still = action in BLOCKED, without in BLOCKED
             if blocked and not still:
-                moves[f"{m.label}_released"] += 1
+                moves[f"{m.label}_released"] += count
             elif still and not blocked:
-                moves[f"{m.label}_caught"] += 1
+                moves[f"{m.label}_caught"] += count
 
     def result(self) -> RuleStats:
         stats = tuple(

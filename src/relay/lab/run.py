@@ -7,11 +7,17 @@ changed; one message's decisions at a time go to the report's counters
 (stats.ReportBuilder) and to verdicts.jsonl. Fact pages are written for the first
 ``pages`` rows of each message list. Without a cache directory the same happens in a
 temporary one, removed at the end.
+
+What a rerun skips: hashing an unchanged tar (cache.StatIndex), the survey of cached
+facts once one found them all (cache.FactCache.ready_info), and deciding on the driver
+alone: regimes with many undecided messages are decided on ``jobs`` forked processes
+first (decide_pool.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import tempfile
@@ -26,10 +32,11 @@ from typing import Any
 from tqdm import tqdm
 
 from relay.facts import FactRegistry
-from relay.lab import plots, render, tables
+from relay.lab import decide_pool, plots, render, tables
 from relay.lab.cache import BATCH, BatchReader, Cached, FactCache
 from relay.lab.compute import DEFERRED, Computed, Item, Outcomes
 from relay.lab.corpus import Corpus, CorpusMessage, Source, load_corpus
+from relay.lab.decide_pool import DecideJob, decide_missing, missing
 from relay.lab.diff import VERDICTS_FILE, verdict_record
 from relay.lab.engine import EngineSpec, first_pass, ordered_pass
 from relay.lab.env import LabEnv, check_services
@@ -60,6 +67,7 @@ class LabOptions:
     progress: bool = False
     engine: EngineSpec = field(default_factory=EngineSpec)  # where passes 1 and 2 run (engine.py)
     pages: int | None = PAGES  # fact pages for the first rows of each list (None: all)
+    rehash: bool = False  # hash every tar member again, whatever the stat index says
 
 
 @contextmanager
@@ -124,6 +132,14 @@ def prepare_facts(
     env_key = env.key()
     order_key = f"{env_key}/order:{corpus.order_digest()}"
     messages = corpus.messages
+    ready_key = _ready_key(versions, env_key, order_key)
+    noted = cache.ready_info(ready_key)
+    if noted is not None:
+        # An earlier survey of this very corpus order, these versions and contexts found
+        # every fact cached; facts are never removed, so surveying again finds the same.
+        info = {**noted, "cache": None if options.cache_dir is None else str(options.cache_dir)}
+        info.update(jobs=options.jobs, parallel_seconds=0.0, sequential_seconds=0.0)
+        return FactsReady(versions, (env_key, order_key), info)
     wanted = set(names)
     items: list[Item] = []
     stateful: set[str] = set()
@@ -210,7 +226,14 @@ def prepare_facts(
         "pass2": pass2,
         "errors": dict(sorted((errors + ordered_errors).items())),
     }
+    if not items and not rerun:
+        cache.mark_ready(ready_key, info)
     return FactsReady(versions, (env_key, order_key), info)
+
+
+def _ready_key(versions: Mapping[str, int], env_key: str, order_key: str) -> str:
+    parts = {"versions": dict(sorted(versions.items())), "contexts": [env_key, order_key]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _message_page(
@@ -288,6 +311,26 @@ class _Evaluation:
         self.shared: dict[tuple[str, int], Decision] = {}
         self.evaluated: Counter[str] = Counter()
         self.from_cache: Counter[str] = Counter()
+        self.pooled: Counter[str] = Counter()  # decided by decide_pooled, read back by run
+        self.registry = registry
+
+    def decide_pooled(self, messages: Sequence[CorpusMessage], jobs: int) -> None:
+        """The regimes with many undecided messages decided on ``jobs`` processes first
+        (decide_pool.py): ``run`` then reads their decisions back."""
+        keys = {n: k for n, k in self.keys.items() if k is not None}
+        todo = missing(self.cache, keys, len(messages))
+        if jobs < 2 or not todo or sum(todo.values()) < decide_pool.MIN_POOLED:
+            return
+        job = DecideJob(
+            cache_path=self.cache.path.parent,
+            regimes=tuple(r for r in self.regimes if r.name in todo),
+            keys=keys,
+            reads=self.reads,
+            versions=self.ready.versions,
+            contexts=self.ready.contexts,
+            registry=self.registry,
+        )
+        self.pooled.update(decide_missing(job, messages, self.cache, jobs))
 
     async def run(
         self,
@@ -367,9 +410,32 @@ class _Evaluation:
 
     def info(self) -> dict[str, Any]:
         return {
-            r.name: {"evaluated": self.evaluated[r.name], "from_cache": self.from_cache[r.name]}
+            r.name: {
+                "evaluated": self.evaluated[r.name] + self.pooled[r.name],
+                "from_cache": self.from_cache[r.name] - self.pooled[r.name],
+            }
             for r in self.regimes
         }
+
+
+class VerdictLines:
+    """verdicts.jsonl's lines, each exactly ``json.dumps(verdict_record(...))`` compact,
+    with each regime's part encoded once per distinct decision: most messages share
+    their decisions, and encoding six of them a message was a good part of a rerun."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str, Decision], str] = {}
+
+    def line(self, m: CorpusMessage, decisions: Mapping[str, Decision]) -> str:
+        parts = []
+        for name, d in decisions.items():
+            part = self._parts.get((name, d))
+            if part is None:
+                record = verdict_record(m, {name: d})["verdicts"]
+                part = self._parts[(name, d)] = json.dumps(record, separators=(",", ":"))[1:-1]
+            parts.append(part)
+        head = json.dumps({"id": m.id, "label": m.label, "digest": m.digest}, separators=(",", ":"))
+        return f'{head[:-1]},"verdicts":{{{",".join(parts)}}}}}\n'
 
 
 def write_report(
@@ -431,7 +497,13 @@ def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[
     registry = options.env.registry()
     regimes, regime_errors = load_regimes(options.policies, registry, loader)
     with open_cache(options.cache_dir) as cache:
-        corpus = load_corpus(options.sources, options.description, cache.corpus_index())
+        corpus = load_corpus(
+            options.sources,
+            options.description,
+            cache.corpus_index(),
+            cache.stat_index(),
+            trust_stat=not options.rehash,
+        )
         messages = corpus.messages
         timings["read_corpus"] = time.perf_counter() - t0
         t = time.perf_counter()
@@ -445,12 +517,13 @@ def run_lab(options: LabOptions, loader: PolicyLoader = default_loader) -> dict[
         # pages cover only the first rows of each list), written as they are decided.
         partial = options.out / (VERDICTS_FILE + ".partial")
         with partial.open("w", encoding="utf-8") as verdicts:
+            lines = VerdictLines()
 
             def sink(m: CorpusMessage, decisions: Mapping[str, Decision]) -> None:
                 builder.add(m, decisions)
-                line = json.dumps(verdict_record(m, decisions), separators=(",", ":"))
-                verdicts.write(line + "\n")
+                verdicts.write(lines.line(m, decisions))
 
+            evaluation.decide_pooled(messages, options.jobs)
             with _bar(options.progress, len(messages), "regimes") as progress:
                 asyncio.run(evaluation.run(messages, sink, progress))
         partial.replace(options.out / VERDICTS_FILE)

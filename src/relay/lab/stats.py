@@ -88,17 +88,35 @@ class _RegimeTally:
         self.rule_tally = None if self.rules is None else RuleTally(self.rules)
         self.scores: Counter[tuple[str, Rescored]] = Counter()
         self.unmatched = False  # some decision did not record its rule matches
+        # How many messages of each label had each distinct decision: most messages share
+        # theirs with many others, so the counters are fed once per distinct one (in order
+        # of first appearance, which keeps ties in the report's orderings as they were).
+        self.seen: Counter[tuple[str, Decision]] = Counter()
 
-    def curve_and_rules(self, label: str, d: Decision) -> None:
+    def curve_and_rules(self, label: str, d: Decision, n: int = 1) -> None:
         if self.rule_tally is None or self.unmatched:
             return
         if d.matched is None:
             self.unmatched = True
             return
-        self.rule_tally.add(Matched(label, d.matched, frozenset(d.rules), d.bands, d.action))
-        self.scores[(label, rescore(d.matched, self.defs))] += 1
+        self.rule_tally.add(Matched(label, d.matched, frozenset(d.rules), d.bands, d.action), n)
+        self.scores[(label, rescore(d.matched, self.defs))] += n
+
+    def _flush(self) -> None:
+        for (label, d), n in self.seen.items():
+            self.counts[label][d.action] += n
+            tier = d.tier or "none"
+            self.tiers[tier] += n
+            self.tiers_by_label[label][tier] += n
+            for rule in d.rules:
+                self.rule_hits.setdefault(rule, Counter())[label] += n
+            for skipped in d.skipped:
+                self.skipped[skipped] += n
+            self.curve_and_rules(label, d, n)
+        self.seen.clear()
 
     def curve_result(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        self._flush()
         if self.rules is None or self.rule_tally is None:
             return None, unavailable("not a relay policy: its rules cannot be read")
         if self.unmatched:
@@ -109,14 +127,7 @@ class _RegimeTally:
     def add(self, m: CorpusMessage, decisions: Mapping[str, Decision]) -> None:
         name = self.regime.name
         d = decisions[name]
-        self.counts[m.label][d.action] += 1
-        tier = d.tier or "none"
-        self.tiers[tier] += 1
-        self.tiers_by_label[m.label][tier] += 1
-        for rule in d.rules:
-            self.rule_hits.setdefault(rule, Counter())[m.label] += 1
-        for s in d.skipped:
-            self.skipped[s] += 1
+        self.seen[(m.label, d)] += 1
         if m.label == "ham" and d.action in BLOCKED:
             self.ham_blocks.append(
                 {
@@ -134,9 +145,9 @@ class _RegimeTally:
                     ],
                 }
             )
-        self.curve_and_rules(m.label, d)
 
     def result(self, pages: int | None) -> dict[str, Any]:
+        self._flush()
         regime, counts, tiers = self.regime, self.counts, self.tiers
         n_spam = sum(counts["spam"].values())
         n_ham = sum(counts["ham"].values())
