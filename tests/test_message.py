@@ -6,6 +6,7 @@ import datetime as dt
 import email.policy
 import itertools
 import re
+import threading
 from email.message import Message as MimeMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -18,6 +19,7 @@ from relay.message import (
     Message,
     Peer,
     _single_part,
+    cached_attribute,
     format_header,
     header_time,
     parse_header_fields,
@@ -237,3 +239,36 @@ def test_the_header_is_split_once_and_read_alike() -> None:
     assert m.header_fields == parse_header_fields(m.header_block)
     stripped = m.without_headers(lambda name, _f: name == "authentication-results")
     assert stripped.raw == RAW.replace(b"Authentication-Results: relay.test; spf=pass\r\n", b"")
+
+
+def test_a_cached_value_computing_in_a_thread_does_not_hold_up_another_message() -> None:
+    """On Python 3.11 functools.cached_property holds one lock per property for every
+    instance: the loop's first ``.parsed`` of a small message waited for a thread parsing a
+    large one. ``cached_attribute`` computes each instance's value without that lock."""
+    started, release = threading.Event(), threading.Event()
+    waited_out: list[bool] = []
+
+    class Slow:
+        def __init__(self, block: bool) -> None:
+            self.block = block
+            self.calls = 0
+
+        @cached_attribute
+        def value(self) -> str:
+            self.calls += 1
+            if self.block:
+                started.set()
+                waited_out.append(not release.wait(10))  # True: nobody released it
+            return "slow" if self.block else "quick"
+
+    slow, quick = Slow(block=True), Slow(block=False)
+    thread = threading.Thread(target=lambda: slow.value)
+    thread.start()
+    assert started.wait(10)
+    # With a lock shared by every instance this waits until the thread gives up (10 s).
+    assert quick.value == "quick"
+    release.set()
+    thread.join()
+    assert waited_out == [False]
+    assert (slow.value, slow.calls, quick.value, quick.calls) == ("slow", 1, "quick", 1)
+    assert isinstance(Slow.value, cached_attribute)  # the class sees the descriptor

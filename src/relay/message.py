@@ -28,12 +28,47 @@ from email.header import decode_header, make_header
 from email.message import Message as MimeMessage
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
-from functools import cached_property
+from typing import Any, Generic, TypeVar, overload
 
 from relay.errors import MessageTimeError
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
+
+
+_T = TypeVar("_T")
+
+
+class cached_attribute(Generic[_T]):
+    """``functools.cached_property`` without its lock. On Python 3.11 that lock is one per
+    property, shared by every instance: while a thread parses a large message, the event
+    loop's first ``.parsed`` of any other message waited for it (a loop stall as long as
+    the parse). The values here are pure functions of a frozen message, so two threads
+    computing one at once merely compute it twice (Python 3.12 dropped the lock too)."""
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> cached_attribute[_T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> _T | cached_attribute[_T]:
+        if instance is None:
+            return self
+        cache: dict[str, Any] = instance.__dict__
+        try:
+            value: _T = cache[self.name]
+        except KeyError:
+            value = cache[self.name] = self.func(instance)
+        return value
 
 
 def new_queue_id() -> str:
@@ -353,7 +388,7 @@ class Message:
     def size(self) -> int:
         return len(self.raw)
 
-    @cached_property
+    @cached_attribute
     def parsed(self) -> MimeMessage:
         """The parsed MIME structure (stdlib ``email``, compat32 policy); never raises.
 
@@ -363,24 +398,23 @@ class Message:
         ``headers()`` instead, once per message.
         """
         # Its own split of the header, not ``header_split``: a large message is parsed in
-        # a thread, and a cached_property's lock (one per property, Python 3.11) would make
-        # the loop wait for it there.
+        # a thread, which should touch nothing the loop reads of that message meanwhile.
         built = _single_part(self.raw)
         if built is not None:
             return built
         return BytesParser(policy=email_policy.compat32).parsebytes(self.raw)
 
-    @cached_property
+    @cached_attribute
     def header_block(self) -> bytes:
         return split_header_block(self.raw)[0]
 
-    @cached_property
+    @cached_attribute
     def header_split(self) -> HeaderSplit:
         """The header block split into fields (``split_fields``), once per message: the
         header facts, the DKIM header scan and the first stamp read it (on the loop)."""
         return split_fields(self.header_block)
 
-    @cached_property
+    @cached_attribute
     def body(self) -> bytes:
         """Bytes after the blank line that ends the header block."""
         rest = split_header_block(self.raw)[1]
@@ -389,13 +423,13 @@ class Message:
                 return rest[len(blank) :]
         return rest
 
-    @cached_property
+    @cached_attribute
     def header_fields(self) -> tuple[tuple[str, str], ...]:
         """(name, raw value) of every header field, in order; parses the header block only,
         so reading headers costs the same for a 25 MB message as for a short one."""
         return _field_texts(self.header_split)
 
-    @cached_property
+    @cached_attribute
     def _decoded_headers(self) -> dict[str, list[str]]:
         fields: dict[str, list[str]] = {}
         for name, value in self.header_fields:
