@@ -324,12 +324,23 @@ def comparisons(workers: tuple[int, ...]) -> list[Comparison]:
             "relay-classifier-w1",
             "relay-policy-w1",
         ),
+        # The anchors' pass-through is the connect-per-message one: its CPU a message
+        # (1.35 ms where Rspamd's scan took 3.1) and its msgs/s against Rspamd's (1.43x)
+        # match passthrough-connect here, not the pooled variant (docs/benchmarks.md).
+        Comparison(
+            f"everything on ({top} workers) / pass-through, a connection per message "
+            "(the anchors' pass-through)",
+            f"relay-full-w{top}",
+            "passthrough-connect",
+            0.8,
+            "anchors.md, issue 17",
+        ),
         Comparison(
             f"everything on ({top} workers) / pass-through (pooled)",
             f"relay-full-w{top}",
             "passthrough-pooled",
             0.8,
-            "anchors.md, issue 17",
+            "a stricter bar than the anchors'",
         ),
         Comparison(
             f"everything on ({top} workers) / Rspamd scan, Bayes only (the anchor's row)",

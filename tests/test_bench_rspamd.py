@@ -68,6 +68,7 @@ def test_rspamd_rows_and_ratios_are_in_the_default_run(tmp_path: Path) -> None:
     wanted = {(c.numerator, c.denominator): c.target for c in scenarios.comparisons((1, 2))}
     assert wanted[("relay-full-w2", "rspamd-bayes")] == 1.3
     assert wanted[("relay-full-w2", "passthrough-pooled")] == 0.8
+    assert wanted[("relay-full-w2", "passthrough-connect")] == 0.8  # the anchors' own
 
 
 # --- /proc readers -----------------------------------------------------------------------
