@@ -124,9 +124,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def repo_relative(path: Path) -> str:
-    """``path`` as results record it: relative to the repository, never a machine's own
-    absolute path."""
-    return os.path.relpath(path, REPO)
+    """``path`` as results record it: relative to the repository (``../shared/...`` for the
+    corpora beside it), never a machine's own path. Anything further out (a scratch file
+    under /tmp) is recorded by its name alone, which says nothing of this machine."""
+    rel = os.path.relpath(path, REPO)
+    if rel.startswith(f"..{os.sep}..") or rel == f"..{os.sep}..":
+        return f"(outside the repository)/{path.name}"
+    return rel
 
 
 def _spawn(
